@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Debian tools the tests drive (iproute2 for namespaces, iperf3/sockperf for traffic, tmux
+# for the live view) and the package with its test extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+need=()
+for tool in ip:iproute2 iperf3:iperf3 sockperf:sockperf tmux:tmux setpriv:util-linux ps:procps; do
+    command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
+done
+if [ "${#need[@]}" -gt 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+python3 -m pip install -q -e '.[test,bench]'

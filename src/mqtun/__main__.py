@@ -1,0 +1,5 @@
+"""`python -m mqtun` runs the command-line tool."""
+
+from mqtun.cli import main
+
+raise SystemExit(main())

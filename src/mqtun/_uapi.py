@@ -1,0 +1,267 @@
+"""The Linux kernel ABI that mqtun speaks: ioctl numbers, flags and struct layouts.
+
+This is the only module that spells a kernel number. Values are x86_64/generic Linux, from
+include/uapi/linux/if_tun.h, virtio_net.h, bpf.h and filter.h (see ../shared/KERNEL_TUN.md).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+TUN_DEVICE_PATH: Final = "/dev/net/tun"
+IFNAMSIZ: Final = 16  # including the NUL: names are at most 15 bytes
+MAX_QUEUES: Final = 256  # MAX_TAP_QUEUES, counting disabled queues
+
+# --- ioctls on /dev/net/tun -------------------------------------------------------------------
+TUNSETNOCSUM: Final = 0x400454C8
+TUNSETDEBUG: Final = 0x400454C9
+TUNSETIFF: Final = 0x400454CA
+TUNSETPERSIST: Final = 0x400454CB
+TUNSETOWNER: Final = 0x400454CC
+TUNSETLINK: Final = 0x400454CD
+TUNSETGROUP: Final = 0x400454CE
+TUNGETFEATURES: Final = 0x800454CF
+TUNSETOFFLOAD: Final = 0x400454D0
+TUNSETTXFILTER: Final = 0x400454D1
+TUNGETIFF: Final = 0x800454D2
+TUNGETSNDBUF: Final = 0x800454D3
+TUNSETSNDBUF: Final = 0x400454D4
+TUNATTACHFILTER: Final = 0x401054D5
+TUNDETACHFILTER: Final = 0x401054D6
+TUNGETVNETHDRSZ: Final = 0x800454D7
+TUNSETVNETHDRSZ: Final = 0x400454D8
+TUNSETQUEUE: Final = 0x400454D9
+TUNSETIFINDEX: Final = 0x400454DA
+TUNGETFILTER: Final = 0x801054DB
+TUNSETVNETLE: Final = 0x400454DC
+TUNGETVNETLE: Final = 0x800454DD
+TUNSETVNETBE: Final = 0x400454DE
+TUNGETVNETBE: Final = 0x800454DF
+TUNSETSTEERINGEBPF: Final = 0x800454E0
+TUNSETFILTEREBPF: Final = 0x800454E1
+TUNSETCARRIER: Final = 0x400454E2
+TUNGETDEVNETNS: Final = 0x000054E3
+
+# Socket ioctls used on an AF_INET/AF_INET6 datagram socket (for link fields netlink lacks).
+SIOCGIFHWADDR: Final = 0x8927
+SIOCSIFHWADDR: Final = 0x8924
+
+# --- TUNSETIFF flags (ifr_flags, a short) ------------------------------------------------------
+IFF_TUN: Final = 0x0001
+IFF_TAP: Final = 0x0002
+IFF_NAPI: Final = 0x0010
+IFF_NAPI_FRAGS: Final = 0x0020
+IFF_NO_CARRIER: Final = 0x0040
+IFF_MULTI_QUEUE: Final = 0x0100
+IFF_ATTACH_QUEUE: Final = 0x0200
+IFF_DETACH_QUEUE: Final = 0x0400
+IFF_PERSIST: Final = 0x0800  # read-only in TUNGETIFF; set with TUNSETPERSIST
+IFF_NO_PI: Final = 0x1000
+IFF_NOFILTER: Final = 0x1000  # same bit as IFF_NO_PI: TUNGETIFF cannot tell them apart
+IFF_ONE_QUEUE: Final = 0x2000
+IFF_VNET_HDR: Final = 0x4000
+IFF_TUN_EXCL: Final = 0x8000
+
+IFF_TYPE_MASK: Final = IFF_TUN | IFF_TAP
+# Flags a caller may pass at creation/attach time.
+IFF_SETTABLE: Final = (
+    IFF_TUN
+    | IFF_TAP
+    | IFF_NAPI
+    | IFF_NAPI_FRAGS
+    | IFF_NO_CARRIER
+    | IFF_MULTI_QUEUE
+    | IFF_NO_PI
+    | IFF_ONE_QUEUE
+    | IFF_VNET_HDR
+    | IFF_TUN_EXCL
+)
+
+# --- TUNSETOFFLOAD bits --------------------------------------------------------------------------
+TUN_F_CSUM: Final = 0x01
+TUN_F_TSO4: Final = 0x02
+TUN_F_TSO6: Final = 0x04
+TUN_F_TSO_ECN: Final = 0x08
+TUN_F_UFO: Final = 0x10
+TUN_F_USO4: Final = 0x20
+TUN_F_USO6: Final = 0x40
+TUN_F_UDP_TUNNEL_GSO: Final = 0x80
+TUN_F_UDP_TUNNEL_GSO_CSUM: Final = 0x100
+
+# --- tun_pi (IFF_NO_PI off): u16 flags, be16 proto ---------------------------------------------
+TUN_PI_FORMAT: Final = "=H2s"  # proto stays network order bytes
+TUN_PI_SIZE: Final = 4
+TUN_PKT_STRIP: Final = 0x0001
+
+# --- struct ifreq as TUNSETIFF/TUNSETQUEUE/TUNGETIFF use it: name[16], short flags, pad ---------
+IFREQ_FORMAT: Final = "16sH22x"
+IFREQ_SIZE: Final = struct.calcsize(IFREQ_FORMAT)  # 40
+
+
+def pack_ifreq(name: bytes, flags: int) -> bytes:
+    """An ifreq with a name and ifr_flags, as TUNSETIFF and TUNSETQUEUE take it."""
+    return struct.pack(IFREQ_FORMAT, name, flags)
+
+
+def unpack_ifreq(buf: bytes) -> tuple[str, int]:
+    """Name and flags from an ifreq the kernel filled in."""
+    raw, flags = struct.unpack(IFREQ_FORMAT, buf[:IFREQ_SIZE])
+    return raw.split(b"\0", 1)[0].decode(), flags
+
+
+def pack_ifreq_hwaddr(name: bytes, family: int, mac: bytes) -> bytes:
+    """An ifreq carrying a struct sockaddr (family + 14 bytes) for SIOC[GS]IFHWADDR."""
+    return struct.pack("16sH14s8x", name, family, mac.ljust(14, b"\0"))
+
+
+ARPHRD_ETHER: Final = 1
+ARPHRD_NONE: Final = 0xFFFE
+
+# --- struct tun_filter (TUNSETTXFILTER): u16 flags, u16 count, u8 addr[count][6] ---------------
+TUN_FLT_ALLMULTI: Final = 0x0001
+TUN_FILTER_HEADER_FORMAT: Final = "=HH"
+ETH_ALEN: Final = 6
+
+# --- struct sock_fprog / sock_filter (classic BPF, TUNATTACHFILTER) ---------------------------
+SOCK_FPROG_FORMAT: Final = "HxxxxxxP"  # u16 len, pad, pointer: 16 bytes on x86_64
+SOCK_FILTER_FORMAT: Final = "=HBBI"  # code, jt, jf, k: 8 bytes
+
+# --- virtio-net header (include/uapi/linux/virtio_net.h) --------------------------------------
+VIRTIO_NET_HDR_F_NEEDS_CSUM: Final = 1
+VIRTIO_NET_HDR_F_DATA_VALID: Final = 2
+VIRTIO_NET_HDR_F_RSC_INFO: Final = 4
+VIRTIO_NET_HDR_F_UDP_TUNNEL_CSUM: Final = 8
+
+VIRTIO_NET_HDR_GSO_NONE: Final = 0
+VIRTIO_NET_HDR_GSO_TCPV4: Final = 1
+VIRTIO_NET_HDR_GSO_UDP: Final = 3
+VIRTIO_NET_HDR_GSO_TCPV6: Final = 4
+VIRTIO_NET_HDR_GSO_UDP_L4: Final = 5
+VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV4: Final = 0x20
+VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV6: Final = 0x40
+VIRTIO_NET_HDR_GSO_ECN: Final = 0x80
+
+# flags, gso_type, hdr_len, gso_size, csum_start, csum_offset [, num_buffers]
+VIRTIO_NET_HDR_BODY: Final = "BBHHHH"
+VIRTIO_NET_HDR_SIZE: Final = 10
+VIRTIO_NET_HDR_MRG_RXBUF_SIZE: Final = 12
+# virtio_net_hdr_v1_hash_tunnel: v1 (12) + hash_value u32, hash_report u16, padding u16
+# + outer_th_offset u16, inner_nh_offset u16 = 24 bytes
+VIRTIO_NET_HDR_V1_HASH_TUNNEL_SIZE: Final = 24
+VNET_HDR_MIN_SIZE: Final = 10
+
+# --- bpf(2) --------------------------------------------------------------------------------------
+NR_bpf: Final = 321  # x86_64
+BPF_MAP_CREATE: Final = 0
+BPF_MAP_LOOKUP_ELEM: Final = 1
+BPF_MAP_UPDATE_ELEM: Final = 2
+BPF_MAP_DELETE_ELEM: Final = 3
+BPF_MAP_GET_NEXT_KEY: Final = 4
+BPF_PROG_LOAD: Final = 5
+BPF_OBJ_GET_INFO_BY_FD: Final = 15
+BPF_PROG_TEST_RUN: Final = 10
+
+BPF_PROG_TYPE_SOCKET_FILTER: Final = 1
+BPF_MAP_TYPE_HASH: Final = 1
+BPF_MAP_TYPE_ARRAY: Final = 2
+
+BPF_ANY: Final = 0
+
+BPF_ATTR_SIZE: Final = 128  # zero-filled tail; the kernel accepts a larger attr if the tail is 0
+# BPF_PROG_LOAD offsets within union bpf_attr
+BPF_PROG_LOAD_FORMAT: Final = "=IIQQIIQII16s"  # type, cnt, insns, license, log_level,
+# log_size, log_buf, kern_version, prog_flags, prog_name
+BPF_MAP_CREATE_FORMAT: Final = "=IIIII"  # map_type, key_size, value_size, max_entries, flags
+BPF_MAP_ELEM_FORMAT: Final = "=IxxxxQQQ"  # map_fd, pad, key, value, flags
+BPF_OBJ_NAME_LEN: Final = 16
+
+# eBPF instruction: u8 code, u8 dst:4 src:4, s16 off, s32 imm
+BPF_INSN_FORMAT: Final = "<BBhi"
+BPF_INSN_SIZE: Final = 8
+
+# instruction classes
+BPF_LD: Final = 0x00
+BPF_LDX: Final = 0x01
+BPF_ST: Final = 0x02
+BPF_STX: Final = 0x03
+BPF_ALU: Final = 0x04
+BPF_JMP: Final = 0x05
+BPF_RET: Final = 0x06  # classic only
+BPF_JMP32: Final = 0x06
+BPF_ALU64: Final = 0x07
+BPF_MISC: Final = 0x07  # classic only
+# sizes
+BPF_W: Final = 0x00
+BPF_H: Final = 0x08
+BPF_B: Final = 0x10
+BPF_DW: Final = 0x18
+# modes
+BPF_IMM: Final = 0x00
+BPF_ABS: Final = 0x20
+BPF_IND: Final = 0x40
+BPF_MEM: Final = 0x60
+BPF_LEN: Final = 0x80  # classic only
+BPF_MSH: Final = 0xA0  # classic only
+BPF_ATOMIC: Final = 0xC0
+# alu/jmp ops
+BPF_ADD: Final = 0x00
+BPF_SUB: Final = 0x10
+BPF_MUL: Final = 0x20
+BPF_DIV: Final = 0x30
+BPF_OR: Final = 0x40
+BPF_AND: Final = 0x50
+BPF_LSH: Final = 0x60
+BPF_RSH: Final = 0x70
+BPF_NEG: Final = 0x80
+BPF_MOD: Final = 0x90
+BPF_XOR: Final = 0xA0
+BPF_MOV: Final = 0xB0
+BPF_ARSH: Final = 0xC0
+BPF_END: Final = 0xD0
+BPF_JA: Final = 0x00
+BPF_JEQ: Final = 0x10
+BPF_JGT: Final = 0x20
+BPF_JGE: Final = 0x30
+BPF_JSET: Final = 0x40
+BPF_JNE: Final = 0x50
+BPF_JSGT: Final = 0x60
+BPF_JSGE: Final = 0x70
+BPF_CALL: Final = 0x80
+BPF_EXIT: Final = 0x90
+BPF_JLT: Final = 0xA0
+BPF_JLE: Final = 0xB0
+BPF_JSLT: Final = 0xC0
+BPF_JSLE: Final = 0xD0
+# sources
+BPF_K: Final = 0x00
+BPF_X: Final = 0x08
+BPF_TO_LE: Final = 0x00
+BPF_TO_BE: Final = 0x08
+BPF_PSEUDO_MAP_FD: Final = 1
+# classic BPF return/misc
+BPF_A: Final = 0x10
+BPF_TAX: Final = 0x00
+BPF_TXA: Final = 0x80
+
+# helper function ids
+BPF_FUNC_map_lookup_elem: Final = 1
+BPF_FUNC_get_smp_processor_id: Final = 8
+BPF_FUNC_skb_load_bytes: Final = 26
+BPF_FUNC_get_hash_recalc: Final = 34
+
+# struct __sk_buff field offsets a steering program may read
+SKB_LEN: Final = 0
+SKB_PROTOCOL: Final = 16
+SKB_QUEUE_MAPPING: Final = 12
+SKB_VLAN_PRESENT: Final = 24
+SKB_VLAN_TCI: Final = 28
+SKB_HASH: Final = 32
+
+# classic BPF special loads
+SKF_AD_OFF: Final = -0x1000
+SKF_NET_OFF: Final = -0x100000
+SKF_LL_OFF: Final = -0x200000
+
+# --- errno values the tun driver returns that Python's errno module names differently ----------
+EBADFD: Final = 77

@@ -1,0 +1,275 @@
+"""The link side of a device, through netlink (pyroute2): state, MTU, addresses, counters.
+
+Creating a tun device over rtnetlink is refused by the kernel, so creation is ioctl-only
+(device.py); everything a user does to the link after that goes through pyroute2 here, in the
+network namespace the device lives in *now* (the kernel tells us with TUNGETDEVNETNS), so a
+device moved to another namespace keeps working.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from mqtun.errors import InvalidArgumentError, MqtunError, kernel_error
+
+if TYPE_CHECKING:
+    from mqtun.device import Device
+
+__all__ = ["Link", "LinkInfo", "delete_link", "find_link", "list_tun_links"]
+
+_IFF_UP = 0x1
+_IFF_LOWER_UP = 0x10000
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    """What the kernel reports of a tun/tap link (IFLA_TUN_* and the generic link fields)."""
+
+    name: str
+    ifindex: int
+    kind: str  # "tun" or "tap"
+    packet_info: bool
+    vnet_hdr: bool
+    persist: bool
+    multi_queue: bool
+    num_queues: int
+    num_disabled_queues: int
+    owner: int | None
+    group: int | None
+    mtu: int
+    txqueuelen: int
+    up: bool
+    carrier: bool
+    operstate: str
+    hwaddr: str | None
+    addresses: list[str] = field(default_factory=list)
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@contextlib.contextmanager
+def _netlink(netns_fd: int | None = None) -> Iterator[IPRoute]:
+    """An IPRoute socket in the namespace `netns_fd` names (the caller's own if None)."""
+    if netns_fd is not None and not _is_current_netns(netns_fd):
+        ipr = IPRoute(netns=f"/proc/self/fd/{netns_fd}")
+    else:
+        ipr = IPRoute()
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+def _is_current_netns(fd: int) -> bool:
+    mine = os.stat("/proc/thread-self/ns/net")
+    theirs = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
+
+
+def _tun_data(msg: Any) -> dict[str, int] | None:
+    info = msg.get_attr("IFLA_LINKINFO")
+    if info is None or info.get_attr("IFLA_INFO_KIND") != "tun":
+        return None
+    data = info.get_attr("IFLA_INFO_DATA")
+    return dict(data["attrs"]) if data is not None else {}
+
+
+def _link_info(ipr: IPRoute, msg: Any) -> LinkInfo | None:
+    tun = _tun_data(msg)
+    if tun is None:
+        return None
+    index = msg["index"]
+    addrs = [
+        f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in ipr.get_addr(index=index)
+    ]
+    flags = msg["flags"]
+    return LinkInfo(
+        name=msg.get_attr("IFLA_IFNAME"),
+        ifindex=index,
+        kind="tap" if tun.get("IFLA_TUN_TYPE") == 2 else "tun",
+        packet_info=bool(tun.get("IFLA_TUN_PI", 0)),
+        vnet_hdr=bool(tun.get("IFLA_TUN_VNET_HDR", 0)),
+        persist=bool(tun.get("IFLA_TUN_PERSIST", 0)),
+        multi_queue=bool(tun.get("IFLA_TUN_MULTI_QUEUE", 0)),
+        num_queues=tun.get("IFLA_TUN_NUM_QUEUES", 0),
+        num_disabled_queues=tun.get("IFLA_TUN_NUM_DISABLED_QUEUES", 0),
+        owner=tun.get("IFLA_TUN_OWNER"),
+        group=tun.get("IFLA_TUN_GROUP"),
+        mtu=msg.get_attr("IFLA_MTU"),
+        txqueuelen=msg.get_attr("IFLA_TXQLEN"),
+        up=bool(flags & _IFF_UP),
+        carrier=bool(msg.get_attr("IFLA_CARRIER")),
+        operstate=msg.get_attr("IFLA_OPERSTATE") or "UNKNOWN",
+        hwaddr=msg.get_attr("IFLA_ADDRESS"),
+        addresses=addrs,
+        stats=dict(msg.get_attr("IFLA_STATS64") or {}),
+    )
+
+
+def list_tun_links() -> list[LinkInfo]:
+    """Every tun/tap link in the caller's network namespace, mqtun's or anyone's."""
+    with _netlink() as ipr:
+        infos = (_link_info(ipr, m) for m in ipr.get_links())
+        return sorted((i for i in infos if i is not None), key=lambda i: i.ifindex)
+
+
+def find_link(name: str) -> LinkInfo | None:
+    """The tun/tap link called `name` in the caller's namespace; None if there is none.
+
+    Raises InvalidArgumentError if a link of that name exists but is not tun/tap.
+    """
+    with _netlink() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            return None
+        msg = ipr.get_links(found[0])[0]
+        info = _link_info(ipr, msg)
+        if info is None:
+            kind = (msg.get_attr("IFLA_LINKINFO") or {}) and msg.get_attr(
+                "IFLA_LINKINFO"
+            ).get_attr("IFLA_INFO_KIND")
+            raise InvalidArgumentError(
+                f"{name} is a {kind or 'physical/loopback'} link, not a tun/tap device",
+                device=name, op="lookup",
+            )
+        return info
+
+
+def delete_link(name: str) -> None:
+    """Delete the tun/tap link `name` in the caller's namespace (persistent or not)."""
+    if find_link(name) is None:
+        raise MqtunError(19, f"no tun/tap device named {name} in this network namespace",
+                         device=name, op="delete")
+    with _netlink() as ipr:
+        try:
+            ipr.link("del", index=ipr.link_lookup(ifname=name)[0])
+        except NetlinkError as exc:
+            raise kernel_error(OSError(exc.code, str(exc)), "delete", name) from None
+
+
+class Link:
+    """Netlink operations on one device, in whatever namespace the device is in now."""
+
+    def __init__(self, device: Device) -> None:
+        self._device = device
+
+    def _run(self, op: str, fn: Callable[[IPRoute, int], Any]) -> Any:
+        nsfd = self._device.netns_fd()
+        try:
+            with _netlink(nsfd) as ipr:
+                name = self._device.name
+                found = ipr.link_lookup(ifname=name)
+                if not found:
+                    raise MqtunError(19, f"link {name} not found", device=name, op=op)
+                return fn(ipr, found[0])
+        except NetlinkError as exc:
+            raise kernel_error(OSError(exc.code, str(exc)), op, self._device.name) from None
+        finally:
+            os.close(nsfd)
+
+    @property
+    def ifindex(self) -> int:
+        """The ifindex in the device's current namespace (it may change with the namespace)."""
+        return int(self._run("ifindex", lambda ipr, idx: idx))
+
+    def info(self) -> LinkInfo:
+        """Everything the kernel reports of the link, counters included."""
+        return self._run("info", lambda ipr, idx: _link_info(ipr, ipr.get_links(idx)[0]))
+
+    def stats(self) -> dict[str, int]:
+        """Device totals (IFLA_STATS64): rx_* counts userspace writes, tx_* counts reads."""
+        return self._run(
+            "stats", lambda ipr, idx: dict(ipr.get_links(idx)[0].get_attr("IFLA_STATS64"))
+        )
+
+    def up(self) -> None:
+        self._run("up", lambda ipr, idx: ipr.link("set", index=idx, state="up"))
+
+    def down(self) -> None:
+        self._run("down", lambda ipr, idx: ipr.link("set", index=idx, state="down"))
+
+    @property
+    def is_up(self) -> bool:
+        return self.info().up
+
+    @property
+    def mtu(self) -> int:
+        return self.info().mtu
+
+    def set_mtu(self, mtu: int) -> None:
+        if not isinstance(mtu, int) or isinstance(mtu, bool) or not 68 <= mtu <= 65535:
+            raise InvalidArgumentError(f"MTU must be an integer 68..65535, not {mtu!r}")
+        self._run("set_mtu", lambda ipr, idx: ipr.link("set", index=idx, mtu=mtu))
+
+    def set_txqueuelen(self, length: int) -> None:
+        """The per-queue ring size: packets beyond it are dropped (tx_dropped)."""
+        if not isinstance(length, int) or length < 0:
+            raise InvalidArgumentError(f"txqueuelen must be a non-negative integer: {length!r}")
+        self._run("set_txqueuelen", lambda ipr, idx: ipr.link("set", index=idx, txqlen=length))
+
+    @property
+    def hwaddr(self) -> str | None:
+        return self.info().hwaddr
+
+    def set_hwaddr(self, mac: str) -> None:
+        """Set the MAC address (TAP devices)."""
+        self._run("set_hwaddr", lambda ipr, idx: ipr.link("set", index=idx, address=mac))
+
+    def add_address(self, cidr: str, peer: str | None = None) -> None:
+        """Add an IPv4/IPv6 address, e.g. "198.18.0.1/24" or "fd00::1/64" (peer for p2p)."""
+        iface = _interface(cidr)
+        kwargs: dict[str, Any] = {"address": str(iface.ip), "prefixlen": iface.network.prefixlen}
+        if peer is not None:
+            kwargs["local"] = str(iface.ip)
+            kwargs["address"] = peer
+        if iface.version == 6:
+            kwargs["family"] = 10
+            kwargs["flags"] = 0x80  # IFA_F_NODAD: usable at once, no duplicate detection wait
+        self._run("add_address", lambda ipr, idx: ipr.addr("add", index=idx, **kwargs))
+
+    def remove_address(self, cidr: str) -> None:
+        iface = _interface(cidr)
+        self._run(
+            "remove_address",
+            lambda ipr, idx: ipr.addr(
+                "del", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen
+            ),
+        )
+
+    def addresses(self) -> list[str]:
+        return self.info().addresses
+
+    def move_to_netns(self, target: str | int) -> None:
+        """Move the device to another network namespace (a name under /run/netns, a path, or
+        an fd). Queue fds stay valid; this Link follows the device to its new namespace."""
+        if isinstance(target, int):
+            self._run("set_netns", lambda ipr, idx: ipr.link("set", index=idx, net_ns_fd=target))
+            return
+        path = target if "/" in target else f"/run/netns/{target}"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise InvalidArgumentError(
+                f"no network namespace at {path}: {exc.strerror}", op="set_netns"
+            ) from None
+        try:
+            self._run("set_netns", lambda ipr, idx: ipr.link("set", index=idx, net_ns_fd=fd))
+        finally:
+            os.close(fd)
+
+
+def _interface(cidr: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+    try:
+        return ipaddress.ip_interface(cidr)
+    except ValueError as exc:
+        raise InvalidArgumentError(f"not an address/prefix: {cidr!r} ({exc})") from None

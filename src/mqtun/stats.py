@@ -1,0 +1,127 @@
+"""Per-queue 64-bit counters, kept by mqtun because the kernel keeps none for tun queues.
+
+The counters live in a flat buffer of unsigned 64-bit slots so that the runtime can place them
+in shared memory and a parent process (or `mqtun top`) can read a worker's figures live. A
+queue's own process is the only writer of its slots.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+__all__ = ["COUNTER_FIELDS", "SLOT_COUNT", "Counters", "DropReason", "QueueStats"]
+
+
+class DropReason(enum.IntEnum):
+    """Why a packet was not delivered. Every undelivered packet is counted under one reason."""
+
+    MALFORMED = 0  # could not be parsed (bad headers, truncated, bad virtio-net header)
+    REFUSED = 1  # the kernel refused the write (EINVAL): bad packet for this device
+    LINK_DOWN = 2  # write while the link is down (EIO)
+    DEVICE_GONE = 3  # the device was deleted under us
+    TOO_BIG = 4  # larger than the peer accepts (MTU, 64 KiB)
+    NO_PEER = 5  # nowhere to send it (no queue, peer closed)
+    HANDLER_ERROR = 6  # the user's handler raised
+    FILTERED = 7  # the user's handler chose to drop it
+    WRITE_ERROR = 8  # any other write error
+    OFFLOAD = 9  # an offload could not be applied (split/coalesce failed)
+
+    @property
+    def label(self) -> str:
+        return self.name.lower().replace("_", "-")
+
+
+COUNTER_FIELDS = (
+    "read_packets",
+    "read_bytes",
+    "written_packets",
+    "written_bytes",
+    "read_errors",
+    "write_errors",
+)
+_DROP_BASE = len(COUNTER_FIELDS)
+SLOT_COUNT = _DROP_BASE + len(DropReason)
+READ_PACKETS, READ_BYTES, WRITTEN_PACKETS, WRITTEN_BYTES, READ_ERRORS, WRITE_ERRORS = range(
+    _DROP_BASE
+)
+
+
+class Counters:
+    """A view of SLOT_COUNT uint64 slots in any writable buffer (bytearray or shared memory)."""
+
+    __slots__ = ("_buffer", "slots")
+
+    def __init__(self, buffer: memoryview | bytearray | None = None) -> None:
+        if buffer is None:
+            buffer = bytearray(SLOT_COUNT * 8)
+        view = memoryview(buffer).cast("B")
+        if len(view) < SLOT_COUNT * 8:
+            raise ValueError(f"a counter buffer needs {SLOT_COUNT * 8} bytes")
+        self._buffer = buffer
+        self.slots = view[: SLOT_COUNT * 8].cast("Q")
+
+    def drop(self, reason: DropReason, count: int = 1) -> None:
+        """Count `count` packets dropped for `reason`."""
+        self.slots[_DROP_BASE + reason] += count
+
+    def snapshot(self) -> QueueStats:
+        """An immutable copy of the current values."""
+        values = self.slots.tolist()
+        drops = {r.label: values[_DROP_BASE + r] for r in DropReason if values[_DROP_BASE + r]}
+        return QueueStats(*values[:_DROP_BASE], dropped=drops)
+
+    def reset(self) -> None:
+        for i in range(SLOT_COUNT):
+            self.slots[i] = 0
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """Counters of one queue (or a sum of queues) at one moment.
+
+    `read_*` counts packets the kernel handed to userspace (the device's tx side);
+    `written_*` counts packets userspace handed to the kernel (the device's rx side).
+    Bytes exclude the packet-info and virtio-net headers, as the kernel's counters do.
+    """
+
+    read_packets: int = 0
+    read_bytes: int = 0
+    written_packets: int = 0
+    written_bytes: int = 0
+    read_errors: int = 0
+    write_errors: int = 0
+    dropped: Mapping[str, int] = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.dropped is None:
+            object.__setattr__(self, "dropped", {})
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+    def __add__(self, other: QueueStats) -> QueueStats:
+        drops = dict(self.dropped)
+        for k, v in other.dropped.items():
+            drops[k] = drops.get(k, 0) + v
+        return QueueStats(
+            *(getattr(self, f) + getattr(other, f) for f in COUNTER_FIELDS), dropped=drops
+        )
+
+    def as_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {f: getattr(self, f) for f in COUNTER_FIELDS}
+        out["dropped"] = dict(self.dropped)
+        return out
+
+    def __iter__(self) -> Iterator[int]:
+        return (getattr(self, f) for f in COUNTER_FIELDS)
+
+
+def total(stats: list[QueueStats]) -> QueueStats:
+    """The sum of several queues' counters."""
+    out = QueueStats()
+    for s in stats:
+        out = out + s
+    return out

@@ -1,0 +1,55 @@
+"""Every test runs inside network namespaces it owns; nothing touches the machine's own.
+
+The autouse `netns` fixture creates a fresh named namespace, moves the test's thread into it
+for the duration of the test and removes it afterwards, even when the test fails. Tests that
+need more hosts ask `make_netns` for more. A session check makes sure no link appeared in the
+machine's own namespace.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+from pyroute2 import IPRoute
+
+from mqtun.netns import NetNamespace
+
+
+def _root_links() -> set[str]:
+    with IPRoute() as ipr:
+        return {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _guard_root_namespace() -> Iterator[None]:
+    if os.geteuid() != 0:
+        pytest.exit("mqtun's tests run against the real kernel and need root", returncode=1)
+    before = _root_links()
+    yield
+    leaked = _root_links() - before
+    assert not leaked, f"tests left links in the machine's namespace: {sorted(leaked)}"
+
+
+@pytest.fixture
+def make_netns() -> Iterator[Callable[[], NetNamespace]]:
+    """A factory of extra namespaces, all removed when the test ends."""
+    made: list[NetNamespace] = []
+
+    def make() -> NetNamespace:
+        ns = NetNamespace.create(prefix="mqt-")
+        made.append(ns)
+        return ns
+
+    yield make
+    for ns in reversed(made):
+        ns.delete()
+
+
+@pytest.fixture(autouse=True)
+def netns(make_netns: Callable[[], NetNamespace]) -> Iterator[NetNamespace]:
+    """The namespace the test body runs in."""
+    ns = make_netns()
+    with ns.enter():
+        yield ns
