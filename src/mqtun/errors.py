@@ -81,8 +81,8 @@ _MESSAGES: dict[tuple[str, int], str] = {
         "that user or with CAP_NET_ADMIN"
     ),
     ("create", _errno.EBUSY): (
-        "device {dev} exists and is exclusive, or exists without multiqueue so it takes no "
-        "second queue; delete it (`mqtun delete {dev}`) or open it single-queue"
+        "device {dev} already exists; open its queues with Device.attach({dev!r}) or delete "
+        "it first (`mqtun delete {dev}`)"
     ),
     ("attach", _errno.EBUSY): (
         "device {dev} is exclusive (IFF_TUN_EXCL) or exists without multiqueue and already has "
@@ -167,7 +167,7 @@ def kernel_error(exc: OSError, op: str, device: str | None = None) -> MqtunError
     if template is None:
         message = f"{op} on {dev} failed: {os.strerror(err)}"
     else:
-        message = template.format(dev=dev)
+        message = template.replace("{dev!r}", repr(dev)).format(dev=dev)
         message = f"{message} [{_errno.errorcode.get(err, err)}]"
     cls: type[MqtunError]
     if err in (_errno.EPERM, _errno.EACCES):

@@ -1,0 +1,1 @@
+"""Programs built only from mqtun's public API; the CLI parses arguments and calls these."""

@@ -1,0 +1,129 @@
+"""The `mqtun` command line: argument parsing and exit codes only; the work is in mqtun.apps.
+
+Exit codes: 0 ok, 1 the kernel (or the system) refused, 2 bad usage. Errors are one line on
+stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mqtun.errors import InvalidArgumentError, MqtunError
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"mqtun: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _name(value: str) -> str:
+    from mqtun.device import validate_name
+
+    try:
+        validate_name(value)
+    except InvalidArgumentError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def _queue_count(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not 1 <= n <= 256:
+        raise argparse.ArgumentTypeError(f"queue count must be 1..256, not {n}")
+    return n
+
+
+# ---- commands -------------------------------------------------------------------------------
+def _add_create(sub: Any) -> None:
+    p = sub.add_parser("create", help="create a persistent tun/tap device")
+    p.add_argument("name", type=_name, help="device name, or a pattern such as mq%%d")
+    p.add_argument("--tap", action="store_true", help="a TAP (Ethernet) device, not TUN (IP)")
+    p.add_argument("--multi-queue", action="store_true", help="allow more than one queue")
+    p.add_argument("--vnet-hdr", action="store_true", help="queues carry a virtio-net header")
+    p.add_argument("--packet-info", action="store_true", help="keep the 4-byte PI header")
+    p.add_argument("--owner", help="user allowed to open queues without CAP_NET_ADMIN")
+    p.add_argument("--group", help="group allowed to open queues without CAP_NET_ADMIN")
+    p.set_defaults(run=_run_create)
+
+
+def _run_create(args: argparse.Namespace) -> int:
+    from mqtun.apps.manage import create_persistent
+
+    print(create_persistent(args.name, tap=args.tap, multi_queue=args.multi_queue,
+                            vnet_hdr=args.vnet_hdr, packet_info=args.packet_info,
+                            owner=args.owner, group=args.group))
+    return EXIT_OK
+
+
+def _add_delete(sub: Any) -> None:
+    p = sub.add_parser("delete", help="delete a tun/tap device")
+    p.add_argument("name", type=_name)
+    p.set_defaults(run=_run_delete)
+
+
+def _run_delete(args: argparse.Namespace) -> int:
+    from mqtun.apps.manage import delete_device
+
+    delete_device(args.name)
+    return EXIT_OK
+
+
+def _add_show(sub: Any) -> None:
+    p = sub.add_parser("show", help="show tun/tap devices, their queues and who holds them")
+    p.add_argument("name", nargs="?", type=_name)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=_run_show)
+
+
+def _run_show(args: argparse.Namespace) -> int:
+    from mqtun.apps.manage import describe
+    from mqtun.apps.render import render_show
+
+    rows = describe(args.name)
+    if args.json:
+        print(json.dumps([{**info.as_dict(), "holders": [h.__dict__ for h in holders]}
+                          for info, holders in rows], indent=2))
+    else:
+        print(render_show(rows), end="")
+    return EXIT_OK
+
+
+# Each entry adds one subcommand. A new command: one function here, one line in this table.
+COMMANDS: list[Callable[[Any], None]] = [_add_create, _add_delete, _add_show]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mqtun", description="Multiqueue TUN/TAP devices for Python.")
+    parser.add_argument("--version", action="version", version="mqtun 0.1.0")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except InvalidArgumentError as exc:
+        print(f"mqtun: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except MqtunError as exc:
+        print(f"mqtun: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # output piped into `head` and closed early
+        sys.stderr.close()
+        return EXIT_OK
