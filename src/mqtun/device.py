@@ -244,7 +244,7 @@ class Device:
         flags = cls._flags(actual["tap"], actual["multi_queue"], actual["vnet_hdr"],
                            actual["packet_info"], False)
         dev = cls(name, flags, blocking=blocking, offloads=offloads)
-        dev._active = [None] * info.num_queues  # queues held by others come first
+        dev._active = [None] * (info.num_queues or 0)  # queues held by others come first
         try:
             for _ in range(queues):
                 dev._open_queue(raw, flags, op="attach")
@@ -444,14 +444,22 @@ class Device:
         """Keep the device when its last queue closes (TUNSETPERSIST)."""
         self._control()._ioctl(_uapi.TUNSETPERSIST, int(bool(persist)), "set_persist")
 
-    def set_owner(self, owner: int | str | None) -> None:
-        """Let this user open queues without CAP_NET_ADMIN (None: anyone with the cap)."""
-        uid = _resolve_id(owner, "owner")
-        self._control()._ioctl(_uapi.TUNSETOWNER, -1 if uid is None else uid, "set_owner")
+    def set_owner(self, owner: int | str) -> None:
+        """Let this user open queues without CAP_NET_ADMIN.
 
-    def set_group(self, group: int | str | None) -> None:
+        The kernel cannot unset an owner once set (it refuses -1): recreate the device.
+        """
+        uid = _resolve_id(owner, "owner")
+        if uid is None:
+            raise InvalidArgumentError("an owner cannot be unset; recreate the device")
+        self._control()._ioctl(_uapi.TUNSETOWNER, uid, "set_owner")
+
+    def set_group(self, group: int | str) -> None:
+        """Let this group open queues without CAP_NET_ADMIN (cannot be unset either)."""
         gid = _resolve_id(group, "group")
-        self._control()._ioctl(_uapi.TUNSETGROUP, -1 if gid is None else gid, "set_group")
+        if gid is None:
+            raise InvalidArgumentError("a group cannot be unset; recreate the device")
+        self._control()._ioctl(_uapi.TUNSETGROUP, gid, "set_group")
 
     def set_carrier(self, on: bool) -> None:
         """Carrier on/off (TUNSETCARRIER): off makes the link look unplugged."""

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from mqtun.errors import InvalidArgumentError, MqtunError, kernel_error
+from mqtun.errors import InvalidArgumentError, MqtunError, PermissionDeniedError, kernel_error
 
 if TYPE_CHECKING:
     from mqtun.device import Device
@@ -40,8 +40,8 @@ class LinkInfo:
     vnet_hdr: bool
     persist: bool
     multi_queue: bool
-    num_queues: int
-    num_disabled_queues: int
+    num_queues: int | None  # None: the kernel reports counts for multiqueue devices only
+    num_disabled_queues: int | None
     owner: int | None
     group: int | None
     mtu: int
@@ -101,8 +101,8 @@ def _link_info(ipr: IPRoute, msg: Any) -> LinkInfo | None:
         vnet_hdr=bool(tun.get("IFLA_TUN_VNET_HDR", 0)),
         persist=bool(tun.get("IFLA_TUN_PERSIST", 0)),
         multi_queue=bool(tun.get("IFLA_TUN_MULTI_QUEUE", 0)),
-        num_queues=tun.get("IFLA_TUN_NUM_QUEUES", 0),
-        num_disabled_queues=tun.get("IFLA_TUN_NUM_DISABLED_QUEUES", 0),
+        num_queues=tun.get("IFLA_TUN_NUM_QUEUES"),
+        num_disabled_queues=tun.get("IFLA_TUN_NUM_DISABLED_QUEUES"),
         owner=tun.get("IFLA_TUN_OWNER"),
         group=tun.get("IFLA_TUN_GROUP"),
         mtu=msg.get_attr("IFLA_MTU"),
@@ -164,7 +164,10 @@ class Link:
         self._device = device
 
     def _run(self, op: str, fn: Callable[[IPRoute, int], Any]) -> Any:
-        nsfd = self._device.netns_fd()
+        try:
+            nsfd: int | None = self._device.netns_fd()
+        except PermissionDeniedError:
+            nsfd = None  # TUNGETDEVNETNS needs CAP_NET_ADMIN: assume the caller's namespace
         try:
             with _netlink(nsfd) as ipr:
                 name = self._device.name
@@ -175,7 +178,8 @@ class Link:
         except NetlinkError as exc:
             raise kernel_error(OSError(exc.code, str(exc)), op, self._device.name) from None
         finally:
-            os.close(nsfd)
+            if nsfd is not None:
+                os.close(nsfd)
 
     @property
     def ifindex(self) -> int:
@@ -197,6 +201,25 @@ class Link:
 
     def down(self) -> None:
         self._run("down", lambda ipr, idx: ipr.link("set", index=idx, state="down"))
+
+    def wait_operational(self, timeout: float = 2.0) -> bool:
+        """Wait (bounded) until the kernel reports the link operational (up, carrier, operstate).
+
+        After a device's first queue is (re)attached the kernel turns the carrier on and
+        re-activates the qdisc asynchronously (linkwatch, up to about a second): packets the
+        stack sends before that are dropped (tx_dropped). Returns False on timeout.
+        """
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.info()
+            # a fresh device reports UNKNOWN until its first carrier change, then UP/DOWN
+            if info.up and info.carrier and info.operstate in ("UP", "UNKNOWN"):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
 
     @property
     def is_up(self) -> bool:

@@ -24,7 +24,8 @@ def render_show(rows: Sequence[tuple[LinkInfo, list[QueueHolder]]]) -> str:
         out.append(
             f"{info.name}: {info.kind} ifindex {info.ifindex} {state} mtu {info.mtu} "
             f"flags {','.join(flags) or '-'} owner {owner} group {group}\n"
-            f"  queues: {info.num_queues} active, {info.num_disabled_queues} disabled\n"
+            f"  queues: {_count(info.num_queues)} active, "
+            f"{_count(info.num_disabled_queues)} disabled\n"
             f"  read by userspace (tx): {s.get('tx_packets', 0)} packets {s.get('tx_bytes', 0)} "
             f"bytes {s.get('tx_dropped', 0)} dropped\n"
             f"  written by userspace (rx): {s.get('rx_packets', 0)} packets "
@@ -37,3 +38,7 @@ def render_show(rows: Sequence[tuple[LinkInfo, list[QueueHolder]]]) -> str:
         else:
             out.append("  held by: no process (attached queues: none)\n")
     return "".join(out)
+
+
+def _count(n: int | None) -> str:
+    return "?" if n is None else str(n)

@@ -1,0 +1,299 @@
+"""Devices: create, attach, flags, persistence, owner/group, queue counts — on the real kernel."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+
+import pytest
+from nettools import ADDR_B, NET, run_as, wait_for
+
+import mqtun
+from mqtun import Device, FlagMismatchError, InvalidArgumentError, MqtunError, find_link
+
+
+def test_single_queue_tun_defaults() -> None:
+    with Device.create() as dev:
+        info = dev.info()
+        assert dev.name.startswith("mq") and info.name == dev.name
+        assert (info.kind, info.packet_info, info.vnet_hdr, info.multi_queue) == (
+            "tun", False, False, False)
+        assert info.num_queues is None, "the kernel counts queues of multiqueue devices only"
+        assert not info.persist
+        assert dev.ifindex == info.ifindex
+        name = dev.name
+    assert find_link(name) is None, "a non-persistent device disappears with its last queue"
+
+
+def test_pattern_and_fixed_names() -> None:
+    with Device.create("mqa%d") as a, Device.create("mqa%d") as b, Device.create("fixed0") as c:
+        assert {a.name, b.name} == {"mqa0", "mqa1"}
+        assert c.name == "fixed0"
+
+
+def test_tap_multiqueue_vnet_packet_info() -> None:
+    with Device.create("tp%d", 4, tap=True, vnet_hdr=True, packet_info=True) as dev:
+        info = dev.info()
+        assert (info.kind, info.multi_queue, info.vnet_hdr, info.packet_info) == (
+            "tap", True, True, True)
+        assert info.num_queues == 4 and len(dev.queues) == 4
+        assert [q.index for q in dev.queues] == [0, 1, 2, 3]
+        assert dev.header_size == 4 + 10
+        assert info.hwaddr and len(info.hwaddr.split(":")) == 6
+
+
+def test_multi_queue_on_request_with_one_queue() -> None:
+    with Device.create(queues=1, multi_queue=True) as dev:
+        assert dev.info().multi_queue
+        q = dev.add_queue()
+        assert q.index == 1 and dev.info().num_queues == 2
+
+
+def test_single_queue_device_refuses_a_second_queue() -> None:
+    with Device.create() as dev, pytest.raises(InvalidArgumentError, match="no multiqueue"):
+        dev.add_queue()
+
+
+def test_256_queues_and_the_257th_is_refused() -> None:
+    with Device.create("mq%d", 256) as dev:
+        assert dev.info().num_queues == 256
+        with pytest.raises(MqtunError) as exc:
+            dev.add_queue()
+        assert exc.value.errno == errno.E2BIG and "256" in str(exc.value)
+        # and the kernel says the same to another opener
+        with pytest.raises(MqtunError) as kexc:
+            Device.attach(dev.name)
+        assert kexc.value.errno == errno.E2BIG and dev.name in str(kexc.value)
+        # detached queues count too: detach one, still no room
+        dev.queues[5].disable()
+        with pytest.raises(MqtunError) as dexc:
+            Device.attach(dev.name)
+        assert dexc.value.errno == errno.E2BIG
+
+
+def test_persistent_device_survives_and_reattaches() -> None:
+    dev = Device.create("keep0", 2, persist=True, tap=True)
+    ifindex = dev.ifindex
+    dev.close()
+    info = find_link("keep0")
+    assert info is not None and info.persist and info.num_queues == 0
+    with Device.attach("keep0", 3) as again:
+        assert again.ifindex == ifindex
+        assert again.tap and again.multi_queue
+        assert again.info().num_queues == 3
+        again.delete()
+    assert find_link("keep0") is None
+
+
+def test_attach_with_foreign_queues_tracks_indices() -> None:
+    with Device.create("sh0", 2) as owner, Device.attach("sh0", 2) as other:
+        assert [q.index for q in other.queues] == [2, 3]
+        assert other.active_queues[:2] == [None, None]
+        with pytest.raises(InvalidArgumentError, match="another process"):
+            other.queue(0)
+        assert owner.info().num_queues == 4
+
+
+def test_owner_and_group_are_set() -> None:
+    with Device.create(owner="nobody", group="nogroup", persist=True) as dev:
+        info = dev.info()
+        assert info.owner == 65534 and info.group == 65534
+        dev.set_owner(0)
+        assert dev.info().owner == 0
+        with pytest.raises(InvalidArgumentError, match="cannot be unset"):
+            dev.set_owner(None)  # type: ignore[arg-type]
+        dev.delete()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "word"),
+    [
+        ({"tap": True}, "tap"),
+        ({"vnet_hdr": True}, "vnet_hdr"),
+        ({"packet_info": True}, "packet_info"),
+        ({"multi_queue": False}, "multi_queue"),
+    ],
+)
+def test_attach_refuses_flag_mismatch(kwargs: dict[str, bool], word: str) -> None:
+    with Device.create("mm0", 2), pytest.raises(FlagMismatchError) as exc:
+        Device.attach("mm0", **kwargs)
+    assert "mm0" in str(exc.value) and word in str(exc.value)
+
+
+def test_attach_adopts_the_device_flags() -> None:
+    with (
+        Device.create("ad0", 1, tap=True, vnet_hdr=True, multi_queue=True) as dev,
+        Device.attach("ad0") as other,
+    ):
+        assert (other.tap, other.vnet_hdr, other.multi_queue) == (True, True, True)
+        assert other.header_size == dev.header_size == 10
+
+
+def test_attach_more_queues_to_single_queue_device_is_refused() -> None:
+    with Device.create("sq0", persist=True) as dev:
+        dev.close()
+        with pytest.raises(FlagMismatchError, match="without multiqueue"):
+            Device.attach("sq0", 2)
+        Device.attach("sq0").delete()
+
+
+def test_attach_unknown_and_non_tun_devices() -> None:
+    with pytest.raises(MqtunError, match="no tun/tap device named ghost0"):
+        Device.attach("ghost0")
+    with pytest.raises(InvalidArgumentError, match="not a tun/tap device"):
+        Device.attach("lo")
+    with pytest.raises(InvalidArgumentError, match="exact device name"):
+        Device.attach("mq%d")
+
+
+def test_create_refuses_an_existing_name() -> None:
+    with Device.create("dup0", 2):
+        with pytest.raises(MqtunError) as exc:
+            Device.create("dup0")
+        assert exc.value.errno == errno.EBUSY
+        assert "dup0 already exists" in str(exc.value) and "attach" in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("a" * 16, "at most 15"),
+        ("bad/name", "'/'"),
+        ("has space", "' '"),
+        ("a:b", "':'"),
+        ("..", "not allowed"),
+        ("mq%s", "pattern"),
+        ("%d%d", "pattern"),
+    ],
+)
+def test_bad_names_are_refused_before_the_kernel(name: str, why: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=why):
+        Device.create(name)
+
+
+@pytest.mark.parametrize("queues", [0, 257, -1, True, "4", 2.0])
+def test_bad_queue_counts(queues: object) -> None:
+    with pytest.raises(InvalidArgumentError, match="queue count"):
+        Device.create("mq%d", queues)  # type: ignore[arg-type]
+
+
+def test_unknown_owner_and_group() -> None:
+    with pytest.raises(InvalidArgumentError, match="no such user"):
+        Device.create(owner="no-such-user-mqtun")
+    with pytest.raises(InvalidArgumentError, match="no such group"):
+        Device.create(group="no-such-group-mqtun")
+    assert not mqtun.list_tun_links(), "nothing half-created is left behind"
+
+
+def test_queues_opened_without_offloads_reset_the_device_mask() -> None:
+    """tun-rs PR #141: a persistent device keeps TSO/USO; a plain queue must reset it."""
+    UDP_SEGMENT = 103
+    dev = Device.create("off0", vnet_hdr=True, persist=True, offloads=0x01 | 0x20 | 0x40)
+    dev.link.up()
+    dev.link.add_address(NET)
+
+    def reads_for_one_gso_send() -> int:
+        assert dev.link.wait_operational()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.setsockopt(socket.SOL_UDP, UDP_SEGMENT, 1000)
+            s.sendto(b"z" * 4000, (ADDR_B, 9))
+        q = dev.queues[-1]
+        wait_for(lambda: select_readable(q.fd), message=lambda: f"{dev.info()}")
+        n = 0
+        while (pkt := q.read(timeout=0.2)) is not None:
+            ip = pkt[10:]  # after the virtio-net header
+            n += ip[9] == socket.IPPROTO_UDP and ip[22:24] == b"\x00\x09"
+        return n
+
+    assert reads_for_one_gso_send() == 1, "USO on: one super-packet"
+    dev.close()
+    dev = Device.attach("off0")  # offloads=0 by default
+    assert reads_for_one_gso_send() == 4, "offloads reset: four wire-size datagrams"
+    dev.delete()
+
+
+def select_readable(fd: int) -> bool:
+    import select
+
+    return bool(select.select([fd], [], [], 0.05)[0])
+
+
+def test_tun_features_reports_multiqueue_support() -> None:
+    feats = mqtun.tun_features()
+    assert feats & 0x0100 and feats & 0x0001 and feats & 0x0002
+
+
+def test_vnet_header_size_le_sndbuf_and_link_type() -> None:
+    with Device.create(vnet_hdr=True) as dev:
+        dev.set_vnet_hdr_size(12)
+        assert dev.vnet_hdr_size == 12 and dev.header_size == 12
+        with pytest.raises(InvalidArgumentError, match=">= 10"):
+            dev.set_vnet_hdr_size(8)
+        dev.set_vnet_le(True)
+        assert dev.vnet_le
+        dev.set_sndbuf(1 << 20)
+        assert dev.sndbuf == 1 << 20
+        with pytest.raises(InvalidArgumentError):
+            dev.set_sndbuf(0)
+        dev.link.up()
+        with pytest.raises(MqtunError) as exc:
+            dev.set_link_type(1)
+        assert exc.value.errno == errno.EBUSY and "while it is up" in str(exc.value)
+    with Device.create() as plain, pytest.raises(InvalidArgumentError, match="no virtio-net"):
+        plain.set_vnet_hdr_size(12)
+
+
+def test_offload_mask_errors_are_explained() -> None:
+    with Device.create(vnet_hdr=True) as dev:
+        with pytest.raises(MqtunError) as exc:
+            dev.set_offloads(0x02)  # TSO4 without CSUM
+        assert exc.value.errno == errno.EINVAL and "TUN_F_CSUM" in str(exc.value)
+        dev.set_offloads(0x03)
+        assert dev.offloads == 0x03
+
+
+def test_carrier_off_and_on() -> None:
+    with Device.create() as dev:
+        dev.link.up()
+        dev.set_carrier(False)
+        assert not dev.info().carrier
+        dev.set_carrier(True)
+        assert dev.info().carrier
+
+
+def test_unprivileged_user_cannot_create() -> None:
+    def create() -> str:
+        try:
+            Device.create("np0")
+        except mqtun.PermissionDeniedError as exc:
+            return f"EPERM {exc}"
+        return "created"
+
+    out = run_as("nobody", create)
+    assert out.startswith("EPERM") and "CAP_NET_ADMIN" in out
+    assert find_link("np0") is None
+
+
+def test_owner_may_open_queues_and_others_may_not() -> None:
+    Device.create("own0", 1, multi_queue=True, owner="nobody", persist=True).close()
+
+    def attach_two() -> str:
+        try:
+            with Device.attach("own0", 2) as d:
+                return f"OK {d.info().num_queues}"
+        except mqtun.PermissionDeniedError as exc:
+            return f"EPERM {exc}"
+
+    assert run_as("nobody", attach_two) == "OK 2"
+    refused = run_as("daemon", attach_two)
+    assert refused.startswith("EPERM") and "own0" in refused and "owner/group" in refused
+    Device.attach("own0").delete()
+
+
+def test_struct_sizes_match_the_kernel_abi() -> None:
+    from mqtun import _uapi
+
+    assert _uapi.IFREQ_SIZE == 40
+    assert struct.calcsize(_uapi.SOCK_FPROG_FORMAT) == 16
+    assert _uapi.unpack_ifreq(_uapi.pack_ifreq(b"mq0", 0x1101)) == ("mq0", 0x1101)
