@@ -111,7 +111,7 @@ _MESSAGES: dict[tuple[str, int], str] = {
     ("create", _errno.EMFILE): "too many open files in this process: raise `ulimit -n`",
     ("create", _errno.ENOMEM): "out of memory creating {dev}",
     ("detach", _errno.EINVAL): (
-        "queue of {dev} is already detached (or the device has no multiqueue)"
+        "queue of {dev} cannot be detached: it is detached already, or the device was deleted"
     ),
     ("reattach", _errno.EINVAL): "queue of {dev} is already attached",
     ("reattach", _errno.EPERM): "not allowed to re-attach a queue of {dev} (owner/group)",

@@ -1,0 +1,76 @@
+"""The `mqtun` command: create/delete/show, exit codes 0/1/2, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mqtun import Device, find_link
+
+
+def mqtun(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mqtun", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_create_show_delete() -> None:
+    out = mqtun("create", "cli%d", "--multi-queue", "--tap", "--vnet-hdr", "--owner", "nobody")
+    assert out.returncode == 0, out.stderr
+    name = out.stdout.strip()
+    assert name == "cli0"
+    info = find_link(name)
+    assert info and info.persist and info.multi_queue and info.kind == "tap" and info.vnet_hdr
+    assert info.owner == 65534
+    with Device.attach(name, 2):
+        shown = mqtun("show", name)
+        assert shown.returncode == 0
+        assert "cli0: tap" in shown.stdout and "2 active, 0 disabled" in shown.stdout
+        assert "held by pid" in shown.stdout
+        data = json.loads(mqtun("show", "--json").stdout)
+        (entry,) = [d for d in data if d["name"] == name]
+        assert entry["num_queues"] == 2 and entry["owner"] == 65534
+        assert len(entry["holders"]) == 2 and entry["holders"][0]["fd"] > 2
+    assert mqtun("delete", name).returncode == 0
+    assert find_link(name) is None
+
+
+def test_show_lists_other_tools_devices() -> None:
+    subprocess.run(["ip", "tuntap", "add", "iptap0", "mode", "tap"], check=True, timeout=10)
+    out = mqtun("show")
+    assert out.returncode == 0 and "iptap0: tap" in out.stdout and "persist" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "words"),
+    [
+        (("create", "x" * 20), 2, "at most 15"),
+        (("create", "a/b"), 2, "'/'"),
+        (("delete", "nosuch0"), 1, "no tun/tap device named nosuch0"),
+        (("show", "nosuch0"), 1, "no tun/tap device named nosuch0"),
+        (("delete", "lo"), 2, "not a tun/tap device"),
+        (("frobnicate",), 2, "invalid choice"),
+        ((), 2, "required"),
+    ],
+)
+def test_errors_are_one_line_with_the_right_code(args: tuple[str, ...], code: int,
+                                                 words: str) -> None:
+    out = mqtun(*args)
+    assert out.returncode == code
+    assert words in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_create_existing_is_refused_with_exit_1() -> None:
+    assert mqtun("create", "ex0").returncode == 0
+    out = mqtun("create", "ex0")
+    assert out.returncode == 1 and "already exists" in out.stderr
+    assert "Traceback" not in out.stderr
+    mqtun("delete", "ex0")
+
+
+def test_console_script_and_version() -> None:
+    out = subprocess.run(["mqtun", "--version"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.startswith("mqtun ")

@@ -1,0 +1,270 @@
+"""Queues: reading and writing real packets, batches, waiting, counters, closing."""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+import threading
+import time
+
+import pytest
+from nettools import ADDR_A, ADDR_B, NET, drain, echo_request, udp_flows, udp_packet, wait_for
+from scapy.layers.inet import ICMP, IP
+
+from mqtun import Device, DeviceGoneError, MqtunError
+
+
+def _up(dev: Device) -> Device:
+    dev.link.up()
+    dev.link.add_address(NET)
+    return dev
+
+
+def test_write_an_echo_request_and_read_the_kernels_reply() -> None:
+    with _up(Device.create()) as dev:
+        dev.write(echo_request(ADDR_B, ADDR_A, ident=0x77, seq=3, payload=b"mqtun!"))
+        reply = IP(dev.read(timeout=5))
+        assert reply.src == ADDR_A and reply.dst == ADDR_B
+        assert reply[ICMP].type == 0 and reply[ICMP].id == 0x77 and reply[ICMP].seq == 3
+        assert bytes(reply[ICMP].payload) == b"mqtun!"
+
+
+def test_write_accepts_bytes_bytearray_and_memoryview_without_copies() -> None:
+    with _up(Device.create()) as dev:
+        pkt = echo_request(ADDR_B, ADDR_A)
+        big = bytearray(b"\0" * 7 + pkt + b"\0" * 9)
+        for data in (pkt, bytearray(pkt), memoryview(big)[7:7 + len(pkt)]):
+            assert dev.write(data) == len(pkt)
+            assert dev.read(timeout=5) is not None
+        assert dev.queues[0].writev([pkt[:20], memoryview(pkt)[20:]]) == len(pkt)
+        assert dev.read(timeout=5) is not None
+
+
+def test_read_timeouts_and_nonblocking() -> None:
+    with Device.create() as dev, Device.create(blocking=False) as nb:
+        t0 = time.monotonic()
+        assert dev.read(timeout=0.2) is None
+        assert 0.15 < time.monotonic() - t0 < 2
+        assert dev.read(timeout=0) is None
+        assert nb.queues[0].read() is None, "a non-blocking device never waits"
+        buf = bytearray(100)
+        assert nb.queues[0].read_into(buf) == 0
+
+
+def test_read_batch_drains_many_packets_in_one_call() -> None:
+    with _up(Device.create()) as dev:
+        q = dev.queues[0]
+        assert q.read_batch(10) == []
+        udp_flows(ADDR_B, range(2000, 2050))
+        wait_for(lambda: select.select([q], [], [], 0.05)[0])
+        first = q.read_batch(20)
+        assert len(first) == 20
+        rest = q.read_batch(1000, timeout=1.0)
+        assert len(rest) == 30
+        assert q.stats.read_packets == 50
+
+
+def test_read_into_a_caller_buffer_truncates_like_the_kernel() -> None:
+    with _up(Device.create()) as dev:
+        udp_flows(ADDR_B, [9], payload=b"p" * 100)
+        buf = bytearray(50)
+        assert dev.queues[0].read_into(buf, timeout=5) == 50
+        assert buf[:1] == b"\x45"
+
+
+def test_write_batch_counts_refused_packets_and_goes_on() -> None:
+    with _up(Device.create()) as dev:
+        q = dev.queues[0]
+        good = echo_request(ADDR_B, ADDR_A)
+        sent = q.write_batch([good, b"\x00garbage", good, b"", good])
+        assert sent == 3
+        s = q.stats
+        assert s.written_packets == 3 and s.write_errors == 2
+        assert s.dropped == {"refused": 2}
+        replies = drain({q.fd: q}, lambda qq: qq.read_batch(10), 3)
+        assert len(replies[q]) == 3
+
+
+def test_garbage_write_is_explained() -> None:
+    with _up(Device.create("gb0")) as dev:
+        with pytest.raises(MqtunError) as exc:
+            dev.write(b"\x99" * 40)
+        assert exc.value.errno == errno.EINVAL and "gb0" in str(exc.value)
+        assert "not IPv4/IPv6" in str(exc.value)
+    with Device.create("tp%d", tap=True) as tap:
+        tap.link.up()
+        with pytest.raises(MqtunError) as exc:
+            tap.write(b"\x01" * 10)
+        assert exc.value.errno == errno.EINVAL and "14 bytes" in str(exc.value)
+
+
+def test_write_while_the_link_is_down() -> None:
+    with Device.create("dn0") as dev:
+        with pytest.raises(MqtunError) as exc:
+            dev.write(echo_request(ADDR_B, ADDR_A))
+        assert exc.value.errno == errno.EIO and "dn0 is down" in str(exc.value)
+        assert dev.queues[0].stats.dropped == {"link-down": 1}
+
+
+def test_queues_work_with_select_poll_and_epoll() -> None:
+    with _up(Device.create(queues=2)) as dev:
+        q0, q1 = dev.queues
+        ep = select.epoll()
+        ep.register(q0.fileno(), select.EPOLLIN)
+        ep.register(q1.fileno(), select.EPOLLIN)
+        udp_flows(ADDR_B, range(3000, 3064))
+        seen = 0
+        deadline = time.monotonic() + 5
+        while seen < 64 and time.monotonic() < deadline:
+            for fd, _ in ep.poll(0.1):
+                seen += len((q0 if fd == q0.fd else q1).read_batch(64))
+        ep.close()
+        assert seen == 64
+        assert select.select([q0, q1], [], [], 0) == ([], [], [])
+
+
+def test_close_from_another_thread_wakes_a_blocked_read() -> None:
+    dev = Device.create()
+    q = dev.queues[0]
+    outcome: list[object] = []
+
+    def reader() -> None:
+        try:
+            outcome.append(q.read(timeout=None))
+        except MqtunError as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    time.sleep(0.2)
+    q.close()
+    t.join(timeout=2)
+    assert not t.is_alive(), "the blocked read woke up"
+    assert isinstance(outcome[0], MqtunError) and outcome[0].errno == errno.EBADF
+    with pytest.raises(ValueError, match="closed"):
+        q.fileno()
+    with pytest.raises(MqtunError):
+        q.write(b"x")
+    q.close()  # idempotent
+
+
+def test_counters_reconcile_with_the_kernel() -> None:
+    with _up(Device.create(queues=4)) as dev:
+        n = udp_flows(ADDR_B, range(4000, 4200), payload=b"c" * 33)
+        fds = {q.fd: q for q in dev.queues}
+        got = drain(fds, lambda q: q.read_batch(64), n)
+        assert sum(map(len, got.values())) == n
+        replies = 0
+        for q in dev.queues:  # answer some on each queue: echo requests the kernel answers
+            for i in range(5):
+                q.write(echo_request(ADDR_B, ADDR_A, seq=i))
+                replies += 1
+        drain(fds, lambda q: q.read_batch(64), replies)
+        ours = dev.stats()
+        kernel = dev.link.stats()
+        assert ours.read_packets == kernel["tx_packets"] == n + replies
+        assert ours.read_bytes == kernel["tx_bytes"]
+        assert ours.written_packets == kernel["rx_packets"] == replies
+        assert ours.written_bytes == kernel["rx_bytes"]
+        per_queue = [q.stats.read_packets for q in dev.queues]
+        assert sum(per_queue) == n + replies and all(per_queue)
+
+
+def test_counters_exclude_headers_like_the_kernel() -> None:
+    with Device.create(vnet_hdr=True, packet_info=True) as dev:
+        _up(dev)
+        udp_flows(ADDR_B, [7])
+        pkt = dev.read(timeout=5)
+        assert pkt is not None
+        assert dev.stats().read_bytes == len(pkt) - 14 == dev.link.stats()["tx_bytes"]
+
+
+def test_ipv6_traffic() -> None:
+    with Device.create() as dev:
+        dev.link.up()
+        dev.link.add_address("fd00:6d71::1/64")
+        udp_flows("fd00:6d71::2", [5353, 5354])
+        got = [dev.read(timeout=5) for _ in range(2)]
+        assert all(p is not None and p[0] >> 4 == 6 for p in got)
+
+
+def test_device_deleted_while_a_queue_reads() -> None:
+    dev = _up(Device.create("gone0", 2))
+    q = dev.queues[0]
+    outcome: list[object] = []
+
+    def reader() -> None:
+        try:
+            outcome.append(q.read(timeout=10))
+        except MqtunError as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    time.sleep(0.2)
+    from mqtun import delete_link
+
+    delete_link("gone0")
+    t.join(timeout=2)
+    assert not t.is_alive(), "deletion woke the reader"
+    assert isinstance(outcome[0], DeviceGoneError), outcome
+    assert "gone0" in str(outcome[0])
+    with pytest.raises(DeviceGoneError):
+        dev.queues[1].write(echo_request(ADDR_B, ADDR_A))
+    with pytest.raises(DeviceGoneError):
+        dev.set_carrier(True)
+    with pytest.raises(DeviceGoneError):
+        dev.queues[1].read(timeout=0)
+    dev.close()
+
+
+def test_persistent_device_with_zero_queues_drops_without_error() -> None:
+    dev = _up(Device.create("z0", persist=True))
+    dev.close()
+    udp_flows(ADDR_B, [1, 2, 3])  # no queue: the kernel drops, the sender sees nothing
+    with Device.attach("z0") as again:
+        assert again.read(timeout=0.1) is None
+        again.delete()
+
+
+def test_packet_info_header_is_returned_when_asked() -> None:
+    with _up(Device.create(packet_info=True)) as dev:
+        udp_flows(ADDR_B, [9])
+        pkt = dev.read(timeout=5)
+        assert pkt is not None and pkt[2:4] == b"\x08\x00" and pkt[4] == 0x45
+
+
+def test_tap_frames_carry_ethernet() -> None:
+    with Device.create("tp%d", tap=True) as dev:
+        dev.link.set_hwaddr("02:00:00:00:00:01")
+        dev.link.up()
+        dev.link.add_address(NET)
+        udp_flows(ADDR_B, [9])  # the kernel asks for ADDR_B's MAC first (ARP)
+        frame = dev.read(timeout=5)
+        assert frame is not None and frame[6:12] == bytes.fromhex("020000000001")
+        assert frame[12:14] in (b"\x08\x06", b"\x08\x00")
+
+
+def test_single_queue_helpers_refuse_many_queues() -> None:
+    from mqtun import InvalidArgumentError
+
+    with Device.create(queues=2) as dev, pytest.raises(InvalidArgumentError, match="2 open"):
+        dev.read(timeout=0)
+
+
+def test_udp_payload_arrives_byte_exact() -> None:
+    with _up(Device.create()) as dev:
+        payload = bytes(range(256)) * 3
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((ADDR_A, 4444))
+            s.sendto(payload, (ADDR_B, 5555))
+        pkt = dev.read(timeout=5)
+        assert pkt is not None and pkt[28:] == payload
+        # and the other way: a packet written to the device reaches a socket
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as r:
+            r.bind((ADDR_A, 6666))
+            r.settimeout(5)
+            dev.write(udp_packet(ADDR_B, ADDR_A, 7777, 6666, payload))
+            data, peer = r.recvfrom(4096)
+            assert data == payload and peer == (ADDR_B, 7777)
