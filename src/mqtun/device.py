@@ -32,7 +32,7 @@ from mqtun.queue import Queue
 from mqtun.stats import QueueStats, total
 
 if TYPE_CHECKING:
-    from collections.abc import Buffer
+    from mqtun.queue import BytesLike
 
 __all__ = ["Device", "tun_features", "validate_name"]
 
@@ -158,7 +158,7 @@ class Device:
         group: int | str | None = None,
         blocking: bool = True,
         napi: bool = False,
-        offloads: int = 0,
+        offloads: int | None = 0,
         carrier: bool | None = None,
     ) -> Device:
         """Create a new device with `queues` queues and return it (the real name in `.name`).
@@ -424,7 +424,7 @@ class Device:
         """Read one packet from the only queue (see Queue.read)."""
         return self._only_queue().read(timeout)
 
-    def write(self, packet: Buffer) -> int:
+    def write(self, packet: BytesLike) -> int:
         """Write one packet to the only queue (see Queue.write)."""
         return self._only_queue().write(packet)
 

@@ -34,11 +34,12 @@ from mqtun.stats import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Buffer
-
     from mqtun.device import Device
 
-__all__ = ["Queue"]
+__all__ = ["BytesLike", "Queue"]
+
+# What a packet may be: anything os.write takes without a copy (collections.abc.BytesLike is 3.12+).
+BytesLike = bytes | bytearray | memoryview
 
 # Largest packet a queue may hand over: a 64 KiB super-packet plus the biggest headers.
 DEFAULT_READ_SIZE = 65536 + _uapi.VIRTIO_NET_HDR_V1_HASH_TUNNEL_SIZE + _uapi.TUN_PI_SIZE + 64
@@ -129,7 +130,7 @@ class Queue:
             c[READ_BYTES] += len(data) - self.header_size
             return data
 
-    def read_into(self, buffer: Buffer, timeout: float | _Default | None = DEFAULT) -> int:
+    def read_into(self, buffer: BytesLike, timeout: float | _Default | None = DEFAULT) -> int:
         """Read one packet into `buffer`; return its length (0 when nothing arrived in time).
 
         A buffer shorter than the packet truncates it silently (the kernel's rule).
@@ -180,7 +181,7 @@ class Queue:
         return out
 
     # ---- writing ----------------------------------------------------------------------------
-    def write(self, packet: Buffer) -> int:
+    def write(self, packet: BytesLike) -> int:
         """Inject one packet (bytes, bytearray or memoryview; not copied). Returns its length.
 
         A refused packet raises MqtunError after being counted as a write error and a drop.
@@ -197,7 +198,7 @@ class Queue:
         c[WRITTEN_BYTES] += n - self.header_size
         return n
 
-    def writev(self, parts: Sequence[Buffer]) -> int:
+    def writev(self, parts: Sequence[BytesLike]) -> int:
         """Inject one packet gathered from several buffers (e.g. a header and a payload)."""
         try:
             n = os.writev(self.fd, parts)
@@ -211,7 +212,7 @@ class Queue:
         c[WRITTEN_BYTES] += n - self.header_size
         return n
 
-    def write_batch(self, packets: Iterable[Buffer]) -> int:
+    def write_batch(self, packets: Iterable[BytesLike]) -> int:
         """Inject many packets; return how many the kernel took.
 
         A packet the kernel refuses is counted as dropped with its reason and the batch goes

@@ -70,7 +70,8 @@ class Counters:
         """An immutable copy of the current values."""
         values = self.slots.tolist()
         drops = {r.label: values[_DROP_BASE + r] for r in DropReason if values[_DROP_BASE + r]}
-        return QueueStats(*values[:_DROP_BASE], dropped=drops)
+        return QueueStats(**dict(zip(COUNTER_FIELDS, values[:_DROP_BASE], strict=True)),
+                          dropped=drops)
 
     def reset(self) -> None:
         for i in range(SLOT_COUNT):
@@ -106,9 +107,8 @@ class QueueStats:
         drops = dict(self.dropped)
         for k, v in other.dropped.items():
             drops[k] = drops.get(k, 0) + v
-        return QueueStats(
-            *(getattr(self, f) + getattr(other, f) for f in COUNTER_FIELDS), dropped=drops
-        )
+        sums = {f: getattr(self, f) + getattr(other, f) for f in COUNTER_FIELDS}
+        return QueueStats(**sums, dropped=drops)
 
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {f: getattr(self, f) for f in COUNTER_FIELDS}
