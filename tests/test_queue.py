@@ -268,3 +268,45 @@ def test_udp_payload_arrives_byte_exact() -> None:
             dev.write(udp_packet(ADDR_B, ADDR_A, 7777, 6666, payload))
             data, peer = r.recvfrom(4096)
             assert data == payload and peer == (ADDR_B, 7777)
+
+
+def test_queues_come_and_go_while_others_move_packets() -> None:
+    """Adding, disabling, enabling and closing queues never disturbs a queue in use."""
+    with _up(Device.create("ch%d", 2)) as dev:
+        busy = dev.queues[0]
+        stop = threading.Event()
+        errors: list[BaseException] = []
+        answered = [0]
+
+        def worker() -> None:  # writes echo requests on its queue; replies land anywhere
+            seq = 0
+            try:
+                while not stop.is_set():
+                    seq = (seq + 1) & 0xFFFF
+                    busy.write(echo_request(ADDR_B, ADDR_A, seq=seq))
+                    answered[0] += 1
+                    time.sleep(0.001)
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=worker)
+        t.start()
+        try:
+            for _ in range(5):
+                before = answered[0]
+                extra = dev.add_queue()
+                other = dev.queues[1]
+                if other.enabled:
+                    other.disable()
+                else:
+                    other.enable()
+                time.sleep(0.05)
+                dev.remove_queue(extra)
+                time.sleep(0.05)
+                assert answered[0] > before, "the busy queue kept writing"
+        finally:
+            stop.set()
+            t.join(timeout=5)
+        assert not errors, errors
+        assert busy.stats.written_packets == answered[0]
+        assert dev.link.stats()["rx_packets"] == answered[0]
