@@ -12,9 +12,18 @@ import os
 from collections.abc import Callable, Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 from pyroute2 import IPRoute
 
 from mqtun.netns import NetNamespace
+
+# Property tests: a short run in the suite; `HYPOTHESIS_PROFILE=fuzz` (bench/fuzz.sh) runs
+# 100,000 examples per property. Tests leave max_examples to the profile.
+_COMMON = {"deadline": None, "database": None,
+           "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]}
+settings.register_profile("ci", max_examples=200, **_COMMON)
+settings.register_profile("fuzz", max_examples=100_000, **_COMMON)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def _root_links() -> set[str]:
