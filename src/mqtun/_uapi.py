@@ -265,3 +265,132 @@ SKF_LL_OFF: Final = -0x200000
 
 # --- errno values the tun driver returns that Python's errno module names differently ----------
 EBADFD: Final = 77
+
+# === steer: eBPF/cBPF steering and filters (mqtun.steer) ======================================
+# bpf(2) commands and attribute layouts beyond the ones above (include/uapi/linux/bpf.h).
+BPF_PROG_GET_NEXT_ID: Final = 11
+BPF_PROG_GET_FD_BY_ID: Final = 13
+BPF_MAP_UPDATE_BATCH: Final = 26
+BPF_MAP_TYPE_PERCPU_ARRAY: Final = 6
+BPF_F_TEST_RUN_ON_CPU: Final = 1 << 0
+# BPF_PROG_LOAD reads up to log_true_size (@140), which the kernel fills in (6.4+).
+BPF_PROG_LOAD_ATTR_SIZE: Final = 144
+BPF_PROG_LOAD_LOG_TRUE_SIZE_OFFSET: Final = 140
+BPF_LOG_LEVEL1: Final = 1
+BPF_LOG_LEVEL2: Final = 2
+# map_type, key_size, value_size, max_entries, map_flags, inner_map_fd, numa_node, map_name
+BPF_MAP_CREATE_FULL_FORMAT: Final = "=IIIIIII16s"
+# prog_fd, retval, data_size_in, data_size_out, data_in, data_out, repeat, duration,
+# ctx_size_in, ctx_size_out, ctx_in, ctx_out, flags, cpu, batch_size
+BPF_PROG_TEST_RUN_FORMAT: Final = "=IIIIQQIIIIQQIII4x"
+BPF_PROG_TEST_RUN_RETVAL_OFFSET: Final = 4
+BPF_PROG_TEST_RUN_DATA_SIZE_OUT_OFFSET: Final = 12
+BPF_PROG_TEST_RUN_DURATION_OFFSET: Final = 36
+# BPF_OBJ_GET_INFO_BY_FD: bpf_fd, info_len, info pointer
+BPF_OBJ_GET_INFO_FORMAT: Final = "=IIQ"
+BPF_OBJ_GET_INFO_LEN_OFFSET: Final = 4
+# struct bpf_prog_info, the leading fields: type, id, tag[8], jited_prog_len, xlated_prog_len,
+# jited_prog_insns, xlated_prog_insns, load_time, created_by_uid, nr_map_ids, map_ids, name[16]
+BPF_PROG_INFO_FORMAT: Final = "=II8sIIQQQIIQ16s"
+BPF_PROG_INFO_SIZE: Final = 228  # enough for every field up to 6.18 (the kernel copies min())
+# struct bpf_map_info, the leading fields: type, id, key_size, value_size, max_entries,
+# map_flags, name[16]
+BPF_MAP_INFO_FORMAT: Final = "=IIIIII16s"
+BPF_MAP_INFO_SIZE: Final = 96
+# BPF_MAP_*_BATCH: in_batch, out_batch, keys, values, count, map_fd, elem_flags, flags
+BPF_MAP_BATCH_FORMAT: Final = "=QQQQIIQQ"
+
+# helper ids (enum bpf_func_id)
+BPF_FUNC_map_update_elem: Final = 2
+BPF_FUNC_ktime_get_ns: Final = 5
+BPF_FUNC_get_prandom_u32: Final = 7
+BPF_FUNC_skb_load_bytes_relative: Final = 68
+BPF_HDR_START_MAC: Final = 0
+BPF_HDR_START_NET: Final = 1
+
+# more struct __sk_buff offsets
+SKB_PKT_TYPE: Final = 4
+SKB_MARK: Final = 8
+SKB_IFINDEX: Final = 40
+
+# eBPF-only opcode bits not spelled above
+BPF_JMP_JCOND_MASK: Final = 0xF0  # the op nibble of a jump
+BPF_ALU_OP_MASK: Final = 0xF0
+BPF_CLASS_MASK: Final = 0x07
+BPF_SIZE_MASK: Final = 0x18
+BPF_MODE_MASK: Final = 0xE0
+BPF_SRC_MASK: Final = 0x08
+BPF_PSEUDO_MAP_VALUE: Final = 2
+BPF_MAX_INSNS_PRIVILEGED: Final = 1_000_000
+BPF_MAXINSNS: Final = 4096  # classic BPF program limit
+
+# classic BPF ancillary loads (SKF_AD_OFF + ...), include/uapi/linux/filter.h
+SKF_AD_PROTOCOL: Final = 0
+SKF_AD_PKTTYPE: Final = 4
+SKF_AD_IFINDEX: Final = 8
+SKF_AD_MARK: Final = 20
+SKF_AD_QUEUE: Final = 24
+SKF_AD_HATYPE: Final = 28
+SKF_AD_RXHASH: Final = 32
+SKF_AD_CPU: Final = 36
+SKF_AD_VLAN_TAG: Final = 44
+SKF_AD_VLAN_TAG_PRESENT: Final = 48
+SKF_AD_PAY_OFFSET: Final = 52
+SKF_AD_RANDOM: Final = 56
+SKF_AD_VLAN_TPID: Final = 60
+BPF_MEMWORDS: Final = 16  # classic scratch memory M[0..15]
+
+# ethertypes and IP protocol numbers a steering program parses (if_ether.h, in.h, in6.h)
+ETH_HLEN: Final = 14
+VLAN_HLEN: Final = 4
+ETH_P_IP: Final = 0x0800
+ETH_P_ARP: Final = 0x0806
+ETH_P_8021Q: Final = 0x8100
+ETH_P_8021AD: Final = 0x88A8
+ETH_P_IPV6: Final = 0x86DD
+ETH_P_802_EX1: Final = 0x88B5  # local experimental: a neutral ethertype for test runs
+IPPROTO_HOPOPTS: Final = 0
+IPPROTO_ICMP: Final = 1
+IPPROTO_TCP: Final = 6
+IPPROTO_UDP: Final = 17
+IPPROTO_ROUTING: Final = 43
+IPPROTO_FRAGMENT: Final = 44
+IPPROTO_ICMPV6: Final = 58
+IPPROTO_NONE: Final = 59
+IPPROTO_DSTOPTS: Final = 60
+IPV4_HDR_MIN: Final = 20
+IPV6_HDR_LEN: Final = 40
+IP_MF: Final = 0x2000
+IP_OFFSET: Final = 0x1FFF
+ENOTSUPP: Final = 524  # kernel-internal errno some bpf commands return
+# === end steer =================================================================================
+
+# === packet: offloads (mqtun.packet, mqtun.offload) ============================================
+# virtio_net_hdr_mrg_rxbuf (12 bytes) and virtio_net_hdr_v1_hash_tunnel (24 bytes), after the
+# byte-order prefix: ... num_buffers, hash_value u32, hash_report u16, padding u16,
+# outer_th_offset u16, inner_nh_offset u16 (include/uapi/linux/virtio_net.h, 6.17+).
+VIRTIO_NET_HDR_MRG_RXBUF_BODY: Final = "BBHHHHH"
+VIRTIO_NET_HDR_V1_HASH_TUNNEL_BODY: Final = "BBHHHHHIH2xHH"
+VIRTIO_NET_HDR_GSO_UDP_TUNNEL: Final = 0x60  # _IPV4 | _IPV6
+VIRTIO_NET_HDR_TUNNEL_OFFSET: Final = 20  # where outer_th_offset sits in the 24-byte header
+TUN_F_ALL: Final = 0x1FF  # every TUN_F_* bit known to 6.18
+GSO_MAX_SEGS: Final = 65535  # include/linux/netdevice.h
+GSO_LEGACY_MAX_SIZE: Final = 65536  # largest super-packet without BIG TCP
+ETH_P_QINQ1: Final = 0x9100  # a pre-802.1ad double-tag ethertype some switches still send
+IPPROTO_AH: Final = 51
+IPV6_RH_TYPE_SRH: Final = 4  # segment routing header (include/uapi/linux/seg6.h)
+# TCP header flag bits, byte 13 (include/net/tcp.h TCPHDR_*)
+TCPHDR_FIN: Final = 0x01
+TCPHDR_SYN: Final = 0x02
+TCPHDR_RST: Final = 0x04
+TCPHDR_PSH: Final = 0x08
+TCPHDR_ACK: Final = 0x10
+TCPHDR_URG: Final = 0x20
+TCPHDR_ECE: Final = 0x40
+TCPHDR_CWR: Final = 0x80
+TCP_CSUM_OFFSET: Final = 16  # offsetof(struct tcphdr, check)
+UDP_CSUM_OFFSET: Final = 6  # offsetof(struct udphdr, check)
+UDP_HLEN: Final = 8
+VXLAN_PORT: Final = 4789  # IANA; the kernel's IANA_VXLAN_UDP_PORT
+VXLAN_HLEN: Final = 8
+# === end packet ================================================================================
