@@ -99,8 +99,56 @@ def _run_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_forward(sub: Any) -> None:
+    from mqtun.runtime.loop import DEFAULT_MODE, MODES
+
+    p = sub.add_parser("forward", help="create two devices and move packets between them, "
+                       "one worker per queue pair")
+    p.add_argument("dev_a", type=_name, metavar="DEV_A")
+    p.add_argument("dev_b", type=_name, metavar="DEV_B")
+    p.add_argument("--queues", type=_queue_count, default=1, help="queues per device (1..256)")
+    p.add_argument("--tap", action="store_true", help="TAP (Ethernet) devices, not TUN (IP)")
+    off = p.add_mutually_exclusive_group()
+    off.add_argument("--no-offload", dest="offload", action="store_false",
+                     help="no virtio-net header, no CSUM/TSO/USO offloads")
+    off.add_argument("--vnet-hdr", dest="offload", action="store_true",
+                     help="virtio-net header and offloads (the default)")
+    p.add_argument("--cpus", help="pin workers to these CPUs, e.g. 0-3,6 or auto")
+    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help="I/O loop mode")
+    p.add_argument("--batch", type=int, default=64, help="packets drained per queue per turn")
+    p.add_argument("--spin-us", type=int, default=50, help="adaptive mode: spin before sleeping")
+
+    def run(args: argparse.Namespace) -> int:
+        import signal
+
+        from mqtun.apps.forward import ForwardConfig, Forwarder
+        from mqtun.runtime.workers import parse_cpus
+
+        parse_cpus(args.cpus)  # a bad list is a usage error before anything is created
+        fwd = Forwarder(ForwardConfig(args.dev_a, args.dev_b, args.queues, args.tap,
+                                      args.offload, args.cpus, args.mode, args.batch,
+                                      args.spin_us),
+                        on_event=lambda ev: ev.kind in ("crashed", "restarted", "gave-up",
+                                                        "gone")
+                        and print(f"mqtun: {ev}", file=sys.stderr, flush=True))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: fwd.request_stop())
+        signal.signal(signal.SIGUSR1, lambda *_: fwd.request_stats())
+        try:
+            fwd.open()
+            print(f"READY queues={fwd.queue_count}", flush=True)
+            fwd.run(on_stats=lambda lines: print("\n".join(lines), file=sys.stderr,
+                                                 flush=True))
+        finally:
+            fwd.close()
+        return EXIT_OK
+
+    p.set_defaults(run=run)
+
+
 # Each entry adds one subcommand. A new command: one function here, one line in this table.
 COMMANDS: list[Callable[[Any], None]] = [_add_create, _add_delete, _add_show]
+COMMANDS.append(_add_forward)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,167 @@
+"""`mqtun forward`: two devices, one worker per queue pair, packets moved both ways.
+
+The two devices are created in the caller's network namespace (multiqueue when more than
+one queue is asked for) with identical virtio-net headers and offloads, so a packet read
+from A -- a TSO/USO super-packet included -- is written to B unchanged. Either device may be
+moved to another namespace after start (queue fds stay valid); at the end each device is
+deleted wherever it lives then.
+
+Nothing here prints: the CLI passes callbacks for the READY line, the QSTAT lines and the
+worker events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mqtun import _uapi
+from mqtun.device import Device
+from mqtun.errors import DeviceGoneError, InvalidArgumentError, MqtunError
+from mqtun.runtime.loop import DEFAULT_MODE, LoopConfig
+from mqtun.runtime.workers import WorkerEvent, WorkerPool
+
+__all__ = ["FULL_OFFLOADS", "ForwardConfig", "Forwarder", "negotiate_offloads"]
+
+FULL_OFFLOADS = (_uapi.TUN_F_CSUM | _uapi.TUN_F_TSO4 | _uapi.TUN_F_TSO6 | _uapi.TUN_F_TSO_ECN
+                 | _uapi.TUN_F_USO4 | _uapi.TUN_F_USO6)
+# What to try, best first: USO needs 6.2, everything needs CSUM.
+_OFFLOAD_LADDER = (
+    FULL_OFFLOADS,
+    FULL_OFFLOADS & ~(_uapi.TUN_F_USO4 | _uapi.TUN_F_USO6),
+    _uapi.TUN_F_CSUM | _uapi.TUN_F_TSO4 | _uapi.TUN_F_TSO6,
+    _uapi.TUN_F_CSUM,
+    0,
+)
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    dev_a: str
+    dev_b: str
+    queues: int = 1
+    tap: bool = False
+    offload: bool = True
+    cpus: str | None = None
+    mode: str = DEFAULT_MODE
+    batch: int = 64
+    spin_us: int = 50
+
+    def __post_init__(self) -> None:
+        if self.dev_a == self.dev_b:
+            raise InvalidArgumentError("forward needs two different device names")
+        if not 1 <= self.queues <= _uapi.MAX_QUEUES:
+            raise InvalidArgumentError(f"queue count must be 1..256, not {self.queues}")
+
+
+def negotiate_offloads(devices: list[Device]) -> int:
+    """The richest offload mask every device accepts (TUNSETOFFLOAD), set on all of them."""
+    for mask in _OFFLOAD_LADDER:
+        try:
+            for d in devices:
+                d.set_offloads(mask)
+        except MqtunError:
+            continue
+        return mask
+    return 0
+
+
+class Forwarder:
+    """Create the two devices, start the workers, supervise, clean up."""
+
+    def __init__(self, config: ForwardConfig,
+                 on_event: Callable[[WorkerEvent], None] | None = None) -> None:
+        self.config = config
+        self.on_event = on_event
+        self.dev_a: Device | None = None
+        self.dev_b: Device | None = None
+        self.pool: WorkerPool | None = None
+        self.offloads = 0
+        self._stats_requested = False
+        self._stop_requested = False
+
+    def open(self) -> None:
+        """Create both devices with every queue open, and start one worker per queue pair."""
+        cfg = self.config
+        loop = LoopConfig(mode=cfg.mode, batch=cfg.batch, spin_us=cfg.spin_us)
+        kw = {"tap": cfg.tap, "multi_queue": cfg.queues > 1, "vnet_hdr": cfg.offload,
+              "offloads": 0}
+        try:
+            self.dev_a = Device.create(cfg.dev_a, cfg.queues, **kw)  # type: ignore[arg-type]
+            self.dev_b = Device.create(cfg.dev_b, cfg.queues, **kw)  # type: ignore[arg-type]
+            if cfg.offload:
+                self.offloads = negotiate_offloads([self.dev_a, self.dev_b])
+            for d in (self.dev_a, self.dev_b):
+                d.link.up()
+            self.pool = WorkerPool.forward(
+                self.dev_a, self.dev_b, cpus=cfg.cpus, loop=loop, name="forward",
+                on_event=self.on_event,
+            )
+            self.pool.start()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def queue_count(self) -> int:
+        return len(self.pool.workers) if self.pool else 0
+
+    def request_stop(self) -> None:
+        """Safe in a signal handler."""
+        self._stop_requested = True
+        if self.pool is not None:
+            self.pool.request_stop()
+
+    def request_stats(self) -> None:
+        """Safe in a signal handler: `run()` calls its on_stats soon."""
+        self._stats_requested = True
+        if self.pool is not None:
+            self.pool.wake()
+
+    def run(self, on_stats: Callable[[list[str]], None] | None = None) -> None:
+        """Supervise until request_stop(). Raises DeviceGoneError if a device disappears."""
+        pool = self.pool
+        if pool is None:
+            raise InvalidArgumentError("open() the forwarder first")
+        while not self._stop_requested and not pool.gone:
+            pool.poll(0.5)
+            if self._stats_requested:
+                self._stats_requested = False
+                if on_stats is not None:
+                    on_stats(self.qstat_lines())
+        if pool.gone and not self._stop_requested:
+            raise DeviceGoneError(_uapi.EBADFD, f"forwarding stopped: {pool.gone[0]}",
+                                  op="forward")
+
+    def qstat_lines(self) -> list[str]:
+        """One `QSTAT q=<i> ...` line per queue pair, from the live shared counters."""
+        out = []
+        if self.pool is None:
+            return out
+        for i, w in enumerate(self.pool.workers):
+            a, b = w.stats
+            out.append(
+                f"QSTAT q={i} a2b_pkts={b.written_packets} b2a_pkts={a.written_packets} "
+                f"a2b_bytes={b.written_bytes} b2a_bytes={a.written_bytes} "
+                f"drops={a.dropped_total + b.dropped_total}"
+            )
+        return out
+
+    def close(self) -> None:
+        """Stop the workers and delete both devices, wherever they live now."""
+        if self.pool is not None:
+            self.pool.stop()
+        for d in (self.dev_a, self.dev_b):
+            if d is not None:
+                with contextlib.suppress(MqtunError):
+                    d.delete()
+                with contextlib.suppress(MqtunError):
+                    d.close()
+
+    def __enter__(self) -> Forwarder:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
