@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from mqtun import _uapi as u
@@ -158,7 +158,6 @@ def test_disassembler_reads_back_what_was_written() -> None:
     ]
 
 
-@settings(max_examples=300, deadline=None, database=None)
 @given(
     ops=st.lists(
         st.tuples(

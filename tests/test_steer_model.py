@@ -7,7 +7,7 @@ import socket
 import struct
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from test_steer_packets import ether, ip_packets, ipv4, ipv6, l4_header
 
@@ -66,7 +66,6 @@ def test_toeplitz_matches_the_published_vectors(src, sport, dst, dport, ip_hash,
     assert RssModel(table=[0], l4=False).hash(pkt) == ip_hash
 
 
-@settings(max_examples=100, deadline=None, database=None)
 @given(key=st.binary(min_size=40, max_size=40), data=st.binary(max_size=36))
 def test_the_per_byte_table_is_the_bitwise_hash(key: bytes, data: bytes) -> None:
     rows = toeplitz_table(key)
@@ -123,7 +122,6 @@ def test_parse_ports_rules(pkt: bytes, ports: tuple[int, int] | None) -> None:
     assert flow is not None and flow.ports == ports
 
 
-@settings(max_examples=300, deadline=None, database=None)
 @given(pkt=ip_packets())
 def test_the_symmetric_hash_is_symmetric(pkt: bytes) -> None:
     flow = parse_flow(pkt)

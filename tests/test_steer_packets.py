@@ -13,7 +13,7 @@ import random
 import socket
 import struct
 
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from mqtun import _uapi as u
@@ -150,7 +150,6 @@ def test_generated_headers_decode_alike_in_scapy() -> None:
     assert f[Dot1Q].vlan == 5 and f[Dot1Q].type == u.ETH_P_IP
 
 
-@settings(max_examples=200, deadline=None, database=None)
 @given(frame=tap_frames())
 def test_the_tap_parser_agrees_with_scapy_on_addresses_and_ports(frame: bytes) -> None:
     from scapy.layers.inet import IP, TCP, UDP

@@ -363,6 +363,15 @@ IPV6_HDR_LEN: Final = 40
 IP_MF: Final = 0x2000
 IP_OFFSET: Final = 0x1FFF
 ENOTSUPP: Final = 524  # kernel-internal errno some bpf commands return
+# BPF links (tcx: a tc program on a device without netlink, 6.6+)
+BPF_LINK_CREATE: Final = 28
+BPF_PROG_TYPE_SCHED_CLS: Final = 3
+BPF_TCX_INGRESS: Final = 46
+BPF_TCX_EGRESS: Final = 47
+BPF_LINK_CREATE_FORMAT: Final = "=IIII"  # prog_fd, target_ifindex, attach_type, flags
+BPF_FUNC_skb_vlan_push: Final = 18
+BPF_FUNC_skb_vlan_pop: Final = 19
+TC_ACT_OK: Final = 0
 # === end steer =================================================================================
 
 # === packet: offloads (mqtun.packet, mqtun.offload) ============================================

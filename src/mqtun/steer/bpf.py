@@ -28,6 +28,7 @@ __all__ = [
     "ProgramInfo",
     "TestRun",
     "VerifierError",
+    "link_create",
     "loaded_program_ids",
 ]
 
@@ -45,6 +46,7 @@ _CMD_NAMES = {
     u.BPF_PROG_TEST_RUN: "BPF_PROG_TEST_RUN",
     u.BPF_OBJ_GET_INFO_BY_FD: "BPF_OBJ_GET_INFO_BY_FD",
     u.BPF_PROG_GET_NEXT_ID: "BPF_PROG_GET_NEXT_ID",
+    u.BPF_LINK_CREATE: "BPF_LINK_CREATE",
 }
 
 _LOG_START = 1 << 20  # verifier log buffer for the second (logging) load
@@ -483,3 +485,13 @@ def loaded_program_ids() -> list[int]:
         start, = struct.unpack_from("=I", attr, 4)
         ids.append(start)
     return ids
+
+
+def link_create(program: Program, ifindex: int, attach_type: int) -> BpfObject:
+    """BPF_LINK_CREATE: attach `program` to a device (e.g. attach_type BPF_TCX_EGRESS for a
+    SCHED_CLS program on the egress path). Closing the returned link detaches it."""
+    attr = ctypes.create_string_buffer(struct.pack(
+        u.BPF_LINK_CREATE_FORMAT, program.fileno(), ifindex, attach_type, 0), u.BPF_ATTR_SIZE)
+    link = BpfObject(_bpf(u.BPF_LINK_CREATE, attr, program.name), f"{program.name}@{ifindex}")
+    link.kind = "BPF link"
+    return link
