@@ -366,8 +366,9 @@ def _verifier_error(
     shown = lines[-_MESSAGE_LOG_LINES:]
     cut = "" if len(shown) == len(lines) else f"(last {len(shown)} of {len(lines)} lines)\n"
     message = (
-        f"the kernel's verifier refused program {name!r} ({count} instructions): "
-        f"{os.strerror(err)}\n--- verifier log ---\n{cut}" + "\n".join(shown)
+        f"the kernel's verifier refused program {name!r} ({count} instructions, "
+        f"{_errno.errorcode.get(err, err)}); its log says why:\n--- verifier log ---\n{cut}"
+        + "\n".join(shown)
     )
     return VerifierError(err, message, text, name=name)
 
