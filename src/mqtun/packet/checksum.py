@@ -1,0 +1,185 @@
+"""The Internet checksum (RFC 1071), fast enough in pure Python to split and coalesce at line rate.
+
+The trick: bytes read as one big-endian integer are congruent, modulo 0xFFFF, to the sum of
+their 16-bit words, because 2**16 = 1 (mod 0xFFFF). `int.from_bytes` does the reading in C.
+A long division by 0xFFFF costs a hardware divide per 30-bit digit, so the integer is first
+folded, `(v >> s) + (v & mask)` with `s` a multiple of 16 (which keeps the congruence), down to
+a few hundred bits. Measured on 1448-byte segments this is 3-4x faster than summing
+`memoryview.cast("H")` and 1.5x faster than a plain `% 0xFFFF`.
+
+One's-complement arithmetic has two zeros (0x0000 and 0xFFFF); a running sum only folds to
+0x0000 when every word was zero. Internally this module carries *residues* (the sum modulo
+0xFFFF, 0..0xFFFE) and turns them into the canonical 16-bit value at the end: for a transport
+checksum the pseudo-header makes the total non-zero, so "residue 0" means "sum 0xFFFF".
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from mqtun.packet.headers import Buffer, MalformedPacket
+
+__all__ = [
+    "checksum",
+    "complete_checksum",
+    "congruent",
+    "fold",
+    "fold_plan",
+    "ipv4_header_checksum",
+    "ones_sum",
+    "pseudo_header_residue",
+    "pseudo_header_sum",
+    "residue",
+    "transport_checksum",
+]
+
+_M: Final = 0xFFFF
+_STOP_BITS: Final = 1024  # below this a division is cheaper than another fold
+_STOP_BYTES: Final = _STOP_BITS // 8
+_POW2_FROM: Final = 16384  # above this fold at powers of two, so few masks are ever kept
+
+_from_bytes = int.from_bytes
+_masks: dict[int, int] = {}
+_plans: dict[int, tuple[tuple[int, int], ...]] = {}
+_MAX_PLANS: Final = 8192
+
+
+def _mask(bits: int) -> int:
+    m = _masks.get(bits)
+    if m is None:
+        m = _masks[bits] = (1 << bits) - 1
+    return m
+
+
+def _plan(nbytes: int) -> tuple[tuple[int, int], ...]:
+    """The fold steps (shift, mask) for an integer read from `nbytes` bytes."""
+    steps = []
+    b = 8 * nbytes
+    while b > _STOP_BITS:
+        # large: the largest power of two below b - 1; small: half of b, rounded up to 16 bits
+        s = 1 << ((b - 2).bit_length() - 1) if b > _POW2_FROM else ((b + 31) >> 5) << 4
+        steps.append((s, _mask(s)))
+        b = max(s, b - s) + 1
+    plan = tuple(steps)
+    if len(_plans) >= _MAX_PLANS:
+        _plans.clear()
+    _plans[nbytes] = plan
+    return plan
+
+
+def fold_plan(nbytes: int) -> tuple[tuple[int, int], ...]:
+    """The (shift, mask) fold steps for a `nbytes`-byte (even) integer, for inlined hot loops.
+
+    After `for s, m in plan: v = (v >> s) + (v & m)` the value is congruent to what it was,
+    modulo 0xFFFF, and at most about 1 kbit long.
+    """
+    return _plans.get(nbytes) or _plan(nbytes)
+
+
+def congruent(data: Buffer) -> int:
+    """An integer of at most ~1 kbit congruent to `residue(data)`: add several, reduce once."""
+    n = len(data)
+    v = _from_bytes(data, "big")
+    if n & 1:
+        v <<= 8
+        n += 1
+    if n > _STOP_BYTES:
+        for s, m in _plans.get(n) or _plan(n):
+            v = (v >> s) + (v & m)
+    return v
+
+
+def residue(data: Buffer) -> int:
+    """The sum of `data`'s big-endian 16-bit words (an odd tail padded with a zero), mod 0xFFFF.
+
+    Residues of word-aligned pieces add up: residue(a + b) == (residue(a) + residue(b)) % 0xFFFF
+    whenever len(a) is even.
+    """
+    n = len(data)
+    v = _from_bytes(data, "big")
+    if n & 1:
+        v <<= 8
+        n += 1
+    if n > _STOP_BYTES:
+        for s, m in _plans.get(n) or _plan(n):
+            v = (v >> s) + (v & m)
+    return v % _M
+
+
+def fold(total: int) -> int:
+    """A non-negative sum of 16-bit words folded to 16 bits the one's-complement way.
+
+    Gives 0 only for a zero sum; any other multiple of 0xFFFF folds to 0xFFFF, as end-around
+    carry addition does.
+    """
+    r = total % _M
+    return r if r or not total else _M
+
+
+def ones_sum(data: Buffer, initial: int = 0) -> int:
+    """The folded one's-complement sum of `data`'s 16-bit words, plus `initial` (a 16-bit sum)."""
+    r = (residue(data) + initial) % _M
+    if r:
+        return r
+    return _M if (initial or any(data)) else 0
+
+
+def checksum(data: Buffer, initial: int = 0) -> int:
+    """The Internet checksum of `data` (and an `initial` partial sum): ~ones_sum, 16 bits."""
+    return ~ones_sum(data, initial) & _M
+
+
+def ipv4_header_checksum(header: Buffer) -> int:
+    """The checksum an IPv4 header should carry, whatever its checksum field holds now."""
+    ihl = (header[0] & 0x0F) * 4
+    field = (header[10] << 8) | header[11]
+    r = (residue(header[:ihl]) - field) % _M
+    # the version nibble makes the header sum non-zero, so residue 0 means 0xFFFF
+    return _M - r if r else 0
+
+
+def pseudo_header_residue(src: bytes, dst: bytes, proto: int, length: int) -> int:
+    """Residue of the IPv4 or IPv6 (chosen by address size) TCP/UDP pseudo-header."""
+    return (int.from_bytes(src + dst, "big") + proto + length) % _M
+
+
+def pseudo_header_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
+    """The folded pseudo-header sum: what a NEEDS_CSUM packet carries in its checksum field."""
+    r = pseudo_header_residue(src, dst, proto, length)
+    return r if r else _M  # proto is never 0 here, so the sum is never 0
+
+
+def transport_checksum(
+    src: bytes, dst: bytes, proto: int, segment: Buffer, *, field_offset: int | None = None
+) -> int:
+    """The TCP/UDP checksum of `segment` (transport header + payload) under a pseudo-header.
+
+    The checksum field is taken as zero: pass its offset in `field_offset` when the segment
+    still holds an old value there. A UDP result of 0 is returned as 0xFFFF (RFC 768).
+    """
+    r = residue(segment) + pseudo_header_residue(src, dst, proto, len(segment))
+    if field_offset is not None:
+        r -= (segment[field_offset] << 8) | segment[field_offset + 1]
+    r %= _M
+    value = _M - r if r else 0
+    if value == 0 and proto == 17:
+        return _M
+    return value
+
+
+def complete_checksum(frame: bytearray | memoryview, csum_start: int, csum_offset: int) -> None:
+    """Finish a NEEDS_CSUM packet in place, the way the kernel's skb_checksum_help does.
+
+    The checksum field already holds the pseudo-header sum; the one's-complement sum from
+    `csum_start` to the end is folded, complemented and stored at csum_start + csum_offset
+    (a result of 0 is stored as 0xFFFF, as the kernel does).
+    """
+    at = csum_start + csum_offset
+    if csum_start < 0 or csum_offset < 0 or at + 2 > len(frame):
+        raise MalformedPacket(
+            "bad-csum-offset", f"csum_start {csum_start} + csum_offset {csum_offset} > {len(frame)}"
+        )
+    r = residue(frame[csum_start:])
+    value = _M - r  # r == 0 gives 0xFFFF, never 0
+    frame[at] = value >> 8
+    frame[at + 1] = value & 0xFF

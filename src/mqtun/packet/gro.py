@@ -1,0 +1,466 @@
+"""Coalesce wire-size TCP/UDP packets into GSO super-packets before a write (GRO in userspace).
+
+Writing one 64 KB super-packet with a virtio-net header costs the kernel one trip through the
+stack instead of forty-five. `coalesce` joins a batch's in-order segments of one flow the way
+the kernel's own GRO would accept them (the rules below follow tcp_gro_receive/inet_gro_receive,
+as wireguard-go's tun/offload_linux.go also does), so that the kernel's segmentation of the
+result gives back the very same packets:
+
+- same flow: the 5-tuple, and on TAP the same Ethernet header (MACs, VLAN tags);
+- IPv4 without options or fragmentation, equal TOS, TTL and DF, ids counting up by one (or, with
+  DF set, all equal); IPv6 without extension headers, equal class, flow label and hop limit;
+- TCP: the sequence number continues the group, equal ack, window, urgent pointer, header
+  length and option bytes (timestamps included); ACK set, no SYN/FIN/RST/URG; CWR only on the
+  first segment (the result then carries the GSO ECN bit); PSH ends a group;
+- UDP: a non-zero checksum (a zero one cannot be verified or restored);
+- every segment but the last has the first one's payload size; a shorter one ends the group;
+- the coalesced IP packet stays within `max_size` (65535) bytes;
+- each joined segment's transport checksum is verified first (`verify=True`), so that the
+  kernel, which trusts NEEDS_CSUM packets, is never handed corrupted data to re-checksum.
+
+Anything else passes through untouched with a zero header, and the output keeps the input's
+order: a group sits where its first packet was, and a packet of a flow that cannot join that
+flow's open group closes it, so packets of one flow are never reordered.
+
+Output shape: a list of (VnetHeader, bytes), one per packet to write; a pass-through packet is
+the caller's own object when it was `bytes`.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Final
+
+from mqtun._uapi import (
+    ETH_HLEN,
+    ETH_P_8021AD,
+    ETH_P_8021Q,
+    ETH_P_IP,
+    ETH_P_IPV6,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    TCP_CSUM_OFFSET,
+    TCPHDR_ACK,
+    TCPHDR_CWR,
+    TCPHDR_FIN,
+    TCPHDR_PSH,
+    TCPHDR_RST,
+    TCPHDR_SYN,
+    TCPHDR_URG,
+    UDP_CSUM_OFFSET,
+    UDP_HLEN,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_ECN,
+    VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6,
+    VIRTIO_NET_HDR_GSO_UDP_L4,
+)
+from mqtun.packet.checksum import fold_plan, pseudo_header_sum, residue
+from mqtun.packet.headers import Buffer, parse
+from mqtun.packet.vnet import ZERO_HEADER, VnetHeader
+
+__all__ = ["coalesce", "offload_checksum"]
+
+_M: Final = 0xFFFF
+_MAX_L3: Final = 0xFFFF
+_NOT_FOR_GRO: Final = TCPHDR_SYN | TCPHDR_FIN | TCPHDR_RST | TCPHDR_URG
+_IPV4_DF: Final = 0x4000
+_IPV4_FRAG: Final = 0x3FFF  # MF + fragment offset (the reserved bit is compared, not refused)
+
+# IP header then the fixed transport header, in one unpack
+_V4TCP = struct.Struct("!xBHHHBxxx4s4sHHIIBBHxxH")  # tos tot id frag ttl src dst | tcp
+_V6TCP = struct.Struct("!IHxB16s16sHHIIBBHxxH")  # vtf plen hop src dst | tcp
+_V4UDP = struct.Struct("!xBHHHBxxx4s4sHHHH")
+_V6UDP = struct.Struct("!IHxB16s16sHHHH")
+_U16 = struct.Struct("!H")
+_U16X2 = struct.Struct("!HH")
+_U32 = struct.Struct("!I")
+_from_bytes = int.from_bytes
+
+
+class _Group:
+    """A run of same-flow segments being joined; `parts` are their payloads, in order."""
+
+    __slots__ = (
+        "base_flags",
+        "first",
+        "hlen",
+        "id_step",
+        "ip_id",
+        "is_open",
+        "l3",
+        "l4",
+        "mask",
+        "masked",
+        "mss",
+        "n",
+        "n0",
+        "next_seq",
+        "parts",
+        "proto",
+        "psh",
+        "sig",
+        "size",
+        "v4",
+        "vadj",
+    )
+
+    def __init__(
+        self,
+        first: Buffer,
+        proto: int,
+        v4: bool,
+        l3: int,
+        l4: int,
+        hlen: int,
+        sig: tuple[object, ...],
+        mss: int,
+        ip_id: int,
+        next_seq: int,
+        psh: bool,
+    ) -> None:
+        self.first = first
+        self.proto = proto
+        self.v4 = v4
+        self.l3 = l3
+        self.l4 = l4
+        self.hlen = hlen
+        self.sig = sig
+        self.mss = mss
+        self.ip_id = ip_id
+        self.id_step = -1  # unknown until the second segment: 1 counting, 0 fixed (DF)
+        self.next_seq = next_seq
+        self.psh = psh
+        self.is_open = not psh
+        self.n = 1
+        self.size = hlen - l3 + mss  # the IP packet's length so far
+        self.parts: list[memoryview] = [memoryview(first)[hlen:]]
+        self.vadj: int | None = None  # verification constant, set by the first packet's check
+        self.masked: int | None = None  # the fast path's header image, armed at the 2nd segment
+        self.mask = self.n0 = self.base_flags = 0
+
+
+_masks: dict[tuple[int, int, int, int], int] = {}
+_FAST_PATH = True  # tests turn it off to check the fast path against the general one
+
+
+def _arm(g: _Group) -> None:
+    """Prepare the fast path: the header bits every full-size follower must repeat exactly.
+
+    Masked out are what changes per segment (IPv4 id and header checksum, TCP seq, flags and
+    checksum, UDP checksum); everything else (addresses, ports, TOS/TTL/DF or class/flow/hop
+    limit, lengths of a full-size segment, ack, window, options, the Ethernet header) must be
+    bit-equal, which is the general path's flow key and signature in one comparison.
+    """
+    l3, l4, hlen = g.l3, g.l4, g.hlen
+    ck = (l3, l4, hlen, g.proto)
+    mask = _masks.get(ck)
+    if mask is None:
+        m = bytearray(b"\xff" * hlen)
+        if g.v4:
+            m[l3 + 4 : l3 + 6] = m[l3 + 10 : l3 + 12] = b"\0\0"
+        if g.proto == IPPROTO_TCP:
+            m[l4 + 4 : l4 + 8] = b"\0\0\0\0"
+            m[l4 + 13] = 0
+            m[l4 + 16 : l4 + 18] = b"\0\0"
+        else:
+            m[l4 + 6 : l4 + 8] = b"\0\0"
+        mask = _masks[ck] = _from_bytes(m, "big")
+    first = g.first
+    g.mask = mask
+    g.masked = _from_bytes(first[:hlen], "big") & mask
+    g.n0 = len(first)
+    if g.proto == IPPROTO_TCP:
+        g.base_flags = first[l4 + 13] & ~(TCPHDR_PSH | TCPHDR_CWR)
+
+
+def _folded(pkt: Buffer) -> int:
+    """An integer congruent (mod 0xFFFF) to the sum of the packet's 16-bit words."""
+    n = len(pkt)
+    v = _from_bytes(pkt, "big")
+    if n & 1:
+        v <<= 8
+        n += 1
+    for s, m in fold_plan(n):
+        v = (v >> s) + (v & m)
+    return v
+
+
+def _verify_first(g: _Group) -> bool:
+    """Check the group's first packet and keep the constant its followers are checked with.
+
+    A whole packet is summed (no slice copy): on IPv4 a correct header sums to 0xFFFF, so the
+    sum verifies the IP header checksum too and leaves the transport part; on IPv6 the fixed
+    header words other than the addresses are taken out again. With `vadj`, a packet of the
+    group is intact when (sum + vadj [+ transport length on IPv4]) % 0xFFFF == 0.
+    """
+    pkt, l3, l4 = g.first, g.l3, g.l4
+    adj = -residue(pkt[:l3]) if l3 else 0
+    if g.v4:
+        adj += residue(pkt[l3 + 12 : l3 + 20]) + g.proto  # pseudo-header: addresses, protocol
+        total = len(pkt) - l4
+    else:
+        adj += g.proto - residue(pkt[l3 : l3 + 8]) + (len(pkt) - l4)  # minus payload length
+        total = 0
+    g.vadj = adj
+    if (_folded(pkt) + adj + total) % _M:
+        g.is_open = False
+        return False
+    return True
+
+
+def coalesce(
+    packets: Sequence[Buffer],
+    *,
+    tap: bool = False,
+    max_size: int = _MAX_L3,
+    udp: bool = True,
+    verify: bool = True,
+) -> list[tuple[VnetHeader, bytes]]:
+    """Join the batch's coalescable segments into super-packets; see the module doc for the rules.
+
+    `packets` are IP packets (TUN) or Ethernet frames (TAP) with complete checksums. `udp=False`
+    keeps UDP out (for a kernel without USO), `verify=False` skips the checksum verification
+    (only for packets whose integrity is already known). Never raises on packet contents.
+    """
+    max_size = min(max_size, _MAX_L3)
+    out: list[tuple[VnetHeader, bytes] | _Group] = []
+    groups: dict[tuple[object, ...], _Group] = {}
+    fg: _Group | None = None  # the group that took the last packet: the fast path's guess
+    for pkt in packets:
+        n = len(pkt)
+        # --- fast path: a full-size follower of the group that took the previous packet ------
+        if (
+            fg is not None
+            and n == fg.n0
+            and fg.is_open
+            and fg.masked is not None
+            and _from_bytes(pkt[: fg.hlen], "big") & fg.mask == fg.masked
+        ):
+            l3, l4 = fg.l3, fg.l4
+            if fg.proto == IPPROTO_TCP:
+                (seq,) = _U32.unpack_from(pkt, l4 + 4)
+                flags = pkt[l4 + 13]
+                ok = seq == fg.next_seq and flags & ~TCPHDR_PSH == fg.base_flags
+            else:
+                flags = 0
+                ok = bool(pkt[l4 + 6] or pkt[l4 + 7])
+            if (
+                ok
+                and (
+                    not fg.v4
+                    or ((pkt[l3 + 4] << 8) | pkt[l3 + 5]) == (fg.ip_id + fg.id_step * fg.n) & 0xFFFF
+                )
+                and fg.size + fg.mss <= max_size
+                and (
+                    not verify or (_folded(pkt) + fg.vadj + (n - l4 if fg.v4 else 0)) % _M == 0  # type: ignore[operator]
+                )
+            ):
+                fg.parts.append(memoryview(pkt)[fg.hlen :])
+                fg.n += 1
+                fg.size += fg.mss
+                if fg.proto == IPPROTO_TCP:
+                    fg.next_seq = (fg.next_seq + fg.mss) & 0xFFFFFFFF
+                    if flags & TCPHDR_PSH:
+                        fg.psh = True
+                        fg.is_open = False
+                continue
+        # --- general path -----------------------------------------------------------------
+        l3 = 0
+        l2: bytes = b""
+        if tap:
+            if n < ETH_HLEN + 28:
+                out.append((ZERO_HEADER, pkt if type(pkt) is bytes else bytes(pkt)))
+                continue
+            etype = (pkt[12] << 8) | pkt[13]
+            l3 = ETH_HLEN
+            if etype in (ETH_P_8021Q, ETH_P_8021AD):
+                etype = (pkt[16] << 8) | pkt[17]
+                l3 = ETH_HLEN + 4
+                if etype == ETH_P_8021Q:
+                    etype = (pkt[20] << 8) | pkt[21]
+                    l3 = ETH_HLEN + 8
+            if etype != ETH_P_IP and etype != ETH_P_IPV6:
+                out.append((ZERO_HEADER, pkt if type(pkt) is bytes else bytes(pkt)))
+                continue
+            l2 = bytes(pkt[:l3])
+        g = None
+        vb = pkt[l3] if n > l3 else 0
+        proto = -1
+        v4 = vb == 0x45  # IPv4 without options
+        if v4:
+            if n >= l3 + 28:
+                proto = pkt[l3 + 9]
+            l4 = l3 + 20
+        elif vb >> 4 == 6:
+            if n >= l3 + 48:
+                proto = pkt[l3 + 6]
+            l4 = l3 + 40
+        # --- parse: the flow key, whether the packet may join, and what must match ----------
+        candidate = False
+        seq = cwr = 0
+        psh = False
+        ip_id = frag = 0
+        if proto == IPPROTO_TCP and n >= l4 + 20:
+            if v4:
+                (tos, tot, ip_id, frag, ttl, src, dst, sport, dport,
+                 seq, ack, doff, flags, win, urg) = _V4TCP.unpack_from(pkt, l3)  # fmt: skip
+                ok = tot == n - l3 and not frag & _IPV4_FRAG
+                ipsig: tuple[int, ...] = (tos, frag, ttl)
+            else:
+                vtf, plen, hop, src, dst, sport, dport, seq, ack, doff, flags, win, urg = (
+                    _V6TCP.unpack_from(pkt, l3)
+                )
+                ok = plen == n - l4
+                ipsig = (vtf, hop)
+            key: tuple[object, ...] = (l2, src, dst, IPPROTO_TCP, sport, dport)
+            g = groups.get(key)
+            hlen = l4 + (doff >> 4) * 4
+            size = n - hlen
+            if (
+                ok
+                and hlen >= l4 + 20
+                and size > 0
+                and flags & TCPHDR_ACK
+                and not flags & _NOT_FOR_GRO
+            ):
+                candidate = True
+                psh = bool(flags & TCPHDR_PSH)
+                cwr = flags & TCPHDR_CWR
+                opts = bytes(pkt[l4 + 20 : hlen]) if hlen > l4 + 20 else b""
+                sig: tuple[object, ...] = (
+                    ipsig, ack, doff, flags & ~(TCPHDR_PSH | TCPHDR_CWR), win, urg, opts,
+                )  # fmt: skip
+        elif proto == IPPROTO_UDP and udp and n >= l4 + 8:
+            if v4:
+                tos, tot, ip_id, frag, ttl, src, dst, sport, dport, ulen, ucsum = (
+                    _V4UDP.unpack_from(pkt, l3)
+                )
+                ok = tot == n - l3 and not frag & _IPV4_FRAG
+                sig = (tos, frag, ttl)
+            else:
+                vtf, plen, hop, src, dst, sport, dport, ulen, ucsum = _V6UDP.unpack_from(pkt, l3)
+                ok = plen == n - l4
+                sig = (vtf, hop)
+            key = (l2, src, dst, IPPROTO_UDP, sport, dport)
+            g = groups.get(key)
+            hlen = l4 + UDP_HLEN
+            size = n - hlen
+            candidate = ok and ulen == n - l4 and ucsum != 0 and size > 0
+        if not candidate:
+            if g is not None:  # same flow, but this packet cannot join: keep the flow in order
+                g.is_open = False
+            out.append((ZERO_HEADER, pkt if type(pkt) is bytes else bytes(pkt)))
+            continue
+        # --- join the flow's open group, or start a new one ---------------------------------
+        if (
+            g is not None
+            and g.is_open
+            and sig == g.sig
+            and size <= g.mss
+            and g.size + size <= max_size
+            and (proto == IPPROTO_UDP or (seq == g.next_seq and not cwr))
+            and (
+                not v4
+                or (
+                    ip_id == (g.ip_id + g.id_step * g.n) & 0xFFFF
+                    if g.id_step >= 0
+                    else _id_step(g, ip_id, frag)
+                )
+            )
+            and (
+                not verify
+                or (
+                    (g.vadj is not None or _verify_first(g))
+                    and (_folded(pkt) + g.vadj + (n - l4 if v4 else 0)) % _M == 0
+                )
+            )
+        ):
+            g.parts.append(memoryview(pkt)[hlen:])
+            g.n += 1
+            g.size += size
+            g.next_seq = (seq + size) & 0xFFFFFFFF
+            if psh or size < g.mss:
+                g.psh = psh
+                g.is_open = False
+            elif g.masked is None and _FAST_PATH:
+                _arm(g)
+            fg = g
+            continue
+        if g is not None:
+            g.is_open = False
+        g = groups[key] = _Group(
+            pkt, proto, v4, l3, l4, hlen, sig, size, ip_id, (seq + size) & 0xFFFFFFFF, psh
+        )
+        out.append(g)
+        fg = g
+    return [item if type(item) is tuple else _finish(item) for item in out]  # type: ignore[arg-type]
+
+
+def _id_step(g: _Group, ip_id: int, frag: int) -> bool:
+    """At the second segment: IPv4 ids must count up by one, or (DF set) stay fixed."""
+    if ip_id == (g.ip_id + 1) & 0xFFFF:
+        g.id_step = 1
+        return True
+    if ip_id == g.ip_id and frag & _IPV4_DF:
+        g.id_step = 0
+        return True
+    return False
+
+
+def _finish(g: _Group) -> tuple[VnetHeader, bytes]:
+    """The group's super-packet and its header (or its single packet, untouched)."""
+    first = g.first
+    if g.n == 1:
+        return ZERO_HEADER, first if type(first) is bytes else bytes(first)
+    l3, l4, hlen = g.l3, g.l4, g.hlen
+    head = bytearray(first[:hlen])
+    l4_len = g.size - (l4 - l3)
+    if g.v4:
+        head[l3 + 10 : l3 + 12] = b"\0\0"
+        _U16.pack_into(head, l3 + 2, g.size)
+        r = residue(head[l3:l4])
+        _U16.pack_into(head, l3 + 10, _M - r if r else 0)
+        src = bytes(head[l3 + 12 : l3 + 16])
+        dst = bytes(head[l3 + 16 : l3 + 20])
+    else:
+        _U16.pack_into(head, l3 + 4, g.size - 40)
+        src = bytes(head[l3 + 8 : l3 + 24])
+        dst = bytes(head[l3 + 24 : l3 + 40])
+    seed = pseudo_header_sum(src, dst, g.proto, l4_len)
+    if g.proto == IPPROTO_TCP:
+        cwr = head[l4 + 13] & TCPHDR_CWR
+        if g.psh:
+            head[l4 + 13] |= TCPHDR_PSH
+        _U16.pack_into(head, l4 + TCP_CSUM_OFFSET, seed)
+        gso_type = VIRTIO_NET_HDR_GSO_TCPV4 if g.v4 else VIRTIO_NET_HDR_GSO_TCPV6
+        if cwr:
+            gso_type |= VIRTIO_NET_HDR_GSO_ECN
+        csum_offset = TCP_CSUM_OFFSET
+    else:
+        _U16X2.pack_into(head, l4 + 4, l4_len, seed)
+        gso_type = VIRTIO_NET_HDR_GSO_UDP_L4
+        csum_offset = UDP_CSUM_OFFSET
+    g.parts.insert(0, memoryview(head))
+    data = b"".join(g.parts)
+    hdr = VnetHeader(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, hlen, g.mss, l4, csum_offset)
+    return hdr, data
+
+
+def offload_checksum(packet: Buffer, *, tap: bool = False) -> tuple[VnetHeader, bytes]:
+    """The reverse of completing a NEEDS_CSUM packet: leave its TCP/UDP checksum to the kernel.
+
+    The checksum field gets the pseudo-header sum and the header says NEEDS_CSUM, csum_start at
+    the transport header; a packet that is neither TCP nor UDP (or a later fragment) comes back
+    unchanged with a zero header. Raises `MalformedPacket` if the packet does not parse.
+    """
+    p = parse(packet, tap=tap)
+    if p.l4_len == 0 or (p.proto != IPPROTO_TCP and p.proto != IPPROTO_UDP) or p.fragment:
+        return ZERO_HEADER, packet if type(packet) is bytes else bytes(packet)
+    buf = bytearray(packet)
+    seed = pseudo_header_sum(p.src, p.pseudo_dst, p.proto, p.end - p.l4_off)
+    off = TCP_CSUM_OFFSET if p.proto == IPPROTO_TCP else UDP_CSUM_OFFSET
+    _U16.pack_into(buf, p.l4_off + off, seed)
+    hdr = VnetHeader(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, p.payload_off, 0, p.l4_off, off)
+    return hdr, bytes(buf)

@@ -1,0 +1,323 @@
+"""Split a GSO super-packet into the wire-size packets it stands for (segmentation in userspace).
+
+A queue with TSO/USO offloads hands out TCP/UDP super-packets of up to 64 KB with a
+virtio-net header saying how to cut them; a device without those offloads (or a socket)
+needs the segments. `split` does what the kernel's tcp_gso_segment/__udp_gso_segment do:
+
+- the L4 payload is cut in `gso_size` chunks and every chunk gets a copy of the headers;
+- IPv4: total length, id + i, header checksum; IPv6: payload length;
+- TCP: seq + offset, CWR only on the first segment, FIN and PSH only on the last;
+- UDP (USO): length per segment;
+- every transport checksum is computed in full (the super-packet's field is ignored).
+
+The header's `hdr_len` and `csum_start` are hints; the packet's own headers are parsed and
+win. Anything that does not parse, or a header that asks for something impossible, raises
+`MalformedPacket` and nothing else.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+from mqtun._uapi import (
+    GSO_MAX_SEGS,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    TCPHDR_CWR,
+    TCPHDR_FIN,
+    TCPHDR_PSH,
+    UDP_HLEN,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_F_UDP_TUNNEL_CSUM,
+    VIRTIO_NET_HDR_GSO_ECN,
+    VIRTIO_NET_HDR_GSO_NONE,
+    VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6,
+    VIRTIO_NET_HDR_GSO_UDP,
+    VIRTIO_NET_HDR_GSO_UDP_L4,
+    VIRTIO_NET_HDR_GSO_UDP_TUNNEL,
+    VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV4,
+    VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV6,
+    VXLAN_HLEN,
+)
+from mqtun.packet.checksum import congruent, fold_plan, pseudo_header_residue, residue
+from mqtun.packet.headers import Buffer, MalformedPacket, Parsed, parse, parse_ethernet
+from mqtun.packet.vnet import VnetHeader
+
+__all__ = ["split"]
+
+_M: Final = 0xFFFF
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+_U16X2 = struct.Struct("!HH")
+_MAX_L3: Final = 0xFFFF
+
+
+def _as_bytes_view(packet: Buffer) -> memoryview:
+    mv = memoryview(packet)
+    if mv.ndim != 1 or mv.itemsize != 1 or mv.format != "B":
+        mv = mv.cast("B")
+    return mv
+
+
+def split(
+    hdr: VnetHeader, packet: Buffer, *, tap: bool = False, max_segments: int = GSO_MAX_SEGS
+) -> list[bytes]:
+    """The wire packets that `packet` (an IP packet, or an Ethernet frame if `tap`) stands for.
+
+    Without GSO the packet comes back alone, its checksum completed if NEEDS_CSUM is set. A
+    super-packet whose payload fits in one segment still gets full checksums. More than
+    `max_segments` segments raise `MalformedPacket("too-many-segments")`.
+    """
+    mv = _as_bytes_view(packet)
+    gso = hdr.gso_type
+    if gso == VIRTIO_NET_HDR_GSO_NONE:
+        if hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+            return [_complete(mv, hdr.csum_start, hdr.csum_offset)]
+        return [packet if type(packet) is bytes else mv.tobytes()]
+    if hdr.gso_size <= 0:
+        raise MalformedPacket("zero-gso-size")
+    if gso & VIRTIO_NET_HDR_GSO_UDP_TUNNEL:
+        return _split_tunnel(hdr, mv, tap, max_segments)
+    p = parse(mv, tap=tap, use_ip_length=False)
+    _check_kind(gso & ~VIRTIO_NET_HDR_GSO_ECN, p)
+    return _segment(mv, p, hdr.gso_size, max_segments)
+
+
+def _complete(mv: memoryview, csum_start: int, csum_offset: int) -> bytes:
+    """A copy of a NEEDS_CSUM packet with its checksum filled in (see complete_checksum)."""
+    at = csum_start + csum_offset
+    if csum_start < 0 or csum_offset < 0 or at + 2 > len(mv):
+        raise MalformedPacket(
+            "bad-csum-offset", f"csum_start {csum_start} + csum_offset {csum_offset} > {len(mv)}"
+        )
+    value = _M - residue(mv[csum_start:])
+    return b"".join((mv[:at], _U16.pack(value), mv[at + 2 :]))
+
+
+def _check_kind(base: int, p: Parsed) -> None:
+    if base == VIRTIO_NET_HDR_GSO_TCPV4:
+        ok = p.version == 4 and p.proto == IPPROTO_TCP
+    elif base == VIRTIO_NET_HDR_GSO_TCPV6:
+        ok = p.version == 6 and p.proto == IPPROTO_TCP
+    elif base == VIRTIO_NET_HDR_GSO_UDP_L4:
+        ok = p.proto == IPPROTO_UDP
+    elif base == VIRTIO_NET_HDR_GSO_UDP:
+        raise MalformedPacket("bad-gso-type", "UFO (GSO_UDP, IP fragmentation) is not supported")
+    else:
+        raise MalformedPacket("bad-gso-type", f"gso_type {base:#x}")
+    if not ok:
+        raise MalformedPacket(
+            "gso-proto-mismatch", f"gso_type {base:#x} on IPv{p.version} protocol {p.proto}"
+        )
+    if p.fragment:
+        raise MalformedPacket("gso-fragment", "an IP fragment cannot be segmented")
+
+
+def _segment(mv: memoryview, p: Parsed, mss: int, max_segments: int) -> list[bytes]:
+    """Cut the super-packet described by `p` (offsets into `mv`) into `mss`-byte segments."""
+    hlen = p.payload_off
+    plen = p.end - hlen
+    nseg = -(-plen // mss) if plen else 1
+    if nseg > max_segments:
+        raise MalformedPacket("too-many-segments", f"{nseg} segments of {mss} bytes")
+    l3, l4 = p.l3_off, p.l4_off
+    v4 = p.version == 4
+    biggest = (l4 - l3) + (hlen - l4) + min(mss, plen)
+    if biggest - (0 if v4 else 40) > _MAX_L3:
+        raise MalformedPacket("oversized-segment", f"a {biggest}-byte IP packet")
+    head = bytearray(mv[:hlen])
+    payload = mv[hlen : p.end]
+    out: list[bytes] = []
+    append = out.append
+    join = b"".join
+    pack16 = _U16.pack_into
+    pack16x2 = _U16X2.pack_into
+
+    if v4:
+        ip_id0 = (head[l3 + 4] << 8) | head[l3 + 5]
+        head[l3 + 2 : l3 + 6] = b"\0\0\0\0"
+        head[l3 + 10 : l3 + 12] = b"\0\0"
+        ip_base = residue(head[l3:l4])
+        ip_hl = l4 - l3
+    else:
+        ip_id0 = ip_base = 0
+        ip_hl = l4 - l3 - 40  # IPv6 payload length counts extension headers
+    pseudo = pseudo_header_residue(p.src, p.pseudo_dst, p.proto, 0)
+    last = nseg - 1
+
+    # Full segments reuse one fold plan (see checksum.fold_plan); the short last one does not.
+    nfull = plen // mss
+    odd = mss & 1
+    plan = fold_plan(mss + odd)
+    frombytes = int.from_bytes
+
+    if p.proto == IPPROTO_TCP:
+        thl = hlen - l4
+        seq0 = int.from_bytes(head[l4 + 4 : l4 + 8], "big")
+        flags0 = head[l4 + 13]
+        head[l4 + 4 : l4 + 8] = b"\0\0\0\0"
+        head[l4 + 13] = 0
+        head[l4 + 16 : l4 + 18] = b"\0\0"
+        base = residue(head[l4:hlen]) + pseudo + thl
+        mid_flags = flags0 & ~(TCPHDR_CWR | TCPHDR_FIN | TCPHDR_PSH)
+        if nseg == 1:
+            first_flags = last_flags = flags0
+        else:
+            first_flags = flags0 & ~(TCPHDR_FIN | TCPHDR_PSH)
+            last_flags = flags0 & ~TCPHDR_CWR
+        pack32 = _U32.pack_into
+        a = 0
+        for i in range(nseg):
+            b = a + mss
+            chunk = payload[a:b]
+            if i < nfull:
+                v = frombytes(chunk, "big")
+                if odd:
+                    v <<= 8
+                for s, m in plan:
+                    v = (v >> s) + (v & m)
+                seglen = mss
+            else:
+                v = congruent(chunk)
+                seglen = len(chunk)
+            seq = (seq0 + a) & 0xFFFFFFFF
+            fl = mid_flags if 0 < i < last else (first_flags if i == 0 else last_flags)
+            r = (base + seglen + (seq >> 16) + (seq & 0xFFFF) + fl + v) % _M
+            pack32(head, l4 + 4, seq)
+            head[l4 + 13] = fl
+            pack16(head, l4 + 16, _M - r if r else 0)
+            if v4:
+                tot = ip_hl + thl + seglen
+                ip_id = (ip_id0 + i) & 0xFFFF
+                r = (ip_base + tot + ip_id) % _M
+                pack16x2(head, l3 + 2, tot, ip_id)
+                pack16(head, l3 + 10, _M - r if r else 0)
+            else:
+                pack16(head, l3 + 4, ip_hl + thl + seglen)
+            append(join((head, chunk)))
+            a = b
+        return out
+
+    # UDP (USO): the header's length and checksum change per segment
+    head[l4 + 4 : l4 + 8] = b"\0\0\0\0"
+    base = residue(head[l4:hlen]) + pseudo
+    a = 0
+    for i in range(nseg):
+        b = a + mss
+        chunk = payload[a:b]
+        if i < nfull:
+            v = frombytes(chunk, "big")
+            if odd:
+                v <<= 8
+            for s, m in plan:
+                v = (v >> s) + (v & m)
+            ulen = UDP_HLEN + mss
+        else:
+            v = congruent(chunk)
+            ulen = UDP_HLEN + len(chunk)
+        r = (base + ulen + ulen + v) % _M
+        pack16x2(head, l4 + 4, ulen, _M - r if r else _M)  # a zero UDP checksum is sent as 0xFFFF
+        if v4:
+            tot = ip_hl + ulen
+            ip_id = (ip_id0 + i) & 0xFFFF
+            r = (ip_base + tot + ip_id) % _M
+            pack16x2(head, l3 + 2, tot, ip_id)
+            pack16(head, l3 + 10, _M - r if r else 0)
+        else:
+            pack16(head, l3 + 4, ip_hl + ulen)
+        append(join((head, chunk)))
+        a = b
+    return out
+
+
+def _split_tunnel(hdr: VnetHeader, mv: memoryview, tap: bool, max_segments: int) -> list[bytes]:
+    """Split an outer-IP/UDP/tunnel-header/inner-L2/IP/TCP-or-UDP super-packet (e.g. VXLAN).
+
+    outer_th_offset names the outer UDP header and inner_nh_offset the inner IP header (both
+    from the frame start); the bytes in between (UDP, VXLAN, inner Ethernet) are copied as
+    they are. The outer UDP checksum is computed when the header's UDP_TUNNEL_CSUM flag asks
+    for it, else left 0, as the kernel's tunnel segmentation does.
+    """
+    gso = hdr.gso_type
+    tunnel = gso & VIRTIO_NET_HDR_GSO_UDP_TUNNEL
+    if tunnel == VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV4:
+        outer_version = 4
+    elif tunnel == VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV6:
+        outer_version = 6
+    else:
+        raise MalformedPacket("bad-tunnel", "both UDP_TUNNEL_IPV4 and _IPV6 set")
+    inner_kind = gso & ~(VIRTIO_NET_HDR_GSO_ECN | VIRTIO_NET_HDR_GSO_UDP_TUNNEL)
+    if inner_kind not in (
+        VIRTIO_NET_HDR_GSO_TCPV4,
+        VIRTIO_NET_HDR_GSO_TCPV6,
+        VIRTIO_NET_HDR_GSO_UDP_L4,
+    ):
+        raise MalformedPacket("bad-gso-type", f"inner gso_type {inner_kind:#x} in a UDP tunnel")
+    outer = parse(mv, tap=tap, use_ip_length=False)
+    if outer.version != outer_version or outer.proto != IPPROTO_UDP:
+        raise MalformedPacket(
+            "gso-proto-mismatch",
+            f"tunnel over IPv{outer_version}, outer IPv{outer.version} protocol {outer.proto}",
+        )
+    if outer.fragment:
+        raise MalformedPacket("gso-fragment", "the outer packet is an IP fragment")
+    outer_th = outer.l4_off
+    if hdr.outer_th_offset and hdr.outer_th_offset != outer_th:
+        raise MalformedPacket(
+            "bad-tunnel-offsets", f"outer_th_offset {hdr.outer_th_offset}, UDP at {outer_th}"
+        )
+    inner_nh = hdr.inner_nh_offset
+    if not inner_nh:  # not given: assume VXLAN and an inner Ethernet frame
+        _, inner_nh = parse_ethernet(mv, outer_th + UDP_HLEN + VXLAN_HLEN)
+    if inner_nh < outer_th + UDP_HLEN or inner_nh >= len(mv):
+        raise MalformedPacket(
+            "bad-tunnel-offsets", f"inner_nh_offset {inner_nh} (outer UDP at {outer_th})"
+        )
+    inner_mv = mv[inner_nh:]
+    inner = parse(inner_mv, use_ip_length=False)
+    _check_kind(inner_kind, inner)
+    segments = _segment(inner_mv, inner, hdr.gso_size, max_segments)
+
+    l3 = outer.l3_off
+    prefix = bytearray(mv[:inner_nh])
+    v4 = outer.version == 4
+    over_ip = inner_nh - l3 - (0 if v4 else 40)
+    over_udp = inner_nh - outer_th
+    if over_ip + max(len(s) for s in segments) > _MAX_L3:
+        raise MalformedPacket("oversized-segment", "outer packet over 64 KB")
+    if v4:
+        ip_id0 = (prefix[l3 + 4] << 8) | prefix[l3 + 5]
+        prefix[l3 + 2 : l3 + 6] = b"\0\0\0\0"
+        prefix[l3 + 10 : l3 + 12] = b"\0\0"
+        ip_base = residue(prefix[l3:outer_th])
+    else:
+        ip_id0 = ip_base = 0
+    prefix[outer_th + 4 : outer_th + 8] = b"\0\0\0\0"
+    udp_part = bytes(prefix[outer_th:])  # UDP + tunnel header + inner L2, length/csum zeroed
+    want_csum = bool(hdr.flags & VIRTIO_NET_HDR_F_UDP_TUNNEL_CSUM)
+    even = not over_udp & 1
+    if want_csum:
+        udp_base = pseudo_header_residue(outer.src, outer.pseudo_dst, IPPROTO_UDP, 0)
+        if even:
+            udp_base += residue(udp_part)
+    out: list[bytes] = []
+    for i, seg in enumerate(segments):
+        ulen = over_udp + len(seg)
+        csum = 0
+        if want_csum:
+            covered = seg if even else b"".join((udp_part, seg))
+            r = (udp_base + residue(covered) + ulen + ulen) % _M
+            csum = _M - r if r else _M
+        _U16X2.pack_into(prefix, outer_th + 4, ulen, csum)
+        if v4:
+            tot = inner_nh - l3 + len(seg)
+            ip_id = (ip_id0 + i) & 0xFFFF
+            r = (ip_base + tot + ip_id) % _M
+            _U16X2.pack_into(prefix, l3 + 2, tot, ip_id)
+            _U16.pack_into(prefix, l3 + 10, _M - r if r else 0)
+        else:
+            _U16.pack_into(prefix, l3 + 4, over_ip + len(seg))
+        out.append(b"".join((prefix, seg)))
+    return out
