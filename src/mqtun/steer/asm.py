@@ -557,7 +557,8 @@ class Assembler:
                 lines.append(f"{name}:")
             line = text[slot]
             if insn.target is not None:
-                line = f"{line.rsplit(' goto ', 1)[0]} goto {insn.target}"
+                head = line.rsplit("goto ", 1)[0]
+                line = f"{head}goto {insn.target}"
             lines.append(f"  {slot:4d}: {line}")
             slot += insn.slots
         for name in names.get(len(self._insns), []):
@@ -617,7 +618,7 @@ def _disasm_one(c: int, dst: int, src: int, off: int, imm: int, i: int,
             return f"r{dst} = {kind}{imm} r{dst}"
         if op == u.BPF_NEG:
             return f"neg{w} r{dst}"
-        operand = f"r{src}" if c & u.BPF_X else f"{imm:#x}" if abs(imm) > 9 else str(imm)
+        operand = f"r{src}" if c & u.BPF_X else _imm_text(imm)
         return f"{_ALU_NAMES.get(op, hex(op))}{w} r{dst}, {operand}"
     if cls in (u.BPF_JMP, u.BPF_JMP32):
         op = c & u.BPF_JMP_JCOND_MASK
@@ -629,7 +630,7 @@ def _disasm_one(c: int, dst: int, src: int, off: int, imm: int, i: int,
         if op == u.BPF_EXIT:
             return "exit"
         w = "32" if cls == u.BPF_JMP32 else ""
-        operand = f"r{src}" if c & u.BPF_X else f"{imm:#x}" if abs(imm) > 9 else str(imm)
+        operand = f"r{src}" if c & u.BPF_X else _imm_text(imm)
         name = _JMP_NAMES.get(op, hex(op))
         return f"if{w} r{dst} {_JMP_SYMBOLS.get(name, name)} {operand} goto {target}"
     size = _SIZE_NAMES.get(c & u.BPF_SIZE_MASK, "?")
@@ -651,6 +652,10 @@ def _disasm_one(c: int, dst: int, src: int, off: int, imm: int, i: int,
     if cls == u.BPF_ST:
         return f"*(u{_bits(size)} *)(r{dst} {off:+d}) = {imm}"
     return f"insn code={c:#04x} dst={dst} src={src} off={off} imm={imm}"
+
+
+def _imm_text(imm: int) -> str:
+    return str(imm) if abs(imm) < 4096 else f"{imm:#x}"
 
 
 def _bits(size: str) -> int:

@@ -22,7 +22,7 @@ from mqtun import _uapi as u
 from mqtun.errors import InvalidArgumentError
 from mqtun.steer import model as m
 from mqtun.steer.asm import FP, R0, R1, R6, R8, Assembler, ClassicAssembler, ClassicProgram
-from mqtun.steer.bpf import Program
+from mqtun.steer.bpf import Program, ProgramInfo
 from mqtun.steer.programs import PROTO_SLOT, emit_parse
 
 __all__ = [
@@ -167,6 +167,9 @@ class FilterProgram:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def info(self) -> ProgramInfo:
+        return self.program.info()
 
     def kept(self, packet: bytes) -> int:
         """The model: bytes of `packet` that reach a queue (0 = dropped)."""
