@@ -438,9 +438,7 @@ def _run_uring(loop: IOLoop) -> None:
     read_bufs = [bytearray(_READ_SIZE) for _ in range(nroutes)]
     pending_writes: dict[int, Any] = {}
     next_tag = 1
-    ts = L.Timespec()
-    ts.tv_sec = 0
-    ts.tv_nsec = 200_000_000  # wake at least every 0.2 s to see stop()
+    ts = L.timespec(0.2)  # wake at least every 0.2 s to see stop()
 
     def arm_read(i: int) -> None:
         sqe = L.io_uring_get_sqe(ring)
@@ -465,17 +463,27 @@ def _run_uring(loop: IOLoop) -> None:
     single = (bytes, bytearray, memoryview)
     try:
         while not loop._stopping:
-            try:
+            with contextlib.suppress(Exception):  # timeouts and EINTR come as exceptions
                 L.io_uring_wait_cqe_timeout(ring, cqe, ts)
-            except (OSError, TimeoutError, InterruptedError):
+            # one completion at a time: the binding's cqe[j] for j > 0 does not follow the
+            # ring's wrap-around, so batch indexing misattributes completions
+            results = []
+            while len(results) < 4096:
+                try:
+                    if L.io_uring_peek_cqe(ring, cqe) not in (None, 0):
+                        break
+                except OSError:  # -EAGAIN: nothing more
+                    break
+                c = cqe[0]
+                tag = c.user_data
+                try:
+                    res = c.res
+                except OSError as exc:  # the binding raises for a negative res
+                    res = -(exc.errno or errno.EIO)
+                results.append((tag, res))
+                L.io_uring_cq_advance(ring, 1)
+            if not results:
                 continue
-            except Exception:
-                continue
-            ready = L.io_uring_cq_ready(ring)
-            if not ready:
-                continue
-            results = [(cqe[j].user_data, cqe[j].res) for j in range(ready)]
-            L.io_uring_cq_advance(ring, ready)
             for tag, res in results:
                 i = tag >> 32
                 r = routes[i]

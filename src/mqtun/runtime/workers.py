@@ -278,6 +278,9 @@ class WorkerPool:
                 os._exit(code)
         info.pid = pid
         info.state = EntryState.RUNNING
+        if info.cpu is not None:  # the child pins itself too; this makes it true on return
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(pid, {info.cpu})
         try:
             info.pidfd = os.pidfd_open(pid)
         except OSError:

@@ -1,0 +1,159 @@
+"""asyncio on queues: recv/send/async-for on the running loop, bounded buffering, clean close."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+import mqtun
+from mqtun.errors import MqtunError
+from mqtun.runtime.aio import AsyncQueue, async_queues
+
+LOCAL, PEER = "198.18.1.1", "198.18.1.2"
+
+
+def udp_echo(pkt: bytes) -> bytes:
+    ihl = (pkt[0] & 15) * 4
+    return (pkt[:12] + pkt[16:20] + pkt[12:16] + pkt[20:ihl]
+            + pkt[ihl + 2:ihl + 4] + pkt[ihl:ihl + 2] + pkt[ihl + 4:])
+
+
+def _is_udp(pkt: bytes) -> bool:
+    return len(pkt) >= 28 and pkt[0] == 0x45 and pkt[9] == 17
+
+
+@pytest.fixture
+def dev():
+    d = mqtun.Device.create("aio%d", 2)
+    d.link.add_address(f"{LOCAL}/24")
+    d.link.up()
+    # the kernel's own IPv6 chatter would interleave with the test's packets
+    with open(f"/proc/sys/net/ipv6/conf/{d.name}/disable_ipv6", "w") as f:
+        f.write("1")
+    yield d
+    d.close()
+
+
+def _sock() -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((LOCAL, 0))
+    s.setblocking(False)
+    return s
+
+
+def test_recv_send_and_async_for(dev) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        s = _sock()
+        try:
+            aqs = async_queues(dev)
+            assert len(aqs) == 2
+
+            async def echo(aq: AsyncQueue, n: int) -> int:
+                done = 0
+                async for pkt in aq:
+                    if _is_udp(pkt):
+                        await aq.send(udp_echo(pkt))
+                        done += 1
+                        if done == n:
+                            return done
+                return done
+
+            # one flow lands on one queue: serve both, count the answers
+            servers = [asyncio.create_task(echo(aq, 50)) for aq in aqs]
+            for i in range(50):
+                await loop.sock_sendto(s, b"msg%d" % i, (PEER, 7))
+                data = await asyncio.wait_for(loop.sock_recv(s, 100), 2)
+                assert data == b"msg%d" % i
+            for aq in aqs:
+                aq.close()  # ends the `async for` of the queue that saw no traffic
+            counts = await asyncio.wait_for(asyncio.gather(*servers), 2)
+            assert sorted(counts) == [0, 50]
+        finally:
+            s.close()
+
+    asyncio.run(main())
+    st = dev.stats()
+    assert st.written_packets == 50
+    assert st.read_packets == dev.link.stats()["tx_packets"]
+
+
+def test_backpressure_bounds_buffering(dev) -> None:
+    sent = 300
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        s = _sock()
+        try:
+            aqs = [AsyncQueue(q, max_buffered=16, batch=8) for q in dev.queues]
+            for i in range(sent):
+                await loop.sock_sendto(s, b"%d" % i, (PEER, 7))
+            first = await asyncio.wait_for(_first_of(aqs), 2)
+            assert _is_udp(first)
+            # one wake-up read at most `batch` packets, never more than max_buffered
+            assert all(aq.buffered <= 16 for aq in aqs)
+            assert sum(q.stats.read_packets for q in dev.queues) <= 1 + 8
+            got = 1
+            while got < sent:
+                for aq in aqs:
+                    while True:
+                        pkt = aq.recv_nowait()
+                        if pkt is None:
+                            break
+                        assert aq.buffered <= 16
+                        got += 1
+                await asyncio.sleep(0)
+            assert got == sent
+            assert all(aq.recv_nowait() is None for aq in aqs)
+            for aq in aqs:
+                aq.close()
+        finally:
+            s.close()
+
+    asyncio.run(main())
+    assert dev.link.stats()["tx_dropped"] == 0  # the ring (500) held what we did not read
+
+
+async def _first_of(aqs: list[AsyncQueue]) -> bytes:
+    tasks = [asyncio.create_task(aq.recv()) for aq in aqs]
+    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    return next(iter(done)).result()
+
+
+def test_close_wakes_waiters_and_refused_send_raises(dev) -> None:
+    async def main() -> None:
+        aq = AsyncQueue(dev.queues[0])
+        waiter = asyncio.create_task(aq.recv())
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        aq.close()
+        with pytest.raises(MqtunError):
+            await asyncio.wait_for(waiter, 1)
+        aq2 = AsyncQueue(dev.queues[1])
+        with pytest.raises(MqtunError):
+            await aq2.send(b"\x00\x01\x02")  # not an IP packet: EINVAL
+        assert dev.queues[1].stats.dropped.get("refused") == 1
+        aq2.close()
+        with pytest.raises(MqtunError):
+            await aq2.recv()
+
+    asyncio.run(main())
+
+
+def test_device_deleted_fails_the_waiter(dev) -> None:
+    import subprocess
+
+    async def main() -> None:
+        aq = AsyncQueue(dev.queues[0])
+        waiter = asyncio.create_task(aq.recv())
+        await asyncio.sleep(0.05)
+        await asyncio.to_thread(subprocess.run, ["ip", "link", "del", dev.name], check=True)
+        with pytest.raises(mqtun.DeviceGoneError):
+            await asyncio.wait_for(waiter, 2)
+
+    asyncio.run(main())
