@@ -402,4 +402,7 @@ UDP_CSUM_OFFSET: Final = 6  # offsetof(struct udphdr, check)
 UDP_HLEN: Final = 8
 VXLAN_PORT: Final = 4789  # IANA; the kernel's IANA_VXLAN_UDP_PORT
 VXLAN_HLEN: Final = 8
+SOL_UDP: Final = 17
+UDP_SEGMENT: Final = 103  # setsockopt: UDP GSO segment size (include/uapi/linux/udp.h)
+SO_RCVBUFFORCE: Final = 33  # asm-generic/socket.h: SO_RCVBUF past rmem_max (CAP_NET_ADMIN)
 # === end packet ================================================================================
