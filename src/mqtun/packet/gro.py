@@ -20,7 +20,10 @@ result gives back the very same packets:
 
 Anything else passes through untouched with a zero header, and the output keeps the input's
 order: a group sits where its first packet was, and a packet of a flow that cannot join that
-flow's open group closes it, so packets of one flow are never reordered.
+flow's open group closes it, so packets of one flow are never reordered. (Packets whose ports
+are not looked at, IPv4 with options, IPv6 with extension headers and IP fragments, do not
+close a group of the same addresses and ports; such mixes within one flow do not occur in
+practice.)
 
 Output shape: a list of (VnetHeader, bytes), one per packet to write; a pass-through packet is
 the caller's own object when it was `bytes`.
@@ -84,6 +87,7 @@ class _Group:
 
     __slots__ = (
         "base_flags",
+        "checked",
         "first",
         "hlen",
         "id_step",
@@ -136,7 +140,8 @@ class _Group:
         self.n = 1
         self.size = hlen - l3 + mss  # the IP packet's length so far
         self.parts: list[memoryview] = [memoryview(first)[hlen:]]
-        self.vadj: int | None = None  # verification constant, set by the first packet's check
+        self.vadj = 0  # verification constant, set by the first packet's check
+        self.checked = False  # _verify_first ran (a failure also closes the group)
         self.masked: int | None = None  # the fast path's header image, armed at the 2nd segment
         self.mask = self.n0 = self.base_flags = 0
 
@@ -204,6 +209,7 @@ def _verify_first(g: _Group) -> bool:
         adj += g.proto - residue(pkt[l3 : l3 + 8]) + (len(pkt) - l4)  # minus payload length
         total = 0
     g.vadj = adj
+    g.checked = True
     if (_folded(pkt) + adj + total) % _M:
         g.is_open = False
         return False
@@ -253,9 +259,7 @@ def coalesce(
                     or ((pkt[l3 + 4] << 8) | pkt[l3 + 5]) == (fg.ip_id + fg.id_step * fg.n) & 0xFFFF
                 )
                 and fg.size + fg.mss <= max_size
-                and (
-                    not verify or (_folded(pkt) + fg.vadj + (n - l4 if fg.v4 else 0)) % _M == 0  # type: ignore[operator]
-                )
+                and (not verify or (_folded(pkt) + fg.vadj + (n - l4 if fg.v4 else 0)) % _M == 0)
             ):
                 fg.parts.append(memoryview(pkt)[fg.hlen :])
                 fg.n += 1
@@ -372,7 +376,7 @@ def coalesce(
             and (
                 not verify
                 or (
-                    (g.vadj is not None or _verify_first(g))
+                    (g.checked or _verify_first(g))
                     and (_folded(pkt) + g.vadj + (n - l4 if v4 else 0)) % _M == 0
                 )
             )
