@@ -12,8 +12,9 @@ For each loop mode, with the worker pinned to one CPU and the traffic tools to t
   - tcp: iperf3 A -> B (with offloads on, TSO super-packets pass through whole).
 Each figure is also given as a ratio to the baseline mode (`naive`) of the same run.
 
-    python3 bench/bench_loop.py [--modes naive,epoll,adaptive,busy,uring] [--seconds 2]
-                                [--repeat 1] [--no-offload] [--spin-us 50] [--json FILE]
+    python3 bench/bench_loop.py [--modes naive,epoll,adaptive,adaptive:200,busy,uring]
+                                [--seconds 2] [--repeat 1] [--no-offload] [--spin-us 50]
+                                [--json FILE]
 """
 
 from __future__ import annotations
@@ -137,16 +138,16 @@ def main() -> int:
     if "naive" not in modes:
         modes.insert(0, "naive")
     results: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
-    for _ in range(args.repeat):
+    for _ in range(args.repeat):  # interleaved, so a noisy moment hits every mode alike
         for mode in modes:
-            spin = args.spin_us
-            results[mode].append(measure(mode, args, spin))
+            name, _, spin = mode.partition(":")  # "adaptive:200" = 200 us of spinning
+            results[mode].append(measure(name, args, int(spin) if spin else args.spin_us))
     med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in results.items()}
     base = med["naive"]
-    print(f"{'mode':10} {'pps':>9} {'x':>5} {'lat avg':>8} {'x':>5} {'p50':>7} {'p99':>7} "
+    print(f"{'mode':12} {'pps':>9} {'x':>5} {'lat avg':>8} {'x':>5} {'p50':>7} {'p99':>7} "
           f"{'tcp Gb/s':>8} {'x':>5} {'drops':>7}")
     for m, r in med.items():
-        print(f"{m:10} {r['pps']:9.0f} {r['pps'] / base['pps']:5.2f} {r['lat_avg_us']:8.1f} "
+        print(f"{m:12} {r['pps']:9.0f} {r['pps'] / base['pps']:5.2f} {r['lat_avg_us']:8.1f} "
               f"{r['lat_avg_us'] / base['lat_avg_us']:5.2f} {r['lat_p50_us']:7.1f} "
               f"{r['lat_p99_us']:7.1f} {r['tcp_gbps']:8.2f} "
               f"{r['tcp_gbps'] / base['tcp_gbps']:5.2f} {r['drops']:7.0f}")

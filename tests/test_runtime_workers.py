@@ -16,6 +16,7 @@ import pytest
 
 import mqtun
 from mqtun.runtime import EntryState, LoopConfig, WorkerInfo, WorkerPool, open_region
+from mqtun.runtime.loop import uring_available
 from mqtun.runtime.workers import parse_cpus
 
 LOCAL, PEER = "198.18.1.1", "198.18.1.2"
@@ -279,7 +280,8 @@ def test_device_deleted_workers_report_gone(device, pools) -> None:
     assert pool.gone and all(w.state == EntryState.GONE for w in pool.workers)
 
 
-@pytest.mark.parametrize("mode", ["epoll", "busy", "naive"])
+@pytest.mark.parametrize("mode", ["epoll", "busy", "naive", pytest.param(
+    "uring", marks=pytest.mark.skipif(not uring_available(), reason="no liburing binding"))])
 def test_pool_runs_in_every_mode(device, pools, flows, mode: str) -> None:
     dev = device(2)
     pool = WorkerPool.serve(dev, make_handler=_make, loop=LoopConfig(mode=mode))

@@ -457,7 +457,7 @@ class WorkerPool:
             live = [w for w in self.workers if w.alive]
             if len(live) <= 1:
                 raise InvalidArgumentError("cannot shrink below one worker")
-            w = max(live, key=lambda x: (x.queues[0].index or -1, x.index))
+            w = max(live, key=lambda x: (_index_or(x.queues[0].index, -1), x.index))
             for q in w.queues:
                 with contextlib.suppress(MqtunError):
                     if q.device.multi_queue and q.enabled:
@@ -551,6 +551,10 @@ class WorkerPool:
     def __repr__(self) -> str:
         live = sum(1 for w in self.workers if w.alive)
         return f"<WorkerPool {self.name} workers={live}/{len(self.workers)}>"
+
+
+def _index_or(index: int | None, default: int) -> int:
+    return default if index is None else index
 
 
 # ---- the worker process -------------------------------------------------------------------
