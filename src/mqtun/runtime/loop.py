@@ -115,11 +115,13 @@ class LoopConfig:
 
 @dataclass
 class Route:
-    """Packets read from `src` go to `dst` unchanged, or through `handler` back to `src`.
+    """Packets read from `src` go to `dst` unchanged, or through `handler` back to `src`
+    (or to `dst` when both are given).
 
-    Exactly one of `dst` and `handler` is given. A handler returns None (the packet is
-    dropped and counted as FILTERED), one packet, or a list/tuple of packets; it may raise,
-    which counts the packet as a HANDLER_ERROR drop.
+    A handler returns None (the packet is dropped and counted as FILTERED), one packet, or a
+    list/tuple of packets; it may raise, which counts the packet as a HANDLER_ERROR drop.
+    Answering on another queue than `src` moves the flow there: the kernel's flow table
+    follows the queue that writes a flow.
     """
 
     src: Queue
@@ -127,8 +129,8 @@ class Route:
     handler: Handler | None = None
 
     def __post_init__(self) -> None:
-        if (self.dst is None) == (self.handler is None):
-            raise InvalidArgumentError("a route has either a destination queue or a handler")
+        if self.dst is None and self.handler is None:
+            raise InvalidArgumentError("a route needs a destination queue, a handler, or both")
 
     @property
     def out(self) -> Queue:
