@@ -336,9 +336,16 @@ def test_tap_pair_forwards_ethernet(forward, make_netns) -> None:
 
 def test_ready_qstat_and_sigterm_contract(forward, netns) -> None:
     dev_a, dev_b = _names()
-    fp = forward("--queues", "3", dev_a, dev_b)
+    cpus = sorted(os.sched_getaffinity(0))
+    fp = forward("--queues", "3", "--cpus", ",".join(map(str, cpus)), dev_a, dev_b)
     fp.wait_ready(3)
     assert len(fp.out) == 1
+    pid = fp.proc.pid
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        workers = [int(p) for p in f.read().split()]
+    assert len(workers) == 3
+    assert sorted(os.sched_getaffinity(w) for w in workers) == sorted(
+        {cpus[i % len(cpus)]} for i in range(3))
     with IPRoute() as ipr:
         links = {x.get_attr("IFLA_IFNAME"): x for x in ipr.get_links()}
     assert dev_a in links and dev_b in links
