@@ -13,6 +13,10 @@ are swapped for views of it, so `queue.stats` in the parent is live, and `mqtun 
 
 Exit codes of a worker: 0 stopped on request, 3 its device is gone, anything else (or a
 signal) a crash, which is reported as an event and restarted on its queue.
+
+Fork caveats: start pools from the thread that will outlive them (a worker's parent-death
+signal fires when the *thread* that forked it exits), and not while another thread of yours
+holds a lock the worker's handler needs.
 """
 
 from __future__ import annotations
