@@ -96,11 +96,11 @@ def _resolve_id(value: int | str | None, kind: str) -> int | None:
         raise InvalidArgumentError(f"no such {what}: {value!r}") from None
 
 
-def _open_tun_fd() -> int:
+def _open_tun_fd(path: str = _uapi.TUN_DEVICE_PATH) -> int:
     try:
-        return os.open(_uapi.TUN_DEVICE_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise kernel_error(exc, "open", _uapi.TUN_DEVICE_PATH) from None
+        raise kernel_error(exc, "open", path) from None
 
 
 def tun_features() -> int:
@@ -254,6 +254,48 @@ class Device:
             raise
         return dev
 
+    @classmethod
+    def open_flags(
+        cls, name: str, flags: int, *, path: str = _uapi.TUN_DEVICE_PATH, blocking: bool = True
+    ) -> Device:
+        """One TUNSETIFF with exactly `flags`: create the device, or attach if it exists.
+
+        For code that speaks raw IFF_* bits (python-pytun's users, through mqtun.compat):
+        nothing is added or checked but the name's length (the kernel would truncate it), so
+        the kernel's own rules decide: IFF_TUN_EXCL on an existing name gives EBUSY, another
+        type EINVAL, and a later queue's NO_PI/VNET_HDR bits are ignored. The flags the
+        device really has are read back, so `packet_info` and `header_size` are true.
+        Prefer create() and attach(), which refuse those surprises up front.
+        """
+        if not isinstance(name, str):
+            raise InvalidArgumentError(f"device name must be a str, not {type(name).__name__}")
+        raw = name.encode()
+        if len(raw) >= _uapi.IFNAMSIZ:
+            raise InvalidArgumentError(
+                f"device name {name!r} is {len(raw)} bytes; Linux allows at most 15", device=name
+            )
+        dev = cls(name, flags & 0xFFFF & ~_uapi.IFF_TUN_EXCL, blocking=blocking, offloads=None)
+        q = dev._open_queue(raw, flags & 0xFFFF, op="open", path=path)
+        try:
+            dev._name = dev._query_name(q)
+            info = find_link(dev._name)
+            if info is not None:
+                keep = dev.flags & ~(_uapi.IFF_TYPE_MASK | _uapi.IFF_MULTI_QUEUE
+                                     | _uapi.IFF_VNET_HDR | _uapi.IFF_NO_PI)
+                dev.flags = keep | cls._flags(info.kind == "tap", info.multi_queue,
+                                              info.vnet_hdr, info.packet_info, False)
+                if info.vnet_hdr:
+                    out = q._ioctl(_uapi.TUNGETVNETHDRSZ, b"\0" * 4, "get_vnet_hdr_size")
+                    dev._vnet_hdr_size = int(struct.unpack("i", out)[0])  # type: ignore[arg-type]
+                else:
+                    dev._vnet_hdr_size = 0
+                q.header_size = dev.header_size
+                dev._active = [None] * max(0, (info.num_queues or 1) - 1) + [q]
+        except BaseException:
+            dev.close()
+            raise
+        return dev
+
     @staticmethod
     def _flags(tap: bool, multi_queue: bool, vnet_hdr: bool, packet_info: bool, napi: bool) -> int:
         flags = _uapi.IFF_TAP if tap else _uapi.IFF_TUN
@@ -350,8 +392,10 @@ class Device:
         self._own(queue)
         queue.close()
 
-    def _open_queue(self, raw_name: bytes, flags: int, *, op: str) -> Queue:
-        fd = _open_tun_fd()
+    def _open_queue(
+        self, raw_name: bytes, flags: int, *, op: str, path: str = _uapi.TUN_DEVICE_PATH
+    ) -> Queue:
+        fd = _open_tun_fd(path)
         try:
             fcntl.ioctl(fd, _uapi.TUNSETIFF, _uapi.pack_ifreq(raw_name, flags))
         except OSError as exc:

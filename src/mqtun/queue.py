@@ -151,6 +151,15 @@ class Queue:
             c[READ_BYTES] += n - self.header_size
             return n
 
+    def wait_readable(self, timeout: float | None = None) -> bool:
+        """Wait until a packet can be read (True) or `timeout` seconds pass (False).
+
+        For callers that read the fd their own way (mqtun.compat reads a blocking fd, as
+        python-pytun did): a close() from another thread wakes the wait with EBADF.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return self._wait(_POLL_IN, deadline)
+
     def read_batch(
         self, max_packets: int = 64, timeout: float | _Default | None = 0.0
     ) -> list[bytes]:
