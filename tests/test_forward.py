@@ -279,6 +279,14 @@ def udp_transfer(ns_a: NetNamespace, ns_b: NetNamespace, dst: str, count: int,
     assert got >= count * 0.98, f"only {got}/{count} datagrams arrived"
 
 
+def _spray(ns: NetNamespace, dst: str, flows: int) -> None:
+    """One datagram from each of `flows` source ports (B answers port unreachable)."""
+    with ns.enter():
+        for _ in range(flows):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.sendto(b"x", (dst, 9))
+
+
 # ---- tests -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("offload", [True, False], ids=["offload", "no-offload"])
 @pytest.mark.parametrize("queues", [1, 4])
@@ -295,6 +303,8 @@ def test_traffic_between_namespaces_is_intact(forward, make_netns, queues: int,
     udp_transfer(ns_a, ns_b, B_V4, 1600, gso=offload)
     if offload or queues == 4:
         tcp_transfer(ns_a, ns_b, B_V6, 1 << 20)
+    if queues > 1:
+        _spray(ns_a, B_V4, 16)  # more flows than the three above, to see them spread
 
     # counters: the per-queue figures reconcile with the kernel's device totals
     for _ in range(20):
