@@ -325,11 +325,10 @@ class TunTapDevice:
             device = Device.open_flags(name, flags, path=path)
         except OSError as exc:
             raise _error(exc) from exc
-        queue = device.queues[0]
-        os.set_blocking(queue.fd, True)  # python-pytun's fd blocks; see the module docstring
         self._device = device
-        self._queue = queue
+        self._queue = device.queues[0]  # from here on, __del__ closes it
         self._name = device.name
+        os.set_blocking(self._queue.fd, True)  # python-pytun's fd blocks: see the docstring
 
     # ---- python-pytun's attributes (by name, in the caller's namespace) -----------------------
     @property
