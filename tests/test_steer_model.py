@@ -179,3 +179,22 @@ def test_kernel_default_classes_are_direction_free_and_tcp_udp_only() -> None:
     assert kd.flow_class(there) == kd.flow_class(back) != kd.flow_class(other)
     assert kd.flow_class(ipv4(A4, B4, 1, b"\x08" + bytes(7))) is None
     assert kd.queue_for_hash(0x80000000, 2) == 1
+
+
+@given(st.binary(max_size=200), st.booleans(), st.integers(1, 256), st.integers(0, 1023),
+       st.lists(st.integers(0, 0xFFFF), min_size=1, max_size=8))
+def test_fuzz_models_take_any_bytes(raw: bytes, tap: bool, numqueues: int, cpu: int,
+                                    table: list[int]) -> None:
+    """Every model answers a queue in range for any packet, well-formed or not; none raises."""
+    size = 1 << (len(table).bit_length() - 1)
+    models = [SymmetricModel(tap), RssModel(RSS_DEFAULT_KEY, table[:size], tap=tap),
+              RssModel(RSS_DEFAULT_KEY, table[:size], l4=False, tap=tap),
+              ByCpuModel(), ByCpuModel(table), FixedModel(table[0])]
+    for m in models:
+        assert 0 <= m.queue_for(raw, numqueues, cpu) < numqueues
+    flow = parse_flow(raw, tap)
+    if flow is not None:
+        assert flow.reversed().reversed() == flow
+        assert symmetric_hash(raw, tap) == SymmetricModel(tap).ret(raw)
+    cls = KernelDefault(tap).flow_class(raw)
+    assert cls is None or flow is not None

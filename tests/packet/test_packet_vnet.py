@@ -75,3 +75,20 @@ def test_split_frame_is_a_view() -> None:
     buf[12] = ord("P")
     assert bytes(view) == b"Packet"  # no copy was made
     assert struct.calcsize("=BBHHHH") == 10
+
+
+@given(st.binary(max_size=1600), st.sampled_from([10, 12, 20, 24]), orders, st.booleans())
+def test_fuzz_queue_reads_decode_and_split_or_are_refused(
+    raw: bytes, size: int, order: bool | None, tap: bool
+) -> None:
+    """Whatever a vnet queue hands over (any bytes, any header size), the receive path
+    (header decode, then GSO split) either yields packets or raises MalformedPacket."""
+    from mqtun.packet import split
+
+    try:
+        hdr, pkt = split_frame(raw, size, little_endian=order)
+        segs = split(hdr, pkt, tap=tap, max_segments=4096)
+    except MalformedPacket as err:
+        assert err.reason
+    else:
+        assert len(raw) >= size and all(isinstance(s, bytes) for s in segs)
