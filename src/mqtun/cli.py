@@ -146,9 +146,38 @@ def _add_forward(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
+def _add_demo(sub: Any) -> None:
+    p = sub.add_parser("demo", help="a 2-queue forwarder between two namespaces, TCP and UDP "
+                       "through it, per-queue shares (root; everything is removed after)")
+    p.add_argument("--seconds", type=_positive_seconds, default=6.0,
+                   help="traffic time, half TCP and half UDP (default 6)")
+    p.add_argument("--queues", type=_queue_count, default=2, help="forwarder queues (default 2)")
+
+    def run(args: argparse.Namespace) -> int:
+        from mqtun.apps.demo import render_demo, run_demo
+
+        result = run_demo(args.seconds, args.queues,
+                          report=lambda line: print(f"mqtun demo: {line}", flush=True))
+        print(render_demo(result), end="")
+        return EXIT_OK
+
+    p.set_defaults(run=run)
+
+
+def _positive_seconds(value: str) -> float:
+    try:
+        t = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not 0 < t <= 3600:
+        raise argparse.ArgumentTypeError(f"seconds must be in (0, 3600], not {value}")
+    return t
+
+
 # Each entry adds one subcommand. A new command: one function here, one line in this table.
 COMMANDS: list[Callable[[Any], None]] = [_add_create, _add_delete, _add_show]
 COMMANDS.append(_add_forward)
+COMMANDS.append(_add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,262 @@
+"""A <-> forwarder <-> B: three network namespaces, the shape the demo and the benchmark share.
+
+    ns A: dev 198.18.0.1/24  <->  ns F: forwarder (a process)  <->  ns B: dev 198.18.0.2/24
+
+The forwarder is one of:
+
+- ``veth``: a veth pair straight from A to B, no F, no userspace: the kernel-only ceiling;
+- ``mqtun``: ``python -m mqtun forward`` run in F; once it prints ``READY queues=N`` its two
+  devices are moved into A and B (the queue fds stay valid), as a container runtime would;
+- ``pytun``: the same with python-pytun, the peer library (`mqtun.apps.pytun_forward`).
+
+Everything lives in namespaces made here and is removed by `close()` -- on an exception and on
+Ctrl-C too -- so nothing touches the machine's own namespace. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import mqtun
+from mqtun.errors import InvalidArgumentError, MqtunError
+from mqtun.netns import NetNamespace
+from mqtun.runtime.shm import Region, list_regions
+
+__all__ = ["A_IP", "B_IP", "KINDS", "ForwarderSpec", "QueueSample", "Topology", "cpu_seconds"]
+
+A_IP, B_IP = "198.18.0.1", "198.18.0.2"
+DEV_A, DEV_B = "tun-a", "tun-b"
+KINDS = ("veth", "mqtun", "pytun")
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class ForwarderSpec:
+    """What joins A and B. `cpus` pins forwarder worker i to cpus[i % len] ("auto": all)."""
+
+    kind: str = "mqtun"
+    queues: int = 1
+    offload: bool = True
+    cpus: str | None = "auto"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise InvalidArgumentError(f"forwarder kind {self.kind!r}: use one of {KINDS}")
+        if self.kind == "pytun" and self.offload:
+            raise InvalidArgumentError("python-pytun has no offloads: use offload=False")
+
+    @property
+    def label(self) -> str:
+        """A short row name: veth, mqtun 2q, mqtun 1q no-offload, pytun 2q."""
+        if self.kind == "veth":
+            return "veth"
+        tail = " no-offload" if self.kind == "mqtun" and not self.offload else ""
+        return f"{self.kind} {self.queues}q{tail}"
+
+
+@dataclass(frozen=True)
+class QueueSample:
+    """One queue pair's counters at one moment (from the forwarder's shared memory)."""
+
+    queue: int
+    a2b_packets: int
+    b2a_packets: int
+    a2b_bytes: int
+    b2a_bytes: int
+    drops: int
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of these processes, in seconds (processes that are gone count 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / _CLK_TCK
+
+
+def _mqtun_env() -> dict[str, str]:
+    """Environment for a child ``python -m mqtun`` that imports this very mqtun."""
+    src = str(Path(mqtun.__file__).resolve().parents[1])
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": f"{src}:{path}" if path else src}
+
+
+class Topology:
+    """The three namespaces and the forwarder; a context manager that always cleans up."""
+
+    def __init__(self, spec: ForwarderSpec, *, ready_timeout: float = 20.0,
+                 txqueuelen: int = 1000) -> None:
+        self.spec = spec
+        self.ready_timeout = ready_timeout
+        self.txqueuelen = txqueuelen
+        self.a: NetNamespace | None = None
+        self.b: NetNamespace | None = None
+        self.f: NetNamespace | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._stderr: IO[bytes] | None = None
+        self._region: Region | None = None
+
+    # ---- building ----------------------------------------------------------------------------
+    def start(self) -> Topology:
+        try:
+            self.a = self._namespace("a")
+            self.b = self._namespace("b")
+            if self.spec.kind == "veth":
+                self._veth()
+            else:
+                self.f = self._namespace("f")
+                self._start_forwarder()
+                for dev, ns, ip in ((DEV_A, self.a, A_IP), (DEV_B, self.b, B_IP)):
+                    self.f.run(["ip", "link", "set", dev, "netns", ns.name], timeout=10)
+                    self._address(ns, dev, ip)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    @staticmethod
+    def _namespace(role: str) -> NetNamespace:
+        ns = NetNamespace.create(prefix=f"mqtun-{role}-")
+        try:
+            # no IPv6 autoconfiguration chatter (router solicitations, DAD) in the counts
+            ns.run(["sysctl", "-qw", "net.ipv6.conf.default.addr_gen_mode=1"], check=False)
+        except BaseException:
+            ns.delete()
+            raise
+        return ns
+
+    def _address(self, ns: NetNamespace, dev: str, ip: str) -> None:
+        ns.run(["ip", "addr", "add", f"{ip}/24", "dev", dev])
+        ns.run(["ip", "link", "set", dev, "txqueuelen", str(self.txqueuelen), "up"])
+
+    def _veth(self) -> None:
+        assert self.a is not None and self.b is not None
+        self.a.run(["ip", "link", "add", DEV_A, "type", "veth", "peer", "name", DEV_B,
+                    "netns", self.b.name])
+        self._address(self.a, DEV_A, A_IP)
+        self._address(self.b, DEV_B, B_IP)
+
+    def _forwarder_argv(self) -> list[str]:
+        s = self.spec
+        cpus = ["--cpus", s.cpus] if s.cpus else []
+        if s.kind == "mqtun":
+            return [sys.executable, "-m", "mqtun", "forward", "--queues", str(s.queues),
+                    *([] if s.offload else ["--no-offload"]), *cpus, DEV_A, DEV_B]
+        return [sys.executable, "-m", "mqtun.apps.pytun_forward", "--queues", str(s.queues),
+                *cpus, DEV_A, DEV_B]
+
+    def _start_forwarder(self) -> None:
+        assert self.f is not None
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 -- closed by close()
+        self.proc = self.f.popen(self._forwarder_argv(), stdout=subprocess.PIPE,
+                                 stderr=self._stderr, stdin=subprocess.DEVNULL,
+                                 env=_mqtun_env())
+        line = self._read_line(self.ready_timeout)
+        want = f"READY queues={self.spec.queues}"
+        if line != want:
+            raise MqtunError(5, f"{self.spec.label} forwarder did not start (expected "
+                             f"{want!r}, got {line!r}): {self.stderr_tail()}", op="topology")
+
+    def _read_line(self, timeout: float) -> str:
+        """The forwarder's first stdout line, waiting at most `timeout` seconds."""
+        assert self.proc is not None and self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        buf = b""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                break
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            buf += chunk
+        return buf.split(b"\n", 1)[0].decode(errors="replace").strip()
+
+    def stderr_tail(self, lines: int = 3) -> str:
+        """The last lines the forwarder wrote on stderr (for error messages)."""
+        if self._stderr is None:
+            return ""
+        self._stderr.seek(0)
+        text = self._stderr.read().decode(errors="replace").strip().splitlines()
+        return " | ".join(text[-lines:]) or "(no output)"
+
+    # ---- measuring ---------------------------------------------------------------------------
+    def forwarder_pids(self) -> list[int]:
+        """Every process of the forwarder (everything running in namespace F)."""
+        return self.f.pids() if self.f is not None else []
+
+    def forwarder_cpu(self) -> float:
+        """CPU seconds the forwarder's processes have used so far."""
+        return cpu_seconds(self.forwarder_pids())
+
+    def queue_samples(self) -> list[QueueSample]:
+        """Per-queue counters of an mqtun forwarder, read from its shared-memory region."""
+        if self.spec.kind != "mqtun" or self.proc is None:
+            return []
+        if self._region is None:
+            found = [r for r in list_regions() if r.pid == self.proc.pid and r.alive]
+            if not found:
+                raise MqtunError(2, "the forwarder's counters region is missing",
+                                 op="topology")
+            self._region = Region.open(found[-1].path)
+        by_queue: dict[int, dict[str, int]] = {}
+        for e in self._region.entries():
+            row = by_queue.setdefault(e.queue, {"a2b_p": 0, "b2a_p": 0, "a2b_b": 0,
+                                                "b2a_b": 0, "drops": 0})
+            side = "a2b" if e.device == DEV_B else "b2a"  # written to B = moved A -> B
+            row[f"{side}_p"] += e.stats.written_packets
+            row[f"{side}_b"] += e.stats.written_bytes
+            row["drops"] += e.stats.dropped_total
+        return [QueueSample(q, r["a2b_p"], r["b2a_p"], r["a2b_b"], r["b2a_b"], r["drops"])
+                for q, r in sorted(by_queue.items())]
+
+    # ---- cleaning up -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the forwarder (SIGTERM, then SIGKILL), then remove every namespace."""
+        if self._region is not None:
+            self._region.close()
+            self._region = None
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=3)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self.proc.wait(timeout=3)
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+            self.proc = None
+        for ns in (self.a, self.b, self.f):
+            if ns is not None:
+                with contextlib.suppress(MqtunError, OSError, subprocess.SubprocessError):
+                    ns.delete()
+        self.a = self.b = self.f = None
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+
+    def __enter__(self) -> Topology:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

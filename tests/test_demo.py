@@ -1,0 +1,86 @@
+"""`mqtun demo` as a newcomer runs it: a short run end to end, and a clear refusal without root."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from nettools import run_as
+
+import mqtun
+from mqtun.runtime.shm import list_regions
+
+ROW = re.compile(r"^\s+(\d+)\s+([\d,]+)\s+([\d.]+)%\s+([\d,]+)$")
+
+
+def _env() -> dict[str, str]:
+    src = str(Path(mqtun.__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": src}
+
+
+def _topology_namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10)
+    return {line.split()[0] for line in out.stdout.splitlines()
+            if re.match(r"mqtun-[abf]-", line)}
+
+
+def _cli_in_process(argv: list[str]) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    from mqtun.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_demo_short_run_reports_every_queue_and_cleans_up() -> None:
+    before_ns = _topology_namespaces()
+    before_regions = {r.path for r in list_regions()}
+    proc = subprocess.run([sys.executable, "-m", "mqtun", "demo", "--seconds", "2"],
+                          capture_output=True, text=True, timeout=60, env=_env())
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    # the two phases, each with a header and one row per queue
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("TCP, "))
+    assert all(line.startswith("mqtun demo: ") for line in lines[:start])  # progress
+    blocks = [b for b in "\n".join(lines[start:]).split("\n\n") if b[:3] in ("TCP", "UDP")]
+    assert [b[:3] for b in blocks] == ["TCP", "UDP"], out
+    for block in blocks:
+        lines = block.splitlines()
+        assert re.search(r"[\d,]+ Mbit/s received", lines[0]), lines[0]
+        assert lines[1].split() == ["queue", "packets", "share", "Mbit/s"]
+        rows = [ROW.match(line) for line in lines[2:]]
+        assert all(rows), lines[2:]
+        assert [int(m.group(1)) for m in rows] == [0, 1]  # type: ignore[union-attr]
+        packets = [int(m.group(2).replace(",", "")) for m in rows]  # type: ignore[union-attr]
+        shares = [float(m.group(3)) for m in rows]  # type: ignore[union-attr]
+        assert sum(packets) > 0, "the forwarder moved nothing"
+        assert abs(sum(shares) - 100.0) < 0.2
+    udp_header = blocks[1].splitlines()[0]
+    m = re.search(r"([\d,]+) of ([\d,]+) datagrams", udp_header)
+    assert m and 0 < int(m.group(1).replace(",", "")) <= int(m.group(2).replace(",", ""))
+    # 16 UDP flows over 2 queues: all on one queue has probability 2 / 2**16
+    udp_packets = [int(ROW.match(x).group(2).replace(",", ""))  # type: ignore[union-attr]
+                   for x in blocks[1].splitlines()[2:]]
+    assert all(udp_packets), "one queue carried no UDP flow"
+    # nothing left behind: namespaces, counters regions
+    assert _topology_namespaces() <= before_ns
+    left = {r.path for r in list_regions() if r.alive} - before_regions
+    assert not left, left
+
+
+def test_demo_refuses_without_root() -> None:
+    code, out, err = run_as("nobody", lambda: _cli_in_process(["demo", "--seconds", "1"]))
+    assert code == 1
+    assert err.count("\n") == 1 and "needs root" in err, err
+    assert out == ""
