@@ -153,6 +153,7 @@ VNET_HDR_MIN_SIZE: Final = 10
 
 # --- bpf(2) --------------------------------------------------------------------------------------
 NR_bpf: Final = 321  # x86_64
+NR_pidfd_getfd: Final = 438  # every architecture but alpha (Linux 5.6+)
 BPF_MAP_CREATE: Final = 0
 BPF_MAP_LOOKUP_ELEM: Final = 1
 BPF_MAP_UPDATE_ELEM: Final = 2

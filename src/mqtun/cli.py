@@ -87,15 +87,17 @@ def _add_show(sub: Any) -> None:
 
 
 def _run_show(args: argparse.Namespace) -> int:
-    from mqtun.apps.manage import describe
+    from mqtun.apps.manage import describe, live_queues
     from mqtun.apps.render import render_show
 
     rows = describe(args.name)
+    live = live_queues(rows)
     if args.json:
-        print(json.dumps([{**info.as_dict(), "holders": [h.__dict__ for h in holders]}
+        print(json.dumps([{**info.as_dict(), "holders": [h.__dict__ for h in holders],
+                           "live_queues": [q.as_dict() for q in live.get(info.name, [])]}
                           for info, holders in rows], indent=2))
     else:
-        print(render_show(rows), end="")
+        print(render_show(rows, live), end="")
     return EXIT_OK
 
 
@@ -174,9 +176,66 @@ def _positive_seconds(value: str) -> float:
     return t
 
 
+def _add_top(sub: Any) -> None:
+    p = sub.add_parser("top", help="live per-queue rates of a running mqtun process")
+    p.add_argument("which", nargs="?", metavar="PID|NAME",
+                   help="the process: its pid, its pool's name or PID.NAME (default: the "
+                        "only one running)")
+    p.add_argument("--interval", type=_seconds, default=1.0, help="seconds between refreshes")
+    frames = p.add_mutually_exclusive_group()
+    frames.add_argument("--iterations", type=_frame_count, metavar="N",
+                        help="print N snapshots, one per interval, and exit (no screen)")
+    frames.add_argument("--once", dest="iterations", action="store_const", const=1,
+                        help="print one snapshot and exit")
+
+    def run(args: argparse.Namespace) -> int:
+        import signal
+
+        from mqtun.apps.top import TopEnd, find_region, run_top
+
+        region = find_region(args.which)
+
+        def interrupt(*_: object) -> None:
+            raise KeyboardInterrupt  # leave the screen the way q does
+
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, interrupt)
+        try:
+            end = run_top(region, interval=args.interval, iterations=args.iterations,
+                          out=sys.stdout, keys=sys.stdin)
+        finally:
+            region.close()
+        if end is TopEnd.EXITED:
+            print(f"mqtun top: pid {region.pid} ({region.name}) has exited", file=sys.stderr)
+        return EXIT_OK
+
+    p.set_defaults(run=run)
+
+
+def _seconds(value: str) -> float:
+    try:
+        t = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not 0.05 <= t <= 3600:
+        raise argparse.ArgumentTypeError(f"interval must be 0.05..3600 s, not {value}")
+    return t
+
+
+def _frame_count(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"iterations must be at least 1, not {n}")
+    return n
+
+
 # Each entry adds one subcommand. A new command: one function here, one line in this table.
 COMMANDS: list[Callable[[Any], None]] = [_add_create, _add_delete, _add_show]
 COMMANDS.append(_add_forward)
+COMMANDS.append(_add_top)
 COMMANDS.append(_add_demo)
 
 

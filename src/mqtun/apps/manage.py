@@ -1,14 +1,26 @@
-"""Persistent device management and inspection: what `mqtun create/delete/show` do."""
+"""Persistent device management and inspection: what `mqtun create/delete/show` do.
+
+`show` adds the live per-queue counters that running mqtun processes publish in shared
+memory (`mqtun.runtime.shm`): the kernel keeps none per queue for tun/tap.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import fcntl
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mqtun import _uapi
 from mqtun.device import Device
+from mqtun.errors import MqtunError
 from mqtun.link import LinkInfo, delete_link, find_link, list_tun_links
+from mqtun.runtime.shm import SHM_DIR, EntryInfo, Region, list_regions
 
-__all__ = ["QueueHolder", "create_persistent", "delete_device", "describe", "queue_holders"]
+__all__ = ["LiveQueue", "QueueHolder", "create_persistent", "delete_device", "describe",
+           "live_queues", "queue_holders"]
 
 
 @dataclass(frozen=True)
@@ -18,6 +30,21 @@ class QueueHolder:
     pid: int
     command: str
     fd: int
+
+
+@dataclass(frozen=True)
+class LiveQueue:
+    """A queue's live counters, as the mqtun process serving it publishes them."""
+
+    pid: int  # the process that owns the counters region
+    region: str  # the region's (pool's) name
+    info: EntryInfo
+
+    def as_dict(self) -> dict[str, object]:
+        e = self.info
+        return {"pid": self.pid, "region": self.region, "queue": e.queue,
+                "worker_pid": e.worker_pid, "state": e.state.label, "restarts": e.restarts,
+                "cpu": e.cpu, **e.stats.as_dict()}
 
 
 def create_persistent(
@@ -93,12 +120,78 @@ def describe(name: str | None = None) -> list[tuple[LinkInfo, list[QueueHolder]]
     if name is not None:
         info = find_link(name)
         if info is None:
-            from mqtun.errors import MqtunError
-
             raise MqtunError(19, f"no tun/tap device named {name} in this network namespace",
                              device=name, op="show")
         infos = [info]
     else:
         infos = list_tun_links()
     holders = queue_holders()
-    return [(i, holders.get(i.name, [])) for i in infos]
+    here = _netns_id(os.stat("/proc/thread-self/ns/net"))
+    return [(i, [h for h in holders.get(i.name, []) if _device_netns(h) in (here, None)])
+            for i in infos]
+
+
+def _netns_id(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _device_netns(h: QueueHolder) -> tuple[int, int] | None:
+    """The namespace of the device behind a holder's queue fd (None: cannot tell).
+
+    fdinfo gives only the device's name, and names are per network namespace (every
+    container may have its tun0). The fd itself knows (TUNGETDEVNETNS), so take a copy of it
+    with pidfd_getfd and close it at once. Needs the right to ptrace the holder and
+    CAP_NET_ADMIN; without them the name alone decides, as before.
+    """
+    try:
+        pidfd = os.pidfd_open(h.pid)
+    except OSError:
+        return None
+    try:
+        fd = _libc.syscall(_uapi.NR_pidfd_getfd, pidfd, h.fd, 0)
+        if fd < 0:
+            return None
+        try:
+            nsfd = fcntl.ioctl(fd, _uapi.TUNGETDEVNETNS)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        try:
+            return _netns_id(os.fstat(nsfd))
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(nsfd)
+    finally:
+        os.close(pidfd)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def live_queues(rows: Sequence[tuple[LinkInfo, list[QueueHolder]]],
+                directory: str = SHM_DIR) -> dict[str, list[LiveQueue]]:
+    """The live counters of the devices in `rows` (from `describe()`), by device name.
+
+    Regions live in /dev/shm, which every network namespace shares, while device names are
+    per namespace: an entry counts only if its process holds a queue of the device shown here.
+    """
+    holders = {info.name: {h.pid for h in hs} for info, hs in rows}
+    out: dict[str, list[LiveQueue]] = {}
+    for found in list_regions(directory):
+        if not found.alive:
+            continue
+        try:
+            region = Region.open(found.path)
+        except MqtunError:
+            continue  # gone meanwhile, or not ours to read
+        try:
+            for e in region.entries():
+                pids = holders.get(e.device, set())
+                if region.pid in pids or e.worker_pid in pids:
+                    out.setdefault(e.device, []).append(LiveQueue(region.pid, region.name, e))
+        finally:
+            region.close()
+    for queues in out.values():
+        queues.sort(key=lambda q: (q.pid, q.region, q.info.queue, q.info.entry))
+    return out

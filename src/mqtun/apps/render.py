@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from mqtun.apps.manage import QueueHolder
+from mqtun.apps.manage import LiveQueue, QueueHolder
 from mqtun.link import LinkInfo
 
 
-def render_show(rows: Sequence[tuple[LinkInfo, list[QueueHolder]]]) -> str:
-    """`mqtun show` as text: one block per device."""
+def render_show(rows: Sequence[tuple[LinkInfo, list[QueueHolder]]],
+                live: Mapping[str, Sequence[LiveQueue]] | None = None) -> str:
+    """`mqtun show` as text: one block per device, with the live per-queue counters of the
+    mqtun processes serving it (`live`, from `live_queues()`)."""
     if not rows:
         return "no tun/tap devices in this network namespace\n"
     out: list[str] = []
@@ -37,7 +39,27 @@ def render_show(rows: Sequence[tuple[LinkInfo, list[QueueHolder]]]) -> str:
                 out.append(f"  held by pid {h.pid} fd {h.fd}: {h.command}\n")
         else:
             out.append("  held by: no process (attached queues: none)\n")
+        out.extend(_live_lines((live or {}).get(info.name, ())))
     return "".join(out)
+
+
+def _live_lines(queues: Sequence[LiveQueue]) -> list[str]:
+    out: list[str] = []
+    seen: set[tuple[int, str]] = set()
+    for q in queues:
+        if (q.pid, q.region) not in seen:
+            seen.add((q.pid, q.region))
+            out.append(f"  live counters from mqtun pid {q.pid} ({q.region}):\n")
+        e, s = q.info, q.info.stats
+        cpu = "-" if e.cpu is None else str(e.cpu)
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(s.dropped.items()))
+        out.append(
+            f"    queue {e.queue}: worker {e.worker_pid} {e.state.label} cpu {cpu} "
+            f"restarts {e.restarts}; read {s.read_packets} packets {s.read_bytes} bytes, "
+            f"written {s.written_packets} packets {s.written_bytes} bytes, "
+            f"{s.dropped_total} dropped{f' ({reasons})' if reasons else ''}\n"
+        )
+    return out
 
 
 def _count(n: int | None) -> str:
