@@ -6,6 +6,11 @@ from A -- a TSO/USO super-packet included -- is written to B unchanged. Either d
 moved to another namespace after start (queue fds stay valid); at the end each device is
 deleted wherever it lives then.
 
+With `user` set, the forwarder becomes that user (setgroups/setgid/setuid) once both devices
+and every queue are open and up, before any worker starts: every process that touches a
+packet runs unprivileged. The devices still go away at the end, because they are not
+persistent and their last queue fd closes.
+
 Nothing here prints: the CLI passes callbacks for the READY line, the QSTAT lines and the
 worker events.
 """
@@ -20,6 +25,7 @@ from mqtun import _uapi
 from mqtun.device import Device
 from mqtun.errors import DeviceGoneError, InvalidArgumentError, MqtunError
 from mqtun.runtime.loop import DEFAULT_MODE, LoopConfig
+from mqtun.runtime.privileges import drop_privileges, resolve_user
 from mqtun.runtime.workers import WorkerEvent, WorkerPool
 
 __all__ = ["FULL_OFFLOADS", "ForwardConfig", "Forwarder", "negotiate_offloads"]
@@ -47,12 +53,18 @@ class ForwardConfig:
     mode: str = DEFAULT_MODE
     batch: int = 64
     spin_us: int = 50
+    user: str | None = None  # drop to this user after opening the queues
+    group: str | None = None  # and this group (default: the user's primary group)
 
     def __post_init__(self) -> None:
         if self.dev_a == self.dev_b:
             raise InvalidArgumentError("forward needs two different device names")
         if not 1 <= self.queues <= _uapi.MAX_QUEUES:
             raise InvalidArgumentError(f"queue count must be 1..256, not {self.queues}")
+        if self.group is not None and self.user is None:
+            raise InvalidArgumentError("a group to drop to needs a user too (--user)")
+        if self.user is not None:
+            resolve_user(self.user, self.group)  # an unknown user is refused before creating
 
 
 def negotiate_offloads(devices: list[Device]) -> int:
@@ -78,6 +90,7 @@ class Forwarder:
         self.dev_b: Device | None = None
         self.pool: WorkerPool | None = None
         self.offloads = 0
+        self.ids: tuple[int, int] | None = None  # (uid, gid) after dropping privileges
         self._stats_requested = False
         self._stop_requested = False
 
@@ -94,6 +107,8 @@ class Forwarder:
                 self.offloads = negotiate_offloads([self.dev_a, self.dev_b])
             for d in (self.dev_a, self.dev_b):
                 d.link.up()
+            if cfg.user is not None:
+                self.ids = drop_privileges(cfg.user, cfg.group)
             self.pool = WorkerPool.forward(
                 self.dev_a, self.dev_b, cpus=cfg.cpus, loop=loop, name="forward",
                 on_event=self.on_event,

@@ -393,7 +393,8 @@ def remove_stale_regions(directory: str = SHM_DIR) -> list[str]:
     gone: list[str] = []
     for r in list_regions(directory):
         if not r.alive:
-            with contextlib.suppress(FileNotFoundError):
+            # another user's stale region (sticky /dev/shm) is theirs to remove
+            with contextlib.suppress(FileNotFoundError, PermissionError):
                 os.unlink(r.path)
                 gone.append(r.path)
     return gone
