@@ -28,6 +28,8 @@ def _name(value: str) -> str:
     from mqtun.device import validate_name
 
     try:
+        if not value:
+            raise InvalidArgumentError("the device name is empty")
         validate_name(value)
     except InvalidArgumentError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
@@ -119,6 +121,8 @@ def _add_forward(sub: Any) -> None:
     p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help="I/O loop mode")
     p.add_argument("--batch", type=int, default=64, help="packets drained per queue per turn")
     p.add_argument("--spin-us", type=int, default=50, help="adaptive mode: spin before sleeping")
+    p.add_argument("--user", help="after opening the queues, run as this user (drop root)")
+    p.add_argument("--group", help="with --user: run as this group (default: the user's)")
 
     def run(args: argparse.Namespace) -> int:
         import signal
@@ -129,7 +133,7 @@ def _add_forward(sub: Any) -> None:
         parse_cpus(args.cpus)  # a bad list is a usage error before anything is created
         fwd = Forwarder(ForwardConfig(args.dev_a, args.dev_b, args.queues, args.tap,
                                       args.offload, args.cpus, args.mode, args.batch,
-                                      args.spin_us),
+                                      args.spin_us, user=args.user, group=args.group),
                         on_event=lambda ev: ev.kind in ("crashed", "restarted", "gave-up",
                                                         "gone")
                         and print(f"mqtun: {ev}", file=sys.stderr, flush=True))
@@ -146,34 +150,6 @@ def _add_forward(sub: Any) -> None:
         return EXIT_OK
 
     p.set_defaults(run=run)
-
-
-def _add_demo(sub: Any) -> None:
-    p = sub.add_parser("demo", help="a 2-queue forwarder between two namespaces, TCP and UDP "
-                       "through it, per-queue shares (root; everything is removed after)")
-    p.add_argument("--seconds", type=_positive_seconds, default=6.0,
-                   help="traffic time, half TCP and half UDP (default 6)")
-    p.add_argument("--queues", type=_queue_count, default=2, help="forwarder queues (default 2)")
-
-    def run(args: argparse.Namespace) -> int:
-        from mqtun.apps.demo import render_demo, run_demo
-
-        result = run_demo(args.seconds, args.queues,
-                          report=lambda line: print(f"mqtun demo: {line}", flush=True))
-        print(render_demo(result), end="")
-        return EXIT_OK
-
-    p.set_defaults(run=run)
-
-
-def _positive_seconds(value: str) -> float:
-    try:
-        t = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
-    if not 0 < t <= 3600:
-        raise argparse.ArgumentTypeError(f"seconds must be in (0, 3600], not {value}")
-    return t
 
 
 def _add_top(sub: Any) -> None:
@@ -232,11 +208,75 @@ def _frame_count(value: str) -> int:
     return n
 
 
+def _add_demo(sub: Any) -> None:
+    p = sub.add_parser("demo", help="a 2-queue forwarder between two namespaces, TCP and UDP "
+                       "through it, per-queue shares (root; everything is removed after)")
+    p.add_argument("--seconds", type=_positive_seconds, default=6.0,
+                   help="traffic time, half TCP and half UDP (default 6)")
+    p.add_argument("--queues", type=_queue_count, default=2, help="forwarder queues (default 2)")
+
+    def run(args: argparse.Namespace) -> int:
+        from mqtun.apps.demo import render_demo, run_demo
+
+        result = run_demo(args.seconds, args.queues,
+                          report=lambda line: print(f"mqtun demo: {line}", flush=True))
+        print(render_demo(result), end="")
+        return EXIT_OK
+
+    p.set_defaults(run=run)
+
+
+def _positive_seconds(value: str) -> float:
+    try:
+        t = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not 0 < t <= 3600:
+        raise argparse.ArgumentTypeError(f"seconds must be in (0, 3600], not {value}")
+    return t
+
+
+def _add_bench(sub: Any) -> None:
+    from mqtun.apps.bench import CONFIGS, WORKLOADS
+
+    p = sub.add_parser("bench", help="forwarder throughput, request/response and packet rate "
+                       "against veth and python-pytun (root; namespaces only)")
+    p.add_argument("--repeat", type=_queue_count, default=3, help="runs of everything (3)")
+    p.add_argument("--seconds", type=_positive_seconds, default=3.0,
+                   help="seconds per workload run (3)")
+    p.add_argument("--configs", help=f"comma-separated subset of: {', '.join(CONFIGS)}")
+    p.add_argument("--workloads", help=f"comma-separated subset of: {', '.join(WORKLOADS)}")
+    p.add_argument("--short", action="store_true",
+                   help="test mode: 1 repeat of 1 s, configs veth,mqtun-2q,pytun-1q unless "
+                        "--configs says otherwise")
+    p.add_argument("--out", default="bench/results", help="directory for results.json, "
+                   "table.md and chart.png (default bench/results)")
+
+    def run(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        from mqtun.apps.bench import SHORT_CONFIGS, parse_names, run_bench, write_report
+
+        configs = parse_names(args.configs or (",".join(SHORT_CONFIGS) if args.short else None),
+                              list(CONFIGS), "configuration")
+        workloads = parse_names(args.workloads, list(WORKLOADS), "workload")
+        repeat, seconds = (1, 1.0) if args.short else (args.repeat, args.seconds)
+        result = run_bench(configs, workloads, seconds=seconds, repeat=repeat,
+                           progress=lambda line: print(line, file=sys.stderr, flush=True))
+        paths = write_report(result, Path(args.out))
+        print(paths["table"].read_text(), end="")
+        print(f"\nwritten: {', '.join(str(x) for x in paths.values())}")
+        return EXIT_OK
+
+    p.set_defaults(run=run)
+
+
 # Each entry adds one subcommand. A new command: one function here, one line in this table.
 COMMANDS: list[Callable[[Any], None]] = [_add_create, _add_delete, _add_show]
 COMMANDS.append(_add_forward)
-COMMANDS.append(_add_top)
 COMMANDS.append(_add_demo)
+COMMANDS.append(_add_bench)
+COMMANDS.append(_add_top)
 
 
 def build_parser() -> argparse.ArgumentParser:
