@@ -192,6 +192,11 @@ class Device:
                 dev.set_carrier(carrier)
             for _ in range(queues - 1):
                 dev.add_queue()
+        except MqtunError as exc:
+            dev._abort()
+            if exc.errno == errno.EBUSY and exc.op == "create" and "%" not in name:
+                _refuse_other_kind(name)
+            raise
         except BaseException:
             dev._abort()
             raise
@@ -691,6 +696,15 @@ def _check_flags(name: str, wanted: dict[str, bool | None], actual: dict[str, bo
                 f"{key}={actual[key]} or leave {key} unset to adopt it",
                 device=name, op="attach",
             )
+
+
+def _refuse_other_kind(name: str) -> None:
+    """EBUSY on create also means "a link of another kind has that name": say which."""
+    try:
+        find_link(name)
+    except InvalidArgumentError as other:
+        raise InvalidArgumentError(f"cannot create {name}: {other}; choose another name",
+                                   device=name, op="create") from None
 
 
 def _prog_fd(program: _HasFileno | int | None) -> int:
