@@ -293,10 +293,13 @@ class WorkerPool:
             self.region.set_worker(e, pid=pid, state=EntryState.RUNNING,
                                    restarts=info.restarts, cpu=info.cpu)
 
-    def run(self, until: Callable[[], bool] | None = None) -> None:
+    def run(self, until: Callable[[], bool] | None = None, *, stop_on_gone: bool = True) -> None:
         """Supervise until `request_stop()` (e.g. from a signal handler) or `until()` is true,
-        or a device is gone. Does not stop the workers: call `stop()` after."""
-        while not self._stop_requested and not self.gone and not (until and until()):
+        or a device is gone (unless `stop_on_gone` is False: then the pool keeps supervising
+        the workers that are left, and sleeps when none is). Does not stop the workers: call
+        `stop()` after."""
+        while (not self._stop_requested and not (stop_on_gone and self.gone)
+               and not (until and until())):
             self.poll(0.5 if until is None else 0.05)
 
     def request_stop(self) -> None:
