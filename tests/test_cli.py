@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from mqtun import Device, find_link
+from mqtun.device import ClassicFilter
 
 
 def mqtun(*args: str) -> subprocess.CompletedProcess[str]:
@@ -35,6 +36,34 @@ def test_create_show_delete() -> None:
         assert len(entry["holders"]) == 2 and entry["holders"][0]["fd"] > 2
     assert mqtun("delete", name).returncode == 0
     assert find_link(name) is None
+
+
+def test_show_tells_the_classic_filter_the_kernel_reports() -> None:
+    """TUNGETFILTER keeps the last program after a detach; only IFF_NOFILTER (the IFF_NO_PI
+    bit) tells whether one is attached, so a packet-info TAP shows it and a plain one cannot."""
+    from mqtun.steer import filters
+
+    prog = filters.classic_only_ipv4()
+    n = len(prog.code) // 8
+    with Device.create("flt%d", 2, tap=True, packet_info=True) as tap, \
+            Device.create("flnopi%d", tap=True) as nopi, Device.create("fltun%d") as tun:
+        assert mqtun("show", tap.name).stdout.count("filters: classic BPF none;") == 1
+        for d in (tap, nopi):
+            d.attach_classic_filter(prog.code)
+        assert tap.classic_filter == ClassicFilter(n, True)
+        assert nopi.classic_filter == ClassicFilter(n, None)
+        shown = mqtun("show", tap.name)
+        assert shown.returncode == 0, shown.stderr
+        assert f"filters: classic BPF {n} instructions; eBPF steering/filter not reported" \
+            in shown.stdout
+        (entry,) = json.loads(mqtun("show", "--json", tap.name).stdout)
+        assert [h["classic_filter"] for h in entry["holders"]] == \
+            [{"instructions": n, "attached": True}] * 2
+        assert "unless detached since" in mqtun("show", nopi.name).stdout
+        tap.detach_classic_filter()
+        assert tap.classic_filter == ClassicFilter(n, False)
+        assert "filters: classic BPF none;" in mqtun("show", tap.name).stdout
+        assert "filters: eBPF steering/filter not reported" in mqtun("show", tun.name).stdout
 
 
 def test_show_lists_other_tools_devices() -> None:

@@ -177,6 +177,7 @@ def test_classic_filters_on_a_tap(netns) -> None:  # type: ignore[no-untyped-def
         for prog in (filters.classic_only_ipv6(), filters.classic_only_ipv4(),
                      filters.classic_accept_dst_macs([MAC_A, "01:00:5e:00:00:01"])):
             dev.attach_classic_filter(prog.code)
+            assert dev.classic_filter.instructions == len(prog.code) // 8  # TUNGETFILTER
             want = [f for f in frames if run_classic(prog, f)]
             got = _send_and_read(dev, frames, len(want))
             assert sorted(got) == sorted(want) and 0 < len(want) < len(frames)

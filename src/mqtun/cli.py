@@ -7,6 +7,7 @@ stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -95,7 +96,7 @@ def _run_show(args: argparse.Namespace) -> int:
     rows = describe(args.name)
     live = live_queues(rows)
     if args.json:
-        print(json.dumps([{**info.as_dict(), "holders": [h.__dict__ for h in holders],
+        print(json.dumps([{**info.as_dict(), "holders": [dataclasses.asdict(h) for h in holders],
                            "live_queues": [q.as_dict() for q in live.get(info.name, [])]}
                           for info, holders in rows], indent=2))
     else:

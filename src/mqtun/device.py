@@ -17,6 +17,7 @@ import os
 import pwd
 import struct
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from mqtun import _uapi
@@ -34,7 +35,7 @@ from mqtun.stats import QueueStats, total
 if TYPE_CHECKING:
     from mqtun.queue import BytesLike
 
-__all__ = ["Device", "tun_features", "validate_name"]
+__all__ = ["ClassicFilter", "Device", "read_classic_filter", "tun_features", "validate_name"]
 
 
 class _HasFileno(Protocol):
@@ -101,6 +102,34 @@ def _open_tun_fd(path: str = _uapi.TUN_DEVICE_PATH) -> int:
         return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise kernel_error(exc, "open", path) from None
+
+
+@dataclass(frozen=True)
+class ClassicFilter:
+    """What the kernel tells about a TAP device's classic BPF filter.
+
+    TUNGETFILTER returns the last program attached, even after TUNDETACHFILTER; whether one
+    is attached now shows only in TUNGETIFF's IFF_NOFILTER bit, which is the IFF_NO_PI bit
+    too, so on a device without packet info (the usual case) it cannot be told.
+    """
+
+    instructions: int  # of the last program attached (0: never one)
+    attached: bool | None  # None: the kernel cannot tell (IFF_NO_PI device)
+
+
+def read_classic_filter(fd: int, *, packet_info: bool) -> ClassicFilter:
+    """The classic filter of the TAP device behind queue `fd` (a TUN device gives EINVAL).
+
+    eBPF steering and filter programs are reported nowhere; this is all the kernel tells.
+    """
+    out = fcntl.ioctl(fd, _uapi.TUNGETFILTER, bytes(struct.calcsize(_uapi.SOCK_FPROG_FORMAT)))
+    n = int(struct.unpack(_uapi.SOCK_FPROG_FORMAT, out)[0])
+    if n == 0:
+        return ClassicFilter(0, False)
+    if not packet_info:
+        return ClassicFilter(n, None)
+    flags = _uapi.unpack_ifreq(fcntl.ioctl(fd, _uapi.TUNGETIFF, bytes(_uapi.IFREQ_SIZE)))[1]
+    return ClassicFilter(n, not flags & _uapi.IFF_NOFILTER)
 
 
 def tun_features() -> int:
@@ -599,6 +628,16 @@ class Device:
         fprog = struct.pack(_uapi.SOCK_FPROG_FORMAT, len(instructions) // 8,
                             ctypes.addressof(buf))
         self._control()._ioctl(_uapi.TUNATTACHFILTER, fprog, "attach_classic_filter")
+
+    @property
+    def classic_filter(self) -> ClassicFilter:
+        """The classic BPF filter as the kernel reports it (see `ClassicFilter`)."""
+        if not self.tap:
+            return ClassicFilter(0, False)
+        try:
+            return read_classic_filter(self._control().fd, packet_info=self.packet_info)
+        except OSError as exc:
+            raise kernel_error(exc, "get_classic_filter", self._name) from None
 
     def detach_classic_filter(self) -> None:
         self._control()._ioctl(_uapi.TUNDETACHFILTER, b"\0" * 16, "detach_classic_filter")

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import fcntl
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mqtun import _uapi
-from mqtun.device import Device
+from mqtun.device import ClassicFilter, Device, read_classic_filter
 from mqtun.errors import MqtunError
 from mqtun.link import LinkInfo, delete_link, find_link, list_tun_links
 from mqtun.runtime.shm import SHM_DIR, EntryInfo, Region, list_regions
@@ -30,6 +31,7 @@ class QueueHolder:
     pid: int
     command: str
     fd: int
+    classic_filter: ClassicFilter | None = None  # TAP, as this holder's fd tells
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,12 @@ def _command(pid: int) -> str:
 
 
 def describe(name: str | None = None) -> list[tuple[LinkInfo, list[QueueHolder]]]:
-    """Link info and queue holders for one device (by name) or every tun/tap device."""
+    """Link info and queue holders for one device (by name) or every tun/tap device.
+
+    Each holder is checked through a copy of its queue fd (see `_probe`): holders of a
+    same-named device in another namespace are left out, and a TAP holder tells the device's
+    classic filter.
+    """
     if name is not None:
         info = find_link(name)
         if info is None:
@@ -127,43 +134,55 @@ def describe(name: str | None = None) -> list[tuple[LinkInfo, list[QueueHolder]]
         infos = list_tun_links()
     holders = queue_holders()
     here = _netns_id(os.stat("/proc/thread-self/ns/net"))
-    return [(i, [h for h in holders.get(i.name, []) if _device_netns(h) in (here, None)])
-            for i in infos]
+    rows: list[tuple[LinkInfo, list[QueueHolder]]] = []
+    for i in infos:
+        mine: list[QueueHolder] = []
+        for h in holders.get(i.name, []):
+            netns, classic = _probe(h, i)
+            if netns in (here, None):
+                mine.append(dataclasses.replace(h, classic_filter=classic))
+        rows.append((i, mine))
+    return rows
 
 
 def _netns_id(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _device_netns(h: QueueHolder) -> tuple[int, int] | None:
-    """The namespace of the device behind a holder's queue fd (None: cannot tell).
+def _probe(h: QueueHolder, info: LinkInfo) -> tuple[tuple[int, int] | None, ClassicFilter | None]:
+    """(the device's namespace, its classic filter on a TAP) as the holder's fd tells;
+    None where it cannot be told.
 
     fdinfo gives only the device's name, and names are per network namespace (every
-    container may have its tun0). The fd itself knows (TUNGETDEVNETNS), so take a copy of it
-    with pidfd_getfd and close it at once. Needs the right to ptrace the holder and
-    CAP_NET_ADMIN; without them the name alone decides, as before.
+    container may have its tun0). The fd itself knows (TUNGETDEVNETNS, TUNGETFILTER), so take
+    a copy of it with pidfd_getfd and close it at once. Needs the right to ptrace the holder
+    and CAP_NET_ADMIN; without them the name alone decides, as before.
     """
     try:
         pidfd = os.pidfd_open(h.pid)
     except OSError:
-        return None
+        return None, None
     try:
         fd = _libc.syscall(_uapi.NR_pidfd_getfd, pidfd, h.fd, 0)
-        if fd < 0:
-            return None
-        try:
-            nsfd = fcntl.ioctl(fd, _uapi.TUNGETDEVNETNS)
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
-        try:
-            return _netns_id(os.fstat(nsfd))
-        finally:
-            with contextlib.suppress(OSError):
-                os.close(nsfd)
     finally:
         os.close(pidfd)
+    if fd < 0:
+        return None, None
+    try:
+        netns: tuple[int, int] | None = None
+        with contextlib.suppress(OSError):
+            nsfd = fcntl.ioctl(fd, _uapi.TUNGETDEVNETNS)
+            try:
+                netns = _netns_id(os.fstat(nsfd))
+            finally:
+                os.close(nsfd)
+        classic: ClassicFilter | None = None
+        if info.kind == "tap":
+            with contextlib.suppress(OSError):
+                classic = read_classic_filter(fd, packet_info=bool(info.packet_info))
+        return netns, classic
+    finally:
+        os.close(fd)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

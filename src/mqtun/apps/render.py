@@ -34,6 +34,7 @@ def render_show(rows: Sequence[tuple[LinkInfo, list[QueueHolder]]],
             f"{s.get('rx_bytes', 0)} bytes {s.get('rx_dropped', 0)} dropped "
             f"{s.get('rx_frame_errors', 0)} frame errors\n"
         )
+        out.append(f"  filters: {_filters(info, holders)}\n")
         if holders:
             for h in holders:
                 out.append(f"  held by pid {h.pid} fd {h.fd}: {h.command}\n")
@@ -60,6 +61,25 @@ def _live_lines(queues: Sequence[LiveQueue]) -> list[str]:
             f"{s.dropped_total} dropped{f' ({reasons})' if reasons else ''}\n"
         )
     return out
+
+
+def _filters(info: LinkInfo, holders: Sequence[QueueHolder]) -> str:
+    """What the kernel tells about the device's filters: a TAP's classic BPF filter, through
+    a holder's queue fd (TUNGETFILTER); eBPF steering and filter programs it never reports."""
+    ebpf = "eBPF steering/filter not reported by the kernel"
+    if info.kind != "tap":
+        return ebpf
+    known = [h.classic_filter for h in holders if h.classic_filter is not None]
+    if not known:
+        classic = "classic BPF unknown (no queue to ask)"
+    elif known[0].attached is False:
+        classic = "classic BPF none"
+    elif known[0].attached:
+        classic = f"classic BPF {known[0].instructions} instructions"
+    else:
+        classic = (f"classic BPF {known[0].instructions} instructions, unless detached since "
+                   "(IFF_NO_PI hides which)")
+    return f"{classic}; {ebpf}"
 
 
 def _count(n: int | None) -> str:
