@@ -48,6 +48,7 @@ class ForwarderSpec:
     queues: int = 1
     offload: bool = True
     cpus: str | None = "auto"
+    mode: str | None = None  # mqtun's I/O loop mode (None: its default)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -61,6 +62,7 @@ class ForwarderSpec:
         if self.kind == "veth":
             return "veth"
         tail = " no-offload" if self.kind == "mqtun" and not self.offload else ""
+        tail += f" {self.mode}" if self.mode else ""
         return f"{self.kind} {self.queues}q{tail}"
 
 
@@ -157,7 +159,8 @@ class Topology:
         cpus = ["--cpus", s.cpus] if s.cpus else []
         if s.kind == "mqtun":
             return [sys.executable, "-m", "mqtun", "forward", "--queues", str(s.queues),
-                    *([] if s.offload else ["--no-offload"]), *cpus, DEV_A, DEV_B]
+                    *([] if s.offload else ["--no-offload"]),
+                    *(["--mode", s.mode] if s.mode else []), *cpus, DEV_A, DEV_B]
         return [sys.executable, "-m", "mqtun.apps.pytun_forward", "--queues", str(s.queues),
                 *cpus, DEV_A, DEV_B]
 
