@@ -8,6 +8,7 @@ long variants (a 60 s churn, 100,000 fuzz examples per codec) live in bench/.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import random
@@ -43,7 +44,8 @@ from mqtun.runtime import LoopConfig, WorkerInfo, WorkerPool
 from mqtun.steer import fixed
 
 LOCAL, PEER = "198.18.1.1", "198.18.1.2"
-CHURN_SECONDS = 5.0  # bench/soak_churn.py runs the same churn for 60 s
+# bench/soak_churn.py runs the same churn for 60 s (MQTUN_CHURN_SECONDS=60)
+CHURN_SECONDS = float(os.environ.get("MQTUN_CHURN_SECONDS", "5"))
 CHURN_PERIOD = 0.05
 
 
@@ -90,7 +92,9 @@ class Traffic:
         self.pace = pace
         self.sent = 0
         self.send_errors = 0
-        self.answers: list[float] = []
+        # counts per 100 ms: bounded memory, so the churn's RSS check measures mqtun, not us
+        self.answers: collections.Counter[int] = collections.Counter()
+        self.sent_at: collections.Counter[int] = collections.Counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -104,6 +108,7 @@ class Traffic:
             try:
                 self.sock.sendto(b"req", (PEER, 9000 + port))
                 self.sent += 1
+                self.sent_at[int(time.monotonic() * 10)] += 1
             except OSError:  # no route once the device is gone; ENOBUFS under load
                 self.send_errors += 1
             port = (port + 1) % self.flows
@@ -112,11 +117,23 @@ class Traffic:
                     self.sock.recv(2048)
                 except OSError:
                     break
-                self.answers.append(time.monotonic())
+                self.answers[int(time.monotonic() * 10)] += 1
             self._stop.wait(self.pace)
 
+    @staticmethod
+    def _between(counts: collections.Counter[int], t0: float, t1: float) -> int:
+        return sum(counts.get(k, 0) for k in range(int(t0 * 10), int(t1 * 10)))
+
     def answered_between(self, t0: float, t1: float) -> int:
-        return sum(1 for t in list(self.answers) if t0 <= t < t1)
+        """Answers received from t0 to t1 (to the 100 ms)."""
+        return self._between(self.answers, t0, t1)
+
+    def sent_between(self, t0: float, t1: float) -> int:
+        return self._between(self.sent_at, t0, t1)
+
+    @property
+    def answered(self) -> int:
+        return sum(self.answers.values())
 
     def stop(self) -> None:
         self._stop.set()
@@ -181,7 +198,7 @@ def test_device_deleted_under_traffic_every_worker_notices_within_1s(cleanup, ki
     wait_for(lambda: all(w.stats[0].read_packets > 0 for w in pool.workers), 5.0,
              message=lambda: f"reads: {[w.stats[0].read_packets for w in pool.workers]}")
     if role == "serve":
-        wait_for(lambda: len(traffic.answers) > 20, 5.0)
+        wait_for(lambda: traffic.answered > 20, 5.0)
         dev.queues[2].disable()  # a worker asleep on a detached queue must notice too
     pids = {w.pidfd: w for w in pool.workers}
     t0 = time.monotonic()
@@ -237,13 +254,15 @@ def test_sigkilled_worker_restarts_within_1s_while_others_forward(cleanup) -> No
     serving = wait_for(lambda: w0.stats[0].read_packets > before_0 + 5
                        and time.monotonic() - t0, 5.0)
     assert serving < 1.0, f"queue 0 served again {serving:.3f} s after the kill"
-    # and the other worker kept answering all along
+    # and the other worker kept answering through the kill and the restart (the first
+    # 300 ms: a few ms have no worker on queue 0, a busy machine may stretch that)
+    time.sleep(max(0.0, t0 + 0.3 - time.monotonic()))
+    other_meanwhile = w1.stats[0].written_packets - before_1
     assert w1.pid != old and w1.restarts == 0
-    assert w1.stats[0].written_packets > before_1
-    t2 = time.monotonic()
-    assert traffic.answered_between(t0, t2) > 0
+    assert other_meanwhile > 0, "worker 1 answered nothing while worker 0 was restarted"
     print(f"\nrestart event {restarted * 1000:.1f} ms, queue 0 served again after "
-          f"{serving * 1000:.1f} ms, answers meanwhile {traffic.answered_between(t0, t2)}")
+          f"{serving * 1000:.1f} ms, worker 1 answered {other_meanwhile} in the first 300 ms; "
+          f"{traffic.answered} answers in all")
 
 
 # ---- churn ---------------------------------------------------------------------------------
@@ -289,6 +308,8 @@ def churn(dev: mqtun.Device, pool: WorkerPool, traffic: Traffic, seconds: float,
     probe.settimeout(0.5)
     steps = grows = shrinks = 0
     per_second: list[int] = []
+    sent_per_second: list[int] = []
+    log: list[str] = []
     t_start = time.monotonic()
     next_tick = t_start
     second = 0
@@ -307,6 +328,9 @@ def churn(dev: mqtun.Device, pool: WorkerPool, traffic: Traffic, seconds: float,
             if now - t_start >= second + 1:
                 second += 1
                 per_second.append(traffic.answered_between(now - 1.0, now))
+                sent_per_second.append(traffic.sent_between(now - 1.0, now))
+                log.append(f"{now - t_start:.2f} {len(pool.workers)}w "
+                           f"{dev.info().num_queues}q")
                 if len(pool.workers) > 4 or (len(pool.workers) > 2 and rng.random() < 0.5):
                     pool.shrink(1)
                     shrinks += 1
@@ -325,7 +349,8 @@ def churn(dev: mqtun.Device, pool: WorkerPool, traffic: Traffic, seconds: float,
     finally:
         probe.close()
     return {"steps": steps, "grows": grows, "shrinks": shrinks, "per_second": per_second,
-            "seconds": time.monotonic() - t_start}
+            "sent_per_second": sent_per_second, "seconds": time.monotonic() - t_start,
+            "log": log}
 
 
 def test_churn_keeps_fds_memory_indices_and_traffic(cleanup) -> None:
@@ -333,15 +358,25 @@ def test_churn_keeps_fds_memory_indices_and_traffic(cleanup) -> None:
     dev = _device(cleanup, 4)
     pool = _pool(cleanup, WorkerPool.serve(dev, make_handler=_tagged))
     traffic = _traffic(cleanup, pace=0.001)
-    wait_for(lambda: len(traffic.answers) > 50, 5.0)
+    wait_for(lambda: traffic.answered > 50, 5.0)
     fds1, rss1 = fd_count(), rss_kib()
     worker_rss1 = max(rss_kib(w.pid) for w in pool.workers)
-    report = churn(dev, pool, traffic, CHURN_SECONDS)
+    samples: list[tuple[int, int, int]] = []  # (second, parent RSS, largest worker RSS)
+
+    def sample(second: int) -> None:
+        samples.append((second, rss_kib(), max(rss_kib(w.pid) for w in pool.workers if w.alive)))
+
+    report = churn(dev, pool, traffic, CHURN_SECONDS, on_second=sample)
     events = [e.kind for e in pool.events]
     assert "crashed" not in events and "gone" not in events, events
     assert report["steps"] >= CHURN_SECONDS / CHURN_PERIOD * 0.7, report
-    per_second = report["per_second"]
-    assert per_second and min(per_second) > 0, f"a second without answers: {report}"
+    # traffic flowed all along: in every second, at least half of what the sender managed to
+    # send was answered (a loaded machine may starve the sender thread itself: that second
+    # then has little to answer), and 90 % of everything overall
+    answered, sent = report["per_second"], report["sent_per_second"]
+    assert sum(sent) > 100 * len(sent), f"the sender hardly ran: {report}"
+    assert all(a >= s // 2 for a, s in zip(answered, sent, strict=True)), report
+    assert sum(answered) >= 0.9 * sum(sent), report
     # traffic still flows after the churn
     t = time.monotonic()
     wait_for(lambda: traffic.answered_between(t, time.monotonic()) > 20, 3.0)
@@ -355,12 +390,16 @@ def test_churn_keeps_fds_memory_indices_and_traffic(cleanup) -> None:
     worker_rss2 = max(rss_kib(w.pid) for w in pool.workers)  # some are new forks: the largest
     assert rss2 - rss1 < 8 * 1024, f"parent RSS {rss1} -> {rss2} KiB"
     assert worker_rss2 - worker_rss1 < 4 * 1024, f"worker RSS {worker_rss1} -> {worker_rss2} KiB"
+    late = [r for sec, r, _ in samples if sec >= 10]
+    if len(late) >= 20:  # a long run: flat after a 10 s warm-up, within 2 MiB
+        assert max(late) - min(late) < 2 * 1024, f"parent RSS drifts: {samples}"
     traffic.stop()
     pool.stop()
     dev.close()
     assert fd_count() == fds0, f"fds at the start {fds0}, after everything closed {fd_count()}"
-    print(f"\nchurn: {report}, fds {fds0}/{fds1}/{fd_count()}, parent RSS {rss1}->{rss2} KiB, "
-          f"workers {worker_rss1}->{worker_rss2}")
+    print(f"\nchurn: {report}\nfds {fds0} before, {fds1} with 4 workers, {fd_count()} after; "
+          f"parent RSS {rss1} -> {rss2} KiB; largest worker RSS {worker_rss1} -> "
+          f"{worker_rss2} KiB\nRSS samples (s, parent KiB, worker KiB): {samples[::10]}")
 
 
 # ---- garbage and accounting ----------------------------------------------------------------
