@@ -136,8 +136,11 @@ class Topology:
     def _namespace(role: str) -> NetNamespace:
         ns = NetNamespace.create(prefix=f"mqtun-{role}-")
         try:
-            # no IPv6 autoconfiguration chatter (router solicitations, DAD) in the counts
-            ns.run(["sysctl", "-qw", "net.ipv6.conf.default.addr_gen_mode=1"], check=False)
+            # no IPv6 autoconfiguration chatter (router solicitations, DAD) in the counts;
+            # written directly, not with sysctl(8), which a fresh machine may lack
+            with ns.enter(), contextlib.suppress(OSError), open(
+                    "/proc/sys/net/ipv6/conf/default/addr_gen_mode", "w") as f:
+                f.write("1")
         except BaseException:
             ns.delete()
             raise
