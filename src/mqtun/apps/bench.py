@@ -165,7 +165,8 @@ def run_bench(configs: Sequence[str], workloads: Sequence[str], *, seconds: floa
     """Every workload through every configuration, `repeat` times, interleaved."""
     check_tools(configs)
     result = BenchResult(list(configs), list(workloads), seconds, repeat,
-                         machine={"cpus": str(os.cpu_count()), "kernel": os.uname().release})
+                         machine={"cpus": str(os.cpu_count()), "kernel": os.uname().release,
+                                  "loadavg_start": _loadavg()})
     with tempfile.TemporaryDirectory(prefix="mqtun-bench-") as tmp:
         feeds = _feed_files(Path(tmp))
         for rep in range(repeat):
@@ -181,7 +182,14 @@ def run_bench(configs: Sequence[str], workloads: Sequence[str], *, seconds: floa
                                  + (f" (loss {s.loss:.1%})" if s.loss is not None else "")
                                  + f"  fwd cpu {s.forwarder_cpu:.0f}%"
                                  f"  machine {s.machine_cpu:.0f}%")
+    result.machine["loadavg_end"] = _loadavg()
     return result
+
+
+def _loadavg() -> str:
+    """The 1, 5 and 15-minute load averages: how busy the machine was apart from us."""
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
 
 
 def _feed_files(d: Path) -> dict[str, str]:
@@ -431,9 +439,11 @@ def targets(r: BenchResult) -> list[Target]:
 def render_markdown(r: BenchResult) -> str:
     """The report: speeds with spread and ratios, CPU, then the targets."""
     wls = [WORKLOADS[w] for w in r.workloads]
+    load = (f" Load average before/after: {r.machine['loadavg_start']} / "
+            f"{r.machine.get('loadavg_end', '?')}." if "loadavg_start" in r.machine else "")
     lines = [f"Medians of {r.repeat} run(s) of {r.seconds:g} s each; (min-max); "
              "x: ratio to the baseline of the same run (veth; for mqtun without offloads, "
-             "python-pytun with the same queues).", ""]
+             f"python-pytun with the same queues).{load}", ""]
     lines.append("| config | " + " | ".join(f"{w.title} ({w.unit})" for w in wls) + " |")
     lines.append("|---" * (len(wls) + 1) + "|")
     for c in r.configs:
