@@ -217,8 +217,14 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--queues", type=_queue_count, default=2, help="forwarder queues (default 2)")
 
     def run(args: argparse.Namespace) -> int:
+        import signal
+
         from mqtun.apps.demo import render_demo, run_demo
 
+        def interrupt(*_: object) -> None:
+            raise KeyboardInterrupt  # SIGTERM cleans up the way Ctrl-C does
+
+        signal.signal(signal.SIGTERM, interrupt)
         result = run_demo(args.seconds, args.queues,
                           report=lambda line: print(f"mqtun demo: {line}", flush=True))
         print(render_demo(result), end="")
@@ -254,6 +260,7 @@ def _add_bench(sub: Any) -> None:
                    "table.md and chart.png (default bench/results)")
 
     def run(args: argparse.Namespace) -> int:
+        import signal
         from pathlib import Path
 
         from mqtun.apps.bench import SHORT_CONFIGS, parse_names, run_bench, write_report
@@ -262,6 +269,11 @@ def _add_bench(sub: Any) -> None:
                               list(CONFIGS), "configuration")
         workloads = parse_names(args.workloads, list(WORKLOADS), "workload")
         repeat, seconds = (1, 1.0) if args.short else (args.repeat, args.seconds)
+
+        def interrupt(*_: object) -> None:
+            raise KeyboardInterrupt  # SIGTERM cleans up the way Ctrl-C does
+
+        signal.signal(signal.SIGTERM, interrupt)
         result = run_bench(configs, workloads, seconds=seconds, repeat=repeat,
                            progress=lambda line: print(line, file=sys.stderr, flush=True))
         paths = write_report(result, Path(args.out))
