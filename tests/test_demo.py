@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from nettools import run_as
@@ -84,3 +86,30 @@ def test_demo_refuses_without_root() -> None:
     assert code == 1
     assert err.count("\n") == 1 and "needs root" in err, err
     assert out == ""
+
+
+def test_demo_interrupted_mid_traffic_removes_everything() -> None:
+    before_ns = _topology_namespaces()
+    before_regions = {r.path for r in list_regions() if r.alive}
+    proc = subprocess.Popen([sys.executable, "-m", "mqtun", "demo", "--seconds", "20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env())
+    watchdog = threading.Timer(30, proc.kill)
+    watchdog.start()
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "TCP:" in line:  # the forwarder runs and traffic flows
+                break
+        assert _topology_namespaces() - before_ns, "the demo made no namespaces"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert proc.returncode == 130, err[-500:]
+    assert "Traceback" not in err
+    assert _topology_namespaces() <= before_ns
+    assert not ({r.path for r in list_regions() if r.alive} - before_regions)
