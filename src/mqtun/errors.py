@@ -63,6 +63,10 @@ class DeviceGoneError(MqtunError):
     """The device was deleted (or its queue closed) while the caller still used it."""
 
 
+_FD_BOUND = "this file descriptor is already bound to a device"
+_QUEUES_FULL = ("device {dev} already has 256 queues (active and disabled count together): "
+                "close one before opening another")
+
 # Messages by (operation, errno). "{dev}" is the device name. An operation missing here
 # falls back to the errno-only row, then to the kernel's own text.
 _MESSAGES: dict[tuple[str, int], str] = {
@@ -97,16 +101,10 @@ _MESSAGES: dict[tuple[str, int], str] = {
         "device {dev} exists with another type (tun/tap) or multiqueue setting than asked; "
         "open it with the flags it has (`mqtun show {dev}` lists them)"
     ),
-    ("create", _errno.EEXIST): "this file descriptor is already bound to a device",
-    ("attach", _errno.EEXIST): "this file descriptor is already bound to a device",
-    ("create", _errno.E2BIG): (
-        "device {dev} already has 256 queues (active and disabled count together): close "
-        "one before opening another"
-    ),
-    ("attach", _errno.E2BIG): (
-        "device {dev} already has 256 queues (active and disabled count together): close "
-        "one before opening another"
-    ),
+    ("create", _errno.EEXIST): _FD_BOUND,
+    ("attach", _errno.EEXIST): _FD_BOUND,
+    ("create", _errno.E2BIG): _QUEUES_FULL,
+    ("attach", _errno.E2BIG): _QUEUES_FULL,
     ("create", _errno.ENFILE): "too many open files in the system",
     ("create", _errno.EMFILE): "too many open files in this process: raise `ulimit -n`",
     ("create", _errno.ENOMEM): "out of memory creating {dev}",
