@@ -642,7 +642,7 @@ def test_forward_drops_to_an_unprivileged_user_and_still_forwards(cleanup, netns
     assert dev_a not in _links_in(ns_a) and dev_b not in _links_in(ns_b)
 
 
-def test_forward_drop_needs_root_and_says_so() -> None:
+def test_drop_privileges_without_root_says_so() -> None:
     from mqtun.errors import PermissionDeniedError
     from mqtun.runtime.privileges import drop_privileges
 
