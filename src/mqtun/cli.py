@@ -258,6 +258,8 @@ def _add_bench(sub: Any) -> None:
                         "--configs says otherwise")
     p.add_argument("--out", default="bench/results", help="directory for results.json, "
                    "table.md and chart.png (default bench/results)")
+    p.add_argument("--tool-cpus", help="pin iperf3/sockperf to these CPUs (taskset -c LIST); "
+                   "default: not pinned")
 
     def run(args: argparse.Namespace) -> int:
         import signal
@@ -275,6 +277,7 @@ def _add_bench(sub: Any) -> None:
 
         signal.signal(signal.SIGTERM, interrupt)
         result = run_bench(configs, workloads, seconds=seconds, repeat=repeat,
+                           tool_cpus=args.tool_cpus,
                            progress=lambda line: print(line, file=sys.stderr, flush=True))
         paths = write_report(result, Path(args.out))
         print(paths["table"].read_text(), end="")

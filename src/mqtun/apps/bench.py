@@ -160,13 +160,14 @@ def _which(tool: str) -> bool:
 
 # ---- running ----------------------------------------------------------------------------------
 def run_bench(configs: Sequence[str], workloads: Sequence[str], *, seconds: float = 3.0,
-              repeat: int = 3, progress: Callable[[str], None] = lambda _line: None
-              ) -> BenchResult:
+              repeat: int = 3, tool_cpus: str | None = None,
+              progress: Callable[[str], None] = lambda _line: None) -> BenchResult:
     """Every workload through every configuration, `repeat` times, interleaved."""
     check_tools(configs)
     result = BenchResult(list(configs), list(workloads), seconds, repeat,
                          machine={"cpus": str(os.cpu_count()), "kernel": os.uname().release,
-                                  "loadavg_start": _loadavg()})
+                                  "loadavg_start": _loadavg(),
+                                  "tool_cpus": tool_cpus or "any"})
     with tempfile.TemporaryDirectory(prefix="mqtun-bench-") as tmp:
         feeds = _feed_files(Path(tmp))
         for rep in range(repeat):
@@ -174,7 +175,7 @@ def run_bench(configs: Sequence[str], workloads: Sequence[str], *, seconds: floa
                 spec = CONFIGS[name]
                 with Topology(spec) as topo:
                     for wl in workloads:
-                        s = _measure(topo, name, wl, rep, seconds, feeds)
+                        s = _measure(topo, name, wl, rep, seconds, feeds, tool_cpus)
                         result.samples.append(s)
                         progress(f"[{rep + 1}/{repeat}] {name:15} {wl:6} "
                                  f"{_fmt(s.value / WORKLOADS[wl].scale)} "
@@ -234,10 +235,22 @@ def _server(ns: NetNamespace, argv: list[str], proto: str, ports: Sequence[int],
             proc.wait(timeout=5)
 
 
+class _Pinned(NetNamespace):
+    """A namespace whose programs run under `taskset -c CPUS` (the load tools' pinning)."""
+
+    def __init__(self, ns: NetNamespace, cpus: str | None) -> None:
+        super().__init__(ns.name)
+        self.cpus = cpus
+
+    def command(self, argv: Sequence[str]) -> list[str]:
+        pin = ["taskset", "-c", self.cpus] if self.cpus else []
+        return super().command([*pin, *argv])
+
+
 def _measure(topo: Topology, config: str, workload: str, rep: int, seconds: float,
-             feeds: dict[str, str]) -> Sample:
-    a, b = topo.a, topo.b
-    assert a is not None and b is not None
+             feeds: dict[str, str], tool_cpus: str | None = None) -> Sample:
+    assert topo.a is not None and topo.b is not None
+    a, b = _Pinned(topo.a, tool_cpus), _Pinned(topo.b, tool_cpus)
     runner = {"tcp1": lambda: _iperf(a, b, 1, seconds),
               "tcp4": lambda: _iperf(a, b, 4, seconds),
               "rr1": lambda: _rr(a, b, 1, seconds, feeds),
@@ -476,7 +489,7 @@ def render_markdown(r: BenchResult) -> str:
     ts = [t for t in targets(r) if t.status != "not run"]
     if ts:
         lines += ["", "| target | measured | |", "|---|---|---|"]
-        lines += [f"| {t.text} | {t.measured:.2f} | {t.status} |" for t in ts
+        lines += [f"| {t.text} | {t.measured:.3f} | {t.status} |" for t in ts
                   if t.measured is not None]
     return "\n".join(lines) + "\n"
 
