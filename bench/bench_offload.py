@@ -13,6 +13,7 @@ Not a test: the suite never runs it.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -30,6 +31,8 @@ from mqtun._uapi import (
     VIRTIO_NET_HDR_GSO_UDP_L4,
 )
 from mqtun.packet import VnetHeader, coalesce, parse, pseudo_header_sum, split
+
+checksum_module = importlib.import_module("mqtun.packet.checksum")  # not the function of that name
 
 FLOOR_GBPS = 3.0
 MSS = 1448
@@ -104,14 +107,22 @@ def main(argv: list[str] | None = None) -> int:
     assert split(back_hdr, back, tap=args.tap) == segments, "round trip broken"
     view = memoryview(sp)
 
-    results = {
-        "copy": rate(view.tobytes, payload, args.seconds),
-        "split": rate(lambda: split(hdr, sp, tap=args.tap), payload, args.seconds),
-        "coalesce": rate(lambda: coalesce(segments, tap=args.tap), payload, args.seconds),
-        "coalesce_noverify": rate(
-            lambda: coalesce(segments, tap=args.tap, verify=False), payload, args.seconds
-        ),
-    }
+    results = {"copy": rate(view.tobytes, payload, args.seconds)}
+    # the default (numpy's vectorized sums when installed), then the pure-Python sums
+    for vectorize, suffix in ((checksum_module.VECTORIZE, ""), (False, " (pure Python)")):
+        if suffix and not checksum_module.VECTORIZE:
+            break
+        saved, checksum_module.VECTORIZE = checksum_module.VECTORIZE, vectorize
+        try:
+            results["split" + suffix] = rate(lambda: split(hdr, sp, tap=args.tap), payload,
+                                             args.seconds)
+            results["coalesce" + suffix] = rate(lambda: coalesce(segments, tap=args.tap),
+                                                payload, args.seconds)
+        finally:
+            checksum_module.VECTORIZE = saved
+    results["coalesce_noverify"] = rate(
+        lambda: coalesce(segments, tap=args.tap, verify=False), payload, args.seconds
+    )
     copy = results["copy"]["median_gbps"]
     for r in results.values():
         r["copy_ratio"] = copy / r["median_gbps"]
@@ -121,9 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"shape": shape, "floor_gbps": FLOOR_GBPS, "ok": ok, **results}))
         return 0 if ok else 1
+    sums = "numpy-vectorized" if checksum_module.VECTORIZE else "pure-Python"
+    print(f"checksum sums: {sums} (numpy {'present' if checksum_module._np else 'absent'})")
     print(f"{shape}; payload Gbit/s on one core (median, best), copies of the data per op")
     for name, r in results.items():
-        print(f"  {name:18s} {r['median_gbps']:7.2f} {r['best_gbps']:7.2f} Gbit/s"
+        print(f"  {name:28s} {r['median_gbps']:7.2f} {r['best_gbps']:7.2f} Gbit/s"
               f"  {r['us_per_64k']:8.1f} us/64KB  {r['copy_ratio']:6.1f}x copy")  # fmt: skip
     print(f"floor {FLOOR_GBPS} Gbit/s for split and coalesce: {'met' if ok else 'NOT met'}")
     return 0 if ok else 1

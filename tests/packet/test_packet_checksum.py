@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 
@@ -24,6 +25,9 @@ from mqtun.packet import (
     transport_checksum,
 )
 from mqtun.packet.checksum import congruent, fold_plan
+
+pytestmark = pytest.mark.usefixtures("both_sums")  # numpy and pure-Python sums
+checksum_module = importlib.import_module("mqtun.packet.checksum")
 
 
 def reference_sum(data: bytes) -> int:
@@ -128,3 +132,20 @@ def test_complete_checksum_refuses_offsets_past_the_end() -> None:
 def test_malformed_packet_survives_pickling() -> None:
     err = pickle.loads(pickle.dumps(MalformedPacket("truncated-tcp", "3 bytes")))
     assert err.reason == "truncated-tcp" and "3 bytes" in str(err)
+
+
+@given(st.binary(min_size=0, max_size=4000), st.integers(1, 600), st.integers(0, 40))
+def test_piece_sums_agree_with_residue(data: bytes, size: int, count: int) -> None:
+    size += size & 1
+    count = min(count, len(data) // size)
+    sums = checksum_module.piece_sums(data, size, count)
+    if sums is None:  # pure-Python run, or a shape numpy is not used for
+        assert not checksum_module.VECTORIZE or count < 8
+        return
+    assert [v % 0xFFFF for v in sums] == [
+        residue(data[k * size : (k + 1) * size]) for k in range(count)
+    ]
+    pieces = [data[k * size : (k + 1) * size] for k in range(count)] + [data[:3]]
+    got = checksum_module.packet_sums(pieces)
+    assert got is not None and got[-1] is None
+    assert [v % 0xFFFF for v in got[:-1]] == [residue(p) for p in pieces[:-1]]

@@ -29,6 +29,8 @@ from mqtun.packet import (
 )
 from mqtun.packet import gro as gro_module
 
+pytestmark = pytest.mark.usefixtures("both_sums")  # numpy and pure-Python sums
+
 plain_shapes = st.builds(pb.Shape, v6=st.booleans(), tap=st.booleans(), vlans=st.integers(0, 2))
 
 

@@ -22,6 +22,8 @@ from mqtun._uapi import (
 )
 from mqtun.packet import REASONS, MalformedPacket, VnetHeader, parse, pseudo_header_sum, split
 
+pytestmark = pytest.mark.usefixtures("both_sums")  # numpy and pure-Python sums
+
 CWR, ECE, PSH, FIN = "C", "E", "P", "F"
 shapes = st.builds(
     pb.Shape,

@@ -15,11 +15,18 @@ checksum the pseudo-header makes the total non-zero, so "residue 0" means "sum 0
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 
 from mqtun.packet.headers import Buffer, MalformedPacket
 
+try:  # optional (`pip install mqtun[fast]`): one vectorized pass over many equal pieces
+    import numpy as _np
+except ImportError:  # pragma: no cover - depends on what is installed
+    _np = None
+
 __all__ = [
+    "VECTORIZE",
     "checksum",
     "complete_checksum",
     "congruent",
@@ -27,6 +34,8 @@ __all__ = [
     "fold_plan",
     "ipv4_header_checksum",
     "ones_sum",
+    "packet_sums",
+    "piece_sums",
     "pseudo_header_residue",
     "pseudo_header_sum",
     "residue",
@@ -39,6 +48,8 @@ _STOP_BYTES: Final = _STOP_BITS // 8
 _POW2_FROM: Final = 16384  # above this fold at powers of two, so few masks are ever kept
 
 _from_bytes = int.from_bytes
+VECTORIZE: bool = _np is not None  # numpy present; the tests switch it off to cover the rest
+_VECTOR_MIN: Final = 8  # fewer pieces than this, numpy's cost per call outweighs what it saves
 _masks: dict[int, int] = {}
 _plans: dict[int, tuple[tuple[int, int], ...]] = {}
 _MAX_PLANS: Final = 8192
@@ -77,16 +88,19 @@ def fold_plan(nbytes: int) -> tuple[tuple[int, int], ...]:
 
 
 def congruent(data: Buffer) -> int:
-    """An integer of at most ~1 kbit congruent to `residue(data)`: add several, reduce once."""
+    """An integer of at most ~1 kbit congruent to `residue(data)`: add several, reduce once.
+
+    The bytes are read little-endian, which CPython does faster, and the sum is then multiplied
+    by 256: swapping a 16-bit word's bytes multiplies it by 256 modulo 0xFFFF (RFC 1071's byte
+    order independence), and a little-endian read needs no padding for an odd tail.
+    """
     n = len(data)
-    v = _from_bytes(data, "big")
-    if n & 1:
-        v <<= 8
-        n += 1
+    v = _from_bytes(data, "little")
+    n += n & 1
     if n > _STOP_BYTES:
         for s, m in _plans.get(n) or _plan(n):
             v = (v >> s) + (v & m)
-    return v
+    return v << 8
 
 
 def residue(data: Buffer) -> int:
@@ -96,14 +110,12 @@ def residue(data: Buffer) -> int:
     whenever len(a) is even.
     """
     n = len(data)
-    v = _from_bytes(data, "big")
-    if n & 1:
-        v <<= 8
-        n += 1
+    v = _from_bytes(data, "little")  # times 256 below: see congruent()
+    n += n & 1
     if n > _STOP_BYTES:
         for s, m in _plans.get(n) or _plan(n):
             v = (v >> s) + (v & m)
-    return v % _M
+    return (v << 8) % _M
 
 
 def fold(total: int) -> int:
@@ -183,3 +195,37 @@ def complete_checksum(frame: bytearray | memoryview, csum_start: int, csum_offse
     value = _M - r  # r == 0 gives 0xFFFF, never 0
     frame[at] = value >> 8
     frame[at + 1] = value & 0xFF
+
+
+def piece_sums(data: Buffer, size: int, count: int) -> list[int] | None:
+    """`congruent()` of each of the `count` consecutive `size`-byte pieces at the start of
+    `data`, in one vectorized pass (numpy); None where numpy is absent or the shape does not
+    suit it (an odd size, few pieces), and the caller sums piece by piece.
+
+    A 64 KB super-packet's 45 segment sums take ~18 us this way against ~100 us one by one:
+    most of what GSO split and GRO verification cost in pure Python.
+    """
+    if not VECTORIZE or size & 1 or count < _VECTOR_MIN:
+        return None
+    assert _np is not None
+    words = _np.frombuffer(data, dtype="<u2", count=size * count // 2).reshape(count, size // 2)
+    sums: list[int] = (words.sum(axis=1, dtype=_np.uint64) << _np.uint64(8)).tolist()
+    return sums  # little-endian sums times 256: see congruent()
+
+
+def packet_sums(packets: Sequence[Buffer]) -> list[int | None] | None:
+    """`congruent()` of each packet, vectorized over the packets of each common even length
+    (a batch of wire-size segments is mostly one length); None entries are left to the caller,
+    and None alone means no vectorizing at all."""
+    if not VECTORIZE or len(packets) < _VECTOR_MIN:
+        return None
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(packets):
+        by_length.setdefault(len(p), []).append(i)
+    out: list[int | None] = [None] * len(packets)
+    for n, indices in by_length.items():
+        sums = piece_sums(b"".join([packets[i] for i in indices]), n, len(indices))
+        if sums is not None:
+            for i, v in zip(indices, sums, strict=True):
+                out[i] = v
+    return out

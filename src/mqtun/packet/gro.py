@@ -59,7 +59,7 @@ from mqtun._uapi import (
     VIRTIO_NET_HDR_GSO_TCPV6,
     VIRTIO_NET_HDR_GSO_UDP_L4,
 )
-from mqtun.packet.checksum import fold_plan, pseudo_header_sum, residue
+from mqtun.packet.checksum import fold_plan, packet_sums, pseudo_header_sum, residue
 from mqtun.packet.headers import Buffer, parse
 from mqtun.packet.vnet import ZERO_HEADER, VnetHeader
 
@@ -89,6 +89,7 @@ class _Group:
         "base_flags",
         "checked",
         "first",
+        "first_sum",
         "hlen",
         "id_step",
         "ip_id",
@@ -123,8 +124,10 @@ class _Group:
         ip_id: int,
         next_seq: int,
         psh: bool,
+        first_sum: int | None,
     ) -> None:
         self.first = first
+        self.first_sum = first_sum  # congruent() of `first`, when already known
         self.proto = proto
         self.v4 = v4
         self.l3 = l3
@@ -183,13 +186,10 @@ def _arm(g: _Group) -> None:
 def _folded(pkt: Buffer) -> int:
     """An integer congruent (mod 0xFFFF) to the sum of the packet's 16-bit words."""
     n = len(pkt)
-    v = _from_bytes(pkt, "big")
-    if n & 1:
-        v <<= 8
-        n += 1
-    for s, m in fold_plan(n):
+    v = _from_bytes(pkt, "little")  # times 256 below: see checksum.congruent
+    for s, m in fold_plan(n + (n & 1)):
         v = (v >> s) + (v & m)
-    return v
+    return v << 8
 
 
 def _verify_first(g: _Group) -> bool:
@@ -210,7 +210,8 @@ def _verify_first(g: _Group) -> bool:
         total = 0
     g.vadj = adj
     g.checked = True
-    if (_folded(pkt) + adj + total) % _M:
+    folded = _folded(pkt) if g.first_sum is None else g.first_sum
+    if (folded + adj + total) % _M:
         g.is_open = False
         return False
     return True
@@ -234,7 +235,8 @@ def coalesce(
     out: list[tuple[VnetHeader, bytes] | _Group] = []
     groups: dict[tuple[object, ...], _Group] = {}
     fg: _Group | None = None  # the group that took the last packet: the fast path's guess
-    for pkt in packets:
+    sums = packet_sums(packets) if verify else None
+    for i, pkt in enumerate(packets):
         n = len(pkt)
         # --- fast path: a full-size follower of the group that took the previous packet ------
         if (
@@ -259,7 +261,11 @@ def coalesce(
                     or ((pkt[l3 + 4] << 8) | pkt[l3 + 5]) == (fg.ip_id + fg.id_step * fg.n) & 0xFFFF
                 )
                 and fg.size + fg.mss <= max_size
-                and (not verify or (_folded(pkt) + fg.vadj + (n - l4 if fg.v4 else 0)) % _M == 0)
+                and (
+                    not verify
+                    or (((sums and sums[i]) or _folded(pkt)) + fg.vadj
+                        + (n - l4 if fg.v4 else 0)) % _M == 0
+                )
             ):
                 fg.parts.append(memoryview(pkt)[fg.hlen :])
                 fg.n += 1
@@ -377,7 +383,8 @@ def coalesce(
                 not verify
                 or (
                     (g.checked or _verify_first(g))
-                    and (_folded(pkt) + g.vadj + (n - l4 if v4 else 0)) % _M == 0
+                    and (((sums and sums[i]) or _folded(pkt)) + g.vadj + (n - l4 if v4 else 0))
+                    % _M == 0
                 )
             )
         ):
@@ -395,7 +402,8 @@ def coalesce(
         if g is not None:
             g.is_open = False
         g = groups[key] = _Group(
-            pkt, proto, v4, l3, l4, hlen, sig, size, ip_id, (seq + size) & 0xFFFFFFFF, psh
+            pkt, proto, v4, l3, l4, hlen, sig, size, ip_id, (seq + size) & 0xFFFFFFFF, psh,
+            sums[i] if sums else None,
         )
         out.append(g)
         fg = g

@@ -41,7 +41,13 @@ from mqtun._uapi import (
     VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV6,
     VXLAN_HLEN,
 )
-from mqtun.packet.checksum import congruent, fold_plan, pseudo_header_residue, residue
+from mqtun.packet.checksum import (
+    congruent,
+    fold_plan,
+    piece_sums,
+    pseudo_header_residue,
+    residue,
+)
 from mqtun.packet.headers import Buffer, MalformedPacket, Parsed, parse, parse_ethernet
 from mqtun.packet.vnet import VnetHeader
 
@@ -149,8 +155,8 @@ def _segment(mv: memoryview, p: Parsed, mss: int, max_segments: int) -> list[byt
 
     # Full segments reuse one fold plan (see checksum.fold_plan); the short last one does not.
     nfull = plen // mss
-    odd = mss & 1
-    plan = fold_plan(mss + odd)
+    plan = fold_plan(mss + (mss & 1))
+    sums = piece_sums(payload, mss, nfull)
     frombytes = int.from_bytes
 
     if p.proto == IPPROTO_TCP:
@@ -173,11 +179,13 @@ def _segment(mv: memoryview, p: Parsed, mss: int, max_segments: int) -> list[byt
             b = a + mss
             chunk = payload[a:b]
             if i < nfull:
-                v = frombytes(chunk, "big")
-                if odd:
+                if sums is not None:
+                    v = sums[i]
+                else:
+                    v = frombytes(chunk, "little")  # see checksum.congruent: x256 makes it big
+                    for s, m in plan:
+                        v = (v >> s) + (v & m)
                     v <<= 8
-                for s, m in plan:
-                    v = (v >> s) + (v & m)
                 seglen = mss
             else:
                 v = congruent(chunk)
@@ -208,11 +216,13 @@ def _segment(mv: memoryview, p: Parsed, mss: int, max_segments: int) -> list[byt
         b = a + mss
         chunk = payload[a:b]
         if i < nfull:
-            v = frombytes(chunk, "big")
-            if odd:
+            if sums is not None:
+                v = sums[i]
+            else:
+                v = frombytes(chunk, "little")
+                for s, m in plan:
+                    v = (v >> s) + (v & m)
                 v <<= 8
-            for s, m in plan:
-                v = (v >> s) + (v & m)
             ulen = UDP_HLEN + mss
         else:
             v = congruent(chunk)

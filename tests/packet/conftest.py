@@ -1,0 +1,25 @@
+"""The checksum, split and coalesce tests run twice (their modules ask for `both_sums`): with
+the vectorized sums (numpy, when installed) and with the pure-Python ones, so that both paths
+meet the same oracle."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+
+import pytest
+
+# mqtun.packet's own `checksum` attribute is the function, not the module
+checksum = importlib.import_module("mqtun.packet.checksum")
+
+
+@pytest.fixture(params=["numpy", "python"])
+def both_sums(request: pytest.FixtureRequest) -> Iterator[str]:
+    if request.param == "numpy" and checksum._np is None:
+        pytest.skip("numpy is not installed (pip install mqtun[fast])")
+    saved = checksum.VECTORIZE
+    checksum.VECTORIZE = request.param == "numpy"
+    try:
+        yield request.param
+    finally:
+        checksum.VECTORIZE = saved
