@@ -594,6 +594,9 @@ def test_owned_device_is_used_by_its_user_and_refused_to_others(cleanup, how: st
 
         with mqtun.Device.attach("own0", 2) as d, socket.socket(
                 socket.AF_INET, socket.SOCK_DGRAM) as s:
+            # the first queue turns the carrier on; until linkwatch re-activates the qdisc
+            # (up to ~1 s) the stack drops what it sends (tx_dropped)
+            assert d.link.wait_operational(), "own0 did not come up"
             s.sendto(b"to-the-queue", (PEER, 7))  # routed out through own0: a queue reads it
             got = None
             for q in d.queues:
