@@ -151,3 +151,20 @@ def drain(fds_to_queues: dict[int, object], read: Callable[[object], list[bytes]
             got[q].extend(pkts)
             total += len(pkts)
     return got
+
+
+def cli_in_process(argv: list[str]) -> tuple[int, str, str]:
+    """Run the `mqtun` CLI in this process (e.g. in a forked, unprivileged child from
+    `run_as`): exit code, stdout, stderr."""
+    import contextlib
+    import io
+
+    from mqtun.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+    return code, out.getvalue(), err.getvalue()

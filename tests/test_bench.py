@@ -8,8 +8,6 @@ every row and column of what ran, and the chart must be a PNG. No figure is asse
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import re
@@ -17,11 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from nettools import run_as
+from nettools import cli_in_process, run_as
 
 import mqtun
 from mqtun.apps.bench import SHORT_CONFIGS, WORKLOADS
-from mqtun.cli import main
 
 SHORT_WORKLOADS = ("tcp4", "rr8", "udp16")
 
@@ -93,21 +90,12 @@ def test_bench_short_writes_every_row_column_and_the_chart(tmp_path: Path) -> No
     assert _topology_namespaces() <= before, "namespaces left behind"
 
 
-def _cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-    return code, out.getvalue(), err.getvalue()
-
-
 def test_bench_refuses_unknown_names_and_non_root(tmp_path: Path) -> None:
-    code, _, err = _cli(["bench", "--configs", "veth,nosuch", "--out", str(tmp_path)])
+    code, _, err = cli_in_process(["bench", "--configs", "veth,nosuch", "--out", str(tmp_path)])
     assert code == 2 and "nosuch" in err and err.count("\n") == 1
-    code, _, err = _cli(["bench", "--workloads", "tcp9", "--out", str(tmp_path)])
+    code, _, err = cli_in_process(["bench", "--workloads", "tcp9", "--out", str(tmp_path)])
     assert code == 2 and "tcp9" in err
-    code, _, err = run_as("nobody", lambda: _cli(["bench", "--short", "--out", "/nonexistent"]))
+    code, _, err = run_as("nobody",
+                          lambda: cli_in_process(["bench", "--short", "--out", "/nonexistent"]))
     assert code == 1 and "needs root" in err and err.count("\n") == 1
     assert not list(tmp_path.iterdir())  # refused before anything was written

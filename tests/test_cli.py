@@ -105,22 +105,6 @@ def test_console_script_and_version() -> None:
     assert out.returncode == 0 and out.stdout.startswith("mqtun ")
 
 
-def _cli_in_process(argv: list[str]) -> tuple[int, str, str]:
-    """Run the CLI in this process (for a forked, unprivileged child): code, stdout, stderr."""
-    import contextlib
-    import io
-
-    from mqtun.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-    return code, out.getvalue(), err.getvalue()
-
-
 def _preload_mqtun() -> None:
     """Import every mqtun module now: the unprivileged child cannot read root's Python tree."""
     import importlib
@@ -134,17 +118,17 @@ def _preload_mqtun() -> None:
 
 
 def test_without_cap_net_admin() -> None:
-    from nettools import run_as
+    from nettools import cli_in_process, run_as
 
     _preload_mqtun()
 
-    code, _, err = run_as("nobody", lambda: _cli_in_process(["create", "np0"]))
+    code, _, err = run_as("nobody", lambda: cli_in_process(["create", "np0"]))
     assert code == 1 and "CAP_NET_ADMIN" in err and err.count("\n") == 1
     assert find_link("np0") is None, "nothing half-created"
     assert mqtun("create", "held0").returncode == 0
-    code, _, err = run_as("nobody", lambda: _cli_in_process(["delete", "held0"]))
+    code, _, err = run_as("nobody", lambda: cli_in_process(["delete", "held0"]))
     assert code == 1 and "held0" in err and "CAP_NET_ADMIN" in err
     assert find_link("held0") is not None
-    code, out, _ = run_as("nobody", lambda: _cli_in_process(["show", "held0"]))
+    code, out, _ = run_as("nobody", lambda: cli_in_process(["show", "held0"]))
     assert code == 0 and "held0: tun" in out, "reading needs no privilege"
     assert mqtun("delete", "held0").returncode == 0

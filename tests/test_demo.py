@@ -10,7 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
-from nettools import run_as
+from nettools import cli_in_process, run_as
 
 import mqtun
 from mqtun.runtime.shm import list_regions
@@ -27,21 +27,6 @@ def _topology_namespaces() -> set[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10)
     return {line.split()[0] for line in out.stdout.splitlines()
             if re.match(r"mqtun-[abf]-", line)}
-
-
-def _cli_in_process(argv: list[str]) -> tuple[int, str, str]:
-    import contextlib
-    import io
-
-    from mqtun.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_demo_short_run_reports_every_queue_and_cleans_up() -> None:
@@ -82,7 +67,7 @@ def test_demo_short_run_reports_every_queue_and_cleans_up() -> None:
 
 
 def test_demo_refuses_without_root() -> None:
-    code, out, err = run_as("nobody", lambda: _cli_in_process(["demo", "--seconds", "1"]))
+    code, out, err = run_as("nobody", lambda: cli_in_process(["demo", "--seconds", "1"]))
     assert code == 1
     assert err.count("\n") == 1 and "needs root" in err, err
     assert out == ""

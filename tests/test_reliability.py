@@ -22,9 +22,9 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from nettools import run_as, wait_for
+from nettools import cli_in_process, run_as, wait_for
 from pyroute2 import IPRoute
-from test_cli import _cli_in_process, _preload_mqtun
+from test_cli import _preload_mqtun
 from test_forward import (
     ForwardProc,
     _link_stats,
@@ -566,7 +566,7 @@ def _links_in_here() -> set[str]:
 
 def test_cli_forward_without_cap_net_admin() -> None:
     _preload_mqtun()
-    code, _, err = run_as("nobody", lambda: _cli_in_process(["forward", "np0", "np1"]))
+    code, _, err = run_as("nobody", lambda: cli_in_process(["forward", "np0", "np1"]))
     assert code == 1 and "CAP_NET_ADMIN" in err and err.count("\n") == 1, err
     assert not {"np0", "np1"} & _links_in_here()
 

@@ -37,14 +37,28 @@ def _name(value: str) -> str:
     return value
 
 
-def _queue_count(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not 1 <= n <= 256:
-        raise argparse.ArgumentTypeError(f"queue count must be 1..256, not {n}")
-    return n
+def _number(convert: Callable[[str], Any], what: str, low: float, high: float, *,
+            above: bool = False) -> Callable[[str], Any]:
+    """An argparse type: a number in [low, high] (or (low, high] when `above`)."""
+    bounds = f"({low}, {high}]" if above else f"{low}..{high}"
+
+    def parse(value: str) -> Any:
+        try:
+            n = convert(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+        if not (low < n if above else low <= n) or n > high:
+            raise argparse.ArgumentTypeError(f"{what} must be {bounds}, not {value}")
+        return n
+
+    return parse
+
+
+_queue_count = _number(int, "queue count", 1, 256)
+_repeat_count = _number(int, "repeat count", 1, 1000)
+_frame_count = _number(int, "iterations", 1, 10**9)
+_interval = _number(float, "interval (seconds)", 0.05, 3600)
+_positive_seconds = _number(float, "seconds", 0, 3600, above=True)
 
 
 # ---- commands -------------------------------------------------------------------------------
@@ -158,7 +172,7 @@ def _add_top(sub: Any) -> None:
     p.add_argument("which", nargs="?", metavar="PID|NAME",
                    help="the process: its pid, its pool's name or PID.NAME (default: the "
                         "only one running)")
-    p.add_argument("--interval", type=_seconds, default=1.0, help="seconds between refreshes")
+    p.add_argument("--interval", type=_interval, default=1.0, help="seconds between refreshes")
     frames = p.add_mutually_exclusive_group()
     frames.add_argument("--iterations", type=_frame_count, metavar="N",
                         help="print N snapshots, one per interval, and exit (no screen)")
@@ -189,26 +203,6 @@ def _add_top(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
-def _seconds(value: str) -> float:
-    try:
-        t = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
-    if not 0.05 <= t <= 3600:
-        raise argparse.ArgumentTypeError(f"interval must be 0.05..3600 s, not {value}")
-    return t
-
-
-def _frame_count(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"iterations must be at least 1, not {n}")
-    return n
-
-
 def _add_demo(sub: Any) -> None:
     p = sub.add_parser("demo", help="a 2-queue forwarder between two namespaces, TCP and UDP "
                        "through it, per-queue shares (root; everything is removed after)")
@@ -233,22 +227,12 @@ def _add_demo(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
-def _positive_seconds(value: str) -> float:
-    try:
-        t = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
-    if not 0 < t <= 3600:
-        raise argparse.ArgumentTypeError(f"seconds must be in (0, 3600], not {value}")
-    return t
-
-
 def _add_bench(sub: Any) -> None:
     from mqtun.apps.bench import CONFIGS, WORKLOADS
 
     p = sub.add_parser("bench", help="forwarder throughput, request/response and packet rate "
                        "against veth and python-pytun (root; namespaces only)")
-    p.add_argument("--repeat", type=_queue_count, default=3, help="runs of everything (3)")
+    p.add_argument("--repeat", type=_repeat_count, default=3, help="runs of everything (3)")
     p.add_argument("--seconds", type=_positive_seconds, default=3.0,
                    help="seconds per workload run (3)")
     p.add_argument("--configs", help=f"comma-separated subset of: {', '.join(CONFIGS)}")
