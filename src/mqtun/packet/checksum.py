@@ -20,7 +20,7 @@ from typing import Final
 
 from mqtun.packet.headers import Buffer, MalformedPacket
 
-try:  # optional (`pip install mqtun[fast]`): one vectorized pass over many equal pieces
+try:  # a dependency, but the pure-Python sums stand in where it cannot be imported
     import numpy as _np
 except ImportError:  # pragma: no cover - depends on what is installed
     _np = None
