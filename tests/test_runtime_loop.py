@@ -192,3 +192,43 @@ def test_config_and_route_validation() -> None:
     with pytest.raises(InvalidArgumentError):
         IOLoop([])
     dev.close()
+
+
+@pytest.mark.parametrize("mode", [m for m in MODES if m != "uring"])
+def test_results_that_are_not_packets_are_drops_and_faults_are_reported(mode: str) -> None:
+    dev = _device()
+    q = dev.queues[0]
+
+    def handler(pkt: bytes) -> object:
+        if pkt.endswith(b"str"):
+            return "a str"
+        if pkt.endswith(b"gen"):
+            return (udp_echo(pkt) for _ in range(2))  # a generator of two answers
+        if pkt.endswith(b"none"):
+            return [udp_echo(pkt), None, 7]
+        if pkt.endswith(b"empty"):
+            return []
+        return udp_echo(pkt)
+
+    faults: list[tuple[str, str]] = []
+    run = _Running(IOLoop([Route(q, handler=handler)], LoopConfig(mode=mode),
+                          on_fault=lambda key, text: faults.append((key, text))))
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((LOCAL, 0))
+            s.settimeout(1.0)
+            for word in (b"str", b"str", b"empty"):
+                s.sendto(word, (PEER, 7))
+            s.sendto(b"gen", (PEER, 7))
+            assert s.recv(100) == b"gen" and s.recv(100) == b"gen"
+            s.sendto(b"none", (PEER, 7))
+            assert s.recv(100) == b"none"
+            assert _ping(s, 3) == 3
+    finally:
+        run.stop()
+    assert run.error is None
+    d = q.stats.dropped
+    assert d.get("bad-result") == 4 and d.get("filtered", 0) >= 1, d  # 2 str, None, 7
+    assert [k.rsplit(" ", 1)[-1] for k, _ in faults] == ["str", "NoneType"], faults
+    assert "test_runtime_loop.py" in faults[0][1]
+    dev.close()

@@ -291,3 +291,54 @@ def test_pool_runs_in_every_mode(device, pools, flows, mode: str) -> None:
     t0 = time.monotonic()
     pool.stop()
     assert time.monotonic() - t0 < 1.0
+
+
+def _faulty(info: WorkerInfo) -> Callable[[bytes], object]:
+    """Answers like tagged_reply, except: "str"/"int" return a str/an int, "list" a list
+    holding None and the answer, "raise" raises."""
+    good = tagged_reply(info.index)
+
+    def handler(pkt: bytes) -> object:
+        body = pkt[28:]
+        if body == b"str":
+            return "not a packet"
+        if body == b"int":
+            return 42
+        if body == b"list":
+            return [None, good(pkt)]
+        if body == b"raise":
+            raise KeyError("a typo in the handler")
+        return good(pkt)
+
+    return handler
+
+
+def test_handler_results_that_are_not_packets_are_counted_and_reported(
+        device, pools, flows, caplog) -> None:
+    dev = device(1)
+    events: list[mqtun.runtime.WorkerEvent] = []
+    pool = WorkerPool.serve(dev, make_handler=_faulty, on_event=events.append)
+    pools.append(pool.start())
+    pid = pool.workers[0].pid
+    f = flows(1)
+    assert f.ask(0) == 0
+    caplog.set_level("ERROR", logger="mqtun.runtime")
+    for word in (b"str", b"int", b"str", b"raise", b"raise"):
+        f.socks[0].sendto(word, (PEER, 7))
+    assert f.ask(0, b"list") == 0  # the packet in the list is written, the None is counted
+    assert f.ask(0) == 0  # the worker lives: no crash, no restart, same process
+    assert _eventually(lambda: len({e.detail.split("\n")[0] for e in pool.poll(0.05)
+                                     + events if e.kind == "handler-error"}) >= 4, 5.0)
+    kinds = [e.kind for e in events]
+    assert "crashed" not in kinds and "restarted" not in kinds and pool.workers[0].pid == pid
+    faults = [e.detail for e in events if e.kind == "handler-error"]
+    assert len(faults) == 4, faults  # one per kind: str, int, None in a list, KeyError
+    assert any("returned str" in t for t in faults) and any("returned int" in t for t in faults)
+    assert any("returned NoneType" in t for t in faults)
+    raised = [t for t in faults if t.startswith("KeyError")]
+    assert raised and "Traceback" in raised[0] and "a typo in the handler" in raised[0]
+    assert "test_runtime_workers.py" in raised[0]
+    assert sum("packet handler fault" in r.getMessage() for r in caplog.records) == 4
+    d = dev.queues[0].stats.dropped
+    assert _eventually(lambda: dev.queues[0].stats.dropped.get("bad-result") == 4), d
+    assert dev.queues[0].stats.dropped.get("handler-error") == 2

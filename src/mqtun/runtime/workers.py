@@ -14,6 +14,10 @@ are swapped for views of it, so `queue.stats` in the parent is live, and `mqtun 
 Exit codes of a worker: 0 stopped on request, 3 its device is gone, anything else (or a
 signal) a crash, which is reported as an event and restarted on its queue.
 
+A handler fault never kills a worker (`mqtun.runtime.loop.run_handler` counts it as a drop);
+the first fault of each kind is sent to the parent, which logs it (logger `mqtun.runtime`)
+and reports it as a "handler-error" event with its traceback.
+
 Fork caveats: start pools from the thread that will outlive them (a worker's parent-death
 signal fires when the *thread* that forked it exits), and not while another thread of yours
 holds a lock the worker's handler needs.
@@ -25,6 +29,7 @@ import collections
 import contextlib
 import ctypes
 import errno
+import logging
 import os
 import select
 import signal
@@ -51,6 +56,7 @@ EXIT_GONE = 3
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
 _STOP_GRACE = 0.6  # seconds a worker gets to stop before SIGKILL
+_log = logging.getLogger("mqtun.runtime")
 
 
 def parse_cpus(spec: str | Sequence[int] | None) -> list[int] | None:
@@ -90,7 +96,8 @@ def parse_cpus(spec: str | Sequence[int] | None) -> list[int] | None:
 @dataclass(frozen=True)
 class WorkerEvent:
     """Something that happened to a worker: started, crashed, restarted, stopped, gone,
-    gave-up (too many crashes: its queue is detached), grown, shrunk."""
+    gave-up (too many crashes: its queue is detached), grown, shrunk, handler-error (the
+    first fault of its kind in a handler; `detail` holds the traceback)."""
 
     kind: str
     worker: int
@@ -198,6 +205,7 @@ class WorkerPool:
         self._started = False
         self._owner_pid = os.getpid()
         self._next_index = 0
+        self._faults_seen: set[str] = set()
 
     # ---- constructors ---------------------------------------------------------------------
     @classmethod
@@ -351,11 +359,25 @@ class WorkerPool:
         for line in lines:
             try:
                 index, _pid, kind, detail = line.decode(errors="replace").split("\t", 3)
+                w = self._by_index(int(index))
             except ValueError:
                 continue
-            w = self._by_index(int(index))
-            if w is not None:
+            if w is None:
+                continue
+            if kind == "fault":
+                self._fault(w, _unescape(detail))
+            else:
                 w.last_report = (kind, detail)
+
+    def _fault(self, w: WorkerInfo, text: str) -> None:
+        """A worker's handler fault: log it and make it an event, the first of each kind."""
+        key = text.split("\n", 1)[0]
+        if key in self._faults_seen or len(self._faults_seen) >= 1024:
+            return
+        self._faults_seen.add(key)
+        _log.error("worker %d (pid %d) packet handler fault: %s", w.index, w.pid,
+                   text.split("\n", 1)[-1])
+        self._event("handler-error", w, text)
 
     def _by_index(self, index: int) -> WorkerInfo | None:
         for w in self.workers:
@@ -478,7 +500,7 @@ class WorkerPool:
     def _retire(self, w: WorkerInfo) -> None:
         """Give a stopped worker's queues private counters again and close them."""
         for q, e in zip(w.queues, w.entries, strict=True):
-            q.counters = Counters(bytearray(q.counters.slots.tobytes()))
+            q.counters = q.counters.copy()
             if self.region is not None:
                 self.region.release(e)
             q.device.remove_queue(q)
@@ -495,7 +517,7 @@ class WorkerPool:
         for w in self.workers:
             self._close_pidfd(w)
             for q in w.queues:
-                q.counters = Counters(bytearray(q.counters.slots.tobytes()))
+                q.counters = q.counters.copy()
         if self.region is not None:
             self.region.unlink()
             self.region.close()
@@ -570,9 +592,16 @@ def _worker_main(info: WorkerInfo, program: Program, config: LoopConfig, close: 
     """Runs in the forked child. Returns its exit code; never returns into the parent's code."""
 
     def report(kind: str, detail: str) -> None:
-        line = f"{info.index}\t{os.getpid()}\t{kind}\t{detail}".replace("\n", " ")[:4000]
+        line = f"{info.index}\t{os.getpid()}\t{kind}\t{detail}".replace("\n", " ")
+        # one write of at most PIPE_BUF bytes: atomic, never interleaved with another worker's
+        data = line.encode()[:4000].decode(errors="ignore").encode() + b"\n"
         with contextlib.suppress(OSError):
-            os.write(report_fd, line.encode() + b"\n")
+            os.write(report_fd, data)
+
+    def fault(key: str, text: str) -> None:
+        # the end of a traceback says most: keep it whole, shorten the start if need be
+        tail = text if len(text) <= 3000 else "...\n" + text[-3000:]
+        report("fault", _escape(f"{key[:500]}\n{tail}"))
 
     try:
         for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
@@ -592,7 +621,7 @@ def _worker_main(info: WorkerInfo, program: Program, config: LoopConfig, close: 
         info.pid = os.getpid()
         with contextlib.suppress(OSError, AttributeError):
             libc.prctl(_PR_SET_NAME, f"mqtun-w{info.index}".encode()[:15], 0, 0, 0)
-        loop = IOLoop(program(info), config)
+        loop = IOLoop(program(info), config, on_fault=fault)
         signal.signal(signal.SIGTERM, lambda *_: loop.stop())
         loop.run()
         return EXIT_STOPPED
@@ -610,3 +639,21 @@ def _worker_main(info: WorkerInfo, program: Program, config: LoopConfig, close: 
         where = f" at {tb[-1].filename}:{tb[-1].lineno}" if tb else ""
         report("error", f"{type(exc).__name__}: {exc}{where}")
         return EXIT_CRASHED
+
+
+def _escape(text: str) -> str:
+    """A multi-line text as one report line (a report is one line of the pipe)."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+
+
+def _unescape(text: str) -> str:
+    out, i = [], 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            out.append({"n": "\n", "t": "\t"}.get(text[i + 1], text[i + 1]))
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
