@@ -342,3 +342,46 @@ def test_handler_results_that_are_not_packets_are_counted_and_reported(
     d = dev.queues[0].stats.dropped
     assert _eventually(lambda: dev.queues[0].stats.dropped.get("bad-result") == 4), d
     assert dev.queues[0].stats.dropped.get("handler-error") == 2
+
+
+def _fd_targets(pid: int) -> list[str]:
+    out = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{name}"))
+        except OSError:
+            pass
+    return out
+
+
+def test_a_worker_holds_only_its_queue_and_has_its_own_signal_state(
+        device, pools, tmp_path) -> None:
+    dev = device(2)
+    other = mqtun.Device.create("wko%d", 1)  # another device of the application
+    other_name = other.name
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    old_wakeup = signal.set_wakeup_fd(wake_w)  # as asyncio does in the parent
+    try:
+        with open(tmp_path / "app.log", "w") as app_file, \
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as app_sock:
+            pool = WorkerPool.serve(dev, make_handler=_make)
+            pools.append(pool.start())
+            mine = {f"socket:[{os.fstat(app_sock.fileno()).st_ino}]", app_file.name,
+                    f"pipe:[{os.fstat(wake_w).st_ino}]"}
+            for w in pool.workers:  # (a worker lets go of the rest as soon as it starts)
+                assert _eventually(lambda w=w: not mine & set(_fd_targets(w.pid))
+                                   and _fd_targets(w.pid).count("/dev/net/tun") == 1), (
+                    _fd_targets(w.pid))  # its own queue only
+            # closing the other device in the parent removes it: no worker holds a queue of it
+            other.close()
+            assert _eventually(lambda: subprocess.run(
+                ["ip", "link", "show", other_name], capture_output=True).returncode != 0)
+            pool.stop()  # SIGTERM: a worker's handler must not write to the parent's wakeup fd
+            with pytest.raises(BlockingIOError):
+                os.read(wake_r, 16)
+    finally:
+        signal.set_wakeup_fd(old_wakeup)
+        os.close(wake_r)
+        os.close(wake_w)
+        if not other.closed:
+            other.close()

@@ -2,9 +2,13 @@
 
 Threads cannot run Python packet handlers in parallel (the GIL), so each queue (or each pair
 of queues, for a forwarder) gets a process of its own. Workers are forked: a forked child
-inherits the queue fds as they are, so no fd needs passing, and it closes every queue fd that
-is not its own at once (a copy left open elsewhere would keep a closed queue alive in the
-kernel). The parent keeps its own copy of every queue fd, which is what lets it restart a
+inherits the queue fds as they are, so no fd needs passing. At once it lets go of every other
+fd it inherited -- other queues and devices, sockets, files, other pools' pipes: a copy left
+open in a worker would keep a closed queue or device alive in the kernel -- keeping only its
+queues, its report pipe, stdin/stdout/stderr and the pool's `keep_fds`. (Each other fd
+number is pointed at /dev/null rather than freed, so an inherited Python object that closes
+"its" fd later cannot close a number the worker reuses.) Its signal state is its own: no
+inherited Python signal handler, `signal.set_wakeup_fd` or blocked signal. The parent keeps its own copy of every queue fd, which is what lets it restart a
 crashed worker on the *same* queue without the kernel noticing: the queue's flows stay put.
 
 Counters live in a shared-memory region (`mqtun.runtime.shm`); the parent's `Queue.counters`
@@ -181,7 +185,10 @@ class WorkerPool:
         restart_window: float = 10.0,
         capacity: int = 256,
         on_event: Callable[[WorkerEvent], None] | None = None,
+        keep_fds: Sequence[int] = (),
     ) -> None:
+        """`keep_fds`: fds of the parent the handlers use (e.g. a socket opened before
+        `start()`); a worker holds no other fd of the parent's."""
         if not devices:
             raise InvalidArgumentError("a worker pool needs at least one device")
         self.devices = list(devices)
@@ -194,6 +201,7 @@ class WorkerPool:
         self.restart_window = restart_window
         self.capacity = capacity
         self.on_event = on_event
+        self.keep_fds = tuple(keep_fds)
         self.workers: list[WorkerInfo] = []
         self.events: collections.deque[WorkerEvent] = collections.deque(maxlen=1000)
         self.region: Region | None = None
@@ -274,17 +282,13 @@ class WorkerPool:
 
     def _spawn(self, info: WorkerInfo) -> None:
         assert self.region is not None
-        keep = {q.fd for q in info.queues}
-        close = [q.fd for d in self.devices for q in d.queues
-                 if not q.closed and q.fd not in keep]
-        close += [w.pidfd for w in self.workers if w.pidfd >= 0]
-        close += [self._wake_r, self._wake_w, self._report_r]
+        keep = {0, 1, 2, self._report_w, *self.keep_fds, *(q.fd for q in info.queues)}
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
             code = EXIT_CRASHED
             try:
-                code = _worker_main(info, self.program, self.loop_config, close, parent,
+                code = _worker_main(info, self.program, self.loop_config, keep, parent,
                                     self._report_w)
             finally:
                 os._exit(code)
@@ -587,7 +591,40 @@ def _index_or(index: int | None, default: int) -> int:
 
 
 # ---- the worker process -------------------------------------------------------------------
-def _worker_main(info: WorkerInfo, program: Program, config: LoopConfig, close: list[int],
+def _own_signals() -> None:
+    """Forget the parent's signal state: Python handlers (asyncio's among them), the wakeup
+    fd, the blocked-signal mask."""
+    signal.set_wakeup_fd(-1)
+    for sig in signal.valid_signals():
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            if callable(signal.getsignal(sig)):
+                signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # the parent decides; these go to the group
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
+def _keep_only(keep: set[int]) -> None:
+    """Let go of every inherited fd not in `keep`: each is pointed at /dev/null, so its
+    number stays taken (an inherited object closing "its" fd cannot hit one we reuse)."""
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd in keep or fd == null:
+                continue
+            try:
+                os.fstat(fd)  # the listing's own directory fd is closed by now
+            except OSError:
+                continue
+            os.dup2(null, fd, inheritable=False)
+    finally:
+        os.close(null)
+
+
+def _worker_main(info: WorkerInfo, program: Program, config: LoopConfig, keep: set[int],
                  parent: int, report_fd: int) -> int:
     """Runs in the forked child. Returns its exit code; never returns into the parent's code."""
 
@@ -604,18 +641,13 @@ def _worker_main(info: WorkerInfo, program: Program, config: LoopConfig, close: 
         report("fault", _escape(f"{key[:500]}\n{tail}"))
 
     try:
-        for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)  # the parent decides; these go to the group
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _own_signals()
         libc = ctypes.CDLL(None, use_errno=True)
         with contextlib.suppress(OSError, AttributeError):
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != parent:
             return EXIT_STOPPED  # the parent died before we set PDEATHSIG
-        for fd in close:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        _keep_only(keep)
         if info.cpu is not None:
             os.sched_setaffinity(0, {info.cpu})
         info.pid = os.getpid()
