@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from scapy.layers.inet import ICMP, IP
+from scapy.layers.inet import ICMP, IP, UDP
 from wg_peer import WireguardGo, need_wireguard_go
 
 from mqtun.netns import NetNamespace
@@ -115,3 +115,107 @@ def test_we_initiate_and_ping(lab: tuple[Ours, WireguardGo]) -> None:
     stats = wg.peer_stats(public_key(OUR_KEY))
     assert abs(stats.latest_handshake - time.time()) < 30
     assert stats.rx_bytes > 0 and stats.tx_bytes > 0
+
+
+def test_wireguard_go_initiates_and_we_answer(lab: tuple[Ours, WireguardGo]) -> None:
+    """A UDP datagram from their side starts their handshake; our UDP answer reaches them."""
+    ours, wg = lab
+    _configure(ours, wg)
+    with wg.ns.enter():
+        theirs = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with theirs:
+        theirs.bind((THEIR_TUNNEL, 0))
+        theirs.settimeout(10)
+        theirs.sendto(b"hello from wireguard-go", (OUR_TUNNEL, 4242))
+        packets = ours.pump(lambda ps: any(IP(p).haslayer(UDP) for p in ps))
+        request = next(IP(p) for p in packets if IP(p).haslayer(UDP))
+        assert bytes(request[UDP].payload) == b"hello from wireguard-go"
+        answer = IP(src=OUR_TUNNEL, dst=request.src) / UDP(sport=4242, dport=request[UDP].sport) \
+            / b"hello from mqtun"
+        ours.emit(ours.core.send(bytes(answer), time.monotonic()))
+        assert theirs.recvfrom(2048) == (b"hello from mqtun", (OUR_TUNNEL, 4242))
+    assert messages.parse(ours.received[0]).__class__ is messages.Initiation
+    peer = next(iter(ours.core.peers.values()))
+    current = peer.session.current
+    assert current is not None and not current.keypair.is_initiator  # confirmed by their data
+    assert peer.endpoint == (THEIR_UNDERLAY, THEIR_PORT)
+
+
+def test_preshared_key(lab: tuple[Ours, WireguardGo]) -> None:
+    ours, wg = lab
+    _configure(ours, wg, psk=PSK)
+    _ping_through(ours)
+    assert wg.wg("show", wg.name, "preshared-keys").split()[1] != "(none)"
+
+
+def test_mismatched_preshared_key_fails_the_handshake(lab: tuple[Ours, WireguardGo]) -> None:
+    ours, wg = lab
+    _configure(ours, wg, psk=PSK)
+    peer = next(iter(ours.core.peers.values()))
+    peer.handshake.preshared_key = bytes(32)
+    ours.emit(ours.core.initiate(peer, time.monotonic()))
+    ours.pump(lambda _: ours.core.drops["decrypt_failed"] > 0)  # their response does not open
+    assert peer.session.current is None
+
+
+def _drain(ours: Ours, quiet: float = 0.3) -> None:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and select.select([ours.sock], [], [], quiet)[0]:
+        data, src = ours.sock.recvfrom(65536)
+        ours.received.append(data)
+        ours.emit(ours.core.receive(data, src[:2], time.monotonic()))
+
+
+def test_wg_show_figures_match_ours(lab: tuple[Ours, WireguardGo]) -> None:
+    ours, wg = lab
+    _configure(ours, wg)
+    for seq in range(1, 4):
+        _ping_through(ours, seq)
+    _drain(ours)
+    peer = next(iter(ours.core.peers.values()))
+    stats = wg.peer_stats(public_key(OUR_KEY))
+    # both sides count whole datagrams of authenticated messages
+    assert (stats.rx_bytes, stats.tx_bytes) == (peer.tx_bytes, peer.rx_bytes)
+    assert stats.endpoint == f"{OUR_UNDERLAY}:{OUR_PORT}"
+    assert abs(stats.latest_handshake - peer.last_handshake_ns // 1_000_000_000) <= 1
+
+
+def test_replays_and_forgeries_change_nothing(lab: tuple[Ours, WireguardGo]) -> None:
+    ours, wg = lab
+    _configure(ours, wg)
+    _ping_through(ours)
+    _drain(ours)
+    before = wg.peer_stats(public_key(OUR_KEY))
+    initiation = next(d for d in ours.sent if d[0] == messages.INITIATION)
+    transport = [d for d in ours.sent if d[0] == messages.TRANSPORT][-1]
+    forged_transport = transport[:-1] + bytes([transport[-1] ^ 1])
+    forged_initiation = initiation[:40] + os.urandom(76) + initiation[116:]
+    for attack in (initiation, transport, forged_transport, forged_initiation,
+                   b"\x04\x00\x00\x00" + transport[4:20]):
+        ours.sock.sendto(attack, (THEIR_UNDERLAY, THEIR_PORT))
+    time.sleep(0.3)
+    after = wg.peer_stats(public_key(OUR_KEY))
+    assert (after.rx_bytes, after.latest_handshake) == (before.rx_bytes, before.latest_handshake)
+    _ping_through(ours, seq=2)  # the session survived
+
+    # our side: their replayed and forged messages are counted drops, never packets
+    core = ours.core
+    theirs = [d for d in ours.received if d[0] == messages.TRANSPORT]
+    response = next(d for d in ours.received if d[0] == messages.RESPONSE)
+    src = (THEIR_UNDERLAY, THEIR_PORT)
+    now = time.monotonic()
+    assert core.receive(theirs[0], src, now).packets == []
+    assert core.drops["replay"] == 1
+    assert core.receive(theirs[-1], src, now).packets == []
+    assert core.drops["replay"] == 2
+    # a counter never used, under a tag that cannot verify: refused, and the window stays put
+    keys = next(iter(core.peers.values())).session.current
+    assert keys is not None
+    last = keys.window.last
+    forged = theirs[-1][:8] + (last + 1000).to_bytes(8, "little") + theirs[-1][16:]
+    assert core.receive(forged, src, now).packets == []
+    assert core.drops["decrypt_failed"] == 1 and keys.window.last == last
+    assert core.receive(response, src, now).datagrams == []
+    assert core.drops["unknown_index"] + core.drops["bad_state"] == 1
+    assert core.receive(theirs[-1][:20], src, now).packets == []
+    assert core.drops["short"] == 1
