@@ -97,7 +97,7 @@ def _consume(b: StaticIdentity, hb: Handshake, data: bytes, now: float) -> Hands
 
 
 def test_both_roles_derive_mirrored_keys() -> None:
-    a, ha, b, hb = _pair(PSK)
+    _a, ha, b, hb = _pair(PSK)
     init = ha.create_initiation(1, tai64n(time.time_ns()), 1.0)
     assert _consume(b, hb, init, 1.0) is hb and hb.state is HandshakeState.INITIATION_CONSUMED
     resp, kb = hb.create_response(2, 1.0)
@@ -111,7 +111,7 @@ def test_both_roles_derive_mirrored_keys() -> None:
 
 
 def test_replayed_initiation_timestamp_and_flood_are_refused() -> None:
-    a, ha, b, hb = _pair()
+    _a, ha, b, hb = _pair()
     first = ha.create_initiation(1, tai64n(10**18), 1.0)
     assert _consume(b, hb, first, 1.0) is hb
     replay = _consume(b, hb, first, 5.0)
@@ -123,7 +123,7 @@ def test_replayed_initiation_timestamp_and_flood_are_refused() -> None:
 
 
 def test_unknown_peer_and_tampering() -> None:
-    a, ha, b, hb = _pair()
+    _a, ha, b, hb = _pair()
     init = ha.create_initiation(1, tai64n(time.time_ns()), 1.0)
     msg = m.parse(init)
     assert isinstance(msg, m.Initiation)
