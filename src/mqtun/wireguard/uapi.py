@@ -27,6 +27,7 @@ __all__ = [
     "format_endpoint",
     "format_get",
     "parse_endpoint",
+    "parse_get",
     "response",
 ]
 
@@ -295,3 +296,40 @@ class RequestReader:
             else:
                 out.append(UapiRequest("invalid"))
                 return out
+
+
+def parse_get(body: str) -> DeviceConfig:
+    """A get answer's body -> the DeviceConfig it describes (the client side, and a test oracle)."""
+    config = DeviceConfig()
+    peer: PeerConfig | None = None
+    for line in body.split("\n"):
+        key, sep, value = line.partition("=")
+        if not sep:
+            continue
+        if key == "private_key":
+            config.private_key = bytes.fromhex(value)
+        elif key == "listen_port":
+            config.listen_port = int(value)
+        elif key == "fwmark":
+            config.fwmark = int(value)
+        elif key == "public_key":
+            peer = config.peers[bytes.fromhex(value)] = PeerConfig(bytes.fromhex(value))
+        elif peer is None or key in ("protocol_version", "errno"):
+            continue
+        elif key == "preshared_key":
+            peer.preshared_key = bytes.fromhex(value)
+        elif key == "endpoint":
+            peer.endpoint = parse_endpoint(value)
+        elif key == "persistent_keepalive_interval":
+            peer.persistent_keepalive_interval = int(value)
+        elif key == "allowed_ip":
+            peer.allowed_ips.append(ipaddress.ip_network(value, strict=False))
+        elif key == "last_handshake_time_sec":
+            peer.last_handshake_time_ns += int(value) * 1_000_000_000
+        elif key == "last_handshake_time_nsec":
+            peer.last_handshake_time_ns += int(value)
+        elif key == "rx_bytes":
+            peer.rx_bytes = int(value)
+        elif key == "tx_bytes":
+            peer.tx_bytes = int(value)
+    return config
