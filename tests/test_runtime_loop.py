@@ -4,6 +4,7 @@ device ends the loop cleanly."""
 
 from __future__ import annotations
 
+import errno
 import socket
 import subprocess
 import threading
@@ -232,3 +233,30 @@ def test_results_that_are_not_packets_are_drops_and_faults_are_reported(mode: st
     assert [k.rsplit(" ", 1)[-1] for k, _ in faults] == ["str", "NoneType"], faults
     assert "test_runtime_loop.py" in faults[0][1]
     dev.close()
+
+
+def test_a_closed_queue_is_not_a_deleted_device() -> None:
+    dev = _device()
+    q = dev.queues[0]
+    with pytest.raises(mqtun.MqtunError, match="closed"):  # closed before: refused at once
+        with IOLoop([Route(_closed_queue(), handler=udp_echo)]) as lp:
+            lp.run()
+    run = _Running(IOLoop([Route(q, handler=udp_echo)], LoopConfig(mode="busy")))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((LOCAL, 0))
+        s.settimeout(1.0)
+        assert _ping(s, 2) == 2  # running
+    q.close()  # the application's own close: the loop's next read gives EBADF
+    run.thread.join(3)
+    assert not run.thread.is_alive()
+    assert isinstance(run.error, mqtun.MqtunError) and run.error.errno == errno.EBADF
+    assert not isinstance(run.error, DeviceGoneError) and "closed" in str(run.error)
+    run.loop.close()
+    dev.close()
+
+
+def _closed_queue() -> mqtun.Queue:
+    other = mqtun.Device.create("lpc%d")
+    q = other.queues[0]
+    other.close()
+    return q

@@ -385,3 +385,22 @@ def test_a_worker_holds_only_its_queue_and_has_its_own_signal_state(
         os.close(wake_w)
         if not other.closed:
             other.close()
+
+
+def test_a_detached_queue_is_quiet_never_gone(device, pools, flows) -> None:
+    dev = device(2)
+    events: list[mqtun.runtime.WorkerEvent] = []
+    pool = WorkerPool.serve(dev, make_handler=_make, on_event=events.append)
+    pools.append(pool.start())
+    f = flows(16)
+    assert {w.pop() for w in f.round(rounds=1).values()} == {0, 1}
+    dev.queues[1].disable()  # the user's own detach: its worker waits, it is not "gone"
+    assert {w.pop() for w in flows(16).round(rounds=1).values()} == {0}
+    pool.poll(0.2)
+    assert all(w.alive for w in pool.workers) and not pool.gone
+    assert not {"gone", "crashed"} & {e.kind for e in events}
+    dev.queues[1].enable()
+    assert 1 in {w.pop() for w in flows(32).round(rounds=1).values()}
+    # a deleted device is always "gone", for every worker
+    subprocess.run(["ip", "link", "del", dev.name], check=True, timeout=10)
+    assert _wait_events(pool, {"gone"}).count("gone") == 2

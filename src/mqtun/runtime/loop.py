@@ -309,7 +309,13 @@ class IOLoop:
         self.close()
 
     def run(self) -> None:
-        """Serve the routes until stopped. Raises DeviceGoneError if a device disappears."""
+        """Serve the routes until stopped. Raises DeviceGoneError if a device disappears, and
+        MqtunError (EBADF) if a queue is closed under it."""
+        for r in self.routes:
+            for q in (r.src, r.out):
+                if q.closed:
+                    raise MqtunError(errno.EBADF, f"queue of {q.device.name} is closed",
+                                     op="read")
         mode = self.config.mode
         if mode == "uring":
             self._run_uring()

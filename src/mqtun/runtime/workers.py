@@ -660,11 +660,8 @@ def _worker_main(info: WorkerInfo, program: Program, config: LoopConfig, keep: s
     except DeviceGoneError as exc:
         report("gone", str(exc))
         return EXIT_GONE
-    except MqtunError as exc:
-        if exc.errno in (errno.EBADF,):
-            report("gone", str(exc))
-            return EXIT_GONE
-        report("error", f"{type(exc).__name__}: {exc}")
+    except MqtunError as exc:  # e.g. its queue closed under it: a crash, restarted on the
+        report("error", f"{type(exc).__name__}: {exc}")  # parent's copy of the queue
         return EXIT_CRASHED
     except BaseException as exc:  # a crash: tell the supervisor what it was
         tb = traceback.extract_tb(exc.__traceback__)
