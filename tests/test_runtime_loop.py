@@ -5,6 +5,7 @@ device ends the loop cleanly."""
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import subprocess
 import threading
@@ -260,3 +261,15 @@ def _closed_queue() -> mqtun.Queue:
     q = other.queues[0]
     other.close()
     return q
+
+
+def test_an_unclosed_loop_does_not_leak_its_wake_pipe() -> None:
+    import gc
+
+    dev = _device()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        IOLoop([Route(dev.queues[0], handler=udp_echo)])  # never closed
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == before
+    dev.close()

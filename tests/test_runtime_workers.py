@@ -404,3 +404,25 @@ def test_a_detached_queue_is_quiet_never_gone(device, pools, flows) -> None:
     # a deleted device is always "gone", for every worker
     subprocess.run(["ip", "link", "del", dev.name], check=True, timeout=10)
     assert _wait_events(pool, {"gone"}).count("gone") == 2
+
+
+def test_pool_supervises_pidfds_numbered_past_1024(device, pools, flows) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), max(hard, 4096)))
+    null = os.open(os.devnull, os.O_RDONLY)
+    filler = [os.dup(null) for _ in range(1100)]  # the application holds many fds
+    try:
+        dev = device(2)
+        pool = WorkerPool.serve(dev, make_handler=_make)
+        pools.append(pool.start())
+        assert min(w.pidfd for w in pool.workers) > 1024
+        pool.poll(0.05)
+        os.kill(pool.workers[0].pid, signal.SIGKILL)
+        assert "restarted" in _wait_events(pool, {"restarted"})
+        assert all(len(w) == 1 for w in flows(4).round(rounds=1).values())
+    finally:
+        for fd in (null, *filler):
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

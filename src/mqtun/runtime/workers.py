@@ -334,9 +334,11 @@ class WorkerPool:
         worker on its queue). Returns the events that happened."""
         before = len(self.events)
         live = [w for w in self.workers if w.alive]
-        fds = [self._wake_r, self._report_r] + [w.pidfd for w in live if w.pidfd >= 0]
+        poller = select.poll()  # not select(): pidfds may be numbered past 1024
+        for fd in [self._wake_r, self._report_r] + [w.pidfd for w in live if w.pidfd >= 0]:
+            poller.register(fd, select.POLLIN)
         try:
-            ready, _, _ = select.select(fds, [], [], timeout)
+            ready = [fd for fd, _ in poller.poll(None if timeout is None else timeout * 1000)]
         except InterruptedError:
             ready = []
         if self._wake_r in ready:
