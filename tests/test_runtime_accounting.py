@@ -74,3 +74,56 @@ def test_one_undecodable_header_does_not_lose_the_batch() -> None:
         assert len(got) == 1  # the long one decodes (wrongly, but it decodes)
         st = q.stats
         assert st.read_packets == 3 and st.dropped == {"malformed": 2}
+
+
+def _udp_echo(pkt: bytes) -> bytes | None:
+    if len(pkt) < 28 or pkt[0] != 0x45 or pkt[9] != 17:
+        return None
+    return pkt[:12] + pkt[16:20] + pkt[12:16] + pkt[22:24] + pkt[20:22] + pkt[24:]
+
+
+def test_counters_wrap_past_2_to_the_64() -> None:
+    import threading
+
+    from mqtun.runtime import IOLoop, LoopConfig, Route
+    from mqtun.stats import READ_BYTES, READ_PACKETS, WRITTEN_PACKETS, Counters
+
+    top = 2**64
+    with mqtun.Device.create("acw%d") as dev:
+        dev.link.add_address(f"{LOCAL}/24")
+        dev.link.up()
+        with open(f"/proc/sys/net/ipv6/conf/{dev.name}/disable_ipv6", "w") as f:
+            f.write("1")
+        q = dev.queues[0]
+        for slot in (READ_PACKETS, READ_BYTES, WRITTEN_PACKETS):
+            q.counters.slots[slot] = top - 2
+        errors: list[BaseException] = []
+        loop = IOLoop([Route(q, handler=_udp_echo)], LoopConfig(mode="epoll", batch=1))
+
+        def run() -> None:
+            try:
+                loop.run()
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind((LOCAL, 0))
+                s.settimeout(1.0)
+                for i in range(5):
+                    s.sendto(b"w%d" % i, (PEER, 7))
+                    assert s.recv(100) == b"w%d" % i
+        finally:
+            loop.stop()
+            t.join(5)
+            loop.close()
+        assert not errors and not t.is_alive()
+        st = q.stats
+        assert st.read_packets == 3 and st.written_packets == 3  # (2**64 - 2 + 5) mod 2**64
+        assert st.read_bytes == (top - 2 + 5 * 30) % top
+        c = Counters()
+        c.drop(mqtun.DropReason.FILTERED, top - 1)
+        c.drop(mqtun.DropReason.FILTERED, 2)
+        assert c.snapshot().dropped == {"filtered": 1}
