@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "COUNTER_FIELDS",
+    "DROP_FOR_ERRNO",
     "SLOT_COUNT",
     "Counters",
     "DropReason",
@@ -45,7 +46,7 @@ class DropReason(enum.IntEnum):
 
 
 # Why the kernel refused a write, by errno: the one map every writer uses.
-_DROP_FOR_ERRNO = {
+DROP_FOR_ERRNO: Mapping[int, DropReason] = {
     errno.EINVAL: DropReason.REFUSED,  # bad packet for this device, bad virtio-net header
     errno.EIO: DropReason.LINK_DOWN,  # the link is down
     errno.EMSGSIZE: DropReason.TOO_BIG,
@@ -57,7 +58,7 @@ _DROP_FOR_ERRNO = {
 
 def drop_reason(err: int | None) -> DropReason:
     """The DropReason of a write the kernel refused with `err`."""
-    return _DROP_FOR_ERRNO.get(err or 0, DropReason.WRITE_ERROR)
+    return DROP_FOR_ERRNO.get(err or 0, DropReason.WRITE_ERROR)
 
 
 COUNTER_FIELDS = (
