@@ -239,9 +239,9 @@ def test_results_that_are_not_packets_are_drops_and_faults_are_reported(mode: st
 def test_a_closed_queue_is_not_a_deleted_device() -> None:
     dev = _device()
     q = dev.queues[0]
-    with pytest.raises(mqtun.MqtunError, match="closed"):  # closed before: refused at once
-        with IOLoop([Route(_closed_queue(), handler=udp_echo)]) as lp:
-            lp.run()
+    with pytest.raises(mqtun.MqtunError, match="closed"), \
+            IOLoop([Route(_closed_queue(), handler=udp_echo)]) as lp:
+        lp.run()  # closed before: refused at once
     run = _Running(IOLoop([Route(q, handler=udp_echo)], LoopConfig(mode="busy")))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind((LOCAL, 0))

@@ -4,6 +4,7 @@ pinning, live shared-memory counters, prompt stop, a deleted device."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -347,10 +348,8 @@ def test_handler_results_that_are_not_packets_are_counted_and_reported(
 def _fd_targets(pid: int) -> list[str]:
     out = []
     for name in os.listdir(f"/proc/{pid}/fd"):
-        try:
+        with contextlib.suppress(OSError):
             out.append(os.readlink(f"/proc/{pid}/fd/{name}"))
-        except OSError:
-            pass
     return out
 
 

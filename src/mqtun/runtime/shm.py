@@ -2,10 +2,11 @@
 
 A runtime parent creates one region per pool, a file under /dev/shm named
 ``mqtun.<pid>.<name>.<16 random hex digits>`` (created with O_EXCL: a name nobody can take
-first, since /dev/shm is world-writable), maps it, and hands each worker the `Counters` of its queue(s) backed
-by that mapping (fork keeps a MAP_SHARED mapping shared). The parent, `mqtun show`, `mqtun top`
-or any other process reads the figures live with `open_region()`; nobody but the worker writes
-a queue's slots, and every slot is an aligned 64-bit word, so a reader never sees a torn value.
+first, since /dev/shm is world-writable), maps it, and hands each worker the `Counters` of
+its queue(s) backed by that mapping (fork keeps a MAP_SHARED mapping shared). The parent,
+`mqtun show`, `mqtun top` or any other process reads the figures live with `open_region()`;
+nobody but the worker writes a queue's slots, and every slot is an aligned 64-bit word, so a
+reader never sees a torn value.
 
 Layout (native byte order, all offsets fixed by the header itself):
 
@@ -150,7 +151,7 @@ class Region:
         self.path = path
         self._mm = mm
         self.owner = owner
-        (magic, version, header_size, entry_size, slot_count, capacity, _used, pid,
+        (_magic, version, header_size, entry_size, slot_count, capacity, _used, pid,
          pid_start, created, ndevices, name, devices, fields) = _check_header(path, mm)
         self._view = memoryview(mm)
         self.version = version
@@ -264,7 +265,8 @@ class Region:
                 if entry >= self.used:
                     struct.pack_into("=I", self._mm, _USED_OFFSET, entry + 1)
                 return entry
-        raise MqtunError(28, f"counters region {self.path} is full ({self.capacity} entries)",
+        raise MqtunError(errno.ENOSPC,
+                         f"counters region {self.path} is full ({self.capacity} entries)",
                          op="claim")
 
     def release(self, entry: int) -> None:
@@ -324,7 +326,7 @@ class Region:
     # ---- lifecycle ----------------------------------------------------------------------------
     def _require_owner(self) -> None:
         if not self.owner:
-            raise MqtunError(1, f"counters region {self.path} is opened read-only",
+            raise MqtunError(errno.EPERM, f"counters region {self.path} is opened read-only",
                              op="region")
 
     def close(self) -> None:
@@ -449,7 +451,7 @@ def open_region(which: str | int, directory: str = SHM_DIR) -> Region:
         match = [r for r in found if f"{r.pid}.{r.name}" == which or r.name == which]
     live = [r for r in match if r.alive] or match
     if not live:
-        raise MqtunError(2, f"no mqtun counters region {which!r} under {directory}",
+        raise MqtunError(errno.ENOENT, f"no mqtun counters region {which!r} under {directory}",
                          op="open_region")
     return Region.open(live[-1].path)
 

@@ -8,8 +8,9 @@ open in a worker would keep a closed queue or device alive in the kernel -- keep
 queues, its report pipe, stdin/stdout/stderr and the pool's `keep_fds`. (Each other fd
 number is pointed at /dev/null rather than freed, so an inherited Python object that closes
 "its" fd later cannot close a number the worker reuses.) Its signal state is its own: no
-inherited Python signal handler, `signal.set_wakeup_fd` or blocked signal. The parent keeps its own copy of every queue fd, which is what lets it restart a
-crashed worker on the *same* queue without the kernel noticing: the queue's flows stay put.
+inherited Python signal handler, `signal.set_wakeup_fd` or blocked signal. The parent keeps
+its own copy of every queue fd, which is what lets it restart a crashed worker on the *same*
+queue without the kernel noticing: the queue's flows stay put.
 
 Counters live in a shared-memory region (`mqtun.runtime.shm`); the parent's `Queue.counters`
 are swapped for views of it, so `queue.stats` in the parent is live, and `mqtun show` or
@@ -35,7 +36,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
-import errno
 import logging
 import os
 import select
@@ -46,10 +46,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from mqtun import _uapi
 from mqtun.errors import DeviceGoneError, InvalidArgumentError, MqtunError
 from mqtun.runtime.loop import Handler, IOLoop, LoopConfig, Route
 from mqtun.runtime.shm import EntryState, Region
-from mqtun.stats import Counters, QueueStats
+from mqtun.stats import QueueStats
 
 if TYPE_CHECKING:
     from mqtun.device import Device
@@ -60,8 +61,6 @@ __all__ = ["EXIT_GONE", "WorkerEvent", "WorkerInfo", "WorkerPool", "parse_cpus"]
 EXIT_STOPPED = 0
 EXIT_CRASHED = 1
 EXIT_GONE = 3
-_PR_SET_PDEATHSIG = 1
-_PR_SET_NAME = 15
 _STOP_GRACE = 0.6  # seconds a worker gets to stop before SIGKILL
 _log = logging.getLogger("mqtun.runtime")
 
@@ -649,7 +648,7 @@ def _worker_main(info: WorkerInfo, program: Program, config: LoopConfig, keep: s
         _own_signals()
         libc = ctypes.CDLL(None, use_errno=True)
         with contextlib.suppress(OSError, AttributeError):
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+            libc.prctl(_uapi.PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != parent:
             return EXIT_STOPPED  # the parent died before we set PDEATHSIG
         _keep_only(keep)
@@ -657,7 +656,7 @@ def _worker_main(info: WorkerInfo, program: Program, config: LoopConfig, keep: s
             os.sched_setaffinity(0, {info.cpu})
         info.pid = os.getpid()
         with contextlib.suppress(OSError, AttributeError):
-            libc.prctl(_PR_SET_NAME, f"mqtun-w{info.index}".encode()[:15], 0, 0, 0)
+            libc.prctl(_uapi.PR_SET_NAME, f"mqtun-w{info.index}".encode()[:15], 0, 0, 0)
         loop = IOLoop(program(info), config, on_fault=fault)
         signal.signal(signal.SIGTERM, lambda *_: loop.stop())
         loop.run()
