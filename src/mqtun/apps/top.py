@@ -20,7 +20,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TextIO
+from typing import Any, TextIO
 
 from mqtun.errors import InvalidArgumentError, MqtunError
 from mqtun.runtime.shm import SHM_DIR, EntryInfo, Region, RegionInfo, list_regions
@@ -308,7 +308,7 @@ class _Screen:
     def __init__(self, out: TextIO, keys: TextIO | None) -> None:
         self.out = out
         self.fd = keys.fileno() if keys is not None else -1
-        self._saved: list[object] | None = None
+        self._saved: list[Any] | None = None
 
     def __enter__(self) -> _Screen:
         import termios

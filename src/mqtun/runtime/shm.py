@@ -43,6 +43,7 @@ import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from mqtun.errors import InvalidArgumentError, MqtunError
 from mqtun.stats import COUNTER_FIELDS, SLOT_COUNT, Counters, DropReason, QueueStats
@@ -154,14 +155,14 @@ class Region:
         (_magic, version, header_size, entry_size, slot_count, capacity, _used, pid,
          pid_start, created, ndevices, name, devices, fields) = _check_header(path, mm)
         self._view = memoryview(mm)
-        self.version = version
-        self.header_size = header_size
-        self.entry_size = entry_size
-        self.slot_count = slot_count
-        self.capacity = capacity
-        self.pid = pid
-        self.pid_start = pid_start
-        self.created = created
+        self.version: int = version
+        self.header_size: int = header_size
+        self.entry_size: int = entry_size
+        self.slot_count: int = slot_count
+        self.capacity: int = capacity
+        self.pid: int = pid
+        self.pid_start: int = pid_start
+        self.created: float = created
         self.name = name.rstrip(b"\0").decode(errors="replace")
         raw = [devices[i * 16:(i + 1) * 16].rstrip(b"\0").decode(errors="replace")
                for i in range(ndevices)]
@@ -309,14 +310,17 @@ class Region:
         values = list(struct.unpack_from(f"={self.slot_count}Q", self._mm, off))
         stats = self._stats_from(values)
         name = self.devices[dev] if dev < len(self.devices) else f"#{dev}"
-        return EntryInfo(entry, name, queue, pid, EntryState(state) if state in
-                         EntryState._value2member_map_ else EntryState.FREE, restarts,
-                         None if cpu < 0 else cpu, stats)
+        known = state in {s.value for s in EntryState}
+        return EntryInfo(entry, name, queue, pid, EntryState(state) if known else EntryState.FREE,
+                         restarts, None if cpu < 0 else cpu, stats)
 
     def _stats_from(self, values: list[int]) -> QueueStats:
         by_name = dict(zip(self.fields, values, strict=False))
         drops = {k[5:]: v for k, v in by_name.items() if k.startswith("drop_") and v}
-        return QueueStats(*(by_name.get(f, 0) for f in COUNTER_FIELDS), dropped=drops)
+        g = by_name.get
+        return QueueStats(g("read_packets", 0), g("read_bytes", 0), g("written_packets", 0),
+                          g("written_bytes", 0), g("read_errors", 0), g("write_errors", 0),
+                          dropped=drops)
 
     def entries(self, *, include_free: bool = False) -> list[EntryInfo]:
         """Every claimed entry (FREE ones too if asked)."""
@@ -388,7 +392,8 @@ def _open_checked(path: str) -> int:
     return fd
 
 
-def _check_header(path: str, buf: bytes | mmap.mmap, size: int | None = None) -> tuple:  # type: ignore[type-arg]
+def _check_header(path: str, buf: bytes | mmap.mmap,
+                  size: int | None = None) -> tuple[Any, ...]:
     """The header's fields if they describe a region of exactly `size` bytes, else one-line
     MqtunError."""
     if size is None:
