@@ -367,12 +367,12 @@ def _expected_owners(path: str) -> set[int]:
     owners = {os.geteuid()}
     m = _FILE_RE.match(os.path.basename(path))
     if m:  # /proc/PID/status, not the owner of /proc/PID: that is root once a process has
-        with contextlib.suppress(OSError, ValueError):  # dropped root (it is not dumpable)
-            with open(f"/proc/{m.group(1)}/status") as f:
-                for line in f:
-                    if line.startswith("Uid:"):
-                        owners.update(int(u) for u in line.split()[1:3])  # real, effective
-                        break
+        # dropped root (it is not dumpable)
+        with contextlib.suppress(OSError, ValueError), open(f"/proc/{m.group(1)}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    owners.update(int(u) for u in line.split()[1:3])  # real, effective
+                    break
     return owners
 
 
