@@ -4,6 +4,7 @@ counters that wrap past 2**64, a worker SIGKILLed in the middle of a batch."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import socket
 import struct
@@ -74,3 +75,112 @@ def test_one_undecodable_header_does_not_lose_the_batch() -> None:
         assert len(got) == 1  # the long one decodes (wrongly, but it decodes)
         st = q.stats
         assert st.read_packets == 3 and st.dropped == {"malformed": 2}
+
+
+def _udp_echo(pkt: bytes) -> bytes | None:
+    if len(pkt) < 28 or pkt[0] != 0x45 or pkt[9] != 17:
+        return None
+    return pkt[:12] + pkt[16:20] + pkt[12:16] + pkt[22:24] + pkt[20:22] + pkt[24:]
+
+
+def test_counters_wrap_past_2_to_the_64() -> None:
+    import threading
+
+    from mqtun.runtime import IOLoop, LoopConfig, Route
+    from mqtun.stats import READ_BYTES, READ_PACKETS, WRITTEN_PACKETS, Counters
+
+    top = 2**64
+    with mqtun.Device.create("acw%d") as dev:
+        dev.link.add_address(f"{LOCAL}/24")
+        dev.link.up()
+        with open(f"/proc/sys/net/ipv6/conf/{dev.name}/disable_ipv6", "w") as f:
+            f.write("1")
+        q = dev.queues[0]
+        for slot in (READ_PACKETS, READ_BYTES, WRITTEN_PACKETS):
+            q.counters.slots[slot] = top - 2
+        errors: list[BaseException] = []
+        loop = IOLoop([Route(q, handler=_udp_echo)], LoopConfig(mode="epoll", batch=1))
+
+        def run() -> None:
+            try:
+                loop.run()
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind((LOCAL, 0))
+                s.settimeout(1.0)
+                for i in range(5):
+                    s.sendto(b"w%d" % i, (PEER, 7))
+                    assert s.recv(100) == b"w%d" % i
+        finally:
+            loop.stop()
+            t.join(5)
+            loop.close()
+        assert not errors and not t.is_alive()
+        st = q.stats
+        assert st.read_packets == 3 and st.written_packets == 3  # (2**64 - 2 + 5) mod 2**64
+        assert st.read_bytes == (top - 2 + 5 * 30) % top
+        c = Counters()
+        c.drop(mqtun.DropReason.FILTERED, top - 1)
+        c.drop(mqtun.DropReason.FILTERED, 2)
+        assert c.snapshot().dropped == {"filtered": 1}
+
+
+def _stalling(info: object):  # type: ignore[no-untyped-def]
+    import time
+
+    def handler(pkt: bytes) -> bytes | None:
+        if pkt.endswith(b"stall"):
+            time.sleep(60)  # killed here
+        return _udp_echo(pkt)
+
+    return handler
+
+
+def test_a_sigkilled_worker_loses_the_counts_of_at_most_one_batch() -> None:
+    import os
+    import signal
+    import time
+
+    from mqtun.runtime import LoopConfig, WorkerPool
+
+    batch = 4
+    with mqtun.Device.create("ack%d") as dev:
+        dev.link.add_address(f"{LOCAL}/24")
+        dev.link.up()
+        with open(f"/proc/sys/net/ipv6/conf/{dev.name}/disable_ipv6", "w") as f:
+            f.write("1")
+        pool = WorkerPool.serve(dev, make_handler=_stalling,
+                                loop=LoopConfig(mode="epoll", batch=batch))
+        pool.start()
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind((LOCAL, 0))
+                s.settimeout(2.0)
+                for word in (b"a", b"b", b"c", b"stall", b"d", b"e"):
+                    s.sendto(word, (PEER, 7))
+                for word in (b"a", b"b", b"c"):
+                    assert s.recv(100) == word
+                time.sleep(0.1)  # the worker sits in the handler, mid-batch
+                os.kill(pool.workers[0].pid, signal.SIGKILL)
+                deadline = time.monotonic() + 5
+                while (time.monotonic() < deadline
+                       and "restarted" not in {e.kind for e in pool.poll(0.05)}):
+                    pass
+                for i in range(5):
+                    s.sendto(b"after%d" % i, (PEER, 7))
+                got = set()
+                with contextlib.suppress(TimeoutError):
+                    while not {b"after%d" % i for i in range(5)} <= got:
+                        got.add(s.recv(100))  # (d and e too, if still queued at the kill)
+                assert {b"after%d" % i for i in range(5)} <= got
+            time.sleep(0.2)
+            kernel = dev.link.stats()["tx_packets"]  # every packet userspace read
+            counted = dev.queues[0].stats.read_packets
+            assert 1 <= kernel - counted <= batch  # the stalled batch, never more
+        finally:
+            pool.stop()

@@ -4,6 +4,7 @@ pinning, live shared-memory counters, prompt stop, a deleted device."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -347,10 +348,8 @@ def test_handler_results_that_are_not_packets_are_counted_and_reported(
 def _fd_targets(pid: int) -> list[str]:
     out = []
     for name in os.listdir(f"/proc/{pid}/fd"):
-        try:
+        with contextlib.suppress(OSError):
             out.append(os.readlink(f"/proc/{pid}/fd/{name}"))
-        except OSError:
-            pass
     return out
 
 
@@ -385,3 +384,44 @@ def test_a_worker_holds_only_its_queue_and_has_its_own_signal_state(
         os.close(wake_w)
         if not other.closed:
             other.close()
+
+
+def test_a_detached_queue_is_quiet_never_gone(device, pools, flows) -> None:
+    dev = device(2)
+    events: list[mqtun.runtime.WorkerEvent] = []
+    pool = WorkerPool.serve(dev, make_handler=_make, on_event=events.append)
+    pools.append(pool.start())
+    f = flows(16)
+    assert {w.pop() for w in f.round(rounds=1).values()} == {0, 1}
+    dev.queues[1].disable()  # the user's own detach: its worker waits, it is not "gone"
+    assert {w.pop() for w in flows(16).round(rounds=1).values()} == {0}
+    pool.poll(0.2)
+    assert all(w.alive for w in pool.workers) and not pool.gone
+    assert not {"gone", "crashed"} & {e.kind for e in events}
+    dev.queues[1].enable()
+    assert 1 in {w.pop() for w in flows(32).round(rounds=1).values()}
+    # a deleted device is always "gone", for every worker
+    subprocess.run(["ip", "link", "del", dev.name], check=True, timeout=10)
+    assert _wait_events(pool, {"gone"}).count("gone") == 2
+
+
+def test_pool_supervises_pidfds_numbered_past_1024(device, pools, flows) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), max(hard, 4096)))
+    null = os.open(os.devnull, os.O_RDONLY)
+    filler = [os.dup(null) for _ in range(1100)]  # the application holds many fds
+    try:
+        dev = device(2)
+        pool = WorkerPool.serve(dev, make_handler=_make)
+        pools.append(pool.start())
+        assert min(w.pidfd for w in pool.workers) > 1024
+        pool.poll(0.05)
+        os.kill(pool.workers[0].pid, signal.SIGKILL)
+        assert "restarted" in _wait_events(pool, {"restarted"})
+        assert all(len(w) == 1 for w in flows(4).round(rounds=1).values())
+    finally:
+        for fd in (null, *filler):
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

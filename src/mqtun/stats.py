@@ -13,9 +13,11 @@ import enum
 import errno
 from collections.abc import Iterator, Mapping, MutableSequence
 from dataclasses import dataclass
+from typing import cast
 
 __all__ = [
     "COUNTER_FIELDS",
+    "DROP_FOR_ERRNO",
     "SLOT_COUNT",
     "Counters",
     "DropReason",
@@ -45,7 +47,7 @@ class DropReason(enum.IntEnum):
 
 
 # Why the kernel refused a write, by errno: the one map every writer uses.
-_DROP_FOR_ERRNO = {
+DROP_FOR_ERRNO: Mapping[int, DropReason] = {
     errno.EINVAL: DropReason.REFUSED,  # bad packet for this device, bad virtio-net header
     errno.EIO: DropReason.LINK_DOWN,  # the link is down
     errno.EMSGSIZE: DropReason.TOO_BIG,
@@ -57,7 +59,7 @@ _DROP_FOR_ERRNO = {
 
 def drop_reason(err: int | None) -> DropReason:
     """The DropReason of a write the kernel refused with `err`."""
-    return _DROP_FOR_ERRNO.get(err or 0, DropReason.WRITE_ERROR)
+    return DROP_FOR_ERRNO.get(err or 0, DropReason.WRITE_ERROR)
 
 
 COUNTER_FIELDS = (
@@ -85,7 +87,7 @@ class Counters:
     would raise). A read-only buffer gives read-only slots (a reader's view of a region).
     """
 
-    __slots__ = ("_buffer", "slots")
+    __slots__ = ("_buffer", "_bytes", "slots")
 
     slots: MutableSequence[int]
 
@@ -96,15 +98,15 @@ class Counters:
         if len(view) < SLOT_COUNT * 8:
             raise ValueError(f"a counter buffer needs {SLOT_COUNT * 8} bytes")
         self._buffer = buffer
-        view = view[: SLOT_COUNT * 8]
+        self._bytes = view = view[: SLOT_COUNT * 8]
         if view.readonly:
-            self.slots = view.cast("Q")
+            self.slots = cast(MutableSequence[int], view.cast("Q"))
         else:
-            self.slots = _SlotArray.from_buffer(view)  # type: ignore[assignment]
+            self.slots = cast(MutableSequence[int], _SlotArray.from_buffer(view))
 
     def tobytes(self) -> bytes:
         """The slots' current values as bytes (a private copy: `Counters(bytearray(...))`)."""
-        return bytes(memoryview(self.slots).cast("B"))  # type: ignore[arg-type]
+        return self._bytes.tobytes()
 
     def copy(self) -> Counters:
         """Private counters holding the current values (for a queue leaving shared memory)."""

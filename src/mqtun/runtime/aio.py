@@ -126,7 +126,7 @@ class AsyncQueue:
 
     def _on_readable(self) -> None:
         room = min(self.batch, self.max_buffered - len(self._buffer))
-        got = []
+        got: list[bytes] = []
         size = self.queue.read_size
         try:
             while len(got) < room:

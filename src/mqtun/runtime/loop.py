@@ -91,7 +91,7 @@ _log = logging.getLogger("mqtun.runtime")
 def uring_available() -> bool:
     """Whether the io_uring mode can run here (the `liburing` binding imports)."""
     try:
-        import liburing  # noqa: F401
+        import liburing  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
     except Exception:
         return False
     return True
@@ -309,7 +309,13 @@ class IOLoop:
         self.close()
 
     def run(self) -> None:
-        """Serve the routes until stopped. Raises DeviceGoneError if a device disappears."""
+        """Serve the routes until stopped. Raises DeviceGoneError if a device disappears, and
+        MqtunError (EBADF) if a queue is closed under it."""
+        for r in self.routes:
+            for q in (r.src, r.out):
+                if q.closed:
+                    raise MqtunError(errno.EBADF, f"queue of {q.device.name} is closed",
+                                     op="read")
         mode = self.config.mode
         if mode == "uring":
             self._run_uring()
@@ -547,7 +553,7 @@ def _handler_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callabl
 def _run_uring(loop: IOLoop) -> None:
     """io_uring through liburing: one read in flight per route; writes ride with re-arms.
     (A function of its own because it is long; it reads only the loop's public state.)"""
-    import liburing as L
+    import liburing as L  # type: ignore[import-not-found,unused-ignore]
 
     cfg = loop.config
     routes = loop.routes
@@ -592,7 +598,7 @@ def _run_uring(loop: IOLoop) -> None:
                 L.io_uring_wait_cqe_timeout(ring, cqe, ts)
             # one completion at a time: the binding's cqe[j] for j > 0 does not follow the
             # ring's wrap-around, so batch indexing misattributes completions
-            results = []
+            results: list[tuple[int, int | None]] = []
             while len(results) < 4096:
                 try:
                     if L.io_uring_peek_cqe(ring, cqe) not in (None, 0):

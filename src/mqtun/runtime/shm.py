@@ -2,10 +2,11 @@
 
 A runtime parent creates one region per pool, a file under /dev/shm named
 ``mqtun.<pid>.<name>.<16 random hex digits>`` (created with O_EXCL: a name nobody can take
-first, since /dev/shm is world-writable), maps it, and hands each worker the `Counters` of its queue(s) backed
-by that mapping (fork keeps a MAP_SHARED mapping shared). The parent, `mqtun show`, `mqtun top`
-or any other process reads the figures live with `open_region()`; nobody but the worker writes
-a queue's slots, and every slot is an aligned 64-bit word, so a reader never sees a torn value.
+first, since /dev/shm is world-writable), maps it, and hands each worker the `Counters` of
+its queue(s) backed by that mapping (fork keeps a MAP_SHARED mapping shared). The parent,
+`mqtun show`, `mqtun top` or any other process reads the figures live with `open_region()`;
+nobody but the worker writes a queue's slots, and every slot is an aligned 64-bit word, so a
+reader never sees a torn value.
 
 Layout (native byte order, all offsets fixed by the header itself):
 
@@ -42,6 +43,7 @@ import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from mqtun.errors import InvalidArgumentError, MqtunError
 from mqtun.stats import COUNTER_FIELDS, SLOT_COUNT, Counters, DropReason, QueueStats
@@ -150,17 +152,17 @@ class Region:
         self.path = path
         self._mm = mm
         self.owner = owner
-        (magic, version, header_size, entry_size, slot_count, capacity, _used, pid,
+        (_magic, version, header_size, entry_size, slot_count, capacity, _used, pid,
          pid_start, created, ndevices, name, devices, fields) = _check_header(path, mm)
         self._view = memoryview(mm)
-        self.version = version
-        self.header_size = header_size
-        self.entry_size = entry_size
-        self.slot_count = slot_count
-        self.capacity = capacity
-        self.pid = pid
-        self.pid_start = pid_start
-        self.created = created
+        self.version: int = version
+        self.header_size: int = header_size
+        self.entry_size: int = entry_size
+        self.slot_count: int = slot_count
+        self.capacity: int = capacity
+        self.pid: int = pid
+        self.pid_start: int = pid_start
+        self.created: float = created
         self.name = name.rstrip(b"\0").decode(errors="replace")
         raw = [devices[i * 16:(i + 1) * 16].rstrip(b"\0").decode(errors="replace")
                for i in range(ndevices)]
@@ -264,7 +266,8 @@ class Region:
                 if entry >= self.used:
                     struct.pack_into("=I", self._mm, _USED_OFFSET, entry + 1)
                 return entry
-        raise MqtunError(28, f"counters region {self.path} is full ({self.capacity} entries)",
+        raise MqtunError(errno.ENOSPC,
+                         f"counters region {self.path} is full ({self.capacity} entries)",
                          op="claim")
 
     def release(self, entry: int) -> None:
@@ -307,14 +310,17 @@ class Region:
         values = list(struct.unpack_from(f"={self.slot_count}Q", self._mm, off))
         stats = self._stats_from(values)
         name = self.devices[dev] if dev < len(self.devices) else f"#{dev}"
-        return EntryInfo(entry, name, queue, pid, EntryState(state) if state in
-                         EntryState._value2member_map_ else EntryState.FREE, restarts,
-                         None if cpu < 0 else cpu, stats)
+        known = state in {s.value for s in EntryState}
+        return EntryInfo(entry, name, queue, pid, EntryState(state) if known else EntryState.FREE,
+                         restarts, None if cpu < 0 else cpu, stats)
 
     def _stats_from(self, values: list[int]) -> QueueStats:
         by_name = dict(zip(self.fields, values, strict=False))
         drops = {k[5:]: v for k, v in by_name.items() if k.startswith("drop_") and v}
-        return QueueStats(*(by_name.get(f, 0) for f in COUNTER_FIELDS), dropped=drops)
+        g = by_name.get
+        return QueueStats(g("read_packets", 0), g("read_bytes", 0), g("written_packets", 0),
+                          g("written_bytes", 0), g("read_errors", 0), g("write_errors", 0),
+                          dropped=drops)
 
     def entries(self, *, include_free: bool = False) -> list[EntryInfo]:
         """Every claimed entry (FREE ones too if asked)."""
@@ -324,7 +330,7 @@ class Region:
     # ---- lifecycle ----------------------------------------------------------------------------
     def _require_owner(self) -> None:
         if not self.owner:
-            raise MqtunError(1, f"counters region {self.path} is opened read-only",
+            raise MqtunError(errno.EPERM, f"counters region {self.path} is opened read-only",
                              op="region")
 
     def close(self) -> None:
@@ -360,9 +366,13 @@ def _expected_owners(path: str) -> set[int]:
     """Who may own a region file: us, and the user the creator's pid (in the name) runs as."""
     owners = {os.geteuid()}
     m = _FILE_RE.match(os.path.basename(path))
-    if m:
-        with contextlib.suppress(OSError):
-            owners.add(os.stat(f"/proc/{m.group(1)}").st_uid)
+    if m:  # /proc/PID/status, not the owner of /proc/PID: that is root once a process has
+        # dropped root (it is not dumpable)
+        with contextlib.suppress(OSError, ValueError), open(f"/proc/{m.group(1)}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    owners.update(int(u) for u in line.split()[1:3])  # real, effective
+                    break
     return owners
 
 
@@ -386,7 +396,8 @@ def _open_checked(path: str) -> int:
     return fd
 
 
-def _check_header(path: str, buf: bytes | mmap.mmap, size: int | None = None) -> tuple:  # type: ignore[type-arg]
+def _check_header(path: str, buf: bytes | mmap.mmap,
+                  size: int | None = None) -> tuple[Any, ...]:
     """The header's fields if they describe a region of exactly `size` bytes, else one-line
     MqtunError."""
     if size is None:
@@ -449,7 +460,7 @@ def open_region(which: str | int, directory: str = SHM_DIR) -> Region:
         match = [r for r in found if f"{r.pid}.{r.name}" == which or r.name == which]
     live = [r for r in match if r.alive] or match
     if not live:
-        raise MqtunError(2, f"no mqtun counters region {which!r} under {directory}",
+        raise MqtunError(errno.ENOENT, f"no mqtun counters region {which!r} under {directory}",
                          op="open_region")
     return Region.open(live[-1].path)
 

@@ -8,12 +8,16 @@ open in a worker would keep a closed queue or device alive in the kernel -- keep
 queues, its report pipe, stdin/stdout/stderr and the pool's `keep_fds`. (Each other fd
 number is pointed at /dev/null rather than freed, so an inherited Python object that closes
 "its" fd later cannot close a number the worker reuses.) Its signal state is its own: no
-inherited Python signal handler, `signal.set_wakeup_fd` or blocked signal. The parent keeps its own copy of every queue fd, which is what lets it restart a
-crashed worker on the *same* queue without the kernel noticing: the queue's flows stay put.
+inherited Python signal handler, `signal.set_wakeup_fd` or blocked signal. The parent keeps
+its own copy of every queue fd, which is what lets it restart a crashed worker on the *same*
+queue without the kernel noticing: the queue's flows stay put.
 
 Counters live in a shared-memory region (`mqtun.runtime.shm`); the parent's `Queue.counters`
 are swapped for views of it, so `queue.stats` in the parent is live, and `mqtun show` or
-`mqtun top` read the same figures from another process.
+`mqtun top` read the same figures from another process. A worker publishes its counters
+after each drained batch, so a worker killed by SIGKILL loses the counts of at most one batch
+per route (`LoopConfig.batch` packets read, and the answers written for them); everything
+published before stays in the region and its restarted successor counts on from there.
 
 Exit codes of a worker: 0 stopped on request, 3 its device is gone, anything else (or a
 signal) a crash, which is reported as an event and restarted on its queue.
@@ -32,7 +36,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
-import errno
 import logging
 import os
 import select
@@ -43,10 +46,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from mqtun import _uapi
 from mqtun.errors import DeviceGoneError, InvalidArgumentError, MqtunError
 from mqtun.runtime.loop import Handler, IOLoop, LoopConfig, Route
 from mqtun.runtime.shm import EntryState, Region
-from mqtun.stats import Counters, QueueStats
+from mqtun.stats import QueueStats
 
 if TYPE_CHECKING:
     from mqtun.device import Device
@@ -57,8 +61,6 @@ __all__ = ["EXIT_GONE", "WorkerEvent", "WorkerInfo", "WorkerPool", "parse_cpus"]
 EXIT_STOPPED = 0
 EXIT_CRASHED = 1
 EXIT_GONE = 3
-_PR_SET_PDEATHSIG = 1
-_PR_SET_NAME = 15
 _STOP_GRACE = 0.6  # seconds a worker gets to stop before SIGKILL
 _log = logging.getLogger("mqtun.runtime")
 
@@ -334,9 +336,11 @@ class WorkerPool:
         worker on its queue). Returns the events that happened."""
         before = len(self.events)
         live = [w for w in self.workers if w.alive]
-        fds = [self._wake_r, self._report_r] + [w.pidfd for w in live if w.pidfd >= 0]
+        poller = select.poll()  # not select(): pidfds may be numbered past 1024
+        for fd in [self._wake_r, self._report_r] + [w.pidfd for w in live if w.pidfd >= 0]:
+            poller.register(fd, select.POLLIN)
         try:
-            ready, _, _ = select.select(fds, [], [], timeout)
+            ready = [fd for fd, _ in poller.poll(None if timeout is None else timeout * 1000)]
         except InterruptedError:
             ready = []
         if self._wake_r in ready:
@@ -644,7 +648,7 @@ def _worker_main(info: WorkerInfo, program: Program, config: LoopConfig, keep: s
         _own_signals()
         libc = ctypes.CDLL(None, use_errno=True)
         with contextlib.suppress(OSError, AttributeError):
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+            libc.prctl(_uapi.PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != parent:
             return EXIT_STOPPED  # the parent died before we set PDEATHSIG
         _keep_only(keep)
@@ -652,7 +656,7 @@ def _worker_main(info: WorkerInfo, program: Program, config: LoopConfig, keep: s
             os.sched_setaffinity(0, {info.cpu})
         info.pid = os.getpid()
         with contextlib.suppress(OSError, AttributeError):
-            libc.prctl(_PR_SET_NAME, f"mqtun-w{info.index}".encode()[:15], 0, 0, 0)
+            libc.prctl(_uapi.PR_SET_NAME, f"mqtun-w{info.index}".encode()[:15], 0, 0, 0)
         loop = IOLoop(program(info), config, on_fault=fault)
         signal.signal(signal.SIGTERM, lambda *_: loop.stop())
         loop.run()
@@ -660,11 +664,8 @@ def _worker_main(info: WorkerInfo, program: Program, config: LoopConfig, keep: s
     except DeviceGoneError as exc:
         report("gone", str(exc))
         return EXIT_GONE
-    except MqtunError as exc:
-        if exc.errno in (errno.EBADF,):
-            report("gone", str(exc))
-            return EXIT_GONE
-        report("error", f"{type(exc).__name__}: {exc}")
+    except MqtunError as exc:  # e.g. its queue closed under it: a crash, restarted on the
+        report("error", f"{type(exc).__name__}: {exc}")  # parent's copy of the queue
         return EXIT_CRASHED
     except BaseException as exc:  # a crash: tell the supervisor what it was
         tb = traceback.extract_tb(exc.__traceback__)
