@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"shape": shape, "floor_gbps": FLOOR_GBPS, "ok": ok, **results}))
         return 0 if ok else 1
-    sums = "numpy-vectorized" if checksum_module.VECTORIZE else "pure-Python"
-    print(f"checksum sums: {sums} (numpy {'present' if checksum_module._np else 'absent'})")
+    sums = "numpy-vectorized" if checksum_module.numpy() else "pure-Python"
+    print(f"checksum sums: {sums} (numpy {'present' if checksum_module.numpy() else 'absent'})")
     print(f"{shape}; payload Gbit/s on one core (median, best), copies of the data per op")
     for name, r in results.items():
         print(f"  {name:28s} {r['median_gbps']:7.2f} {r['best_gbps']:7.2f} Gbit/s"

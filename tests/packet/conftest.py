@@ -15,7 +15,7 @@ checksum = importlib.import_module("mqtun.packet.checksum")
 
 @pytest.fixture(params=["numpy", "python"])
 def both_sums(request: pytest.FixtureRequest) -> Iterator[str]:
-    if request.param == "numpy" and checksum._np is None:
+    if request.param == "numpy" and checksum.numpy() is None:
         pytest.skip("numpy cannot be imported here")
     saved = checksum.VECTORIZE
     checksum.VECTORIZE = request.param == "numpy"
