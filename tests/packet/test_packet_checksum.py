@@ -24,7 +24,7 @@ from mqtun.packet import (
     residue,
     transport_checksum,
 )
-from mqtun.packet.checksum import congruent, fold_plan
+from mqtun.packet.checksum import completed, congruent, fold_plan
 
 pytestmark = pytest.mark.usefixtures("both_sums")  # numpy and pure-Python sums
 checksum_module = importlib.import_module("mqtun.packet.checksum")
@@ -113,7 +113,9 @@ def test_complete_checksum_finishes_a_needs_csum_packet(
     partial = bytearray(raw)
     seed = pseudo_header_sum(p.src, p.dst, p.proto, p.end - p.l4_off)
     partial[p.l4_off + off : p.l4_off + off + 2] = seed.to_bytes(2, "big")
+    copy = completed(bytes(partial), p.l4_off, off)  # the copying form: the same result
     complete_checksum(partial, p.l4_off, off)
+    assert copy == partial
     at = p.l4_off + off
     assert pb.same_checksum(
         int.from_bytes(partial[at : at + 2], "big"), int.from_bytes(raw[at : at + 2], "big")

@@ -25,6 +25,7 @@ __all__ = [
     "VECTORIZE",
     "checksum",
     "complete_checksum",
+    "completed",
     "congruent",
     "fold",
     "fold_plan",
@@ -197,6 +198,16 @@ def transport_checksum(
     return value
 
 
+def _completion(frame: Buffer, csum_start: int, csum_offset: int) -> tuple[int, int]:
+    """(where the checksum goes, its value) for a NEEDS_CSUM packet; refuses bad offsets."""
+    at = csum_start + csum_offset
+    if csum_start < 0 or csum_offset < 0 or at + 2 > len(frame):
+        raise MalformedPacket(
+            "bad-csum-offset", f"csum_start {csum_start} + csum_offset {csum_offset} > {len(frame)}"
+        )
+    return at, _M - residue(frame[csum_start:])  # residue 0 gives 0xFFFF, never 0
+
+
 def complete_checksum(frame: bytearray | memoryview, csum_start: int, csum_offset: int) -> None:
     """Finish a NEEDS_CSUM packet in place, the way the kernel's skb_checksum_help does.
 
@@ -204,15 +215,17 @@ def complete_checksum(frame: bytearray | memoryview, csum_start: int, csum_offse
     `csum_start` to the end is folded, complemented and stored at csum_start + csum_offset
     (a result of 0 is stored as 0xFFFF, as the kernel does).
     """
-    at = csum_start + csum_offset
-    if csum_start < 0 or csum_offset < 0 or at + 2 > len(frame):
-        raise MalformedPacket(
-            "bad-csum-offset", f"csum_start {csum_start} + csum_offset {csum_offset} > {len(frame)}"
-        )
-    r = residue(frame[csum_start:])
-    value = _M - r  # r == 0 gives 0xFFFF, never 0
+    at, value = _completion(frame, csum_start, csum_offset)
     frame[at] = value >> 8
     frame[at + 1] = value & 0xFF
+
+
+def completed(packet: Buffer, csum_start: int, csum_offset: int) -> bytes:
+    """A copy of a NEEDS_CSUM packet with its checksum finished (see complete_checksum), for a
+    packet that must not be changed in place; one copy, the checksum spliced in."""
+    at, value = _completion(packet, csum_start, csum_offset)
+    mv = memoryview(packet)
+    return b"".join((mv[:at], value.to_bytes(2, "big"), mv[at + 2 :]))
 
 
 def piece_sums(data: Buffer, size: int, count: int) -> list[int] | None:

@@ -36,9 +36,6 @@ from collections.abc import Sequence
 from typing import Final
 
 from mqtun._uapi import (
-    ETH_HLEN,
-    ETH_P_8021AD,
-    ETH_P_8021Q,
     ETH_P_IP,
     ETH_P_IPV6,
     IPPROTO_TCP,
@@ -59,8 +56,8 @@ from mqtun._uapi import (
     VIRTIO_NET_HDR_GSO_TCPV6,
     VIRTIO_NET_HDR_GSO_UDP_L4,
 )
-from mqtun.packet.checksum import fold_plan, packet_sums, pseudo_header_sum, residue
-from mqtun.packet.headers import Buffer, parse
+from mqtun.packet.checksum import congruent, packet_sums, pseudo_header_sum, residue
+from mqtun.packet.headers import Buffer, MalformedPacket, parse, parse_ethernet
 from mqtun.packet.vnet import ZERO_HEADER, VnetHeader
 
 __all__ = ["coalesce", "offload_checksum"]
@@ -183,15 +180,6 @@ def _arm(g: _Group) -> None:
         g.base_flags = first[l4 + 13] & ~(TCPHDR_PSH | TCPHDR_CWR)
 
 
-def _folded(pkt: Buffer) -> int:
-    """An integer congruent (mod 0xFFFF) to the sum of the packet's 16-bit words."""
-    n = len(pkt)
-    v = _from_bytes(pkt, "little")  # times 256 below: see checksum.congruent
-    for s, m in fold_plan(n + (n & 1)):
-        v = (v >> s) + (v & m)
-    return v << 8
-
-
 def _verify_first(g: _Group) -> bool:
     """Check the group's first packet and keep the constant its followers are checked with.
 
@@ -210,7 +198,7 @@ def _verify_first(g: _Group) -> bool:
         total = 0
     g.vadj = adj
     g.checked = True
-    folded = _folded(pkt) if g.first_sum is None else g.first_sum
+    folded = congruent(pkt) if g.first_sum is None else g.first_sum
     if (folded + adj + total) % _M:
         g.is_open = False
         return False
@@ -263,7 +251,7 @@ def coalesce(
                 and fg.size + fg.mss <= max_size
                 and (
                     not verify
-                    or (((sums and sums[i]) or _folded(pkt)) + fg.vadj
+                    or (((sums and sums[i]) or congruent(pkt)) + fg.vadj
                         + (n - l4 if fg.v4 else 0)) % _M == 0
                 )
             ):
@@ -280,17 +268,10 @@ def coalesce(
         l3 = 0
         l2: bytes = b""
         if tap:
-            if n < ETH_HLEN + 28:
-                out.append((ZERO_HEADER, pkt if type(pkt) is bytes else bytes(pkt)))
-                continue
-            etype = (pkt[12] << 8) | pkt[13]
-            l3 = ETH_HLEN
-            if etype in (ETH_P_8021Q, ETH_P_8021AD):
-                etype = (pkt[16] << 8) | pkt[17]
-                l3 = ETH_HLEN + 4
-                if etype == ETH_P_8021Q:
-                    etype = (pkt[20] << 8) | pkt[21]
-                    l3 = ETH_HLEN + 8
+            try:
+                etype, l3 = parse_ethernet(pkt)
+            except MalformedPacket:
+                etype = 0
             if etype != ETH_P_IP and etype != ETH_P_IPV6:
                 out.append((ZERO_HEADER, pkt if type(pkt) is bytes else bytes(pkt)))
                 continue
@@ -383,7 +364,7 @@ def coalesce(
                 not verify
                 or (
                     (g.checked or _verify_first(g))
-                    and (((sums and sums[i]) or _folded(pkt)) + g.vadj + (n - l4 if v4 else 0))
+                    and (((sums and sums[i]) or congruent(pkt)) + g.vadj + (n - l4 if v4 else 0))
                     % _M == 0
                 )
             )

@@ -42,6 +42,7 @@ from mqtun._uapi import (
     VXLAN_HLEN,
 )
 from mqtun.packet.checksum import (
+    completed,
     congruent,
     fold_plan,
     piece_sums,
@@ -80,7 +81,7 @@ def split(
     gso = hdr.gso_type
     if gso == VIRTIO_NET_HDR_GSO_NONE:
         if hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
-            return [_complete(mv, hdr.csum_start, hdr.csum_offset)]
+            return [completed(mv, hdr.csum_start, hdr.csum_offset)]
         return [packet if type(packet) is bytes else mv.tobytes()]
     if hdr.gso_size <= 0:
         raise MalformedPacket("zero-gso-size")
@@ -89,17 +90,6 @@ def split(
     p = parse(mv, tap=tap, use_ip_length=False)
     _check_kind(gso & ~VIRTIO_NET_HDR_GSO_ECN, p)
     return _segment(mv, p, hdr.gso_size, max_segments)
-
-
-def _complete(mv: memoryview, csum_start: int, csum_offset: int) -> bytes:
-    """A copy of a NEEDS_CSUM packet with its checksum filled in (see complete_checksum)."""
-    at = csum_start + csum_offset
-    if csum_start < 0 or csum_offset < 0 or at + 2 > len(mv):
-        raise MalformedPacket(
-            "bad-csum-offset", f"csum_start {csum_start} + csum_offset {csum_offset} > {len(mv)}"
-        )
-    value = _M - residue(mv[csum_start:])
-    return b"".join((mv[:at], _U16.pack(value), mv[at + 2 :]))
 
 
 def _check_kind(base: int, p: Parsed) -> None:

@@ -16,7 +16,6 @@ from mqtun._uapi import (
     ETH_P_8021Q,
     ETH_P_IP,
     ETH_P_IPV6,
-    ETH_P_QINQ1,
     IPPROTO_AH,
     IPPROTO_DSTOPTS,
     IPPROTO_FRAGMENT,
@@ -29,7 +28,9 @@ from mqtun._uapi import (
 from mqtun.errors import InvalidArgumentError
 
 __all__ = [
+    "MAX_VLAN_TAGS",
     "REASONS",
+    "VLAN_TPIDS",
     "Buffer",
     "FlowKey",
     "MalformedPacket",
@@ -45,8 +46,14 @@ Buffer: TypeAlias = bytes | bytearray | memoryview
 FlowKey: TypeAlias = tuple[int, bytes, bytes, int, int, int]
 """(ip version, source address, destination address, protocol, source port, dest port)."""
 
-_VLAN_TYPES: Final = frozenset((ETH_P_8021Q, ETH_P_8021AD, ETH_P_QINQ1))
-_MAX_VLAN_TAGS: Final = 2
+VLAN_TPIDS: Final = (ETH_P_8021Q, ETH_P_8021AD)
+"""The tag protocol ids a VLAN tag is recognised by, in any order: the two the kernel's
+eth_type_vlan() knows, so a frame parsed here as IP is one the kernel segments, checksums and
+dissects as IP too. (0x9100 and other pre-802.1ad TPIDs are opaque ethertypes to the kernel: a
+super-packet built over one would be refused on write, and none is ever read.)"""
+MAX_VLAN_TAGS: Final = 2
+"""Tags looked through: a customer tag under a service tag (802.1ad) is the deepest standard
+stack, and the steering programs (mqtun.steer) look through as many; a deeper stack is not-ip."""
 _IPV6_EXT_HEADERS: Final = frozenset(
     (IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_FRAGMENT, IPPROTO_AH, IPPROTO_DSTOPTS)
 )
@@ -137,17 +144,18 @@ _PORTS = struct.Struct("!HH")
 
 
 def parse_ethernet(buf: Buffer, offset: int = 0) -> tuple[int, int]:
-    """(ethertype, offset of the L3 header) of an Ethernet frame, skipping 802.1Q/802.1ad tags."""
+    """(ethertype, offset of the L3 header) of an Ethernet frame, skipping up to two VLAN tags
+    (TPID 0x8100 or 0x88a8, see VLAN_TPIDS). The one Ethernet parser of mqtun.packet."""
     n = len(buf)
     if n < offset + ETH_HLEN:
         raise MalformedPacket("truncated-ethernet", f"{n - offset} bytes")
     off = offset + 12
     (etype,) = _U16.unpack_from(buf, off)
     tags = 0
-    while etype in _VLAN_TYPES:
+    while etype in VLAN_TPIDS:
         tags += 1
-        if tags > _MAX_VLAN_TAGS:
-            raise MalformedPacket("not-ip", "more than two VLAN tags")
+        if tags > MAX_VLAN_TAGS:
+            raise MalformedPacket("not-ip", f"more than {MAX_VLAN_TAGS} VLAN tags")
         off += 4
         if n < off + 2:
             raise MalformedPacket("truncated-vlan")
