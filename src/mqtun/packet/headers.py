@@ -25,7 +25,7 @@ from mqtun._uapi import (
     IPPROTO_UDP,
     IPV6_RH_TYPE_SRH,
 )
-from mqtun.errors import InvalidArgumentError
+from mqtun.errors import MqtunException
 
 __all__ = [
     "MAX_VLAN_TAGS",
@@ -89,14 +89,22 @@ REASONS: Final = frozenset(
 """Every `MalformedPacket.reason` this package raises: a fixed set, so counters can be fixed too."""
 
 
-class MalformedPacket(InvalidArgumentError):
-    """A packet or virtio-net header that cannot be what it claims; `reason` says which part."""
+class MalformedPacket(MqtunException, ValueError):
+    """A packet or virtio-net header that cannot be what it claims; `reason` says which part.
+
+    A ValueError, not an OSError: `except OSError` around a read or a write must never swallow
+    a parse error (nor a parse error be taken for a device that went away).
+    """
 
     def __init__(self, reason: str, detail: str = "") -> None:
         self.reason = reason
         self.detail = detail
         text = f"malformed packet ({reason})"
-        super().__init__(f"{text}: {detail}" if detail else text, op="packet")
+        self.message = f"{text}: {detail}" if detail else text
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return self.message
 
     def __reduce__(self):  # type: ignore[no-untyped-def]
         # keep reason/detail when a worker process sends the error back
