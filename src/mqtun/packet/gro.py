@@ -25,8 +25,8 @@ are not looked at, IPv4 with options, IPv6 with extension headers and IP fragmen
 close a group of the same addresses and ports; such mixes within one flow do not occur in
 practice.)
 
-Output shape: a list of (VnetHeader, bytes), one per packet to write; a pass-through packet is
-the caller's own object when it was `bytes`.
+Output shape: a list of (VnetHeader, bytes-like), one per packet to write; a pass-through
+packet is the caller's own object (a memoryview stays a view).
 """
 
 from __future__ import annotations
@@ -210,17 +210,19 @@ def coalesce(
     *,
     tap: bool = False,
     max_size: int = _MAX_L3,
+    tcp: bool = True,
     udp: bool = True,
     verify: bool = True,
-) -> list[tuple[VnetHeader, bytes]]:
+) -> list[tuple[VnetHeader, Buffer]]:
     """Join the batch's coalescable segments into super-packets; see the module doc for the rules.
 
     `packets` are IP packets (TUN) or Ethernet frames (TAP) with complete checksums. `udp=False`
-    keeps UDP out (for a kernel without USO), `verify=False` skips the checksum verification
-    (only for packets whose integrity is already known). Never raises on packet contents.
+    keeps UDP out (for a kernel without USO), `tcp=False` TCP; `verify=False` skips the
+    checksum verification (only for packets whose integrity is already known). A packet that
+    is not joined comes back as the caller's own object (no copy). Never raises on contents.
     """
     max_size = min(max_size, _MAX_L3)
-    out: list[tuple[VnetHeader, bytes] | _Group] = []
+    out: list[tuple[VnetHeader, Buffer] | _Group] = []
     groups: dict[tuple[object, ...], _Group] = {}
     fg: _Group | None = None  # the group that took the last packet: the fast path's guess
     sums = packet_sums(packets) if verify else None
@@ -273,7 +275,7 @@ def coalesce(
             except MalformedPacket:
                 etype = 0
             if etype != ETH_P_IP and etype != ETH_P_IPV6:
-                out.append((ZERO_HEADER, pkt if type(pkt) is bytes else bytes(pkt)))
+                out.append((ZERO_HEADER, pkt))
                 continue
             l2 = bytes(pkt[:l3])
         g = None
@@ -293,7 +295,7 @@ def coalesce(
         seq = cwr = 0
         psh = False
         ip_id = frag = 0
-        if proto == IPPROTO_TCP and n >= l4 + 20:
+        if proto == IPPROTO_TCP and tcp and n >= l4 + 20:
             if v4:
                 (tos, tot, ip_id, frag, ttl, src, dst, sport, dport,
                  seq, ack, doff, flags, win, urg) = _V4TCP.unpack_from(pkt, l3)  # fmt: skip
@@ -342,7 +344,7 @@ def coalesce(
         if not candidate:
             if g is not None:  # same flow, but this packet cannot join: keep the flow in order
                 g.is_open = False
-            out.append((ZERO_HEADER, pkt if type(pkt) is bytes else bytes(pkt)))
+            out.append((ZERO_HEADER, pkt))
             continue
         # --- join the flow's open group, or start a new one ---------------------------------
         if (
@@ -402,11 +404,11 @@ def _id_step(g: _Group, ip_id: int, frag: int) -> bool:
     return False
 
 
-def _finish(g: _Group) -> tuple[VnetHeader, bytes]:
+def _finish(g: _Group) -> tuple[VnetHeader, Buffer]:
     """The group's super-packet and its header (or its single packet, untouched)."""
     first = g.first
     if g.n == 1:
-        return ZERO_HEADER, first if type(first) is bytes else bytes(first)
+        return ZERO_HEADER, first
     l3, l4, hlen = g.l3, g.l4, g.hlen
     head = bytearray(first[:hlen])
     l4_len = g.size - (l4 - l3)

@@ -81,6 +81,7 @@ REASONS: Final = frozenset(
         "gso-fragment",
         "too-many-segments",
         "oversized-segment",
+        "over-mtu",
         "bad-csum-offset",
         "bad-tunnel-offsets",
         "bad-tunnel",
