@@ -32,7 +32,7 @@ from typing import Any
 
 # MQTUN_BENCH_TREE: measure the packet code of another tree with this same workload (--compare)
 sys.path.insert(
-    0, os.path.join(os.environ.get("MQTUN_BENCH_TREE") or Path(__file__).resolve().parents[1], "src")
+    0, os.path.join(os.environ.get("MQTUN_BENCH_TREE") or Path(__file__).parents[1], "src")
 )
 
 from mqtun._uapi import (
