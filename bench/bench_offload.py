@@ -1,6 +1,12 @@
 """Throughput of GSO split and GRO coalesce on one core, next to a plain copy of the same bytes.
 
     python3 bench/bench_offload.py [--seconds 2] [--json]
+    python3 bench/bench_offload.py --compare OLD_TREE [--repeat 5]   # before/after ratios
+
+`--compare` measures the packet code of another source tree (a directory holding src/mqtun,
+e.g. `git archive main src | tar -x -C /tmp/old`) against this one on the same workload, in
+alternating subprocesses, and reports the medians of the repetitions and their ratio: the
+figure that holds on a shared, noisy machine.
 
 The workload is the one a TSO queue produces: 64 KB TCP super-packets cut in 1448-byte
 segments (IPv4 on TUN by default; --v6, --tap and --udp change the shape). Rates are payload
@@ -17,12 +23,17 @@ import importlib
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+# MQTUN_BENCH_TREE: measure the packet code of another tree with this same workload (--compare)
+sys.path.insert(
+    0, os.path.join(os.environ.get("MQTUN_BENCH_TREE") or Path(__file__).parents[1], "src")
+)
 
 from mqtun._uapi import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
@@ -32,7 +43,8 @@ from mqtun._uapi import (
 )
 from mqtun.packet import VnetHeader, coalesce, parse, pseudo_header_sum, split
 
-checksum_module = importlib.import_module("mqtun.packet.checksum")  # not the function of that name
+checksum_module: Any = importlib.import_module("mqtun.packet.checksum")  # not the function
+_OWN_TREE = str(Path(__file__).resolve().parents[1])
 
 FLOOR_GBPS = 3.0
 MSS = 1448
@@ -98,7 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tap", action="store_true")
     ap.add_argument("--udp", action="store_true")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--compare", metavar="OLD_TREE", help="before/after against another tree")
+    ap.add_argument("--repeat", type=int, default=5, help="--compare: repetitions of each side")
+    ap.add_argument("--quick", action="store_true", help="split and coalesce only")
     args = ap.parse_args(argv)
+    if args.compare:
+        return compare(args)
 
     hdr, sp, payload = super_packet(v6=args.v6, tap=args.tap, udp=args.udp)
     segments = split(hdr, sp, tap=args.tap)
@@ -110,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"copy": rate(view.tobytes, payload, args.seconds)}
     # the default (numpy's vectorized sums when installed), then the pure-Python sums
     for vectorize, suffix in ((checksum_module.VECTORIZE, ""), (False, " (pure Python)")):
-        if suffix and not checksum_module.VECTORIZE:
+        if suffix and (args.quick or not checksum_module.VECTORIZE):
             break
         saved, checksum_module.VECTORIZE = checksum_module.VECTORIZE, vectorize
         try:
@@ -120,9 +137,10 @@ def main(argv: list[str] | None = None) -> int:
                                                 payload, args.seconds)
         finally:
             checksum_module.VECTORIZE = saved
-    results["coalesce_noverify"] = rate(
-        lambda: coalesce(segments, tap=args.tap, verify=False), payload, args.seconds
-    )
+    if not args.quick:
+        results["coalesce_noverify"] = rate(
+            lambda: coalesce(segments, tap=args.tap, verify=False), payload, args.seconds
+        )
     copy = results["copy"]["median_gbps"]
     for r in results.values():
         r["copy_ratio"] = copy / r["median_gbps"]
@@ -132,14 +150,38 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"shape": shape, "floor_gbps": FLOOR_GBPS, "ok": ok, **results}))
         return 0 if ok else 1
-    sums = "numpy-vectorized" if checksum_module.VECTORIZE else "pure-Python"
-    print(f"checksum sums: {sums} (numpy {'present' if checksum_module._np else 'absent'})")
+    sums = "numpy-vectorized" if checksum_module.numpy() else "pure-Python"
+    print(f"checksum sums: {sums} (numpy {'present' if checksum_module.numpy() else 'absent'})")
     print(f"{shape}; payload Gbit/s on one core (median, best), copies of the data per op")
     for name, r in results.items():
         print(f"  {name:28s} {r['median_gbps']:7.2f} {r['best_gbps']:7.2f} Gbit/s"
               f"  {r['us_per_64k']:8.1f} us/64KB  {r['copy_ratio']:6.1f}x copy")  # fmt: skip
     print(f"floor {FLOOR_GBPS} Gbit/s for split and coalesce: {'met' if ok else 'NOT met'}")
     return 0 if ok else 1
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Run this bench on OLD_TREE's code and on this tree's, alternating, `--repeat` times."""
+    shape = [f for f in ("--v6", "--tap", "--udp") if getattr(args, f[2:])]
+    cmd = [sys.executable, __file__, "--json", "--quick", "--seconds", str(args.seconds), *shape]
+    sides = {"old": str(Path(args.compare).resolve()), "new": _OWN_TREE}
+    runs: dict[str, dict[str, list[float]]] = {s: {"split": [], "coalesce": []} for s in sides}
+    for rep in range(args.repeat):
+        order = ("old", "new") if rep % 2 == 0 else ("new", "old")  # interleaved
+        for side in order:
+            env = dict(os.environ, MQTUN_BENCH_TREE=sides[side])
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+            r = json.loads(out.stdout)
+            for op in ("split", "coalesce"):
+                runs[side][op].append(r[op]["median_gbps"])
+    print(f"{' '.join(cmd[1:])}; {args.repeat} interleaved repetitions, median Gbit/s")
+    print(f"  old: {sides['old']}\n  new: {sides['new']}")
+    for op in ("split", "coalesce"):
+        old, new = (statistics.median(runs[s][op]) for s in ("old", "new"))
+        print(f"  {op:9s} old {old:6.2f}  new {new:6.2f}  ratio {new / old:5.2f}x"
+              f"   (old {' '.join(f'{v:.2f}' for v in runs['old'][op])};"
+              f" new {' '.join(f'{v:.2f}' for v in runs['new'][op])})")  # fmt: skip
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """One exception family for everything mqtun refuses or the kernel refuses.
 
-`MqtunError` is an `OSError`, so `errno` is kept and code that already catches `OSError` keeps
-working. Kernel errors are turned into messages that name the device, the operation and the
+`MqtunException` is the root. `MqtunError` is an `OSError`, so `errno` is kept and code that
+already catches `OSError` keeps working; what is not about I/O (a packet that is not what it
+claims, `mqtun.packet.MalformedPacket`) is a `ValueError` beside it, never an `OSError`.
+Kernel errors are turned into messages that name the device, the operation and the
 likely cause (the tun driver reuses a handful of errnos for many different mistakes), so a user
 reads what to do instead of "[Errno 22] Invalid argument".
 """
@@ -18,12 +20,17 @@ __all__ = [
     "FlagMismatchError",
     "InvalidArgumentError",
     "MqtunError",
+    "MqtunException",
     "PermissionDeniedError",
     "kernel_error",
 ]
 
 
-class MqtunError(OSError):
+class MqtunException(Exception):
+    """Root of everything mqtun raises: `except MqtunException` catches the whole family."""
+
+
+class MqtunError(MqtunException, OSError):
     """Base of every error mqtun raises."""
 
     def __init__(self, err: int, message: str, *, device: str | None = None, op: str = "") -> None:

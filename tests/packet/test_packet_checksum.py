@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mqtun.errors import InvalidArgumentError
+from mqtun.errors import MqtunError, MqtunException
 from mqtun.packet import (
     MalformedPacket,
     checksum,
@@ -24,7 +24,7 @@ from mqtun.packet import (
     residue,
     transport_checksum,
 )
-from mqtun.packet.checksum import congruent, fold_plan
+from mqtun.packet.checksum import completed, congruent, fold_plan
 
 pytestmark = pytest.mark.usefixtures("both_sums")  # numpy and pure-Python sums
 checksum_module = importlib.import_module("mqtun.packet.checksum")
@@ -113,7 +113,9 @@ def test_complete_checksum_finishes_a_needs_csum_packet(
     partial = bytearray(raw)
     seed = pseudo_header_sum(p.src, p.dst, p.proto, p.end - p.l4_off)
     partial[p.l4_off + off : p.l4_off + off + 2] = seed.to_bytes(2, "big")
+    copy = completed(bytes(partial), p.l4_off, off)  # the copying form: the same result
     complete_checksum(partial, p.l4_off, off)
+    assert copy == partial
     at = p.l4_off + off
     assert pb.same_checksum(
         int.from_bytes(partial[at : at + 2], "big"), int.from_bytes(raw[at : at + 2], "big")
@@ -126,7 +128,23 @@ def test_complete_checksum_refuses_offsets_past_the_end() -> None:
     with pytest.raises(MalformedPacket) as info:
         complete_checksum(buf, 30, 9)
     assert info.value.reason == "bad-csum-offset"
-    assert isinstance(info.value, InvalidArgumentError) and isinstance(info.value, ValueError)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, MqtunException)
+
+
+def test_malformed_packet_is_not_an_os_error() -> None:
+    """`except OSError` around I/O must not swallow a parse error."""
+    with pytest.raises(MalformedPacket) as info:
+        try:
+            parse(b"\x45" + bytes(10))
+        except OSError:  # what an I/O shell catches for a failed read or write
+            pytest.fail("a MalformedPacket was caught as an OSError")
+    err = info.value
+    assert not isinstance(err, OSError) and isinstance(err, ValueError)
+    assert isinstance(err, MqtunException) and not isinstance(err, MqtunError)
+    assert err.reason == "truncated-ipv4" and str(err).startswith("malformed packet (")
+    again = pickle.loads(pickle.dumps(err))
+    assert (type(again), again.reason, again.detail, str(again)) == (
+        MalformedPacket, err.reason, err.detail, str(err))
 
 
 def test_malformed_packet_survives_pickling() -> None:

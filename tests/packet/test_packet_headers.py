@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scapy.layers.inet6 import IPv6ExtHdrFragment
 
-from mqtun.packet import REASONS, MalformedPacket, flow_key, parse, parse_ethernet
+from mqtun.packet import REASONS, MalformedPacket, coalesce, flow_key, parse, parse_ethernet
 
 shapes = st.builds(
     pb.Shape,
@@ -121,3 +121,30 @@ def test_reasons(raw: bytes, reason: str) -> None:
     with pytest.raises(MalformedPacket) as info:
         parse(raw)
     assert info.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    "tpids",
+    [(), (0x8100,), (0x88A8,), (0x9100,), (0x8100, 0x8100), (0x88A8, 0x8100), (0x8100, 0x88A8),
+     (0x88A8, 0x88A8), (0x9100, 0x8100), (0x8100, 0x8100, 0x8100)],
+)
+def test_one_vlan_rule_for_parse_and_coalesce(tpids: tuple[int, ...]) -> None:
+    """0x8100 and 0x88a8 in any order, at most two tags: parse() and coalesce() agree (each
+    used to have its own rule: 0x9100 parsed as a tag, 0x88a8 inside a tag did not coalesce)."""
+    segs = []
+    for i in range(3):
+        ip = bytes(pb.IP(src=pb.SRC4, dst=pb.DST4, id=10 + i, flags="DF")
+                   / pb.TCP(sport=1, dport=2, seq=1000 + 100 * i, ack=5, flags="A")
+                   / pb.Raw(bytes([i]) * 100))  # fmt: skip
+        tags = b"".join(t.to_bytes(2, "big") + (7 + j).to_bytes(2, "big")
+                        for j, t in enumerate(tpids))  # fmt: skip
+        segs.append(bytes.fromhex("02000000000b02000000000a") + tags + b"\x08\x00" + ip)
+    expected_ip = all(t in (0x8100, 0x88A8) for t in tpids) and len(tpids) <= 2
+    try:
+        p = parse(segs[0], tap=True)
+    except MalformedPacket as err:
+        assert not expected_ip and err.reason == "not-ip"
+    else:
+        assert expected_ip and p.l3_off == 14 + 4 * len(tpids)
+    joined = coalesce(segs, tap=True)
+    assert len(joined) == (1 if expected_ip else 3)

@@ -2,7 +2,8 @@
 
 Pure functions over bytes, bytearray and memoryview; no file descriptor anywhere, and nothing
 from mqtun but the kernel ABI (`mqtun._uapi`) and the error family (`mqtun.errors`). Every
-refusal is a `MalformedPacket` (an `InvalidArgumentError`) whose `reason` is one of `REASONS`.
+refusal is a `MalformedPacket` (a ValueError of mqtun's family, never an OSError) whose
+`reason` is one of `REASONS`.
 """
 
 from mqtun.packet.checksum import (

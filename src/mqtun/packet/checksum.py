@@ -16,23 +16,21 @@ checksum the pseudo-header makes the total non-zero, so "residue 0" means "sum 0
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Final
 
 from mqtun.packet.headers import Buffer, MalformedPacket
-
-try:  # a dependency, but the pure-Python sums stand in where it cannot be imported
-    import numpy as _np
-except ImportError:  # pragma: no cover - depends on what is installed
-    _np = None
 
 __all__ = [
     "VECTORIZE",
     "checksum",
     "complete_checksum",
+    "completed",
     "congruent",
     "fold",
     "fold_plan",
     "ipv4_header_checksum",
+    "numpy",
     "ones_sum",
     "packet_sums",
     "piece_sums",
@@ -48,11 +46,32 @@ _STOP_BYTES: Final = _STOP_BITS // 8
 _POW2_FROM: Final = 16384  # above this fold at powers of two, so few masks are ever kept
 
 _from_bytes = int.from_bytes
-VECTORIZE: bool = _np is not None  # numpy present; the tests switch it off to cover the rest
+VECTORIZE: bool = True  # use numpy where it imports; the tests switch it off to cover the rest
+_np: ModuleType | None = None
+_np_tried = False
 _VECTOR_MIN: Final = 8  # fewer pieces than this, numpy's cost per call outweighs what it saves
 _masks: dict[int, int] = {}
 _plans: dict[int, tuple[tuple[int, int], ...]] = {}
 _MAX_PLANS: Final = 8192
+
+
+def numpy() -> ModuleType | None:
+    """numpy, imported on first use (None where it cannot be imported).
+
+    Not at import time: numpy starts its BLAS thread pool when imported, and importing mqtun
+    must start no thread, so that a worker forked from the application is a fork of one
+    thread. The first vectorized sum pays the import (~0.1 s) in the process that sums.
+    """
+    global _np, _np_tried
+    if not _np_tried:
+        _np_tried = True
+        try:  # a dependency, but the pure-Python sums stand in where it cannot be imported
+            import numpy as np
+
+            _np = np
+        except ImportError:  # pragma: no cover - depends on what is installed
+            _np = None
+    return _np
 
 
 def _mask(bits: int) -> int:
@@ -179,6 +198,16 @@ def transport_checksum(
     return value
 
 
+def _completion(frame: Buffer, csum_start: int, csum_offset: int) -> tuple[int, int]:
+    """(where the checksum goes, its value) for a NEEDS_CSUM packet; refuses bad offsets."""
+    at = csum_start + csum_offset
+    if csum_start < 0 or csum_offset < 0 or at + 2 > len(frame):
+        raise MalformedPacket(
+            "bad-csum-offset", f"csum_start {csum_start} + csum_offset {csum_offset} > {len(frame)}"
+        )
+    return at, _M - residue(frame[csum_start:])  # residue 0 gives 0xFFFF, never 0
+
+
 def complete_checksum(frame: bytearray | memoryview, csum_start: int, csum_offset: int) -> None:
     """Finish a NEEDS_CSUM packet in place, the way the kernel's skb_checksum_help does.
 
@@ -186,15 +215,17 @@ def complete_checksum(frame: bytearray | memoryview, csum_start: int, csum_offse
     `csum_start` to the end is folded, complemented and stored at csum_start + csum_offset
     (a result of 0 is stored as 0xFFFF, as the kernel does).
     """
-    at = csum_start + csum_offset
-    if csum_start < 0 or csum_offset < 0 or at + 2 > len(frame):
-        raise MalformedPacket(
-            "bad-csum-offset", f"csum_start {csum_start} + csum_offset {csum_offset} > {len(frame)}"
-        )
-    r = residue(frame[csum_start:])
-    value = _M - r  # r == 0 gives 0xFFFF, never 0
+    at, value = _completion(frame, csum_start, csum_offset)
     frame[at] = value >> 8
     frame[at + 1] = value & 0xFF
+
+
+def completed(packet: Buffer, csum_start: int, csum_offset: int) -> bytes:
+    """A copy of a NEEDS_CSUM packet with its checksum finished (see complete_checksum), for a
+    packet that must not be changed in place; one copy, the checksum spliced in."""
+    at, value = _completion(packet, csum_start, csum_offset)
+    mv = memoryview(packet)
+    return b"".join((mv[:at], value.to_bytes(2, "big"), mv[at + 2 :]))
 
 
 def piece_sums(data: Buffer, size: int, count: int) -> list[int] | None:
@@ -207,9 +238,11 @@ def piece_sums(data: Buffer, size: int, count: int) -> list[int] | None:
     """
     if not VECTORIZE or size & 1 or count < _VECTOR_MIN:
         return None
-    assert _np is not None
-    words = _np.frombuffer(data, dtype="<u2", count=size * count // 2).reshape(count, size // 2)
-    sums: list[int] = (words.sum(axis=1, dtype=_np.uint64) << _np.uint64(8)).tolist()
+    np = _np if _np_tried else numpy()
+    if np is None:
+        return None
+    words = np.frombuffer(data, dtype="<u2", count=size * count // 2).reshape(count, size // 2)
+    sums: list[int] = (words.sum(axis=1, dtype=np.uint64) << np.uint64(8)).tolist()
     return sums  # little-endian sums times 256: see congruent()
 
 
@@ -217,7 +250,7 @@ def packet_sums(packets: Sequence[Buffer]) -> list[int | None] | None:
     """`congruent()` of each packet, vectorized over the packets of each common even length
     (a batch of wire-size segments is mostly one length); None entries are left to the caller,
     and None alone means no vectorizing at all."""
-    if not VECTORIZE or len(packets) < _VECTOR_MIN:
+    if not VECTORIZE or len(packets) < _VECTOR_MIN or (_np is None and _np_tried):
         return None
     by_length: dict[int, list[int]] = {}
     for i, p in enumerate(packets):

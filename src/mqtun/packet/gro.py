@@ -25,8 +25,8 @@ are not looked at, IPv4 with options, IPv6 with extension headers and IP fragmen
 close a group of the same addresses and ports; such mixes within one flow do not occur in
 practice.)
 
-Output shape: a list of (VnetHeader, bytes), one per packet to write; a pass-through packet is
-the caller's own object when it was `bytes`.
+Output shape: a list of (VnetHeader, bytes-like), one per packet to write; a pass-through
+packet is the caller's own object (a memoryview stays a view).
 """
 
 from __future__ import annotations
@@ -36,9 +36,6 @@ from collections.abc import Sequence
 from typing import Final
 
 from mqtun._uapi import (
-    ETH_HLEN,
-    ETH_P_8021AD,
-    ETH_P_8021Q,
     ETH_P_IP,
     ETH_P_IPV6,
     IPPROTO_TCP,
@@ -59,8 +56,8 @@ from mqtun._uapi import (
     VIRTIO_NET_HDR_GSO_TCPV6,
     VIRTIO_NET_HDR_GSO_UDP_L4,
 )
-from mqtun.packet.checksum import fold_plan, packet_sums, pseudo_header_sum, residue
-from mqtun.packet.headers import Buffer, parse
+from mqtun.packet.checksum import congruent, packet_sums, pseudo_header_sum, residue
+from mqtun.packet.headers import Buffer, MalformedPacket, parse, parse_ethernet
 from mqtun.packet.vnet import ZERO_HEADER, VnetHeader
 
 __all__ = ["coalesce", "offload_checksum"]
@@ -183,15 +180,6 @@ def _arm(g: _Group) -> None:
         g.base_flags = first[l4 + 13] & ~(TCPHDR_PSH | TCPHDR_CWR)
 
 
-def _folded(pkt: Buffer) -> int:
-    """An integer congruent (mod 0xFFFF) to the sum of the packet's 16-bit words."""
-    n = len(pkt)
-    v = _from_bytes(pkt, "little")  # times 256 below: see checksum.congruent
-    for s, m in fold_plan(n + (n & 1)):
-        v = (v >> s) + (v & m)
-    return v << 8
-
-
 def _verify_first(g: _Group) -> bool:
     """Check the group's first packet and keep the constant its followers are checked with.
 
@@ -210,7 +198,7 @@ def _verify_first(g: _Group) -> bool:
         total = 0
     g.vadj = adj
     g.checked = True
-    folded = _folded(pkt) if g.first_sum is None else g.first_sum
+    folded = congruent(pkt) if g.first_sum is None else g.first_sum
     if (folded + adj + total) % _M:
         g.is_open = False
         return False
@@ -222,17 +210,19 @@ def coalesce(
     *,
     tap: bool = False,
     max_size: int = _MAX_L3,
+    tcp: bool = True,
     udp: bool = True,
     verify: bool = True,
-) -> list[tuple[VnetHeader, bytes]]:
+) -> list[tuple[VnetHeader, Buffer]]:
     """Join the batch's coalescable segments into super-packets; see the module doc for the rules.
 
     `packets` are IP packets (TUN) or Ethernet frames (TAP) with complete checksums. `udp=False`
-    keeps UDP out (for a kernel without USO), `verify=False` skips the checksum verification
-    (only for packets whose integrity is already known). Never raises on packet contents.
+    keeps UDP out (for a kernel without USO), `tcp=False` TCP; `verify=False` skips the
+    checksum verification (only for packets whose integrity is already known). A packet that
+    is not joined comes back as the caller's own object (no copy). Never raises on contents.
     """
     max_size = min(max_size, _MAX_L3)
-    out: list[tuple[VnetHeader, bytes] | _Group] = []
+    out: list[tuple[VnetHeader, Buffer] | _Group] = []
     groups: dict[tuple[object, ...], _Group] = {}
     fg: _Group | None = None  # the group that took the last packet: the fast path's guess
     sums = packet_sums(packets) if verify else None
@@ -263,7 +253,7 @@ def coalesce(
                 and fg.size + fg.mss <= max_size
                 and (
                     not verify
-                    or (((sums and sums[i]) or _folded(pkt)) + fg.vadj
+                    or (((sums and sums[i]) or congruent(pkt)) + fg.vadj
                         + (n - l4 if fg.v4 else 0)) % _M == 0
                 )
             ):
@@ -280,19 +270,12 @@ def coalesce(
         l3 = 0
         l2: bytes = b""
         if tap:
-            if n < ETH_HLEN + 28:
-                out.append((ZERO_HEADER, pkt if type(pkt) is bytes else bytes(pkt)))
-                continue
-            etype = (pkt[12] << 8) | pkt[13]
-            l3 = ETH_HLEN
-            if etype in (ETH_P_8021Q, ETH_P_8021AD):
-                etype = (pkt[16] << 8) | pkt[17]
-                l3 = ETH_HLEN + 4
-                if etype == ETH_P_8021Q:
-                    etype = (pkt[20] << 8) | pkt[21]
-                    l3 = ETH_HLEN + 8
+            try:
+                etype, l3 = parse_ethernet(pkt)
+            except MalformedPacket:
+                etype = 0
             if etype != ETH_P_IP and etype != ETH_P_IPV6:
-                out.append((ZERO_HEADER, pkt if type(pkt) is bytes else bytes(pkt)))
+                out.append((ZERO_HEADER, pkt))
                 continue
             l2 = bytes(pkt[:l3])
         g = None
@@ -312,7 +295,7 @@ def coalesce(
         seq = cwr = 0
         psh = False
         ip_id = frag = 0
-        if proto == IPPROTO_TCP and n >= l4 + 20:
+        if proto == IPPROTO_TCP and tcp and n >= l4 + 20:
             if v4:
                 (tos, tot, ip_id, frag, ttl, src, dst, sport, dport,
                  seq, ack, doff, flags, win, urg) = _V4TCP.unpack_from(pkt, l3)  # fmt: skip
@@ -361,7 +344,7 @@ def coalesce(
         if not candidate:
             if g is not None:  # same flow, but this packet cannot join: keep the flow in order
                 g.is_open = False
-            out.append((ZERO_HEADER, pkt if type(pkt) is bytes else bytes(pkt)))
+            out.append((ZERO_HEADER, pkt))
             continue
         # --- join the flow's open group, or start a new one ---------------------------------
         if (
@@ -383,7 +366,7 @@ def coalesce(
                 not verify
                 or (
                     (g.checked or _verify_first(g))
-                    and (((sums and sums[i]) or _folded(pkt)) + g.vadj + (n - l4 if v4 else 0))
+                    and (((sums and sums[i]) or congruent(pkt)) + g.vadj + (n - l4 if v4 else 0))
                     % _M == 0
                 )
             )
@@ -421,11 +404,11 @@ def _id_step(g: _Group, ip_id: int, frag: int) -> bool:
     return False
 
 
-def _finish(g: _Group) -> tuple[VnetHeader, bytes]:
+def _finish(g: _Group) -> tuple[VnetHeader, Buffer]:
     """The group's super-packet and its header (or its single packet, untouched)."""
     first = g.first
     if g.n == 1:
-        return ZERO_HEADER, first if type(first) is bytes else bytes(first)
+        return ZERO_HEADER, first
     l3, l4, hlen = g.l3, g.l4, g.hlen
     head = bytearray(first[:hlen])
     l4_len = g.size - (l4 - l3)

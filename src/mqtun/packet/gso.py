@@ -42,6 +42,7 @@ from mqtun._uapi import (
     VXLAN_HLEN,
 )
 from mqtun.packet.checksum import (
+    completed,
     congruent,
     fold_plan,
     piece_sums,
@@ -51,7 +52,7 @@ from mqtun.packet.checksum import (
 from mqtun.packet.headers import Buffer, MalformedPacket, Parsed, parse, parse_ethernet
 from mqtun.packet.vnet import VnetHeader
 
-__all__ = ["split"]
+__all__ = ["segment_count", "split"]
 
 _M: Final = 0xFFFF
 _U16 = struct.Struct("!H")
@@ -68,38 +69,70 @@ def _as_bytes_view(packet: Buffer) -> memoryview:
 
 
 def split(
-    hdr: VnetHeader, packet: Buffer, *, tap: bool = False, max_segments: int = GSO_MAX_SEGS
+    hdr: VnetHeader,
+    packet: Buffer,
+    *,
+    tap: bool = False,
+    max_segments: int = GSO_MAX_SEGS,
+    mtu: int | None = None,
 ) -> list[bytes]:
     """The wire packets that `packet` (an IP packet, or an Ethernet frame if `tap`) stands for.
 
     Without GSO the packet comes back alone, its checksum completed if NEEDS_CSUM is set. A
     super-packet whose payload fits in one segment still gets full checksums. More than
     `max_segments` segments raise `MalformedPacket("too-many-segments")`.
+
+    With `mtu`, no segment's IP packet is longer: a TCP super-packet is cut in smaller
+    segments if its gso_size asks for more (as TSO may), a UDP one (whose datagrams cannot be
+    re-cut) raises `MalformedPacket("over-mtu")`. Without GSO the packet is not checked.
     """
     mv = _as_bytes_view(packet)
     gso = hdr.gso_type
     if gso == VIRTIO_NET_HDR_GSO_NONE:
         if hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
-            return [_complete(mv, hdr.csum_start, hdr.csum_offset)]
+            return [completed(mv, hdr.csum_start, hdr.csum_offset)]
         return [packet if type(packet) is bytes else mv.tobytes()]
     if hdr.gso_size <= 0:
         raise MalformedPacket("zero-gso-size")
     if gso & VIRTIO_NET_HDR_GSO_UDP_TUNNEL:
-        return _split_tunnel(hdr, mv, tap, max_segments)
+        return _split_tunnel(hdr, mv, tap, max_segments, mtu)
     p = parse(mv, tap=tap, use_ip_length=False)
     _check_kind(gso & ~VIRTIO_NET_HDR_GSO_ECN, p)
-    return _segment(mv, p, hdr.gso_size, max_segments)
+    return _segment(mv, p, _fit(hdr.gso_size, p, mtu, 0), max_segments)
 
 
-def _complete(mv: memoryview, csum_start: int, csum_offset: int) -> bytes:
-    """A copy of a NEEDS_CSUM packet with its checksum filled in (see complete_checksum)."""
-    at = csum_start + csum_offset
-    if csum_start < 0 or csum_offset < 0 or at + 2 > len(mv):
-        raise MalformedPacket(
-            "bad-csum-offset", f"csum_start {csum_start} + csum_offset {csum_offset} > {len(mv)}"
-        )
-    value = _M - residue(mv[csum_start:])
-    return b"".join((mv[:at], _U16.pack(value), mv[at + 2 :]))
+def _fit(mss: int, p: Parsed, mtu: int | None, outer: int) -> int:
+    """The segment payload size to cut at: `mss`, or less so that an IP packet of `outer`
+    bytes of encapsulation plus the headers in `p` stays within `mtu` (TCP only)."""
+    if mtu is None:
+        return mss
+    room = mtu - outer - (p.payload_off - p.l3_off)
+    if mss <= room:
+        return mss
+    if p.proto != IPPROTO_TCP or room <= 0:
+        raise MalformedPacket("over-mtu", f"segments of {mss} bytes, {room} fit in MTU {mtu}")
+    return room
+
+
+def segment_count(hdr: VnetHeader, packet: Buffer, *, tap: bool = False) -> int:
+    """How many wire packets `packet` stands for: what split() would return, without cutting.
+
+    For counting: a super-packet that does not parse is estimated from its header (hdr_len,
+    gso_size), and a plain packet is one.
+    """
+    if hdr.gso_type == VIRTIO_NET_HDR_GSO_NONE:
+        return 1
+    size = hdr.gso_size
+    if size <= 0:
+        return 1
+    try:
+        if hdr.gso_type & VIRTIO_NET_HDR_GSO_UDP_TUNNEL:
+            raise MalformedPacket("bad-tunnel")  # the estimate below is good enough here
+        p = parse(packet, tap=tap, use_ip_length=False)
+        payload = p.end - p.payload_off
+    except MalformedPacket:
+        payload = len(packet) - hdr.hdr_len
+    return max(1, -(-payload // size))
 
 
 def _check_kind(base: int, p: Parsed) -> None:
@@ -242,7 +275,9 @@ def _segment(mv: memoryview, p: Parsed, mss: int, max_segments: int) -> list[byt
     return out
 
 
-def _split_tunnel(hdr: VnetHeader, mv: memoryview, tap: bool, max_segments: int) -> list[bytes]:
+def _split_tunnel(
+    hdr: VnetHeader, mv: memoryview, tap: bool, max_segments: int, mtu: int | None
+) -> list[bytes]:
     """Split an outer-IP/UDP/tunnel-header/inner-L2/IP/TCP-or-UDP super-packet (e.g. VXLAN).
 
     outer_th_offset names the outer UDP header and inner_nh_offset the inner IP header (both
@@ -288,7 +323,9 @@ def _split_tunnel(hdr: VnetHeader, mv: memoryview, tap: bool, max_segments: int)
     inner_mv = mv[inner_nh:]
     inner = parse(inner_mv, use_ip_length=False)
     _check_kind(inner_kind, inner)
-    segments = _segment(inner_mv, inner, hdr.gso_size, max_segments)
+    segments = _segment(
+        inner_mv, inner, _fit(hdr.gso_size, inner, mtu, inner_nh - outer.l3_off), max_segments
+    )
 
     l3 = outer.l3_off
     prefix = bytearray(mv[:inner_nh])

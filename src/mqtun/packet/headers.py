@@ -16,7 +16,6 @@ from mqtun._uapi import (
     ETH_P_8021Q,
     ETH_P_IP,
     ETH_P_IPV6,
-    ETH_P_QINQ1,
     IPPROTO_AH,
     IPPROTO_DSTOPTS,
     IPPROTO_FRAGMENT,
@@ -26,10 +25,12 @@ from mqtun._uapi import (
     IPPROTO_UDP,
     IPV6_RH_TYPE_SRH,
 )
-from mqtun.errors import InvalidArgumentError
+from mqtun.errors import MqtunException
 
 __all__ = [
+    "MAX_VLAN_TAGS",
     "REASONS",
+    "VLAN_TPIDS",
     "Buffer",
     "FlowKey",
     "MalformedPacket",
@@ -45,8 +46,14 @@ Buffer: TypeAlias = bytes | bytearray | memoryview
 FlowKey: TypeAlias = tuple[int, bytes, bytes, int, int, int]
 """(ip version, source address, destination address, protocol, source port, dest port)."""
 
-_VLAN_TYPES: Final = frozenset((ETH_P_8021Q, ETH_P_8021AD, ETH_P_QINQ1))
-_MAX_VLAN_TAGS: Final = 2
+VLAN_TPIDS: Final = (ETH_P_8021Q, ETH_P_8021AD)
+"""The tag protocol ids a VLAN tag is recognised by, in any order: the two the kernel's
+eth_type_vlan() knows, so a frame parsed here as IP is one the kernel segments, checksums and
+dissects as IP too. (0x9100 and other pre-802.1ad TPIDs are opaque ethertypes to the kernel: a
+super-packet built over one would be refused on write, and none is ever read.)"""
+MAX_VLAN_TAGS: Final = 2
+"""Tags looked through: a customer tag under a service tag (802.1ad) is the deepest standard
+stack, and the steering programs (mqtun.steer) look through as many; a deeper stack is not-ip."""
 _IPV6_EXT_HEADERS: Final = frozenset(
     (IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_FRAGMENT, IPPROTO_AH, IPPROTO_DSTOPTS)
 )
@@ -74,6 +81,7 @@ REASONS: Final = frozenset(
         "gso-fragment",
         "too-many-segments",
         "oversized-segment",
+        "over-mtu",
         "bad-csum-offset",
         "bad-tunnel-offsets",
         "bad-tunnel",
@@ -82,14 +90,22 @@ REASONS: Final = frozenset(
 """Every `MalformedPacket.reason` this package raises: a fixed set, so counters can be fixed too."""
 
 
-class MalformedPacket(InvalidArgumentError):
-    """A packet or virtio-net header that cannot be what it claims; `reason` says which part."""
+class MalformedPacket(MqtunException, ValueError):
+    """A packet or virtio-net header that cannot be what it claims; `reason` says which part.
+
+    A ValueError, not an OSError: `except OSError` around a read or a write must never swallow
+    a parse error (nor a parse error be taken for a device that went away).
+    """
 
     def __init__(self, reason: str, detail: str = "") -> None:
         self.reason = reason
         self.detail = detail
         text = f"malformed packet ({reason})"
-        super().__init__(f"{text}: {detail}" if detail else text, op="packet")
+        self.message = f"{text}: {detail}" if detail else text
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return self.message
 
     def __reduce__(self):  # type: ignore[no-untyped-def]
         # keep reason/detail when a worker process sends the error back
@@ -137,17 +153,18 @@ _PORTS = struct.Struct("!HH")
 
 
 def parse_ethernet(buf: Buffer, offset: int = 0) -> tuple[int, int]:
-    """(ethertype, offset of the L3 header) of an Ethernet frame, skipping 802.1Q/802.1ad tags."""
+    """(ethertype, offset of the L3 header) of an Ethernet frame, skipping up to two VLAN tags
+    (TPID 0x8100 or 0x88a8, see VLAN_TPIDS). The one Ethernet parser of mqtun.packet."""
     n = len(buf)
     if n < offset + ETH_HLEN:
         raise MalformedPacket("truncated-ethernet", f"{n - offset} bytes")
     off = offset + 12
     (etype,) = _U16.unpack_from(buf, off)
     tags = 0
-    while etype in _VLAN_TYPES:
+    while etype in VLAN_TPIDS:
         tags += 1
-        if tags > _MAX_VLAN_TAGS:
-            raise MalformedPacket("not-ip", "more than two VLAN tags")
+        if tags > MAX_VLAN_TAGS:
+            raise MalformedPacket("not-ip", f"more than {MAX_VLAN_TAGS} VLAN tags")
         off += 4
         if n < off + 2:
             raise MalformedPacket("truncated-vlan")

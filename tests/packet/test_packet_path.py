@@ -1,0 +1,381 @@
+"""runtime.path without a device: layouts, split on read, validation, coalesce on write, counts.
+
+Every packet a test starts from is built by scapy (packet_builders) and every packet the path
+hands out is checked by scapy: the path's own checksum code is never its own oracle.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Sequence
+
+import packet_builders as pb
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mqtun._uapi import (
+    TUN_F_CSUM,
+    TUN_F_TSO4,
+    TUN_F_TSO6,
+    TUN_F_USO4,
+    TUN_F_USO6,
+    TUN_PKT_STRIP,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_UDP_L4,
+)
+from mqtun.errors import InvalidArgumentError
+from mqtun.packet import ZERO_HEADER, Buffer, VnetHeader, coalesce, encode, offload_checksum
+from mqtun.runtime.path import Layout, Outgoing, Packet, PacketPath, SuperPacket, WireCounts
+from mqtun.stats import DropReason
+
+pytestmark = pytest.mark.usefixtures("both_sums")  # numpy and pure-Python sums
+
+OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_USO4 | TUN_F_USO6
+MAC_A = bytes.fromhex("02000000000a")
+MAC_B = bytes.fromhex("02000000000b")
+
+
+def tcp_stream(shape: pb.Shape, sizes: Sequence[int], *, seq0: int = 5000, sport: int = 40000,
+               psh_last: bool = False) -> list[bytes]:  # fmt: skip
+    out, seq = [], seq0
+    for i, size in enumerate(sizes):
+        flags = "AP" if psh_last and i == len(sizes) - 1 else "A"
+        out.append(pb.frame(shape, pb.TCP(sport=sport, dport=5001, seq=seq % 2**32, ack=7,
+                                          flags=flags, window=500) / pb.Raw(os.urandom(size)),
+                            ip_id=(100 + i) % 0x10000))  # fmt: skip
+        seq += size
+    return out
+
+
+def udp_stream(shape: pb.Shape, sizes: Sequence[int], *, sport: int = 40001) -> list[bytes]:
+    return [pb.frame(shape, pb.UDP(sport=sport, dport=5002) / pb.Raw(os.urandom(s)),
+                     ip_id=(7 + i) % 0x10000) for i, s in enumerate(sizes)]  # fmt: skip
+
+
+def counts(path: PacketPath) -> WireCounts:
+    assert isinstance(path.counter, WireCounts)
+    return path.counter
+
+
+def read_buffer(layout: Layout, hdr: VnetHeader, packet: bytes, *, pi_flags: int = 0) -> bytes:
+    """What a read from a device of `layout` gives for `packet` with `hdr`."""
+    parts = []
+    if layout.packet_info:
+        v6 = packet[0] >> 4 == 6
+        proto = packet[12:14] if layout.tap else (b"\x86\xdd" if v6 else b"\x08\x00")
+        parts.append(struct.pack("=H2s", pi_flags, proto))
+    if layout.vnet_hdr_size:
+        parts.append(encode(hdr, layout.vnet_hdr_size, little_endian=layout.vnet_le))
+    return b"".join(parts) + packet
+
+
+def written(layout: Layout, items: list[Outgoing]) -> list[bytes]:
+    """The wire packets the kernel would see for these writes: each write read back with a
+    path of the written device's layout (which splits super-packets)."""
+    back = PacketPath(layout, Layout(tap=layout.tap), views=False)
+    out: list[bytes] = []
+    for item in items:
+        got: list[Buffer] = []
+        assert back.decode(b"".join(item.parts), got) == item.packets
+        out.extend(bytes(g) for g in got)
+    assert counts(back).dropped_total == 0
+    return out
+
+
+def super_packet(segs: list[bytes], tap: bool) -> tuple[VnetHeader, bytes]:
+    ((hdr, data),) = coalesce(segs, tap=tap)
+    assert hdr.gso_type
+    return hdr, bytes(data)
+
+
+layouts = st.builds(
+    Layout,
+    tap=st.booleans(),
+    packet_info=st.booleans(),
+    vnet_hdr_size=st.sampled_from([0, 10, 12, 20, 24]),
+    vnet_le=st.sampled_from([None, True, False]),
+)
+
+
+# ---- read side ------------------------------------------------------------------------------
+@given(layouts, st.integers(0, 1400), st.booleans(), st.booleans())
+def test_plain_packets_come_out_as_they_were(layout: Layout, size: int, v6: bool,
+                                             udp: bool) -> None:  # fmt: skip
+    shape = pb.Shape(v6=v6, tap=layout.tap)
+    pkt = (udp_stream if udp else tcp_stream)(shape, [size])[0]
+    path = PacketPath(layout)
+    out: list[Buffer] = []
+    assert path.decode(read_buffer(layout, ZERO_HEADER, pkt), out) == 1
+    assert [bytes(p) for p in out] == [pkt]
+    assert counts(path).read == 1 and counts(path).dropped_total == 0
+
+
+@given(st.booleans(), st.booleans(), st.booleans(), st.integers(0, 1400), st.booleans())
+def test_partial_checksums_are_completed(tap: bool, v6: bool, udp: bool, size: int,
+                                         writable: bool) -> None:  # fmt: skip
+    shape = pb.Shape(v6=v6, tap=tap)
+    pkt = (udp_stream if udp else tcp_stream)(shape, [size])[0]
+    hdr, partial = offload_checksum(pkt, tap=tap)
+    assert hdr.flags == VIRTIO_NET_HDR_F_NEEDS_CSUM
+    layout = Layout(tap=tap, vnet_hdr_size=12, offloads=TUN_F_CSUM)
+    buf = read_buffer(layout, hdr, partial)
+    out: list[Buffer] = []
+    PacketPath(layout).decode(bytearray(buf) if writable else buf, out)
+    (got,) = out
+    pb.assert_checksums(bytes(got), shape)
+    assert isinstance(got, memoryview) and got.readonly  # a view; a handler cannot scribble
+
+
+@given(st.booleans(), st.booleans(), st.integers(2, 45), st.integers(200, 1448), st.data())
+def test_super_packets_are_split_into_the_wire_packets(
+    tap: bool, v6: bool, count: int, mss: int, data: st.DataObject
+) -> None:
+    shape = pb.Shape(v6=v6, tap=tap, vlans=data.draw(st.integers(0, 2)) if tap else 0)
+    udp = data.draw(st.booleans())
+    last = data.draw(st.integers(1, mss))
+    sizes = [mss] * (count - 1) + [last]
+    segs = udp_stream(shape, sizes) if udp else tcp_stream(shape, sizes)
+    hdr, sp = super_packet(segs, tap)
+    layout = Layout(tap=tap, vnet_hdr_size=10, offloads=OFFLOADS, mtu=9000)
+    path = PacketPath(layout)
+    out: list[Buffer] = []
+    assert path.decode(read_buffer(layout, hdr, sp), out) == count
+    assert out == segs
+    for s in out[:3]:
+        pb.assert_checksums(bytes(s), shape)
+
+
+@given(st.booleans(), st.booleans(), st.integers(600, 1400), st.integers(2, 20))
+def test_no_wire_packet_is_longer_than_the_mtu(tap: bool, v6: bool, mtu: int,
+                                               count: int) -> None:  # fmt: skip
+    """A TCP super-packet cut for a larger MTU is cut finer; the byte stream is the same."""
+    shape = pb.Shape(v6=v6, tap=tap)
+    segs = tcp_stream(shape, [1448] * count)
+    hdr, sp = super_packet(segs, tap)
+    layout = Layout(tap=tap, vnet_hdr_size=10, offloads=OFFLOADS, mtu=mtu)
+    path = PacketPath(layout)
+    out: list[Buffer] = []
+    path.decode(read_buffer(layout, hdr, sp), out)
+    l2 = 14 if tap else 0
+    assert all(len(p) - l2 <= mtu for p in out)
+    wire = [bytes(p) for p in out]
+    stream = b"".join(bytes(pb.dissect(p, shape)[pb.TCP].payload) for p in wire)
+    assert stream == b"".join(bytes(pb.dissect(p, shape)[pb.TCP].payload) for p in segs)
+    for p in wire:
+        pb.assert_checksums(p, shape)
+    assert counts(path).read == len(out)
+
+
+def test_udp_super_packet_over_the_mtu_is_dropped_per_datagram() -> None:
+    segs = udp_stream(pb.Shape(), [1400] * 7)
+    hdr, sp = super_packet(segs, False)
+    layout = Layout(vnet_hdr_size=10, offloads=OFFLOADS, mtu=1000)
+    path = PacketPath(layout)
+    out: list[Buffer] = []
+    assert path.decode(read_buffer(layout, hdr, sp), out) == 0 and out == []
+    assert counts(path).read == 7 and counts(path).dropped == {DropReason.TOO_BIG: 7}
+
+
+def test_plain_packet_over_the_mtu_is_too_big() -> None:
+    pkt = udp_stream(pb.Shape(tap=True, vlans=1), [1000])[0]  # 1028-byte IP packet, 1046 frame
+    out: list[Buffer] = []
+    PacketPath(Layout(tap=True, mtu=1028)).decode(pkt, out)
+    assert len(out) == 1
+    path = PacketPath(Layout(tap=True, mtu=1027))
+    path.decode(pkt, out)
+    assert len(out) == 1 and counts(path).dropped == {DropReason.TOO_BIG: 1}
+
+
+def test_a_malformed_super_packet_counts_every_wire_packet_it_held() -> None:
+    segs = tcp_stream(pb.Shape(), [1000] * 10)
+    hdr, sp = super_packet(segs, False)
+    broken = bytearray(sp)
+    broken[0] = 0x75  # IP version 7
+    layout = Layout(vnet_hdr_size=10, offloads=OFFLOADS)
+    path = PacketPath(layout)
+    out: list[Buffer] = []
+    assert path.decode(read_buffer(layout, hdr, bytes(broken)), out) == 0
+    assert counts(path).read == 10
+    assert counts(path).dropped == {DropReason.MALFORMED: 10}
+
+
+@pytest.mark.parametrize(
+    ("layout", "buf"),
+    [
+        (Layout(vnet_hdr_size=10), b"\0" * 10),  # the header and nothing after it
+        (Layout(vnet_hdr_size=12), b"\0" * 5),  # shorter than the header (a read(2))
+        (Layout(packet_info=True), struct.pack("=H2s", TUN_PKT_STRIP, b"\x08\x00") + b"E" * 30),
+        (Layout(), b""),
+    ],
+)
+def test_short_and_truncated_reads_are_malformed(layout: Layout, buf: bytes) -> None:
+    path = PacketPath(layout)
+    out: list[Buffer] = []
+    assert path.decode(buf, out) == 0 and out == []
+    assert counts(path).dropped == {DropReason.MALFORMED: 1}
+
+
+# ---- the handler's answers --------------------------------------------------------------------
+def test_answers_that_are_not_packets_are_counted_drops() -> None:
+    ip = udp_stream(pb.Shape(), [10])[0]
+    frame = udp_stream(pb.Shape(tap=True), [10])[0]
+    path = PacketPath(Layout())
+    out: list[Packet] = []
+
+    def gen() -> object:
+        yield ip
+        raise RuntimeError("half-way")
+
+    results: list[tuple[object, int]] = [
+        (ip, 1), (bytearray(ip), 1), (memoryview(ip), 1), ([ip, ip], 2), ((ip,), 1),
+        (None, 0), ("a str", 0), (42, 0), ([ip, None, "x", 3], 1), (b"\x00" * 40, 0),
+        (b"\x45", 0), (frame, 0), (memoryview(ip).cast("H"), 0), (gen(), 1), ([], 0),
+    ]  # fmt: skip
+    for result, taken in results:
+        assert path.accept(result, out) == taken, result
+    assert len(out) == 8
+    assert counts(path).dropped == {DropReason.FILTERED: 1, DropReason.HANDLER_ERROR: 10}
+    tap = PacketPath(Layout(tap=True))
+    assert tap.accept(frame, out) == 1 and tap.accept(b"\x00" * 13, out) == 0
+
+
+# ---- write side -------------------------------------------------------------------------------
+@given(st.booleans(), st.booleans(), st.integers(1, 40), st.integers(1, 1448), st.data())
+def test_split_then_coalesce_gives_the_same_stream(
+    tap: bool, v6: bool, count: int, mss: int, data: st.DataObject
+) -> None:
+    """Wire packets read from a TSO/USO device, coalesced for another, come out the same."""
+    shape = pb.Shape(v6=v6, tap=tap)
+    udp = data.draw(st.booleans())
+    last = data.draw(st.integers(1, mss))
+    sizes = [mss] * (count - 1) + [last]
+    segs = udp_stream(shape, sizes) if udp else tcp_stream(shape, sizes)
+    src = Layout(tap=tap, vnet_hdr_size=10, offloads=OFFLOADS, mtu=9000)
+    dst = Layout(tap=tap, packet_info=data.draw(st.booleans()),
+                 vnet_hdr_size=data.draw(st.sampled_from([10, 12, 24])),
+                 vnet_le=data.draw(st.sampled_from([None, True, False])), offloads=OFFLOADS,
+                 mtu=9000)  # fmt: skip
+    path = PacketPath(src, dst)
+    wire: list[Buffer] = []
+    if count > 1:
+        hdr, sp = super_packet(segs, tap)
+        path.decode(read_buffer(src, hdr, sp), wire)
+    else:
+        path.decode(read_buffer(src, ZERO_HEADER, segs[0]), wire)
+    answers: list[Packet] = []
+    for p in wire:
+        path.accept(p, answers)
+    items = path.encode(answers)
+    assert len(items) == 1 and items[0].packets == count
+    assert written(dst, items) == segs
+
+
+def test_coalescing_keeps_flow_order_and_only_where_the_destination_takes_it() -> None:
+    shape = pb.Shape()
+    a = tcp_stream(shape, [1000] * 6, sport=1)
+    b = udp_stream(shape, [500] * 6, sport=2)
+    c = tcp_stream(shape, [800] * 3, sport=3)
+    mixed = [p for trio in zip(a, b, c + [b""] * 3, strict=True) for p in trio if p]
+    src = Layout(mtu=9000)
+    for offloads, expect in (
+        (OFFLOADS, 3),  # three flows, three super-packets
+        (TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6, 2 + 6),  # no USO: the datagrams pass one by one
+        (0, len(mixed)),  # no offloads: nothing is joined
+    ):
+        dst = Layout(vnet_hdr_size=10, offloads=offloads, mtu=9000)
+        path = PacketPath(src, dst)
+        items = path.encode(list(mixed))
+        assert len(items) == expect
+        out = written(dst, items)
+        for flow in (a, b, c):
+            assert [p for p in out if p in flow] == flow  # each flow in its own order
+        assert sorted(out) == sorted(mixed)
+    no = PacketPath(src, Layout(vnet_hdr_size=10, offloads=OFFLOADS), coalesce=False)
+    assert len(no.encode(list(mixed))) == len(mixed)
+
+
+def test_sent_and_failed_count_every_wire_packet() -> None:
+    segs = tcp_stream(pb.Shape(), [1000] * 5)
+    path = PacketPath(Layout(), Layout(vnet_hdr_size=10, offloads=OFFLOADS))
+    (item,) = path.encode(list(segs))
+    path.sent(item)
+    path.failed(item, DropReason.REFUSED)
+    assert counts(path).written == 5
+    assert counts(path).dropped == {DropReason.REFUSED: 5}
+
+
+# ---- between layouts --------------------------------------------------------------------------
+def test_tun_to_tap_needs_the_ethernet_addresses() -> None:
+    with pytest.raises(InvalidArgumentError, match="ethernet="):
+        PacketPath(Layout(), Layout(tap=True))
+    with pytest.raises(InvalidArgumentError):
+        PacketPath(Layout(), Layout(tap=True), ethernet=(b"short", MAC_B))
+    with pytest.raises(InvalidArgumentError, match="virtio-net header"):
+        Layout(offloads=TUN_F_CSUM)
+    with pytest.raises(InvalidArgumentError):
+        Layout(vnet_hdr_size=4)
+
+
+@pytest.mark.parametrize("v6", [False, True])
+@pytest.mark.parametrize("dst_vnet", [0, 10])
+def test_tun_to_tap_and_back(v6: bool, dst_vnet: int) -> None:
+    tun_shape, tap_shape = pb.Shape(v6=v6), pb.Shape(v6=v6, tap=True)
+    segs = tcp_stream(tun_shape, [1200] * 8) + udp_stream(tun_shape, [300] * 4)
+    offloads = OFFLOADS if dst_vnet else 0
+    tap = Layout(tap=True, packet_info=True, vnet_hdr_size=dst_vnet, offloads=offloads)
+    path = PacketPath(Layout(), tap, ethernet=(MAC_A, MAC_B))
+    frames = written(tap, path.encode(list(segs)))
+    assert len(frames) == len(segs)
+    for f, s in zip(frames, segs, strict=True):
+        eth = pb.Ether(f)
+        assert (eth.src, eth.dst) == (pb.MAC_A, pb.MAC_B) and f[14:] == s
+        pb.assert_checksums(f, tap_shape)
+    arp = bytes.fromhex("ffffffffffff02000000000a0806") + bytes(28)
+    back = PacketPath(tap, Layout(vnet_hdr_size=10, offloads=OFFLOADS))
+    items = back.encode([*frames, arp])
+    assert counts(back).dropped == {DropReason.REFUSED: 1}
+    assert written(Layout(vnet_hdr_size=10), items) == segs
+
+
+# ---- super-packet mode ------------------------------------------------------------------------
+@pytest.mark.parametrize("tap", [False, True])
+def test_super_packet_mode_passes_them_whole_or_splits_for_a_plain_device(tap: bool) -> None:
+    shape = pb.Shape(tap=tap)
+    segs = tcp_stream(shape, [1448] * 20)
+    hdr, sp = super_packet(segs, tap)
+    src = Layout(tap=tap, vnet_hdr_size=12, vnet_le=True, offloads=OFFLOADS)
+    to_vnet = Layout(tap=tap, vnet_hdr_size=10, vnet_le=False, offloads=OFFLOADS)
+    path = PacketPath(src, to_vnet, super_packets=True)
+    got = path.decode_super(read_buffer(src, hdr, sp))
+    assert got is not None and isinstance(got, SuperPacket)
+    assert got.offload == hdr and got.segments == 20 and bytes(got.data) == sp
+    assert got.offload.gso_type == VIRTIO_NET_HDR_GSO_TCPV4
+    answers: list[Packet] = []
+    assert path.accept(got, answers) == 1
+    (item,) = path.encode(answers)
+    assert item.packets == 20 and item.parts[0] == encode(hdr, 10, little_endian=False)
+    assert written(to_vnet, [item]) == segs
+    plain = Layout(tap=tap)
+    items = PacketPath(src, plain, super_packets=True).encode([got])
+    assert [i.packets for i in items] == [1] * 20 and written(plain, items) == segs
+    no_uso = Layout(tap=tap, vnet_hdr_size=10, offloads=TUN_F_CSUM | TUN_F_TSO4)
+    usegs = udp_stream(shape, [1000] * 4)
+    uhdr, usp = super_packet(usegs, tap)
+    assert uhdr.gso_type == VIRTIO_NET_HDR_GSO_UDP_L4
+    items = PacketPath(src, no_uso, super_packets=True).encode([SuperPacket(usp, uhdr, 4)])
+    assert len(items) == 4 and written(no_uso, items) == usegs
+
+
+def test_super_packet_mode_from_tap_to_tun() -> None:
+    segs = tcp_stream(pb.Shape(tap=True, vlans=1), [1000] * 5)
+    hdr, sp = super_packet(segs, True)
+    src = Layout(tap=True, vnet_hdr_size=10, offloads=OFFLOADS)
+    dst = Layout(vnet_hdr_size=10, offloads=OFFLOADS)
+    path = PacketPath(src, dst, super_packets=True)
+    got = path.decode_super(read_buffer(src, hdr, sp))
+    assert got is not None
+    (item,) = path.encode([got])
+    assert written(dst, [item]) == [s[18:] for s in segs]
