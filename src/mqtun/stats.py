@@ -69,12 +69,13 @@ COUNTER_FIELDS = (
     "written_bytes",
     "read_errors",
     "write_errors",
+    "read_wire_packets",
+    "written_wire_packets",
 )
 _DROP_BASE = len(COUNTER_FIELDS)
 SLOT_COUNT = _DROP_BASE + len(DropReason)
-READ_PACKETS, READ_BYTES, WRITTEN_PACKETS, WRITTEN_BYTES, READ_ERRORS, WRITE_ERRORS = range(
-    _DROP_BASE
-)
+(READ_PACKETS, READ_BYTES, WRITTEN_PACKETS, WRITTEN_BYTES, READ_ERRORS, WRITE_ERRORS,
+ READ_WIRE_PACKETS, WRITTEN_WIRE_PACKETS) = range(_DROP_BASE)
 
 
 _SlotArray = ctypes.c_uint64 * SLOT_COUNT
@@ -116,6 +117,14 @@ class Counters:
         """Count `count` packets dropped for `reason`."""
         self.slots[_DROP_BASE + reason] += count
 
+    def wire_read(self, count: int) -> None:
+        """Count `count` wire packets read (a super-packet counts every packet it holds)."""
+        self.slots[READ_WIRE_PACKETS] += count
+
+    def wire_written(self, count: int) -> None:
+        """Count `count` wire packets written (a coalesced write counts every packet in it)."""
+        self.slots[WRITTEN_WIRE_PACKETS] += count
+
     def snapshot(self) -> QueueStats:
         """An immutable copy of the current values."""
         values = list(self.slots)
@@ -135,6 +144,10 @@ class QueueStats:
     `read_*` counts packets the kernel handed to userspace (the device's tx side);
     `written_*` counts packets userspace handed to the kernel (the device's rx side).
     Bytes exclude the packet-info and virtio-net headers, as the kernel's counters do.
+    `read_packets`/`written_packets` count what the kernel counts (IFLA_STATS64 tx/rx_packets:
+    a super-packet once); `read_wire_packets`/`written_wire_packets` count the wire packets
+    they held (a TSO super-packet of 40 segments is 40), where the packet path ran. Drops are
+    wire packets.
     """
 
     read_packets: int = 0
@@ -143,6 +156,8 @@ class QueueStats:
     written_bytes: int = 0
     read_errors: int = 0
     write_errors: int = 0
+    read_wire_packets: int = 0
+    written_wire_packets: int = 0
     dropped: Mapping[str, int] = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
-import io
 import logging
 import os
 import select
@@ -47,6 +46,8 @@ from typing import TYPE_CHECKING, Any
 
 from mqtun.errors import DeviceGoneError, InvalidArgumentError, MqtunError, kernel_error
 from mqtun.packet.headers import Buffer
+from mqtun.packet.vnet import ZERO_HEADER
+from mqtun.runtime.path import Layout, Packet, PacketPath, PathCounter, SuperPacket
 from mqtun.stats import (
     READ_BYTES,
     READ_ERRORS,
@@ -60,6 +61,7 @@ from mqtun.stats import (
 )
 
 if TYPE_CHECKING:
+    from mqtun.device import Device
     from mqtun.queue import Queue
 
 __all__ = [
@@ -71,6 +73,7 @@ __all__ = [
     "IOLoop",
     "LoopConfig",
     "Route",
+    "layout_of",
     "run_handler",
     "uring_available",
 ]
@@ -80,8 +83,9 @@ DEFAULT_MODE = "adaptive"
 DEFAULT_BATCH = 64
 DEFAULT_SPIN_US = 50
 
-# What a handler may return: nothing (drop), one packet, or several packets.
-Handler = Callable[[bytes], "Buffer | Iterable[Buffer] | None"]
+# What a handler may return: nothing (drop), one packet, or several packets. It gets a wire
+# packet (a Buffer), a SuperPacket (super-packet mode) or a list of wire packets (batch).
+Handler = Callable[[Any], object]
 # Where the first fault of each kind goes: (a one-line key, the full text with its traceback).
 FaultSink = Callable[[str, str], None]
 
@@ -155,59 +159,70 @@ class HandlerFaults:
                             "(bytes, bytearray, memoryview) or a list of packets")
 
 
-def _is_packet(p: object) -> bool:
-    t = type(p)
-    if t is bytes or t is bytearray:
-        return True
-    try:
-        return memoryview(p).c_contiguous  # type: ignore[arg-type]
-    except (TypeError, ValueError):  # no buffer (str, int, None), or a released view
-        return False
+class _RouteCounter:
+    """A route's `PathCounter`: reads and drops on the reading queue's counters, wire
+    packets written on the writing queue's. While a handler's answer is judged, the path's
+    HANDLER_ERROR (an answer that is not a packet) is counted as BAD_RESULT."""
+
+    __slots__ = ("bad", "judging", "read", "written")
+
+    def __init__(self, read: Counters, written: Counters) -> None:
+        self.read = read
+        self.written = written
+        self.judging = False
+        self.bad = 0
+
+    def drop(self, reason: DropReason, count: int = 1) -> None:
+        if self.judging and reason is DropReason.HANDLER_ERROR:
+            reason = DropReason.BAD_RESULT
+            self.bad += count
+        self.read.drop(reason, count)
+
+    def wire_read(self, count: int) -> None:
+        self.read.wire_read(count)
+
+    def wire_written(self, count: int) -> None:
+        self.written.wire_written(count)
 
 
-def run_handler(handler: Handler, packet: bytes, counters: Counters,
-                faults: HandlerFaults) -> Sequence[Buffer]:
-    """Call `handler` on one packet and check what it gives back: the packets to write.
+_WHOLE = (bytes, bytearray, memoryview, list, tuple, str, dict, SuperPacket)
 
-    Everything the handler does not turn into a packet is counted on `counters` (the reading
-    queue's): an exception is HANDLER_ERROR, None or an empty list FILTERED, and each thing
-    that is not a packet (a str, an int, a None in a list, ...) BAD_RESULT; faults go to
+
+def run_handler(handler: Callable[[Any], object], packet: object, path: PacketPath,
+                faults: HandlerFaults, out: list[Packet]) -> int:
+    """Call `handler` on `packet` (a wire packet, a SuperPacket, or a batch's list) and append
+    the packets it answers with to `out`; return how many.
+
+    The one validation step of every loop mode: `PacketPath.accept` judges the answer (None or
+    an empty list is FILTERED, a thing that is not a packet of the source's kind BAD_RESULT);
+    an exception, also from a generator the handler returns, is HANDLER_ERROR. Faults go to
     `faults`. Never raises.
     """
     try:
         res = handler(packet)
+        if res is not None and not isinstance(res, _WHOLE) and isinstance(res, Iterable):
+            res = list(res)  # a generator runs the handler's code: it may raise
     except Exception as exc:
-        counters.drop(DropReason.HANDLER_ERROR)
+        path.counter.drop(DropReason.HANDLER_ERROR)
         faults.exception(exc)
-        return ()
-    if type(res) is bytes:
-        return (res,)
-    if res is None:
-        counters.drop(DropReason.FILTERED)
-        return ()
-    if _is_packet(res):
-        return (res,)  # type: ignore[return-value]
-    if isinstance(res, (list, tuple)):
-        items: list[object] = list(res)
-    elif isinstance(res, Iterable) and not isinstance(res, (str, dict)):
-        try:
-            items = list(res)  # a generator runs the handler's code: it may raise
-        except Exception as exc:
-            counters.drop(DropReason.HANDLER_ERROR)
-            faults.exception(exc)
-            return ()
-    else:
-        counters.drop(DropReason.BAD_RESULT)
-        faults.bad_result(handler, res)
-        return ()
-    if not items:
-        counters.drop(DropReason.FILTERED)
-        return ()
-    good = [p for p in items if _is_packet(p)]
-    if len(good) < len(items):
-        counters.drop(DropReason.BAD_RESULT, len(items) - len(good))
-        faults.bad_result(handler, next(p for p in items if not _is_packet(p)))
-    return good  # type: ignore[return-value]
+        return 0
+    if (type(res) is list or type(res) is tuple) and not res:
+        path.counter.drop(DropReason.FILTERED)
+        return 0
+    counter = path.counter
+    if not isinstance(counter, _RouteCounter):
+        return path.accept(res, out)
+    counter.judging = True
+    bad = counter.bad
+    try:
+        taken = path.accept(res, out)
+    finally:
+        counter.judging = False
+    if counter.bad != bad:
+        items = res if isinstance(res, (list, tuple)) else (res,)
+        odd = next((p for p in items if not isinstance(p, _WHOLE[:3])), res)
+        faults.bad_result(handler, odd)
+    return taken
 
 
 @dataclass(frozen=True)
@@ -236,27 +251,70 @@ class LoopConfig:
 
 @dataclass
 class Route:
-    """Packets read from `src` go to `dst` unchanged, or through `handler` back to `src`
-    (or to `dst` when both are given).
+    """Packets read from `src` go to `dst`, through `handler` if one is given; a handler alone
+    answers on `src` (flow affinity: the kernel's flow table follows the queue that writes a
+    flow, so answering on another queue than `src` moves the flow there).
 
-    A handler returns None (the packet is dropped and counted as FILTERED), one packet, or a
-    list/tuple of packets; it may raise, which counts the packet as a HANDLER_ERROR drop, and
-    anything else it returns is a BAD_RESULT drop (`run_handler`).
-    Answering on another queue than `src` moves the flow there: the kernel's flow table
-    follows the queue that writes a flow.
+    Every route runs on the packet path (`mqtun.runtime.path.PacketPath`): the handler sees
+    wire packets (no PI or virtio-net header, checksums complete, within the MTU), or with
+    `super_packets` each read whole as a `SuperPacket`; with `batch` it gets the list of wire
+    packets one drain held and returns an iterable of packets. What it returns is validated
+    (`run_handler`), converted for the writing device (PI, virtio-net header, TAP to TUN) and,
+    with `coalesce` (the default), joined into TSO/USO super-packets where that device takes
+    them: only what one drain holds, datagram boundaries and in-flow order kept. Without a
+    handler, super-packets pass whole.
+
+    `layouts` (source, destination) default to what the queues' devices report
+    (`Layout.of`); `ethernet` (source MAC, destination MAC) is what a TUN-to-TAP route puts
+    in the frames it builds. A pair of layouts that cannot be converted is refused by
+    `make_path` (InvalidArgumentError).
     """
 
     src: Queue
     dst: Queue | None = None
-    handler: Handler | None = None
+    handler: Callable[[Any], object] | None = None
+    batch: bool = False
+    super_packets: bool = False
+    coalesce: bool = True
+    layouts: tuple[Layout, Layout] | None = None
+    ethernet: tuple[bytes, bytes] | None = None
 
     def __post_init__(self) -> None:
         if self.dst is None and self.handler is None:
             raise InvalidArgumentError("a route needs a destination queue, a handler, or both")
+        if self.batch and self.super_packets:
+            raise InvalidArgumentError("a route's handler takes batches or super-packets, "
+                                       "not both")
 
     @property
     def out(self) -> Queue:
         return self.dst if self.dst is not None else self.src
+
+    @staticmethod
+    def check(source: Layout, dest: Layout, *, batch: bool = False,
+              super_packets: bool = False, coalesce: bool = True,
+              ethernet: tuple[bytes, bytes] | None = None) -> None:
+        """Refuse (InvalidArgumentError) a route between layouts the path cannot convert."""
+        PacketPath(source, dest, super_packets=super_packets, coalesce=coalesce,
+                   ethernet=ethernet)
+
+    def make_path(self, counter: PathCounter | None = None) -> PacketPath:
+        """The packet path of this route (refuses a pair of devices it cannot convert)."""
+        src_layout, dst_layout = self.layouts or (layout_of(self.src.device),
+                                                  layout_of(self.out.device))
+        return PacketPath(src_layout, dst_layout, counter=counter,
+                          super_packets=self.super_packets, coalesce=self.coalesce,
+                          ethernet=self.ethernet)
+
+
+def layout_of(device: Device) -> Layout:
+    """`Layout.of(device)`, with an MTU of 65535 where the device's link cannot be read from
+    here (moved to another namespace): the bound on the wire packets a handler gets is then
+    what a read can hold."""
+    try:
+        return Layout.of(device)
+    except MqtunError:
+        return Layout.of(device, mtu=65535)
 
 
 def _close_fds(*fds: int) -> None:
@@ -339,10 +397,8 @@ class IOLoop:
         except OSError:
             pass
 
-    def _drainer(self, route: Route) -> Callable[[], int]:
-        if route.handler is None:
-            return _forward_drainer(route, self.config.batch)
-        return _handler_drainer(route, self.config.batch, self.faults)
+    def _drainer(self, route: Route, batch: int | None = None) -> Callable[[], int]:
+        return _path_drainer(route, batch or self.config.batch, self.faults)
 
     # ---- epoll / adaptive / busy ----------------------------------------------------------
     def _run_polling(self) -> None:
@@ -390,33 +446,17 @@ class IOLoop:
 
     # ---- naive: the baseline ------------------------------------------------------------
     def _run_naive(self) -> None:
-        """One packet per wake-up through the plain Queue API (read, then write)."""
+        """One packet per epoll wake-up (the same packet path, drains of one): the baseline."""
         ep = self._epoll()
-        routes = {r.src.fd: r for r in self.routes}
+        drains = {r.src.fd: self._drainer(r, 1) for r in self.routes}
         wake = self._wake_r
         try:
             while not self._stopping:
                 for fd, _ev in ep.poll(-1):
                     if fd == wake:
                         self._drain_wake()
-                        continue
-                    r = routes[fd]
-                    try:
-                        pkt = r.src.read(timeout=0)
-                    except MqtunError as exc:
-                        _raise_if_fatal(exc)
-                        continue
-                    if pkt is None:
-                        continue
-                    outs: Sequence[Buffer] = (
-                        (pkt,) if r.handler is None
-                        else run_handler(r.handler, pkt, r.src.counters, self.faults)
-                    )
-                    for p in outs:
-                        try:
-                            r.out.write(p)
-                        except MqtunError as exc:  # counted by Queue.write
-                            _raise_if_fatal(exc)
+                    else:
+                        drains[fd]()
         finally:
             ep.close()
 
@@ -447,103 +487,99 @@ def _read_error(q: Queue, exc: OSError) -> None:
     _raise_if_fatal(_failure(q, exc, "read"))  # anything else (e.g. ENOMEM): the loop goes on
 
 
-def _write_error(q: Queue, exc: OSError) -> None:
-    """Count a failed write on the writing queue as a write error and a drop; raise if fatal."""
+def _write_error(q: Queue, exc: OSError, packets: int = 1) -> None:
+    """Count a failed write on the writing queue as a write error and a drop of every wire
+    packet it held; raise if fatal."""
     c: Counters = q.counters
     c.slots[WRITE_ERRORS] += 1
-    c.drop(drop_reason(exc.errno))
+    c.drop(drop_reason(exc.errno), packets)
     _raise_if_fatal(_failure(q, exc, "write"))
 
 
 # ---- drainers: one closure per route, locals bound for speed -------------------------------
-def _forward_drainer(route: Route, batch: int) -> Callable[[], int]:
-    """src -> dst unchanged: read into a reused buffer, write a view of it (no copy)."""
-    src, dst = route.src, route.dst
-    assert dst is not None
-    readinto = io.FileIO(src.fd, "r", closefd=False).readinto
-    write = os.write
-    out_fd = dst.fd
-    buf = bytearray(src.read_size)
-    view = memoryview(buf)
-    rslots = src.counters.slots
-    wslots = dst.counters.slots
-    rh = src.header_size
-    wh = dst.header_size
-
-    def drain() -> int:
-        n = nbytes = sent = sbytes = 0
-        try:
-            while n < batch:
-                k = readinto(view)
-                if k is None:
-                    break
-                n += 1
-                nbytes += k
-                try:
-                    write(out_fd, view[:k])
-                    sent += 1
-                    sbytes += k
-                except OSError as exc:
-                    _write_error(dst, exc)
-        except MqtunError:
-            raise
-        except OSError as exc:
-            _read_error(src, exc)
-        finally:
-            if n:
-                rslots[READ_PACKETS] += n
-                rslots[READ_BYTES] += nbytes - rh * n
-            if sent:
-                wslots[WRITTEN_PACKETS] += sent
-                wslots[WRITTEN_BYTES] += sbytes - wh * sent
-        return n
-
-    return drain
-
-
-def _handler_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[], int]:
-    """src -> handler -> back to src (or dst): the handler gets a bytes object it may keep."""
+def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[], int]:
+    """One drain of a route: read up to `batch` buffers, decode them into wire packets (or
+    super-packets), hand them to the handler, encode the answers for the writing device
+    (converted, coalesced) and write each with one writev. Counted per read and write (what
+    the kernel counts) and per wire packet (`_RouteCounter`)."""
     src = route.src
     out = route.out
+    counter = _RouteCounter(src.counters, out.counters)
+    path = route.make_path(counter)
     handler = route.handler
-    assert handler is not None
     read = os.read
-    write = os.write
+    writev = os.writev
     in_fd, out_fd = src.fd, out.fd
     size = src.read_size
     rslots = src.counters.slots
     wslots = out.counters.slots
-    rcount = src.counters
     rh = src.header_size
     wh = out.header_size
+    decode = path.decode
+    decode_super = path.decode_super
+    encode = path.encode
+    sent_item = path.sent
+    zero = ZERO_HEADER
+    whole = handler is None
+    supers = route.super_packets
+    batched = route.batch
 
     def drain() -> int:
-        n = nbytes = sent = sbytes = 0
+        bufs: list[bytes] = []
+        n = nbytes = 0
         try:
             while n < batch:
                 try:
-                    pkt = read(in_fd, size)
+                    b = read(in_fd, size)
                 except BlockingIOError:
                     break
+                bufs.append(b)
                 n += 1
-                nbytes += len(pkt)
-                for p in run_handler(handler, pkt, rcount, faults):
-                    try:
-                        sbytes += write(out_fd, p)
-                        sent += 1
-                    except OSError as exc:
-                        _write_error(out, exc)
-        except MqtunError:
-            raise
+                nbytes += len(b)
         except OSError as exc:
-            _read_error(src, exc)
+            _read_error(src, exc)  # raises if fatal; the buffers read before are served
         finally:
             if n:
                 rslots[READ_PACKETS] += n
                 rslots[READ_BYTES] += nbytes - rh * n
-            if sent:
-                wslots[WRITTEN_PACKETS] += sent
-                wslots[WRITTEN_BYTES] += sbytes - wh * sent
+        if not n:
+            return 0
+        answers: list[Packet] = []
+        if whole:  # no handler: super-packets pass whole, plain packets may be joined
+            for b in bufs:
+                sp = decode_super(b)
+                if sp is not None:
+                    answers.append(sp.data if sp.offload is zero else sp)
+        elif supers:
+            for b in bufs:
+                sp = decode_super(b)
+                if sp is not None:
+                    run_handler(handler, sp, path, faults, answers)  # type: ignore[arg-type]
+        else:
+            wire: list[Buffer] = []
+            for b in bufs:
+                decode(b, wire)
+            if batched:
+                if wire:
+                    run_handler(handler, wire, path, faults, answers)  # type: ignore[arg-type]
+            else:
+                for p in wire:
+                    run_handler(handler, p, path, faults, answers)  # type: ignore[arg-type]
+        if answers:
+            sent = sbytes = 0
+            try:
+                for item in encode(answers):
+                    try:
+                        sbytes += writev(out_fd, item.parts)
+                    except OSError as exc:
+                        _write_error(out, exc, item.packets)
+                    else:
+                        sent += 1
+                        sent_item(item)
+            finally:
+                if sent:
+                    wslots[WRITTEN_PACKETS] += sent
+                    wslots[WRITTEN_BYTES] += sbytes - wh * sent
         return n
 
     return drain
@@ -567,6 +603,7 @@ def _run_uring(loop: IOLoop) -> None:
                            "io_uring_setup")
     # user_data: route << 32 | 0 for the read; route << 32 | 1 + slot for writes
     read_bufs = [bytearray(r.src.read_size) for r in routes]
+    paths = [r.make_path(_RouteCounter(r.src.counters, r.out.counters)) for r in routes]
     pending_writes: dict[int, Any] = {}
     next_tag = 1
     ts = L.timespec(0.2)  # wake at least every 0.2 s to see stop()
@@ -576,7 +613,7 @@ def _run_uring(loop: IOLoop) -> None:
         L.io_uring_prep_read(sqe, routes[i].src.fd, read_bufs[i])
         sqe.user_data = i << 32
 
-    def queue_write(i: int, fd: int, data: Any) -> None:
+    def queue_write(i: int, fd: int, data: Any, packets: int = 1) -> None:
         nonlocal next_tag
         sqe = L.io_uring_get_sqe(ring)
         if sqe is None:
@@ -586,7 +623,7 @@ def _run_uring(loop: IOLoop) -> None:
         next_tag = next_tag % 0x7FFFFFFF + 1
         L.io_uring_prep_write(sqe, fd, data)
         sqe.user_data = tag
-        pending_writes[tag] = data
+        pending_writes[tag] = (data, packets)
 
     for i in range(nroutes):
         arm_read(i)
@@ -619,11 +656,12 @@ def _run_uring(loop: IOLoop) -> None:
                 i = tag >> 32
                 r = routes[i]
                 if tag & 0xFFFFFFFF:  # a write completed
-                    pending_writes.pop(tag, None)
+                    _data, packets = pending_writes.pop(tag, (None, 1))
                     out = r.out
                     if res is not None and res < 0:
-                        _write_error(out, OSError(-res, os.strerror(-res)))
+                        _write_error(out, OSError(-res, os.strerror(-res)), packets)
                     else:
+                        out.counters.wire_written(packets)
                         s = out.counters.slots
                         s[WRITTEN_PACKETS] += 1
                         s[WRITTEN_BYTES] += (res or 0) - out.header_size
@@ -640,11 +678,26 @@ def _run_uring(loop: IOLoop) -> None:
                 s[READ_PACKETS] += 1
                 s[READ_BYTES] += res - r.src.header_size
                 pkt = bytes(memoryview(read_bufs[i])[:res])
+                path = paths[i]
+                answers: list[Packet] = []
                 if r.handler is None:
-                    queue_write(i, r.out.fd, pkt)
+                    sp = path.decode_super(pkt)
+                    if sp is not None:
+                        answers.append(sp.data if sp.offload is ZERO_HEADER else sp)
+                elif r.super_packets:
+                    sp = path.decode_super(pkt)
+                    if sp is not None:
+                        run_handler(r.handler, sp, path, faults, answers)
                 else:
-                    for p in run_handler(r.handler, pkt, r.src.counters, faults):
-                        queue_write(i, r.out.fd, bytes(p))
+                    wire: list[Buffer] = []
+                    path.decode(pkt, wire)
+                    if r.batch:
+                        run_handler(r.handler, wire, path, faults, answers)
+                    else:
+                        for p in wire:
+                            run_handler(r.handler, p, path, faults, answers)
+                for item in path.encode(answers):
+                    queue_write(i, r.out.fd, b"".join(item.parts), item.packets)
                 arm_read(i)
             L.io_uring_submit(ring)
     finally:

@@ -320,6 +320,7 @@ class Region:
         g = by_name.get
         return QueueStats(g("read_packets", 0), g("read_bytes", 0), g("written_packets", 0),
                           g("written_bytes", 0), g("read_errors", 0), g("write_errors", 0),
+                          g("read_wire_packets", 0), g("written_wire_packets", 0),
                           dropped=drops)
 
     def entries(self, *, include_free: bool = False) -> list[EntryInfo]:

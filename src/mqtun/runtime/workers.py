@@ -48,13 +48,14 @@ from typing import TYPE_CHECKING
 
 from mqtun import _uapi
 from mqtun.errors import DeviceGoneError, InvalidArgumentError, MqtunError
-from mqtun.runtime.loop import Handler, IOLoop, LoopConfig, Route
+from mqtun.runtime.loop import Handler, IOLoop, LoopConfig, Route, layout_of
 from mqtun.runtime.shm import EntryState, Region
 from mqtun.stats import QueueStats
 
 if TYPE_CHECKING:
     from mqtun.device import Device
     from mqtun.queue import Queue
+    from mqtun.runtime.path import Layout
 
 __all__ = ["EXIT_GONE", "WorkerEvent", "WorkerInfo", "WorkerPool", "parse_cpus"]
 
@@ -147,22 +148,33 @@ Program = Callable[[WorkerInfo], list[Route]]
 
 
 def serve_program(handler: Handler | None = None,
-                  make_handler: Callable[[WorkerInfo], Handler] | None = None) -> Program:
-    """Answer each packet on the queue it came from (flow affinity)."""
+                  make_handler: Callable[[WorkerInfo], Handler] | None = None,
+                  **route: object) -> Program:
+    """Answer each packet on the queue it came from (flow affinity). `route` holds the
+    `Route` options (batch, super_packets, coalesce, layouts)."""
     if (handler is None) == (make_handler is None):
         raise InvalidArgumentError("give either handler or make_handler")
 
     def build(info: WorkerInfo) -> list[Route]:
         h = handler if handler is not None else make_handler(info)  # type: ignore[misc]
-        return [Route(q, handler=h) for q in info.queues]
+        return [Route(q, handler=h, **route) for q in info.queues]  # type: ignore[arg-type]
 
     return build
 
 
-def forward_program(info: WorkerInfo) -> list[Route]:
-    """Move packets both ways between the worker's two queues, unchanged."""
-    a, b = info.queues
-    return [Route(a, dst=b), Route(b, dst=a)]
+def forward_program(handler_ab: Handler | None = None, handler_ba: Handler | None = None,
+                    *, layouts: tuple[Layout, Layout] | None = None,
+                    **route: object) -> Program:
+    """Move packets both ways between the worker's two queues: through `handler_ab` from
+    A to B and `handler_ba` from B to A (unchanged where None). `layouts` are A's and B's."""
+
+    def build(info: WorkerInfo) -> list[Route]:
+        a, b = info.queues
+        la, lb = layouts if layouts is not None else (layout_of(a.device), layout_of(b.device))
+        return [Route(a, dst=b, handler=handler_ab, layouts=(la, lb), **route),  # type: ignore[arg-type]
+                Route(b, dst=a, handler=handler_ba, layouts=(lb, la), **route)]  # type: ignore[arg-type]
+
+    return build
 
 
 class WorkerPool:
@@ -225,15 +237,58 @@ class WorkerPool:
         handler: Handler | None = None,
         *,
         make_handler: Callable[[WorkerInfo], Handler] | None = None,
+        batch: bool = False,
+        super_packets: bool = False,
+        coalesce: bool = True,
         **kwargs: object,
     ) -> WorkerPool:
-        """A worker per queue of `device`, answering each packet on the queue it read from."""
-        return cls([device], serve_program(handler, make_handler), **kwargs)  # type: ignore[arg-type]
+        """A worker per queue of `device`, answering each packet on the queue it read from.
+
+        The handler gets wire packets (no PI or virtio-net header, checksums complete, within
+        the MTU); with `batch` the list of them one drain held; with `super_packets` each read
+        whole as a `SuperPacket`. Its answers are coalesced into super-packets where the
+        device takes them (`coalesce`). See `Route`."""
+        layout = layout_of(device)
+        opts = {"batch": batch, "super_packets": super_packets, "coalesce": coalesce,
+                "layouts": (layout, layout)}
+        Route.check(layout, layout, batch=batch, super_packets=super_packets,
+                    coalesce=coalesce)
+        program = serve_program(handler, make_handler, **opts)
+        return cls([device], program, **kwargs)  # type: ignore[arg-type]
 
     @classmethod
-    def forward(cls, dev_a: Device, dev_b: Device, **kwargs: object) -> WorkerPool:
-        """A worker per queue pair (a_i, b_i), moving packets both ways unchanged."""
-        return cls([dev_a, dev_b], forward_program, **kwargs)  # type: ignore[arg-type]
+    def forward(
+        cls,
+        dev_a: Device,
+        dev_b: Device,
+        handler: Handler | None = None,
+        *,
+        handler_ab: Handler | None = None,
+        handler_ba: Handler | None = None,
+        batch: bool = False,
+        super_packets: bool = False,
+        coalesce: bool = True,
+        ethernet: tuple[bytes, bytes] | None = None,
+        **kwargs: object,
+    ) -> WorkerPool:
+        """A worker per queue pair (a_i, b_i), a middlebox: what `handler` returns for a
+        packet read on one side is written to the other (`handler_ab`, `handler_ba`: one
+        direction each; without a handler packets move unchanged, super-packets whole).
+
+        Devices whose headers differ are converted (PI, virtio-net header, TAP to TUN; TUN to
+        TAP with `ethernet=(source MAC, destination MAC)`) or refused here. Where the writing
+        device takes TSO/USO super-packets, what one drain holds is coalesced (`coalesce`)."""
+        if handler is not None and (handler_ab is not None or handler_ba is not None):
+            raise InvalidArgumentError("give handler (both ways) or handler_ab/handler_ba")
+        ab = handler if handler is not None else handler_ab
+        ba = handler if handler is not None else handler_ba
+        la, lb = layout_of(dev_a), layout_of(dev_b)
+        opts = {"batch": batch, "super_packets": super_packets, "coalesce": coalesce,
+                "ethernet": ethernet}
+        Route.check(la, lb, **opts)  # type: ignore[arg-type]
+        Route.check(lb, la, **opts)  # type: ignore[arg-type]
+        program = forward_program(ab, ba, layouts=(la, lb), **opts)
+        return cls([dev_a, dev_b], program, **kwargs)  # type: ignore[arg-type]
 
     # ---- lifecycle ------------------------------------------------------------------------
     def start(self) -> WorkerPool:
