@@ -189,29 +189,35 @@ _WHOLE = (bytes, bytearray, memoryview, list, tuple, str, dict, SuperPacket)
 
 
 def run_handler(handler: Callable[[Any], object], packet: object, path: PacketPath,
-                faults: HandlerFaults, out: list[Packet]) -> int:
+                faults: HandlerFaults, out: list[Packet], count: int = 1) -> int:
     """Call `handler` on `packet` (a wire packet, a SuperPacket, or a batch's list) and append
     the packets it answers with to `out`; return how many.
 
     The one validation step of every loop mode: `PacketPath.accept` judges the answer (None or
     an empty list is FILTERED, a thing that is not a packet of the source's kind BAD_RESULT);
     an exception, also from a generator the handler returns, is HANDLER_ERROR. Faults go to
-    `faults`. Never raises.
+    `faults`. Never raises. `count` is how many wire packets `packet` stands for (a batch's
+    length, a super-packet's segments): a raise or a None drops them all, and a batch answered
+    with fewer packets than it held counts the rest as FILTERED.
     """
     try:
         res = handler(packet)
         if res is not None and not isinstance(res, _WHOLE) and isinstance(res, Iterable):
             res = list(res)  # a generator runs the handler's code: it may raise
     except Exception as exc:
-        path.counter.drop(DropReason.HANDLER_ERROR)
+        path.counter.drop(DropReason.HANDLER_ERROR, count)
         faults.exception(exc)
         return 0
-    if (type(res) is list or type(res) is tuple) and not res:
-        path.counter.drop(DropReason.FILTERED)
+    if res is None or ((type(res) is list or type(res) is tuple) and not res):
+        path.counter.drop(DropReason.FILTERED, count)
         return 0
     counter = path.counter
+    before = len(out)
     if not isinstance(counter, _RouteCounter):
-        return path.accept(res, out)
+        taken = path.accept(res, out)
+        if count > 1 and (short := count - _wire(out, before)) > 0:
+            counter.drop(DropReason.FILTERED, short)
+        return taken
     counter.judging = True
     bad = counter.bad
     try:
@@ -222,7 +228,14 @@ def run_handler(handler: Callable[[Any], object], packet: object, path: PacketPa
         items = res if isinstance(res, (list, tuple)) else (res,)
         odd = next((p for p in items if not isinstance(p, _WHOLE[:3])), res)
         faults.bad_result(handler, odd)
+    if count > 1 and (short := count - _wire(out, before) - (counter.bad - bad)) > 0:
+        counter.drop(DropReason.FILTERED, short)
     return taken
+
+
+def _wire(out: list[Packet], start: int) -> int:
+    """How many wire packets the packets out[start:] hold."""
+    return sum(p.segments if type(p) is SuperPacket else 1 for p in out[start:])
 
 
 @dataclass(frozen=True)
@@ -554,14 +567,16 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
             for b in bufs:
                 sp = decode_super(b)
                 if sp is not None:
-                    run_handler(handler, sp, path, faults, answers)  # type: ignore[arg-type]
+                    run_handler(handler, sp, path, faults, answers,  # type: ignore[arg-type]
+                                sp.segments)
         else:
             wire: list[Buffer] = []
             for b in bufs:
                 decode(b, wire)
             if batched:
                 if wire:
-                    run_handler(handler, wire, path, faults, answers)  # type: ignore[arg-type]
+                    run_handler(handler, wire, path, faults, answers,  # type: ignore[arg-type]
+                                len(wire))
             else:
                 for p in wire:
                     run_handler(handler, p, path, faults, answers)  # type: ignore[arg-type]
@@ -687,12 +702,12 @@ def _run_uring(loop: IOLoop) -> None:
                 elif r.super_packets:
                     sp = path.decode_super(pkt)
                     if sp is not None:
-                        run_handler(r.handler, sp, path, faults, answers)
+                        run_handler(r.handler, sp, path, faults, answers, sp.segments)
                 else:
                     wire: list[Buffer] = []
                     path.decode(pkt, wire)
-                    if r.batch:
-                        run_handler(r.handler, wire, path, faults, answers)
+                    if r.batch and wire:
+                        run_handler(r.handler, wire, path, faults, answers, len(wire))
                     else:
                         for p in wire:
                             run_handler(r.handler, p, path, faults, answers)
