@@ -296,7 +296,7 @@ def test_a_handler_that_drops_one_udp_port_drops_exactly_that_flow(
                 cli.sendto(b"ok%d" % i, (B4, 5000))
                 cli.sendto(b"no%d" % i, (B4, blocked))
                 srv_ok.sendto(b"back%d" % i, (A4, blocked))  # the other way
-            got = []
+            got: list[bytes] = []
             with contextlib.suppress(TimeoutError):
                 while len(got) < 20:
                     got.append(srv_ok.recv(100))
