@@ -194,6 +194,9 @@ def _add_forward(sub: Any) -> None:
                    help="adaptive mode: microseconds to keep polling before sleeping")
     p.add_argument("--user", help="after opening the queues, run as this user (drop root)")
     p.add_argument("--group", help="with --user: run as this group (default: the user's)")
+    p.add_argument("--no-coalesce", dest="coalesce", action="store_false",
+                   help="write packets as read: do not join a drain's TCP/UDP segments into "
+                        "TSO/USO super-packets (with offloads, coalescing is the default)")
 
     def run(args: argparse.Namespace) -> int:
         import signal
@@ -214,7 +217,8 @@ def _add_forward(sub: Any) -> None:
         fwd = Forwarder(ForwardConfig(args.dev_a, args.dev_b, args.queues, args.tap,
                                       args.offload, args.cpus, args.mode, args.batch,
                                       args.spin_us, user=args.user, group=args.group,
-                                      attach=args.attach), on_event=on_event)
+                                      attach=args.attach, coalesce=args.coalesce),
+                              on_event=on_event)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: fwd.request_stop())
         signal.signal(signal.SIGUSR1, lambda *_: fwd.request_stats())

@@ -1,8 +1,11 @@
 """`mqtun forward`: two devices, one worker per queue pair, packets moved both ways.
 
 The two devices are created in the caller's network namespace (multiqueue when more than
-one queue is asked for) with identical virtio-net headers and offloads, so a packet read
-from A -- a TSO/USO super-packet included -- is written to B unchanged. Either device may be
+one queue is asked for) with identical virtio-net headers and offloads. The workers run the
+runtime's one packet path (`WorkerPool.forward`, no handler): a TSO/USO super-packet read
+from A is written to B whole, and the plain segments one drain holds are joined into TSO/USO
+super-packets where B takes them (`coalesce`, off with `--no-coalesce`): fewer, larger
+writes, datagram boundaries and in-flow order kept, nothing waited for. Either device may be
 moved to another namespace after start (queue fds stay valid); at the end each device is
 deleted wherever it lives then.
 
@@ -56,6 +59,7 @@ class ForwardConfig:
     user: str | None = None  # drop to this user after opening the queues
     group: str | None = None  # and this group (default: the user's primary group)
     attach: bool = False  # serve existing devices (e.g. persistent, owner-set) and leave them
+    coalesce: bool = True  # join a drain's segments into TSO/USO super-packets for the writer
 
     def __post_init__(self) -> None:
         if self.dev_a == self.dev_b:
@@ -115,8 +119,8 @@ class Forwarder:
             if cfg.user is not None:
                 self.ids = drop_privileges(cfg.user, cfg.group)
             self.pool = WorkerPool.forward(
-                self.dev_a, self.dev_b, cpus=cfg.cpus, loop=loop, name="forward",
-                on_event=self.on_event,
+                self.dev_a, self.dev_b, coalesce=cfg.coalesce, cpus=cfg.cpus, loop=loop,
+                name="forward", on_event=self.on_event,
             )
             self.pool.start()
         except BaseException:
@@ -155,7 +159,12 @@ class Forwarder:
                                   op="forward")
 
     def qstat_lines(self) -> list[str]:
-        """One `QSTAT q=<i> ...` line per queue pair, from the live shared counters."""
+        """One `QSTAT q=<i> ...` line per queue pair, from the live shared counters.
+
+        `*_pkts` count writes as the kernel counts them (IFLA_STATS64: a super-packet once),
+        `*_wire` the wire packets they held; `reads` the packets read from both devices (as
+        the kernel counts them: its tx_packets), `read_wire` the wire packets they held;
+        `drops` are wire packets: read_wire = a2b_wire + b2a_wire + drops."""
         out: list[str] = []
         if self.pool is None:
             return out
@@ -164,7 +173,10 @@ class Forwarder:
             out.append(
                 f"QSTAT q={i} a2b_pkts={b.written_packets} b2a_pkts={a.written_packets} "
                 f"a2b_bytes={b.written_bytes} b2a_bytes={a.written_bytes} "
-                f"drops={a.dropped_total + b.dropped_total}"
+                f"drops={a.dropped_total + b.dropped_total} "
+                f"a2b_wire={b.written_wire_packets} b2a_wire={a.written_wire_packets} "
+                f"reads={a.read_packets + b.read_packets} "
+                f"read_wire={a.read_wire_packets + b.read_wire_packets}"
             )
         return out
 

@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from mqtun import _uapi
 from mqtun.errors import DeviceGoneError, InvalidArgumentError, MqtunError, kernel_error
 from mqtun.packet.headers import Buffer
 from mqtun.packet.vnet import ZERO_HEADER
@@ -185,6 +186,7 @@ class _RouteCounter:
         self.written.wire_written(count)
 
 
+_JOINABLE = _uapi.TUN_F_TSO4 | _uapi.TUN_F_TSO6 | _uapi.TUN_F_USO4 | _uapi.TUN_F_USO6
 _WHOLE = (bytes, bytearray, memoryview, list, tuple, str, dict, SuperPacket)
 
 
@@ -534,6 +536,11 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
     sent_item = path.sent
     zero = ZERO_HEADER
     whole = handler is None
+    # without a handler, packets are read whole unless the writer could join them: then a
+    # packet that is no super-packet (its gso_type byte is 0) is decoded as a wire packet
+    gso_at = path.source.header_size - path.source.vnet_hdr_size + 1
+    join = route.coalesce and bool(path.dest.vnet_hdr_size) and bool(
+        path.dest.offloads & _JOINABLE) and bool(path.source.vnet_hdr_size)
     supers = route.super_packets
     batched = route.batch
 
@@ -560,6 +567,10 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
         answers: list[Packet] = []
         if whole:  # no handler: super-packets pass whole, plain packets may be joined
             for b in bufs:
+                if join and not (len(b) > gso_at and b[gso_at]):
+                    # a wire packet (its checksum completed): the writer may join it
+                    decode(b, answers)  # type: ignore[arg-type]
+                    continue
                 sp = decode_super(b)
                 if sp is not None:
                     answers.append(sp.data if sp.offload is zero else sp)
