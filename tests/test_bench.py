@@ -99,3 +99,20 @@ def test_bench_refuses_unknown_names_and_non_root(tmp_path: Path) -> None:
                           lambda: cli_in_process(["bench", "--short", "--out", "/nonexistent"]))
     assert code == 1 and "needs root" in err and err.count("\n") == 1
     assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_bench_without_cap_net_admin_or_iproute2_says_so_in_one_line(tmp_path: Path) -> None:
+    """Root without CAP_NET_ADMIN (a container's usual root) and a PATH without iproute2: one
+    line each naming what is missing, no traceback, nothing left behind."""
+    before = _topology_namespaces()
+    argv = [sys.executable, "-m", "mqtun", *["bench", "--short", "--out", str(tmp_path)]]
+    capless = subprocess.run(["setpriv", "--inh-caps=-net_admin", "--bounding-set=-net_admin",
+                              *argv], capture_output=True, text=True, timeout=60, env=_env())
+    assert capless.returncode == 1, capless.stderr[-2000:]
+    assert capless.stderr.count("\n") == 1 and "CAP_NET_ADMIN" in capless.stderr, capless.stderr
+    assert "--cap-add NET_ADMIN" in capless.stderr
+    no_ip = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                           env={**_env(), "PATH": "/nonexistent"})
+    assert no_ip.returncode == 1, no_ip.stderr[-2000:]
+    assert no_ip.stderr.count("\n") == 1 and "iproute2" in no_ip.stderr, no_ip.stderr
+    assert _topology_namespaces() <= before

@@ -98,3 +98,20 @@ def test_demo_interrupted_mid_traffic_removes_everything() -> None:
     assert "Traceback" not in err
     assert _topology_namespaces() <= before_ns
     assert not ({r.path for r in list_regions() if r.alive} - before_regions)
+
+
+def test_demo_without_cap_net_admin_or_iproute2_says_so_in_one_line() -> None:
+    """Root without CAP_NET_ADMIN (a container's usual root) and a PATH without iproute2: one
+    line each naming what is missing, no traceback, nothing left behind."""
+    before = _topology_namespaces()
+    argv = [sys.executable, "-m", "mqtun", *["demo", "--seconds", "1"]]
+    capless = subprocess.run(["setpriv", "--inh-caps=-net_admin", "--bounding-set=-net_admin",
+                              *argv], capture_output=True, text=True, timeout=60, env=_env())
+    assert capless.returncode == 1, capless.stderr[-2000:]
+    assert capless.stderr.count("\n") == 1 and "CAP_NET_ADMIN" in capless.stderr, capless.stderr
+    assert "--cap-add NET_ADMIN" in capless.stderr
+    no_ip = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                           env={**_env(), "PATH": "/nonexistent"})
+    assert no_ip.returncode == 1, no_ip.stderr[-2000:]
+    assert no_ip.stderr.count("\n") == 1 and "iproute2" in no_ip.stderr, no_ip.stderr
+    assert _topology_namespaces() <= before

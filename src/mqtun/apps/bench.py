@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mqtun.apps.topology import B_IP, ForwarderSpec, Topology, cpu_seconds
+from mqtun.apps.topology import B_IP, ForwarderSpec, Topology, check_lab, cpu_seconds, lab_errors
 from mqtun.errors import InvalidArgumentError, MqtunError
 from mqtun.netns import NetNamespace
 
@@ -136,9 +136,7 @@ def parse_names(spec: str | None, known: Sequence[str], what: str) -> list[str]:
 
 def check_tools(configs: Sequence[str]) -> None:
     """Refuse early, in one line, when a tool or python-pytun is missing."""
-    if os.geteuid() != 0:
-        raise MqtunError(1, "mqtun bench needs root: it creates network namespaces and "
-                         "devices", op="bench")
+    check_lab("bench")
     missing = [t for t in REQUIRED_TOOLS if not _which(t)]
     if missing:
         raise MqtunError(2, f"mqtun bench needs {', '.join(missing)} (Debian: apt-get install "
@@ -168,7 +166,7 @@ def run_bench(configs: Sequence[str], workloads: Sequence[str], *, seconds: floa
                          machine={"cpus": str(os.cpu_count()), "kernel": os.uname().release,
                                   "loadavg_start": _loadavg(),
                                   "tool_cpus": tool_cpus or "any"})
-    with tempfile.TemporaryDirectory(prefix="mqtun-bench-") as tmp:
+    with lab_errors("bench"), tempfile.TemporaryDirectory(prefix="mqtun-bench-") as tmp:
         feeds = _feed_files(Path(tmp))
         for rep in range(repeat):
             for name in configs:

@@ -14,14 +14,21 @@ Everything is removed at the end, on an error and on Ctrl-C too (`Topology`).
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mqtun.apps.topology import A_IP, B_IP, ForwarderSpec, QueueSample, Topology
+from mqtun.apps.topology import (
+    A_IP,
+    B_IP,
+    ForwarderSpec,
+    QueueSample,
+    Topology,
+    check_lab,
+    lab_errors,
+)
 from mqtun.errors import MqtunError
 from mqtun.netns import NetNamespace
 
@@ -74,13 +81,11 @@ class DemoResult:
 def run_demo(seconds: float = 6.0, queues: int = 2, tcp_flows: int = 4,
              report: Callable[[str], None] = lambda _line: None) -> DemoResult:
     """Build the topology, run the TCP then the UDP phase, return the figures."""
-    if os.geteuid() != 0:
-        raise MqtunError(1, "mqtun demo needs root: it creates network namespaces and devices "
-                         "(run it as root, e.g. sudo mqtun demo)", op="demo")
+    check_lab("demo")
     spec = ForwarderSpec("mqtun", queues=queues, offload=True)
     report(f"namespaces A ({A_IP}) and B ({B_IP}) joined by `mqtun forward --queues {queues}` "
            "in namespace F")
-    with Topology(spec) as topo:
+    with lab_errors("demo"), Topology(spec) as topo:
         a, b = topo.a, topo.b
         assert a is not None and b is not None
         phase = seconds / 2

@@ -16,13 +16,16 @@ Ctrl-C too -- so nothing touches the machine's own namespace. Every wait is boun
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -32,7 +35,8 @@ from mqtun.errors import InvalidArgumentError, MqtunError
 from mqtun.netns import NetNamespace
 from mqtun.runtime.shm import Region, list_regions
 
-__all__ = ["A_IP", "B_IP", "KINDS", "ForwarderSpec", "QueueSample", "Topology", "cpu_seconds"]
+__all__ = ["A_IP", "B_IP", "KINDS", "ForwarderSpec", "QueueSample", "Topology", "check_lab",
+           "cpu_seconds", "lab_errors"]
 
 A_IP, B_IP = "198.18.0.1", "198.18.0.2"
 DEV_A, DEV_B = "tun-a", "tun-b"
@@ -76,6 +80,57 @@ class QueueSample:
     a2b_bytes: int
     b2a_bytes: int
     drops: int
+
+
+# Programs the topology runs, and the Debian package that has each (for the one-line refusal).
+PACKAGES = {"ip": "iproute2", "ss": "iproute2", "iperf3": "iperf3", "sockperf": "sockperf",
+            "taskset": "util-linux", "cc": "gcc"}
+
+
+def _no_cap(command: str, what: str) -> str:
+    """The refusal for a missing capability: which one, and how a container gets it."""
+    cap = "SYS_ADMIN" if "netns add" in what else "NET_ADMIN"
+    return (f"mqtun {command} needs CAP_{cap} (it makes network namespaces and devices) and "
+            f"this process lacks it; in a container run it with --cap-add {cap} or "
+            f"--privileged ({what})")
+
+
+def check_lab(command: str) -> None:
+    """Refuse in one line, before anything is made, what surely fails: not root, no iproute2."""
+    if os.geteuid() != 0:
+        raise MqtunError(errno.EPERM, f"mqtun {command} needs root: it creates network "
+                         f"namespaces and devices (run it as root, e.g. sudo mqtun {command})",
+                         op=command)
+    if shutil.which("ip") is None:
+        raise MqtunError(errno.ENOENT, f"mqtun {command} needs iproute2's `ip` on PATH "
+                         "(Debian: apt-get install iproute2)", op=command)
+
+
+@contextlib.contextmanager
+def lab_errors(command: str) -> Iterator[None]:
+    """Turn what a helper program's failure raises into one MqtunError line that says what is
+    missing: a program not on PATH, or the capabilities a namespace needs (a container's root
+    usually lacks CAP_NET_ADMIN: then `ip netns exec NS ip link set lo up` fails)."""
+    try:
+        yield
+    except FileNotFoundError as exc:
+        prog = os.path.basename(str(exc.filename or "?"))
+        pkg = f" (Debian: apt-get install {PACKAGES[prog]})" if prog in PACKAGES else ""
+        raise MqtunError(errno.ENOENT, f"mqtun {command} needs `{prog}` on PATH{pkg}",
+                         op=command) from None
+    except subprocess.CalledProcessError as exc:
+        said = (exc.stderr or exc.stdout or "")
+        said = said.decode(errors="replace") if isinstance(said, bytes) else said
+        cmd = exc.cmd if isinstance(exc.cmd, str) else " ".join(map(str, exc.cmd))
+        if "not permitted" in said or "Permission denied" in said:
+            what = f"`{cmd}`: {said.strip().splitlines()[-1]}"
+            raise MqtunError(errno.EPERM, _no_cap(command, what), op=command) from None
+        last = said.strip().splitlines()[-1] if said.strip() else f"exit {exc.returncode}"
+        raise MqtunError(5, f"mqtun {command}: `{cmd}` failed: {last}", op=command) from None
+    except MqtunError as exc:
+        if "not permitted" in exc.message:
+            raise MqtunError(errno.EPERM, _no_cap(command, exc.message), op=command) from None
+        raise
 
 
 def cpu_seconds(pids: list[int]) -> float:
