@@ -7,7 +7,9 @@ The forwarder is one of:
 - ``veth``: a veth pair straight from A to B, no F, no userspace: the kernel-only ceiling;
 - ``mqtun``: ``python -m mqtun forward`` run in F; once it prints ``READY queues=N`` its two
   devices are moved into A and B (the queue fds stay valid), as a container runtime would;
-- ``pytun``: the same with python-pytun, the peer library (`mqtun.apps.pytun_forward`).
+- ``pytun``: the same with python-pytun, the peer library (`mqtun.apps.pytun_forward`);
+- ``c``: the same with the bench's minimal C forwarder (``c_forward.c``, built by the bench;
+  `ForwarderSpec.program` is the binary), offloads as mqtun forward negotiates them.
 
 Everything lives in namespaces made here and is removed by `close()` -- on an exception and on
 Ctrl-C too -- so nothing touches the machine's own namespace. Every wait is bounded.
@@ -35,12 +37,12 @@ from mqtun.errors import InvalidArgumentError, MqtunError
 from mqtun.netns import NetNamespace
 from mqtun.runtime.shm import Region, list_regions
 
-__all__ = ["A_IP", "B_IP", "KINDS", "ForwarderSpec", "QueueSample", "Topology", "check_lab",
-           "cpu_seconds", "lab_errors"]
+__all__ = ["A_IP", "B_IP", "KINDS", "ForwarderSpec", "LinkCounters", "QueueSample", "Topology",
+           "check_lab", "cpu_seconds", "lab_errors"]
 
 A_IP, B_IP = "198.18.0.1", "198.18.0.2"
 DEV_A, DEV_B = "tun-a", "tun-b"
-KINDS = ("veth", "mqtun", "pytun")
+KINDS = ("veth", "mqtun", "pytun", "c")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -53,6 +55,7 @@ class ForwarderSpec:
     offload: bool = True
     cpus: str | None = "auto"
     mode: str | None = None  # mqtun's I/O loop mode (None: its default)
+    program: str | None = None  # kind "c": the built forwarder binary
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -62,10 +65,10 @@ class ForwarderSpec:
 
     @property
     def label(self) -> str:
-        """A short row name: veth, mqtun 2q, mqtun 1q no-offload, pytun 2q."""
+        """A short row name: veth, mqtun 2q, mqtun 1q no-offload, pytun 2q, c 1q."""
         if self.kind == "veth":
             return "veth"
-        tail = " no-offload" if self.kind == "mqtun" and not self.offload else ""
+        tail = " no-offload" if self.kind in ("mqtun", "c") and not self.offload else ""
         tail += f" {self.mode}" if self.mode else ""
         return f"{self.kind} {self.queues}q{tail}"
 
@@ -131,6 +134,34 @@ def lab_errors(command: str) -> Iterator[None]:
         if "not permitted" in exc.message:
             raise MqtunError(errno.EPERM, _no_cap(command, exc.message), op=command) from None
         raise
+
+
+@dataclass(frozen=True)
+class LinkCounters:
+    """A device's kernel counters (/proc/net/dev). On a TUN device tx is what userspace read
+    from it (tx_dropped: its queue was full), rx what userspace wrote into it."""
+
+    rx_packets: int
+    rx_dropped: int
+    tx_packets: int
+    tx_dropped: int
+
+    def __sub__(self, other: LinkCounters) -> LinkCounters:
+        return LinkCounters(self.rx_packets - other.rx_packets,
+                            self.rx_dropped - other.rx_dropped,
+                            self.tx_packets - other.tx_packets,
+                            self.tx_dropped - other.tx_dropped)
+
+
+def _link_counters(ns: NetNamespace, dev: str) -> LinkCounters:
+    """`dev`'s counters in `ns`, read by this thread from inside the namespace (no process)."""
+    with ns.enter(), open("/proc/thread-self/net/dev") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if name.strip() == dev:
+                v = [int(x) for x in rest.split()]
+                return LinkCounters(v[1], v[3], v[9], v[11])
+    raise MqtunError(errno.ENODEV, f"{dev} is not in namespace {ns.name}", op="topology")
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -219,6 +250,14 @@ class Topology:
             return [sys.executable, "-m", "mqtun", "forward", "--queues", str(s.queues),
                     *([] if s.offload else ["--no-offload"]),
                     *(["--mode", s.mode] if s.mode else []), *cpus, DEV_A, DEV_B]
+        if s.kind == "c":
+            if not s.program:
+                raise InvalidArgumentError("the C forwarder needs its binary (program=)")
+            from mqtun.apps.forward import _OFFLOAD_LADDER  # the very masks mqtun forward tries
+
+            ladder = ",".join(hex(m) for m in _OFFLOAD_LADDER if m) if s.offload else "none"
+            return [s.program, DEV_A, DEV_B, str(s.queues), ladder,
+                    "auto" if s.cpus else "none"]
         return [sys.executable, "-m", "mqtun.apps.pytun_forward", "--queues", str(s.queues),
                 *cpus, DEV_A, DEV_B]
 
@@ -266,6 +305,11 @@ class Topology:
     def forwarder_cpu(self) -> float:
         """CPU seconds the forwarder's processes have used so far."""
         return cpu_seconds(self.forwarder_pids())
+
+    def link_counters(self) -> tuple[LinkCounters, LinkCounters]:
+        """The kernel's counters of A's and of B's device (tun-a in A, tun-b in B)."""
+        assert self.a is not None and self.b is not None
+        return _link_counters(self.a, DEV_A), _link_counters(self.b, DEV_B)
 
     def queue_samples(self) -> list[QueueSample]:
         """Per-queue counters of an mqtun forwarder, read from its shared-memory region."""
