@@ -13,6 +13,7 @@ from pathlib import Path
 from nettools import cli_in_process, run_as
 
 import mqtun
+from mqtun.apps.demo import DemoResult, PhaseResult, render_demo
 from mqtun.runtime.shm import list_regions
 
 ROW = re.compile(r"^\s+(\d+)\s+([\d,]+)\s+([\d.]+)%\s+([\d,]+)$")
@@ -42,6 +43,15 @@ def test_demo_short_run_reports_every_queue_and_cleans_up() -> None:
     assert all(line.startswith("mqtun demo: ") for line in lines[:start])  # progress
     blocks = [b for b in "\n".join(lines[start:]).split("\n\n") if b[:3] in ("TCP", "UDP")]
     assert [b[:3] for b in blocks] == ["TCP", "UDP"], out
+    where = blocks[1].splitlines()[1:4]  # UDP: where the datagrams were lost
+    found = [re.match(r"\s+(?:lost )?(before|in|after) mqtun\s+([\d.]+)%", ln) for ln in where]
+    parts = [m for m in found if m]
+    assert len(parts) == 3, where
+    assert [m.group(1) for m in parts] == ["before", "in", "after"]
+    lost = re.search(r"\(([\d.]+)% lost\)", blocks[1])
+    assert lost, blocks[1]
+    assert abs(sum(float(m.group(2)) for m in parts) - float(lost.group(1))) < 0.25, where
+    blocks[1] = "\n".join(ln for ln in blocks[1].splitlines() if ln not in where)
     for block in blocks:
         lines = block.splitlines()
         assert re.search(r"[\d,]+ Mbit/s received", lines[0]), lines[0]
@@ -115,3 +125,15 @@ def test_demo_without_cap_net_admin_or_iproute2_says_so_in_one_line() -> None:
     assert no_ip.returncode == 1, no_ip.stderr[-2000:]
     assert no_ip.stderr.count("\n") == 1 and "iproute2" in no_ip.stderr, no_ip.stderr
     assert _topology_namespaces() <= before
+
+
+def test_demo_says_where_datagrams_were_lost() -> None:
+    """The loss is split by the counters into before, in and after the forwarder, and each
+    part names its evidence (sans-IO: a PhaseResult, no traffic)."""
+    p = PhaseResult("UDP", 1.0, 0, sent_packets=1000, received_packets=800,
+                    forwarder_read=950, forwarder_written=940, rcvbuf_errors=140, queue_full=50)
+    assert p.lost_where() == (50, 10, 140)  # 50 + 10 + 140 == 1000 - 800
+    text = render_demo(DemoResult(2, True, [p]))
+    assert "before mqtun   5.0% (A's device queue overflowed 50 times" in text
+    assert "in mqtun       1.0%" in text
+    assert "after mqtun   14.0% (B's socket buffer overflowed 140 times)" in text

@@ -61,6 +61,7 @@ from mqtun.apps.topology import (
     check_lab,
     cpu_seconds,
     lab_errors,
+    udp_counters,
 )
 from mqtun.errors import InvalidArgumentError, MqtunError
 from mqtun.netns import NetNamespace
@@ -560,12 +561,6 @@ def _rr(a: NetNamespace, b: NetNamespace, conns: int, seconds: float,
     return client
 
 
-def _udp_counters(ns: NetNamespace) -> dict[str, int]:
-    lines = [ln.split() for ln in ns.run(["cat", "/proc/net/snmp"]).stdout.splitlines()
-             if ln.startswith("Udp:")]
-    return dict(zip(lines[0][1:], map(int, lines[1][1:]), strict=False))
-
-
 _TP = re.compile(r"Total of (\d+) messages sent in ([\d.]+) sec")
 
 
@@ -573,13 +568,13 @@ def _udp(a: NetNamespace, b: NetNamespace, seconds: float, feeds: dict[str, str]
     def client(meter: _Meter) -> _Figures:
         ports = [UDP_BASE_PORT + i for i in range(UDP_FLOWS)]
         with _server(b, ["sockperf", "server", "-f", feeds["udp"], "-F", "e"], "udp", ports):
-            rx0, tx0, links0 = _udp_counters(b), _udp_counters(a), meter.topo.link_counters()
+            rx0, tx0, links0 = udp_counters(b), udp_counters(a), meter.topo.link_counters()
             proc = a.popen(["sockperf", "throughput", "--dontwarmup", "-f", feeds["udp"],
                             "-F", "e", "-t", str(max(1, round(seconds))), "-m", "64"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             out = _sockperf_outputs([proc], meter, seconds + 30)[0]
             time.sleep(0.2)  # what is still in flight arrives
-            rx1, tx1, links1 = _udp_counters(b), _udp_counters(a), meter.topo.link_counters()
+            rx1, tx1, links1 = udp_counters(b), udp_counters(a), meter.topo.link_counters()
         m = _TP.search(out)
         if not m:
             raise MqtunError(5, f"sockperf throughput failed: {out[-300:]}", op="bench")

@@ -38,7 +38,7 @@ from mqtun.netns import NetNamespace
 from mqtun.runtime.shm import Region, list_regions
 
 __all__ = ["A_IP", "B_IP", "KINDS", "ForwarderSpec", "LinkCounters", "QueueSample", "Topology",
-           "check_lab", "cpu_seconds", "lab_errors"]
+           "check_lab", "cpu_seconds", "lab_errors", "udp_counters"]
 
 A_IP, B_IP = "198.18.0.1", "198.18.0.2"
 DEV_A, DEV_B = "tun-a", "tun-b"
@@ -83,6 +83,8 @@ class QueueSample:
     a2b_bytes: int
     b2a_bytes: int
     drops: int
+    a2b_read: int = 0  # read from A's device (what the forwarder took in, A -> B)
+    b2a_read: int = 0
 
 
 # Programs the topology runs, and the Debian package that has each (for the one-line refusal).
@@ -162,6 +164,14 @@ def _link_counters(ns: NetNamespace, dev: str) -> LinkCounters:
                 v = [int(x) for x in rest.split()]
                 return LinkCounters(v[1], v[3], v[9], v[11])
     raise MqtunError(errno.ENODEV, f"{dev} is not in namespace {ns.name}", op="topology")
+
+
+def udp_counters(ns: NetNamespace) -> dict[str, int]:
+    """The Udp: line of /proc/net/snmp in `ns` (InDatagrams, OutDatagrams, RcvbufErrors...),
+    read by this thread from inside the namespace."""
+    with ns.enter(), open("/proc/thread-self/net/snmp") as f:
+        rows = [line.split() for line in f if line.startswith("Udp:")]
+    return dict(zip(rows[0][1:], map(int, rows[1][1:]), strict=False))
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -324,13 +334,14 @@ class Topology:
         by_queue: dict[int, dict[str, int]] = {}
         for e in self._region.entries():
             row = by_queue.setdefault(e.queue, {"a2b_p": 0, "b2a_p": 0, "a2b_b": 0,
-                                                "b2a_b": 0, "drops": 0})
+                                                "b2a_b": 0, "drops": 0, "a2b_r": 0, "b2a_r": 0})
             side = "a2b" if e.device == DEV_B else "b2a"  # written to B = moved A -> B
             row[f"{side}_p"] += e.stats.written_packets
             row[f"{side}_b"] += e.stats.written_bytes
             row["drops"] += e.stats.dropped_total
-        return [QueueSample(q, r["a2b_p"], r["b2a_p"], r["a2b_b"], r["b2a_b"], r["drops"])
-                for q, r in sorted(by_queue.items())]
+            row["a2b_r" if e.device == DEV_A else "b2a_r"] += e.stats.read_packets
+        return [QueueSample(q, r["a2b_p"], r["b2a_p"], r["a2b_b"], r["b2a_b"], r["drops"],
+                            r["a2b_r"], r["b2a_r"]) for q, r in sorted(by_queue.items())]
 
     # ---- cleaning up -------------------------------------------------------------------------
     def close(self) -> None:
