@@ -19,7 +19,16 @@ import pytest
 from nettools import cli_in_process, run_as
 
 import mqtun
-from mqtun.apps.bench import SHORT_CONFIGS, WORKLOADS
+from mqtun.apps.bench import (
+    CONFIGS,
+    SHORT_CONFIGS,
+    WORKLOADS,
+    BenchResult,
+    Sample,
+    render_markdown,
+    targets,
+    write_chart,
+)
 
 SHORT_WORKLOADS = ("tcp4", "rr8", "udp16")
 
@@ -194,3 +203,31 @@ def test_bench_without_cap_net_admin_or_iproute2_says_so_in_one_line(tmp_path: P
     assert no_ip.returncode == 1, no_ip.stderr[-2000:]
     assert no_ip.stderr.count("\n") == 1 and "iproute2" in no_ip.stderr, no_ip.stderr
     assert _topology_namespaces() <= before
+
+
+def test_chart_and_table_from_a_full_synthetic_run(tmp_path: Path) -> None:
+    """Every configuration and workload, a missing figure among them: the table has the
+    like-for-like ratios and every target, the chart draws (no network: a made-up run)."""
+    r = BenchResult(list(CONFIGS), list(WORKLOADS), 1.0, 2,
+                    machine={"kernel": "test", "cpus": "2"})
+    for rep in range(2):
+        for i, c in enumerate(CONFIGS):
+            for w in WORKLOADS.values():
+                fwd = 0.0 if c == "veth" else 50.0 + i
+                udp = w.key == "udp16"
+                r.samples.append(Sample(
+                    c, w.key, rep, 1000.0 * (i + 1), 1000 * (i + 1), w.count_unit, 1.0, fwd,
+                    fwd / 100, 60.0, 0 if c == "veth" else 900, loss=0.1 if udp else None,
+                    sent=1100 if udp else None, lost_before=50 if udp else None,
+                    lost_in=10 if udp else None, lost_after=40 if udp else None,
+                    p50_us=None if c == "pytun-2q" else 50.0 + i,
+                    p99_us=None if c == "pytun-2q" else 90.0 + i))
+    md = render_markdown(r)
+    speed = _table(md, "config")
+    row = {cells[0]: cells for cells in speed[1:]}
+    assert "x c-1q" in row["mqtun-1q"][1] and "x c-2q" in row["mqtun-2q"][1]
+    assert "x pytun-1q" in row["mqtun-1q-nooff"][1] and "x veth" in row["c-1q-nooff"][1]
+    assert all(t.status in ("met", "missed") for t in targets(r))  # every target measured
+    assert md.count("| met |") + md.count("| missed") == len(targets(r))
+    write_chart(r, tmp_path / "chart.png")
+    assert (tmp_path / "chart.png").read_bytes().startswith(b"\x89PNG")

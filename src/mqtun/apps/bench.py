@@ -51,6 +51,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mqtun.apps.topology import (
     B_IP,
@@ -67,7 +68,8 @@ from mqtun.errors import InvalidArgumentError, MqtunError
 from mqtun.netns import NetNamespace
 
 __all__ = ["CONFIGS", "DEFAULT_REPEAT", "DESCRIPTIONS", "WORKLOADS", "BenchResult", "Sample",
-           "plan", "render_markdown", "run_bench", "write_chart", "write_report"]
+           "Target", "baseline", "build_c_forwarder", "parse_ping_pong", "plan",
+           "render_markdown", "run_bench", "targets", "write_chart", "write_report"]
 
 CONFIGS: dict[str, ForwarderSpec] = {
     "veth": ForwarderSpec("veth"),
@@ -756,34 +758,146 @@ def render_markdown(r: BenchResult) -> str:
     return "\n".join(lines) + "\n"
 
 
+_COLORS = {"veth": "#8c8c8c", "mqtun": "#1f77b4", "c": "#2ca02c", "pytun": "#d62728"}
+
+
+def _positions(configs: Sequence[str]) -> list[float]:
+    """Bar positions: like-for-like pairs (mqtun and its baseline) side by side, a gap between
+    groups."""
+    xs: list[float] = []
+    x = 0.0
+    for i, c in enumerate(configs):
+        if i and baseline(configs[i - 1], configs) != c:
+            x += 0.6
+        xs.append(x)
+        x += 1.0
+    return xs
+
+
+def _style(config: str) -> dict[str, Any]:
+    spec = CONFIGS[config]
+    plain = spec.kind in ("veth", "pytun") or spec.offload
+    return {"color": _COLORS[spec.kind], "hatch": None if plain else "///",
+            "edgecolor": "white" if plain else "black", "linewidth": 0.5}
+
+
 def write_chart(r: BenchResult, path: Path) -> None:
-    """One bar chart per workload: medians with min-max error bars, configurations as bars."""
+    """What a network engineer reads: per workload the speed (values on the bars, min-max
+    whiskers, the like-for-like ratio), under it the forwarder's cost (CPU us per packet, or
+    Gbit/s per core for streams), then request/response p50/p99, where UDP was lost, and a
+    legend that says what each configuration is."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     wls = [WORKLOADS[w] for w in r.workloads]
-    fig, axes = plt.subplots(1, len(wls), figsize=(3.2 * len(wls) + 1, 4.2), squeeze=False)
-    colors = {"veth": "#888888", "mqtun": "#1f77b4", "pytun": "#d62728", "c": "#2ca02c"}
-    for ax, w in zip(axes[0], wls, strict=True):
-        meds, lo, hi, cols = [], [], [], []
-        for c in r.configs:
-            med, sp = r.median(c, w.key), r.spread(c, w.key)
-            med = (med or 0.0) / w.scale
-            sp = (sp[0] / w.scale, sp[1] / w.scale) if sp else (med, med)
-            meds.append(med)
-            lo.append(max(0.0, med - sp[0]))
-            hi.append(max(0.0, sp[1] - med))
-            cols.append(colors[CONFIGS[c].kind])
-        x = list(range(len(r.configs)))
-        ax.bar(x, meds, yerr=[lo, hi], color=cols, capsize=3)
-        ax.set_xticks(x, r.configs, rotation=60, ha="right", fontsize=8)
-        ax.set_title(w.title, fontsize=9)
-        ax.set_ylabel(w.unit, fontsize=8)
-        ax.tick_params(axis="y", labelsize=8)
-    fig.suptitle(f"mqtun bench: medians of {r.repeat} x {r.seconds:g} s, bars min-max",
-                 fontsize=10)
+    rr = [w for w in wls if w.count_unit == "trans"]
+    extra = len(rr) + ("udp16" in r.workloads)
+    cols = max(len(wls), extra, 1)
+    fig = plt.figure(figsize=(3.3 * cols + 0.5, 11.5))
+    grid = fig.add_gridspec(4, cols, height_ratios=[1.2, 1, 1, 0.55])
+    xs = _positions(r.configs)
+
+    def bars(ax: Any, values: list[float | None], labels: list[str], title: str, unit: str,
+             err: list[tuple[float, float]] | None = None) -> None:
+        heights = [v or 0.0 for v in values]
+        drawn = ax.bar(xs, heights, width=0.9)
+        for patch, c in zip(drawn, r.configs, strict=True):
+            st = _style(c)
+            patch.set_facecolor(st["color"])
+            patch.set_hatch(st["hatch"])
+            patch.set_edgecolor(st["edgecolor"])
+        if err is not None:
+            lo = [max(0.0, h - e[0]) for h, e in zip(heights, err, strict=True)]
+            hi = [max(0.0, e[1] - h) for h, e in zip(heights, err, strict=True)]
+            ax.errorbar(xs, heights, yerr=[lo, hi], fmt="none", ecolor="black", capsize=2,
+                        linewidth=0.7)
+        ax.bar_label(drawn, labels=labels, fontsize=6, rotation=90, padding=3)
+        ax.set_xticks(xs, r.configs, rotation=60, ha="right", fontsize=7)
+        ax.set_title(title, fontsize=8.5)
+        ax.set_ylabel(unit, fontsize=7.5)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.margins(y=0.35)
+
+    for i, w in enumerate(wls):
+        meds = [r.median(c, w.key) for c in r.configs]
+        vals = [m / w.scale if m is not None else None for m in meds]
+        spreads = [r.spread(c, w.key) for c in r.configs]
+        err = [(sp[0] / w.scale, sp[1] / w.scale) if sp else (0.0, 0.0) for sp in spreads]
+        labels = []
+        for c, v in zip(r.configs, vals, strict=True):
+            base = baseline(c, r.configs)
+            ratio = r.ratio(c, base, w.key) if base else None
+            text = _fmt(v) if v is not None else "-"
+            if ratio is not None:
+                text += f"  {ratio:.2f}x {base}"
+            if w.key == "udp16" and (loss := r.median(c, w.key, "loss")) is not None:
+                text += f"  loss {loss:.0%}"
+            labels.append(text)
+        bars(fig.add_subplot(grid[0, i]), vals, labels, w.title, w.unit, err)
+        ax = fig.add_subplot(grid[1, i])
+        if w.count_unit == "bit":
+            per = [r.median(c, w.key, "per_core") for c in r.configs]
+            vals = [p / 1e9 if p is not None else None for p in per]
+            bars(ax, vals, [_fmt(v) if v is not None else "" for v in vals],
+                 f"{w.title}: Gbit/s per forwarder core", "Gbit/s per core")
+        else:
+            vals = [r.median(c, w.key, "cpu_us_per_packet") for c in r.configs]
+            bars(ax, vals, [f"{v:.2f}" if v is not None else "" for v in vals],
+                 f"{w.title}: forwarder CPU per packet", "CPU us per packet")
+    col = 0
+    for w in rr:
+        ax = fig.add_subplot(grid[2, col])
+        col += 1
+        p50 = [r.median(c, w.key, "p50_us") or 0.0 for c in r.configs]
+        p99 = [r.median(c, w.key, "p99_us") or 0.0 for c in r.configs]
+        ax.bar(xs, p99, width=0.9, color="#dddddd", edgecolor="#999999", linewidth=0.5,
+               label="p99")
+        drawn = ax.bar(xs, p50, width=0.6, color=[_style(c)["color"] for c in r.configs],
+                       label="p50")
+        ax.bar_label(drawn, labels=[f"{a:.0f} / {b:.0f}" for a, b in zip(p50, p99,
+                                                                           strict=True)],
+                     fontsize=6, rotation=90, padding=3)
+        ax.set_xticks(xs, r.configs, rotation=60, ha="right", fontsize=7)
+        ax.set_title(f"{w.title}: round trip p50 / p99", fontsize=8.5)
+        ax.set_ylabel("us", fontsize=7.5)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.legend(fontsize=6, loc="upper left")
+        ax.margins(y=0.35)
+    if "udp16" in r.workloads:
+        ax = fig.add_subplot(grid[2, col])
+        bottom = [0.0] * len(r.configs)
+        for attr, name, color in (("lost_before", "before the forwarder", "#ff9896"),
+                                  ("lost_in", "in the forwarder", "#d62728"),
+                                  ("lost_after", "after it (B's stack, socket)", "#9467bd")):
+            part = []
+            for c in r.configs:
+                runs = [s for s in r.runs(c, "udp16") if s.sent and getattr(s, attr) is not None]
+                part.append(100 * statistics.median(getattr(s, attr) / s.sent for s in runs)
+                            if runs else 0.0)
+            ax.bar(xs, part, bottom=bottom, width=0.9, color=color, label=name)
+            bottom = [b + p for b, p in zip(bottom, part, strict=True)]
+        for x, total in zip(xs, bottom, strict=True):
+            ax.text(x, total, f"{total:.0f}%", ha="center", va="bottom", fontsize=6)
+        ax.set_xticks(xs, r.configs, rotation=60, ha="right", fontsize=7)
+        ax.set_title("UDP 64 B: where datagrams were lost", fontsize=8.5)
+        ax.set_ylabel("% of datagrams sent", fontsize=7.5)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.legend(fontsize=6, loc="upper left")
+        ax.set_ylim(0, max([*bottom, 1.0]) * 1.6)
+    legend_ax = fig.add_subplot(grid[3, :])
+    legend_ax.axis("off")
+    handles = [Patch(facecolor=_style(c)["color"], hatch=_style(c)["hatch"],
+                     edgecolor=_style(c)["edgecolor"], label=f"{c}: {DESCRIPTIONS[c]}")
+               for c in r.configs]
+    legend_ax.legend(handles=handles, loc="center", ncol=2, fontsize=7.5, frameon=False,
+                     title="configurations (hatched: no offloads; labels: median, ratio to "
+                     "the like-for-like baseline of this run)", title_fontsize=7.5)
+    fig.suptitle(f"mqtun bench: medians of {r.repeat} interleaved run(s) x {r.seconds:g} s, "
+                 f"whiskers min-max; kernel {r.machine.get('kernel', '?')}, "
+                 f"{r.machine.get('cpus', '?')} CPUs", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
