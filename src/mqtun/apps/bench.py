@@ -68,8 +68,8 @@ from mqtun.errors import InvalidArgumentError, MqtunError
 from mqtun.netns import NetNamespace
 
 __all__ = ["CONFIGS", "DEFAULT_REPEAT", "DESCRIPTIONS", "WORKLOADS", "BenchResult", "Sample",
-           "Target", "baseline", "build_c_forwarder", "parse_ping_pong", "plan",
-           "render_markdown", "run_bench", "targets", "write_chart", "write_report"]
+           "Target", "baseline", "build_c_forwarder", "feed_files", "measure", "parse_ping_pong",
+           "plan", "render_markdown", "run_bench", "targets", "write_chart", "write_report"]
 
 CONFIGS: dict[str, ForwarderSpec] = {
     "veth": ForwarderSpec("veth"),
@@ -295,13 +295,13 @@ def run_bench(configs: Sequence[str], workloads: Sequence[str], *, seconds: floa
                                       "kernel": os.uname().release,
                                       "loadavg_start": _loadavg(),
                                       "tool_cpus": tool_cpus or "any"})
-        feeds = _feed_files(Path(tmp))
+        feeds = feed_files(Path(tmp))
         clock = _Progress(repeat * len(specs) * len(workloads))
         for rep in range(repeat):
             for name, spec in specs.items():
                 with Topology(spec) as topo:
                     for wl in workloads:
-                        s = _measure(topo, name, wl, rep, seconds, feeds, tool_cpus)
+                        s = measure(topo, name, wl, rep, seconds, feeds, tool_cpus)
                         result.samples.append(s)
                         progress(f"{clock.step()} [{rep + 1}/{repeat}] {name:14} {wl:5} "
                                  f"{_describe(s)}")
@@ -343,7 +343,8 @@ def _loadavg() -> str:
         return " ".join(f.read().split()[:3])
 
 
-def _feed_files(d: Path) -> dict[str, str]:
+def feed_files(d: Path) -> dict[str, str]:
+    """sockperf's feed files (which server addresses and ports) in directory `d`."""
     tcp, udp = d / "tcp.feed", d / "udp.feed"
     tcp.write_text(f"T:{B_IP}:{RR_PORT}\n")
     udp.write_text("".join(f"U:{B_IP}:{UDP_BASE_PORT + i}\n" for i in range(UDP_FLOWS)))
@@ -451,8 +452,9 @@ class _Figures:
 Client = Callable[[_Meter], _Figures]
 
 
-def _measure(topo: Topology, config: str, workload: str, rep: int, seconds: float,
-             feeds: dict[str, str], tool_cpus: str | None = None) -> Sample:
+def measure(topo: Topology, config: str, workload: str, rep: int, seconds: float,
+            feeds: dict[str, str], tool_cpus: str | None = None) -> Sample:
+    """One run of `workload` through the built topology (feeds: `feed_files()`)."""
     assert topo.a is not None and topo.b is not None
     a, b = _Pinned(topo.a, tool_cpus), _Pinned(topo.b, tool_cpus)
     clients: dict[str, Callable[[], Client]] = {
