@@ -760,7 +760,9 @@ def render_markdown(r: BenchResult) -> str:
     return "\n".join(lines) + "\n"
 
 
-_COLORS = {"veth": "#8c8c8c", "mqtun": "#1f77b4", "c": "#2ca02c", "pytun": "#d62728"}
+# a colour per kind, darker with 2 queues
+_COLORS = {"veth": ("#8c8c8c", "#8c8c8c"), "mqtun": ("#1f77b4", "#0b4f8a"),
+           "c": ("#2ca02c", "#176617"), "pytun": ("#d62728", "#8b1a1a")}
 
 
 def _positions(configs: Sequence[str]) -> list[float]:
@@ -779,7 +781,7 @@ def _positions(configs: Sequence[str]) -> list[float]:
 def _style(config: str) -> dict[str, Any]:
     spec = CONFIGS[config]
     plain = spec.kind in ("veth", "pytun") or spec.offload
-    return {"color": _COLORS[spec.kind], "hatch": None if plain else "///",
+    return {"color": _COLORS[spec.kind][spec.queues > 1], "hatch": None if plain else "///",
             "edgecolor": "white" if plain else "black", "linewidth": 0.5}
 
 
@@ -811,17 +813,22 @@ def write_chart(r: BenchResult, path: Path) -> None:
             patch.set_facecolor(st["color"])
             patch.set_hatch(st["hatch"])
             patch.set_edgecolor(st["edgecolor"])
+        tops = heights
         if err is not None:
             lo = [max(0.0, h - e[0]) for h, e in zip(heights, err, strict=True)]
             hi = [max(0.0, e[1] - h) for h, e in zip(heights, err, strict=True)]
             ax.errorbar(xs, heights, yerr=[lo, hi], fmt="none", ecolor="black", capsize=2,
                         linewidth=0.7)
-        ax.bar_label(drawn, labels=labels, fontsize=6, rotation=90, padding=3)
+            tops = [max(h, e[1]) for h, e in zip(heights, err, strict=True)]
+        for x, top, text in zip(xs, tops, labels, strict=True):  # above the whisker
+            ax.annotate(text, (x, top), xytext=(0, 3), textcoords="offset points",
+                        rotation=90, ha="center", va="bottom", fontsize=6)
         ax.set_xticks(xs, r.configs, rotation=60, ha="right", fontsize=7)
         ax.set_title(title, fontsize=8.5)
         ax.set_ylabel(unit, fontsize=7.5)
         ax.tick_params(axis="y", labelsize=7)
-        ax.margins(y=0.35)
+        longest = max([len(t) for t in labels] + [1])
+        ax.set_ylim(0, (max(tops) or 1.0) * (1.25 + longest / 25))  # room for the labels
 
     for i, w in enumerate(wls):
         meds = [r.median(c, w.key) for c in r.configs]
@@ -857,17 +864,20 @@ def write_chart(r: BenchResult, path: Path) -> None:
         p99 = [r.median(c, w.key, "p99_us") or 0.0 for c in r.configs]
         ax.bar(xs, p99, width=0.9, color="#dddddd", edgecolor="#999999", linewidth=0.5,
                label="p99")
-        drawn = ax.bar(xs, p50, width=0.6, color=[_style(c)["color"] for c in r.configs],
-                       label="p50")
-        ax.bar_label(drawn, labels=[f"{a:.0f} / {b:.0f}" for a, b in zip(p50, p99,
-                                                                           strict=True)],
-                     fontsize=6, rotation=90, padding=3)
+        ax.bar(xs, p50, width=0.6, color=[_style(c)["color"] for c in r.configs], label="p50")
+        for x, a, b in zip(xs, p50, p99, strict=True):
+            if b:
+                ax.annotate(f"{a:.0f} / {b:.0f}", (x, b), xytext=(0, 3), rotation=90,
+                            textcoords="offset points", ha="center", va="bottom", fontsize=6)
+        if any(p99):
+            ax.set_yscale("log")
         ax.set_xticks(xs, r.configs, rotation=60, ha="right", fontsize=7)
         ax.set_title(f"{w.title}: round trip p50 / p99", fontsize=8.5)
-        ax.set_ylabel("us", fontsize=7.5)
+        ax.set_ylabel("us (log)", fontsize=7.5)
         ax.tick_params(axis="y", labelsize=7)
         ax.legend(fontsize=6, loc="upper left")
-        ax.margins(y=0.35)
+        top = max([*p99, 1.0])
+        ax.set_ylim(top=top * 8 if any(p99) else top * 1.5)
     if "udp16" in r.workloads:
         ax = fig.add_subplot(grid[2, col])
         bottom = [0.0] * len(r.configs)
