@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import linecache
+import os
 import re
 import shutil
 import subprocess
@@ -88,6 +89,15 @@ def summarize(raw: str, top: int) -> str:
     return "\n".join(out) + "\n"
 
 
+def _user_system(pid: int) -> tuple[float, float]:
+    """utime and stime of a process, in seconds."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    fields = stat[stat.rfind(b")") + 2:].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workload", default="udp16", choices=list(WORKLOADS))
@@ -111,6 +121,7 @@ def main() -> int:
         load.start()
         time.sleep(2.5)
         outs = [Path(tmp) / f"{pid}.txt" for pid in workers]
+        t0, cpu0 = time.monotonic(), [_user_system(pid) for pid in workers]
         spies = [subprocess.Popen(["py-spy", "record", "--nonblocking", "-r", "250", "-f", "raw",
                                    "-d", str(max(1, round(args.seconds))), "-p", str(pid),
                                    "-o", str(out), *(["--idle"] if args.idle else [])],
@@ -120,10 +131,16 @@ def main() -> int:
             _, err = spy.communicate(timeout=args.seconds + 30)
             if spy.returncode != 0:
                 print(f"profile_forward: py-spy failed: {err.strip()[-300:]}", file=sys.stderr)
+        wall = time.monotonic() - t0
+        cpu1 = [_user_system(pid) for pid in workers]
+        user = sum(b[0] - a[0] for a, b in zip(cpu0, cpu1, strict=True))
+        system = sum(b[1] - a[1] for a, b in zip(cpu0, cpu1, strict=True))
         load.join(run_for + 30)
         raw = "\n".join(o.read_text() for o in outs if o.exists())
     print(f"mqtun forward --queues {args.queues}{' --no-offload' if args.no_offload else ''}, "
           f"workload {args.workload} ({WORKLOADS[args.workload].title}), workers {workers}")
+    print(f"worker CPU while sampled: user {100 * user / wall:.0f}% + system "
+          f"{100 * system / wall:.0f}% of one core (py-spy's own reads included)")
     print(summarize(raw, args.top), end="")
     return 0
 
