@@ -136,8 +136,13 @@ def test_close_wakes_waiters_and_refused_send_raises(dev) -> None:
             await asyncio.wait_for(waiter, 1)
         aq2 = AsyncQueue(dev.queues[1])
         with pytest.raises(MqtunError):
-            await aq2.send(b"\x00\x01\x02")  # not an IP packet: EINVAL
+            await aq2.send(b"\x00\x01\x02")  # not an IP packet: judged before the kernel
+        assert dev.queues[1].stats.dropped.get("bad-result") == 1
+        raw = AsyncQueue(dev.queues[1], raw=True)
+        with pytest.raises(MqtunError):
+            await raw.send(b"\x00\x01\x02")  # as given: the kernel refuses it (EINVAL)
         assert dev.queues[1].stats.dropped.get("refused") == 1
+        raw.close()
         aq2.close()
         with pytest.raises(MqtunError):
             await aq2.recv()

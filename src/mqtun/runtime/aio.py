@@ -1,9 +1,16 @@
-"""asyncio for queues: `await aq.recv()`, `await aq.send(pkt)`, `async for pkt in aq`.
+"""asyncio for queues: `await aq.recv()`, `await aq.send(pkt)`, `async for pkt in aq`,
+`await aq.recv_batch()`, `await aq.send_batch(pkts)`.
+
+Packets are wire packets, as a handler sees them (`mqtun.runtime.path`): no PI or virtio-net
+header, super-packets split, checksums complete, within the MTU; what is sent is converted
+for the device and, in `send_batch`, coalesced into TSO/USO super-packets where the device
+takes them. `raw=True` gives the bytes the fd reads and writes them as given (headers and all).
 
 Everything runs on the running event loop through `loop.add_reader`/`add_writer` on the
 queue's (non-blocking) fd; no thread is involved. Reading is readiness-driven and bounded:
 the fd is watched only while a coroutine waits in `recv()`, and one wake-up drains at most
-`batch` packets into a buffer of at most `max_buffered` packets. Past that nothing is read,
+`batch` reads into a buffer of at most `max_buffered` packets (a super-packet split may pass
+that bound by its own segments, once). Past that nothing is read,
 so a slow consumer leaves packets in the kernel's ring, which drops what overflows
 (`tx_dropped`) -- backpressure the way the kernel does it, never unbounded buffering here.
 `send()` writes at once; if the kernel ever says EAGAIN it waits for writability instead of
@@ -20,13 +27,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import errno
 import os
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Iterable
+from typing import TYPE_CHECKING, Any
 
 from mqtun.errors import DeviceGoneError, InvalidArgumentError, MqtunError, kernel_error
 from mqtun.packet.headers import Buffer
+from mqtun.runtime.path import Layout, Packet, PacketPath
 from mqtun.stats import (
     READ_BYTES,
     READ_ERRORS,
@@ -34,6 +43,7 @@ from mqtun.stats import (
     WRITE_ERRORS,
     WRITTEN_BYTES,
     WRITTEN_PACKETS,
+    DropReason,
     drop_reason,
 )
 
@@ -47,10 +57,20 @@ __all__ = ["AsyncQueue", "async_queues"]
 class AsyncQueue:
     """An asyncio face of one Queue. Create it inside a coroutine (it binds the running loop)."""
 
-    def __init__(self, queue: Queue, *, max_buffered: int = 64, batch: int = 32) -> None:
+    def __init__(self, queue: Queue, *, max_buffered: int = 64, batch: int = 32,
+                 raw: bool = False, coalesce: bool = True,
+                 layout: Layout | None = None) -> None:
         if not 1 <= batch <= max_buffered:
             raise InvalidArgumentError("need 1 <= batch <= max_buffered")
+        from mqtun.runtime.loop import layout_of
+
         self.queue = queue
+        self.raw = raw
+        if layout is None:  # netlink (pyroute2) cannot run inside a running event loop
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                layout = pool.submit(layout_of, queue.device).result()
+        self.path: PacketPath = PacketPath(layout, counter=_QueueCounter(queue),
+                                           coalesce=coalesce, views=False)
         self.max_buffered = max_buffered
         self.batch = batch
         self._loop = asyncio.get_running_loop()
@@ -63,7 +83,7 @@ class AsyncQueue:
 
     # ---- receiving --------------------------------------------------------------------------
     async def recv(self) -> bytes:
-        """The next packet (with its PI/virtio-net header if the device has one)."""
+        """The next wire packet (raw: the bytes read, with PI/virtio-net header if any)."""
         if self._buffer:
             return self._buffer.popleft()
         self._check()
@@ -112,17 +132,44 @@ class AsyncQueue:
         """Packets read from the kernel and not yet handed out (<= max_buffered)."""
         return len(self._buffer)
 
+    async def recv_batch(self, max_packets: int | None = None) -> list[bytes]:
+        """Wait for at least one packet, then return every packet buffered or queued in the
+        kernel, up to `max_packets` (default: `batch`) -- one drain, for vectorized work."""
+        limit = max_packets or self.batch
+        out = [await self.recv()]
+        while len(out) < limit:
+            pkt = self.recv_nowait()
+            if pkt is None:
+                break
+            out.append(pkt)
+        return out
+
     def _read_one(self) -> bytes | None:
-        try:
-            pkt = os.read(self._fd, self.queue.read_size)
-        except BlockingIOError:
-            return None
-        except OSError as exc:
-            raise self._read_failed(exc) from None
-        s = self.queue.counters.slots
-        s[READ_PACKETS] += 1
-        s[READ_BYTES] += len(pkt) - self.queue.header_size
-        return pkt
+        """Read until one packet is buffered or the kernel has none; hand out the first."""
+        while not self._buffer:
+            try:
+                buf = os.read(self._fd, self.queue.read_size)
+            except BlockingIOError:
+                return None
+            except OSError as exc:
+                raise self._read_failed(exc) from None
+            s = self.queue.counters.slots
+            s[READ_PACKETS] += 1
+            s[READ_BYTES] += len(buf) - self.queue.header_size
+            self._take([buf])
+        return self._buffer.popleft()
+
+    def _take(self, bufs: list[bytes]) -> None:
+        """Put what a drain read into the buffer: as read (raw) or as wire packets."""
+        if self.raw:
+            self._buffer.extend(bufs)
+            if bufs:
+                self.queue.counters.wire_read(len(bufs))
+            return
+        wire: list[Buffer] = []
+        for b in bufs:
+            self.path.decode(b, wire)
+        self._buffer.extend(wire)  # type: ignore[arg-type]  # views=False: bytes
 
     def _on_readable(self) -> None:
         room = min(self.batch, self.max_buffered - len(self._buffer))
@@ -140,7 +187,7 @@ class AsyncQueue:
             s = self.queue.counters.slots
             s[READ_PACKETS] += len(got)
             s[READ_BYTES] += sum(map(len, got)) - self.queue.header_size * len(got)
-        self._buffer.extend(got)
+        self._take(got)
         self._hand_out()
         if self._error is not None:
             self._fail_waiters(self._error)
@@ -188,23 +235,68 @@ class AsyncQueue:
 
     # ---- sending ----------------------------------------------------------------------------
     async def send(self, packet: Buffer) -> int:
-        """Inject one packet (not copied). Waits only if the kernel says EAGAIN.
+        """Inject one wire packet (raw: the bytes as given). Waits only if the kernel says
+        EAGAIN. Returns the bytes written (headers included).
 
         A packet the kernel refuses is counted as a write error and a drop, then raised as
-        MqtunError (as Queue.write does).
+        MqtunError (as Queue.write does); one that is not a packet of the device's kind is
+        a BAD_RESULT drop and InvalidArgumentError.
         """
+        if self.raw:
+            n = await self._write((packet,))
+            self.queue.counters.wire_written(1)
+            return n
+        return sum(await self._send_items([packet]))
+
+    async def send_batch(self, packets: Iterable[Buffer]) -> int:
+        """Inject wire packets, coalesced into TSO/USO super-packets where the device takes
+        them (datagram boundaries and order kept). Returns how many wire packets were
+        written. Every write is tried; the first refusal is raised after the others."""
+        if self.raw:
+            count = 0
+            for p in packets:
+                await self.send(p)
+                count += 1
+            return count
+        return len(await self._send_items(list(packets)))
+
+    async def _send_items(self, packets: list[Buffer]) -> list[int]:
+        path = self.path
+        accepted: list[Packet] = []
+        for p in packets:
+            if not path.accept(p, accepted):
+                raise InvalidArgumentError(
+                    f"not a packet for {self.queue.device.name}: {bytes(p)[:16]!r}...")
+        written: list[int] = []
+        first: MqtunError | None = None
+        for item in path.encode(accepted):
+            try:
+                written.append(await self._write(item.parts, item.packets))
+            except MqtunError as exc:
+                if exc.errno == errno.EBADF or isinstance(exc, DeviceGoneError):
+                    raise
+                first = first or exc
+                continue
+            path.sent(item)
+            written.extend([0] * (item.packets - 1))  # one entry per wire packet
+        if first is not None:
+            raise first
+        return written
+
+    async def _write(self, parts: tuple[Buffer, ...] | list[Buffer], packets: int = 1) -> int:
+        """One writev of `parts`, counted; waits on EAGAIN."""
         while True:
             if self._closed or self.queue.closed:
                 raise MqtunError(errno.EBADF, "the async queue is closed", op="write")
             try:
-                n = os.write(self._fd, packet)
+                n = os.writev(self._fd, parts)
             except BlockingIOError:
                 await self._writable()
                 continue
             except OSError as exc:
                 c = self.queue.counters
                 c.slots[WRITE_ERRORS] += 1
-                c.drop(drop_reason(exc.errno))
+                c.drop(drop_reason(exc.errno), packets)
                 raise self._failure(exc, "write") from None
             s = self.queue.counters.slots
             s[WRITTEN_PACKETS] += 1
@@ -243,6 +335,26 @@ class AsyncQueue:
         return f"<AsyncQueue {self.queue!r} buffered={len(self._buffer)}>"
 
 
-def async_queues(device: Device, **kwargs: int) -> list[AsyncQueue]:
+class _QueueCounter:
+    """The path's counter: the queue's counters, whichever they are now (a pool swaps them)."""
+
+    __slots__ = ("queue",)
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+
+    def drop(self, reason: DropReason, count: int = 1) -> None:
+        if reason is DropReason.HANDLER_ERROR:  # a send() of something that is not a packet
+            reason = DropReason.BAD_RESULT
+        self.queue.counters.drop(reason, count)
+
+    def wire_read(self, count: int) -> None:
+        self.queue.counters.wire_read(count)
+
+    def wire_written(self, count: int) -> None:
+        self.queue.counters.wire_written(count)
+
+
+def async_queues(device: Device, **kwargs: Any) -> list[AsyncQueue]:
     """An AsyncQueue for each open queue of `device` (call inside a coroutine)."""
     return [AsyncQueue(q, **kwargs) for q in device.queues if not q.closed]
