@@ -2,7 +2,16 @@
 shared-memory counters that make every worker's figures readable from anywhere."""
 
 from mqtun.runtime.aio import AsyncQueue, async_queues
-from mqtun.runtime.loop import DEFAULT_MODE, MODES, IOLoop, LoopConfig, Route, uring_available
+from mqtun.runtime.loop import (
+    DEFAULT_MODE,
+    MODES,
+    IOLoop,
+    LoopConfig,
+    PacketIO,
+    Route,
+    uring_available,
+)
+from mqtun.runtime.path import Layout, SuperPacket
 from mqtun.runtime.shm import (
     EntryInfo,
     EntryState,
@@ -22,10 +31,13 @@ __all__ = [
     "EntryInfo",
     "EntryState",
     "IOLoop",
+    "Layout",
     "LoopConfig",
+    "PacketIO",
     "Region",
     "RegionInfo",
     "Route",
+    "SuperPacket",
     "WorkerEvent",
     "WorkerInfo",
     "WorkerPool",

@@ -43,7 +43,6 @@ from mqtun.stats import (
     WRITE_ERRORS,
     WRITTEN_BYTES,
     WRITTEN_PACKETS,
-    DropReason,
     drop_reason,
 )
 
@@ -62,14 +61,14 @@ class AsyncQueue:
                  layout: Layout | None = None) -> None:
         if not 1 <= batch <= max_buffered:
             raise InvalidArgumentError("need 1 <= batch <= max_buffered")
-        from mqtun.runtime.loop import layout_of
+        from mqtun.runtime.loop import QueueCounter, layout_of
 
         self.queue = queue
         self.raw = raw
         if layout is None:  # netlink (pyroute2) cannot run inside a running event loop
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 layout = pool.submit(layout_of, queue.device).result()
-        self.path: PacketPath = PacketPath(layout, counter=_QueueCounter(queue),
+        self.path: PacketPath = PacketPath(layout, counter=QueueCounter(queue),
                                            coalesce=coalesce, views=False)
         self.max_buffered = max_buffered
         self.batch = batch
@@ -333,26 +332,6 @@ class AsyncQueue:
 
     def __repr__(self) -> str:
         return f"<AsyncQueue {self.queue!r} buffered={len(self._buffer)}>"
-
-
-class _QueueCounter:
-    """The path's counter: the queue's counters, whichever they are now (a pool swaps them)."""
-
-    __slots__ = ("queue",)
-
-    def __init__(self, queue: Queue) -> None:
-        self.queue = queue
-
-    def drop(self, reason: DropReason, count: int = 1) -> None:
-        if reason is DropReason.HANDLER_ERROR:  # a send() of something that is not a packet
-            reason = DropReason.BAD_RESULT
-        self.queue.counters.drop(reason, count)
-
-    def wire_read(self, count: int) -> None:
-        self.queue.counters.wire_read(count)
-
-    def wire_written(self, count: int) -> None:
-        self.queue.counters.wire_written(count)
 
 
 def async_queues(device: Device, **kwargs: Any) -> list[AsyncQueue]:

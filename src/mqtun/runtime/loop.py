@@ -73,6 +73,8 @@ __all__ = [
     "HandlerFaults",
     "IOLoop",
     "LoopConfig",
+    "PacketIO",
+    "QueueCounter",
     "Route",
     "layout_of",
     "run_handler",
@@ -330,6 +332,83 @@ def layout_of(device: Device) -> Layout:
         return Layout.of(device)
     except MqtunError:
         return Layout.of(device, mtu=65535)
+
+
+class QueueCounter:
+    """A path's counter for one queue: the queue's counters, whichever they are now (a pool
+    swaps them for shared memory). An answer that is not a packet counts as BAD_RESULT."""
+
+    __slots__ = ("queue",)
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+
+    def drop(self, reason: DropReason, count: int = 1) -> None:
+        if reason is DropReason.HANDLER_ERROR:  # what accept() calls a bad answer
+            reason = DropReason.BAD_RESULT
+        self.queue.counters.drop(reason, count)
+
+    def wire_read(self, count: int) -> None:
+        self.queue.counters.wire_read(count)
+
+    def wire_written(self, count: int) -> None:
+        self.queue.counters.wire_written(count)
+
+
+class PacketIO:
+    """Wire packets in and out of one queue, for code that runs its own loop.
+
+    `read()` drains up to `max_packets` reads and returns the wire packets they held (no PI
+    or virtio-net header, super-packets split, checksums complete, within the MTU, as bytes
+    the caller may keep); `write(packets)` converts them for the device and joins same-flow
+    runs into TSO/USO super-packets where the device takes them (`coalesce`), one writev per
+    super-packet. The header size and byte order are the device's own (TUNGETVNETHDRSZ,
+    TUNGETVNETLE, via `Layout.of`); the layout is read once, here: make a new PacketIO after
+    changing the device's offloads or header. Everything is counted on the queue: the
+    kernel's figures (reads, writes) and the wire packets beside them, drops per wire packet.
+    """
+
+    def __init__(self, queue: Queue, *, coalesce: bool = True,
+                 layout: Layout | None = None) -> None:
+        self.queue = queue
+        self.path = PacketPath(layout or layout_of(queue.device), counter=QueueCounter(queue),
+                               coalesce=coalesce, views=False)
+
+    def read(self, max_packets: int = 64, timeout: float | None = 0.0) -> list[bytes]:
+        """The wire packets of up to `max_packets` reads (waiting up to `timeout` for the
+        first; None waits for ever); empty if nothing came."""
+        out: list[Buffer] = []
+        for buf in self.queue.read_batch(max_packets, timeout):
+            self.path.decode(buf, out)
+        return out  # type: ignore[return-value]  # views=False: bytes
+
+    def write(self, packets: Iterable[Buffer]) -> int:
+        """Write wire packets (coalesced where the device takes it); return how many wire
+        packets the kernel took. A thing that is not a packet of the device's kind is a
+        BAD_RESULT drop; a refused write counts every wire packet it held. Every write is
+        tried; the first failure is raised after the others (a deleted device at once)."""
+        accepted: list[Packet] = []
+        path = self.path
+        for p in packets:
+            path.accept(p, accepted)
+        q = self.queue
+        first: MqtunError | None = None
+        written = 0
+        for item in path.encode(accepted):
+            try:
+                q.writev(item.parts)
+            except MqtunError as exc:  # Queue.writev counted the write error and one drop
+                if item.packets > 1:
+                    q.counters.drop(drop_reason(exc.errno), item.packets - 1)
+                if isinstance(exc, DeviceGoneError) or exc.errno == errno.EBADF:
+                    raise
+                first = first or exc
+                continue
+            path.sent(item)
+            written += item.packets
+        if first is not None:
+            raise first
+        return written
 
 
 def _close_fds(*fds: int) -> None:
