@@ -374,7 +374,7 @@ def udp_exact(ns_a: NetNamespace, ns_b: NetNamespace, src: str, dst: str,
 def test_coalescing_forward_keeps_streams_datagrams_and_order(
         forward, make_netns, tap: bool, v6: bool, coalesce: bool) -> None:
     dev_a, dev_b = _names()
-    fp = forward(*(["--tap"] if tap else []), *([] if coalesce else ["--no-coalesce"]),
+    fp = forward(*(["--tap"] if tap else []), "--coalesce" if coalesce else "--no-coalesce",
                  dev_a, dev_b)
     fp.wait_ready(1)
     ns_a, ns_b = make_netns(), make_netns()

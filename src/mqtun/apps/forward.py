@@ -3,9 +3,12 @@
 The two devices are created in the caller's network namespace (multiqueue when more than
 one queue is asked for) with identical virtio-net headers and offloads. The workers run the
 runtime's one packet path (`WorkerPool.forward`, no handler): a TSO/USO super-packet read
-from A is written to B whole, and the plain segments one drain holds are joined into TSO/USO
-super-packets where B takes them (`coalesce`, off with `--no-coalesce`): fewer, larger
-writes, datagram boundaries and in-flow order kept, nothing waited for. Either device may be
+from A is written to B whole and every other packet as read (zero-copy). With `coalesce`
+(`--coalesce`) the plain segments one drain holds are joined into TSO/USO super-packets
+where B takes them: fewer, larger writes, datagram boundaries and in-flow order kept,
+nothing waited for. It is off by default because it measured slower here (the Python work
+per packet -- checksum completion and the GRO tables -- costs more than the kernel work the
+fewer writes save; docs/dataplane.md has the figures). Either device may be
 moved to another namespace after start (queue fds stay valid); at the end each device is
 deleted wherever it lives then.
 
@@ -59,7 +62,7 @@ class ForwardConfig:
     user: str | None = None  # drop to this user after opening the queues
     group: str | None = None  # and this group (default: the user's primary group)
     attach: bool = False  # serve existing devices (e.g. persistent, owner-set) and leave them
-    coalesce: bool = True  # join a drain's segments into TSO/USO super-packets for the writer
+    coalesce: bool = False  # join a drain's segments into TSO/USO writes (measured slower)
 
     def __post_init__(self) -> None:
         if self.dev_a == self.dev_b:
