@@ -408,6 +408,33 @@ def test_forward_between_devices_whose_headers_differ(make_netns: Callable[[], N
     assert not qa.dropped.get("refused") and not qb.dropped.get("refused")
 
 
+def test_tun_to_tap_is_converted_both_ways(make_netns: Callable[[], NetNamespace]) -> None:
+    """A TUN here, a TAP in ns2: IP packets get the Ethernet header `ethernet=` gives on the
+    way to the TAP, frames lose theirs on the way back (ARP is refused: a static neighbour
+    stands for it)."""
+    import json
+    import subprocess
+
+    ns2 = make_netns()
+    mac = b"\x02\x00\x00\x00\x00\x01"
+    a = Device.create("dpu%d")
+    with ns2.enter():
+        b = Device.create("dpv%d", tap=True)
+    with a, b:
+        a.link.add_address(f"{A4}/24")
+        a.link.up()
+        with ns2.enter():
+            b.link.add_address(f"{B4}/24")
+            b.link.up()
+        info = json.loads(subprocess.run(ns2.command(["ip", "-j", "link", "show", b.name]),
+                                         capture_output=True, check=True, text=True).stdout)
+        b_mac = bytes.fromhex(info[0]["address"].replace(":", ""))
+        ns2.run(["ip", "neigh", "add", A4, "lladdr", "02:00:00:00:00:01", "dev", b.name])
+        with WorkerPool.forward(a, b, ethernet=(mac, b_mac), loop=LoopConfig(mode="epoll")):
+            up, down = os.urandom(200_000), os.urandom(200_000)
+            assert tcp_exchange(ns2, False, up, down) == (up, down)
+
+
 def test_routes_between_tun_and_tap_are_converted_or_refused_when_built() -> None:
     with Device.create("dpt%d") as tun, Device.create("dpp%d", tap=True) as tap:
         with pytest.raises(InvalidArgumentError, match="ethernet"):
