@@ -1,10 +1,14 @@
 """The per-queue I/O loop: drain queues in batches, move or answer packets, sleep adaptively.
 
 A loop serves a few *routes*. A route reads packets from one queue and either writes them
-unchanged to another queue (a forwarder: zero-copy, the buffer read into is the one written
-from) or hands each one to a handler whose answer is written back **on the queue it was read
-from** (flow affinity: the kernel's flow table learns a flow's queue from the queue that
-writes it, so each flow stays on one worker).
+to another queue (a forwarder) or hands them to a handler whose answer is written to the
+other queue, or back **on the queue it was read from** (flow affinity: the kernel's flow
+table learns a flow's queue from the queue that writes it, so each flow stays on one
+worker). Every route runs on the one packet path (`mqtun.runtime.path.PacketPath`, driven by
+`_path_drainer`): a drain is read, decoded into wire packets (or super-packets), handed to
+the handler, its answers validated (`run_handler`), converted and coalesced for the writing
+device, and written one writev per item. A forwarder between devices of the same layout
+that does not coalesce writes each buffer as read (zero-copy).
 
 Modes (`LoopConfig.mode`), all with exact per-queue counters:
 
@@ -14,7 +18,7 @@ Modes (`LoopConfig.mode`), all with exact per-queue counters:
   little CPU after each burst.
 - ``epoll``: drain in batches, sleep in epoll as soon as nothing is queued.
 - ``busy``: never sleep (burns a core; for latency benchmarks).
-- ``naive``: one packet per epoll wake-up through the plain Queue API: the baseline.
+- ``naive``: one packet per epoll wake-up (the same path, drains of one): the baseline.
 - ``uring``: io_uring through the `liburing` binding, if importable: one read in flight per
   queue (more would reorder packets of a flow), each write submitted with the next read.
 
@@ -24,9 +28,12 @@ returns that is not a packet, and whatever it raises. The first fault of each ki
 traceback) goes to `on_fault`, or to the `mqtun.runtime` logger, rate limited. The deletion of
 a device ends `run()` with DeviceGoneError; a detached queue is only a quiet one.
 
-Counters are published once per drained batch (at most `batch` packets per route), so a loop
-killed by SIGKILL loses the counts of at most that one batch per route: up to `batch` packets
-read and the answers written for them.
+Reads are counted as soon as a drain is read (before the handler runs), writes as they are
+made; so a loop killed by SIGKILL loses at most the counts of the reads of one drain it was
+reading and the writes of one drain it was writing, per route (at most `batch` packets
+each). Each queue counts what the kernel counts (reads and writes: a super-packet once) and
+the wire packets beside them (`read_wire_packets`, `written_wire_packets`); drops are wire
+packets.
 """
 
 from __future__ import annotations

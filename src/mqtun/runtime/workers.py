@@ -14,10 +14,10 @@ queue without the kernel noticing: the queue's flows stay put.
 
 Counters live in a shared-memory region (`mqtun.runtime.shm`); the parent's `Queue.counters`
 are swapped for views of it, so `queue.stats` in the parent is live, and `mqtun show` or
-`mqtun top` read the same figures from another process. A worker publishes its counters
-after each drained batch, so a worker killed by SIGKILL loses the counts of at most one batch
-per route (`LoopConfig.batch` packets read, and the answers written for them); everything
-published before stays in the region and its restarted successor counts on from there.
+`mqtun top` read the same figures from another process. A worker publishes its reads as soon
+as a drain is read and its writes as they are made, so a worker killed by SIGKILL loses the
+counts of at most one drain per route (`LoopConfig.batch` packets); everything published
+before stays in the region and its restarted successor counts on from there.
 
 Exit codes of a worker: 0 stopped on request, 3 its device is gone, anything else (or a
 signal) a crash, which is reported as an event and restarted on its queue.
