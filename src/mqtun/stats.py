@@ -27,6 +27,11 @@ class DropReason(enum.IntEnum):
     FILTERED = 7  # the user's handler chose to drop it
     WRITE_ERROR = 8  # any other write error
     OFFLOAD = 9  # an offload could not be applied (split/coalesce failed)
+    VXLAN_SHORT = 10  # a tunnel datagram shorter than the VXLAN header
+    VXLAN_BAD_FLAGS = 11  # VXLAN header without the I flag, or with a reserved bit set
+    VXLAN_WRONG_VNI = 12  # VXLAN datagram of another network (VNI)
+    VXLAN_TRUNCATED = 13  # VXLAN datagram whose inner frame is shorter than an Ethernet header
+    WRONG_SOURCE = 14  # a tunnel datagram from another address than the configured remote
 
     @property
     def label(self) -> str:
