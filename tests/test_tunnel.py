@@ -4,12 +4,57 @@ underlay; flow affinity per worker; garbage datagrams counted by reason; READY/Q
 
 from __future__ import annotations
 
+import hashlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
 from collections.abc import Callable, Iterator
 
 import pytest
-from test_tunnel_lab import INNER_A, INNER_B, Lab, TunnelProc, address_tunnel, make_lab, ping
+from pyroute2 import IPRoute
+from test_tunnel_lab import (
+    INNER6_A,
+    INNER6_B,
+    INNER_A,
+    INNER_B,
+    Lab,
+    TunnelProc,
+    address_tunnel,
+    make_lab,
+    mqtun_env,
+    ping,
+    tcp_exchange,
+    udp_stream,
+)
 
 from mqtun.netns import NetNamespace
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+    from scapy.layers.vxlan import VXLAN
+    from scapy.packet import Raw
+
+
+def _a_ns() -> NetNamespace:
+    """The test's own namespace (where mqtun runs), as a NetNamespace to enter."""
+    return _A[0]
+
+
+_A: list[NetNamespace] = []
+
+
+@pytest.fixture(autouse=True)
+def _remember_a(netns: NetNamespace) -> Iterator[None]:
+    _A[:] = [netns]
+    yield
+    _A.clear()
 
 
 @pytest.fixture
@@ -52,3 +97,181 @@ def test_ping_both_ways(make_netns: Callable[[], NetNamespace],
     _ping(INNER_A, lab.b)
     rc, took = tp.stop()
     assert rc == 0 and took < 1.5, tp.err[-5:]
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4-underlay", "ipv6-underlay"])
+@pytest.mark.parametrize("queues", [1, 2])
+def test_tcp_intact_both_ways(make_netns: Callable[[], NetNamespace],
+                              tunnel: Callable[..., TunnelProc], v6: bool, queues: int) -> None:
+    """Megabytes each way through TSO super-frames, the kernel peer's GSO super-datagrams and
+    both reassembly paths; inner IPv4 and IPv6."""
+    lab = make_lab(make_netns(), v6=v6)
+    tp, _dev = _start(lab, tunnel, queues)
+    up, down = os.urandom(3 << 20), os.urandom(2 << 20)
+    for server in (INNER_B, INNER6_B):
+        got_server, got_client = tcp_exchange(lab.b, server, up, down)
+        assert hashlib.sha256(got_server).digest() == hashlib.sha256(up).digest()
+        assert hashlib.sha256(got_client).digest() == hashlib.sha256(down).digest()
+    # and connections the kernel side opens
+    with lab.b.enter():
+        got_server, got_client = tcp_exchange(_a_ns(), INNER_A, down, up)
+    assert got_server == down and got_client == up
+    rows = tp.qstat(queues)
+    assert sum(r.drops for r in rows) == 0, rows
+    encap = sum(r.encap_pkts for r in rows), sum(r.encap_bytes for r in rows)
+    decap = sum(r.decap_pkts for r in rows), sum(r.decap_bytes for r in rows)
+    # super-frames both ways: TSO from the TAP, GSO datagrams / coalesced frames to it
+    assert encap[1] > 2000 * encap[0] and decap[1] > 2000 * decap[0], rows
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4-underlay", "ipv6-underlay"])
+@pytest.mark.parametrize("queues", [1, 2])
+def test_udp_intact_both_ways(make_netns: Callable[[], NetNamespace],
+                              tunnel: Callable[..., TunnelProc], v6: bool, queues: int) -> None:
+    lab = make_lab(make_netns(), v6=v6)
+    tp, _dev = _start(lab, tunnel, queues)
+    rng = random.Random(14)
+    payloads = [rng.randbytes(rng.randint(1, 1400)) for _ in range(200)]
+    for dst in (INNER_B, INNER6_B):
+        got = udp_stream(lab.b, dst, payloads)  # A -> B
+        assert len(got) >= 195 and set(got) <= set(payloads), len(got)
+    for dst in (INNER_A, INNER6_A):
+        got = udp_stream(None, dst, payloads, tx_ns=lab.b)  # B -> A
+        assert len(got) >= 195 and set(got) <= set(payloads), len(got)
+    # UDP GSO inside the tunnel: the TAP hands over USO super-frames, split in userspace
+    big = [rng.randbytes(1200 * 5 + 77) for _ in range(20)]
+    got = udp_stream(lab.b, INNER_B, big, segment=1200)
+    want = {p[i : i + 1200] for p in big for i in range(0, len(p), 1200)}
+    assert len(got) >= 0.95 * len(want) and set(got) <= want
+    assert sum(r.drops for r in tp.qstat(queues)) == 0
+
+
+def test_each_flow_stays_on_one_worker(make_netns: Callable[[], NetNamespace],
+                                       tunnel: Callable[..., TunnelProc]) -> None:
+    """Two queues, eight TCP connections one after the other, each with data both ways: each
+    connection's frames are counted on one worker, both directions (the connection's first
+    packet may leave from another queue before the flow table learns its reply's worker)."""
+    lab = make_lab(make_netns(), v6=False)
+    tp, _dev = _start(lab, tunnel, 2)
+    _ping(INNER_B, count=1)  # ARP resolved before counting
+    before = tp.qstat(2)
+    used = set()
+    for _ in range(8):
+        tcp_exchange(lab.b, INNER_B, os.urandom(300_000), os.urandom(300_000))
+        after = tp.qstat(2)
+        enc = [a.encap_pkts - b.encap_pkts for a, b in zip(after, before, strict=True)]
+        dec = [a.decap_pkts - b.decap_pkts for a, b in zip(after, before, strict=True)]
+        w = max(range(2), key=lambda i: enc[i] + dec[i])
+        assert enc[1 - w] <= 2 and dec[1 - w] <= 2, (enc, dec)
+        assert enc[w] > 5 and dec[w] > 5, (enc, dec)
+        used.add(w)
+        before = after
+
+
+def test_garbage_datagrams_are_counted_by_reason(make_netns: Callable[[], NetNamespace],
+                                                 tunnel: Callable[..., TunnelProc]) -> None:
+    lab = make_lab(make_netns(), v6=False)
+    tp, _dev = _start(lab, tunnel, 2)
+    lab.ip_b("addr", "add", "198.18.20.3/24", "dev", lab.underlay_b)
+    frame = bytes(Ether(src="02:00:00:00:00:0b", dst="ff:ff:ff:ff:ff:ff")
+                  / IP(src=INNER_B, dst=INNER_A) / UDP(sport=1, dport=9) / Raw(b"x" * 20))
+    good = bytes(VXLAN(flags=0x08, vni=42)) + frame
+    garbage = {
+        "vxlan-short": [b"", b"\x08\0\0\0\0\0\x2a"],
+        "vxlan-bad-flags": [bytes(VXLAN(flags=0x00, vni=42)) + frame,
+                            bytes(VXLAN(flags=0x88, vni=42)) + frame],
+        "vxlan-wrong-vni": [bytes(VXLAN(flags=0x08, vni=43)) + frame] * 3,
+        "vxlan-truncated": [bytes(VXLAN(flags=0x08, vni=42)) + frame[:10]],
+    }
+    with lab.b.enter():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((lab.remote, 0))
+            for datagrams in garbage.values():
+                for d in datagrams:
+                    s.sendto(d, (lab.local, 4789))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # a stranger's datagrams
+            s.bind(("198.18.20.3", 0))
+            for _ in range(4):
+                s.sendto(good, (lab.local, 4789))
+    want = {reason: len(ds) for reason, ds in garbage.items()} | {"wrong-source": 4}
+
+    def counted() -> dict[str, int]:
+        total: dict[str, int] = {}
+        for row in tp.qstat(2):
+            for k, v in row.reasons.items():
+                total[k] = total.get(k, 0) + v
+        return total
+
+    deadline = time.monotonic() + 5
+    while counted() != want and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert counted() == want
+    _ping(INNER_B)  # every worker still serves
+    _ping(INNER_A, lab.b)
+    assert tp.proc.poll() is None
+
+
+def test_frames_too_big_for_the_path_are_dropped_and_counted(
+        make_netns: Callable[[], NetNamespace], tunnel: Callable[..., TunnelProc]) -> None:
+    """A TAP MTU above what the underlay carries (1500 - 50): frames over 1464 bytes cannot be
+    sent; they are dropped as too-big, smaller ones still pass."""
+    lab = make_lab(make_netns(), v6=False)
+    tp = tunnel("--local", lab.local, "--remote", lab.remote, "--vni", "42", "--mtu", "1600")
+    dev = tp.wait_ready(1)
+    address_tunnel(dev)
+    _ping(INNER_B, size=1000)
+    assert ping(INNER_B, count=3, size=1520, timeout=0.5) == 0  # a 1562-byte frame
+    (row,) = tp.qstat(1)
+    assert row.reasons.get("too-big") == 3, row
+    _ping(INNER_B, size=1400)  # a 1442-byte frame fits
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_ready_qstat_and_stop_contract(make_netns: Callable[[], NetNamespace],
+                                       tunnel: Callable[..., TunnelProc], sig: int) -> None:
+    lab = make_lab(make_netns(), v6=False)
+    tp = tunnel("--local", lab.local, "--remote", lab.remote, "--vni", "42", "--queues", "2")
+    dev = tp.wait_ready(2)
+    assert dev.startswith("vx")  # the default name pattern vx%d
+    address_tunnel(dev)
+    _ping(INNER_B, count=2)
+    rows = tp.qstat(2)
+    assert sum(r.encap_pkts for r in rows) >= 2 and sum(r.decap_pkts for r in rows) >= 2
+    with IPRoute() as ipr:
+        assert ipr.link_lookup(ifname=dev)
+    rc, took = tp.stop(sig)
+    assert rc == 0, tp.err[-5:]
+    assert took < 1.0 + 0.5  # 1 s, and the test's own polling
+    with IPRoute() as ipr:
+        assert not ipr.link_lookup(ifname=dev), "the TAP outlived the tunnel"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--local", "198.18.20.1", "--remote", "198.18.20.2"],  # no --vni
+        ["--local", "198.18.20.1", "--remote", "198.18.20.2", "--vni", "16777216"],
+        ["--local", "nonsense", "--remote", "198.18.20.2", "--vni", "1"],
+        ["--local", "198.18.20.1", "--remote", "fd00::2", "--vni", "1"],
+        ["--local", "198.18.20.1", "--remote", "198.18.20.2", "--vni", "1", "--queues", "0"],
+        ["--local", "198.18.20.1", "--remote", "198.18.20.2", "--vni", "1", "--port", "0"],
+        ["--local", "198.18.20.1", "--remote", "198.18.20.2", "--vni", "1", "--mtu", "20"],
+        ["--local", "198.18.20.1", "--remote", "198.18.20.2", "--vni", "1",
+         "--name", "a-name-far-too-long"],
+    ],
+)
+def test_bad_arguments_one_line_exit_2(args: list[str]) -> None:
+    out = subprocess.run([sys.executable, "-m", "mqtun", "tunnel", "vxlan", *args],
+                         capture_output=True, text=True, timeout=60, env=mqtun_env())
+    assert out.returncode == 2, out
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert out.stdout == ""
+
+
+def test_no_underlay_address_is_a_clear_error(tunnel: Callable[..., TunnelProc]) -> None:
+    """--local that is not an address here: exit 1 with one line saying what to do."""
+    tp = tunnel("--local", "198.18.20.1", "--remote", "198.18.20.2", "--vni", "1")
+    tp.proc.wait(timeout=30)
+    tp.kill()
+    assert tp.proc.returncode == 1
+    assert len(tp.err) == 1 and ("route" in tp.err[0] or "address" in tp.err[0]), tp.err

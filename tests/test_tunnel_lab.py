@@ -130,6 +130,7 @@ class Lab:
     local: str  # A's underlay address
     remote: str  # B's underlay address
     v6: bool
+    underlay_b: str = ""
     kernel_dev: str = "vk0"
 
     def ip_b(self, *args: str) -> None:
@@ -154,7 +155,7 @@ def make_lab(b: NetNamespace, *, v6: bool, mtu: int | None = None) -> Lab:
     _ip("link", "set", va, "up")
     if mtu:
         _ip("link", "set", va, "mtu", str(mtu))
-    lab = Lab(b, local, remote, v6)
+    lab = Lab(b, local, remote, v6, vb)
     lab.ip_b("addr", "add", f"{remote}/{plen}", "dev", vb, *extra)
     if mtu:
         lab.ip_b("link", "set", vb, "mtu", str(mtu))
@@ -216,3 +217,94 @@ def ping(dst: str, count: int = 3, size: int = 56, timeout: float = 2.0,
                     answered += 1
                     break
     return answered
+
+
+def _family(addr: str) -> int:
+    import socket
+
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+
+def tcp_exchange(server_ns: NetNamespace, server_addr: str, up: bytes, down: bytes,
+                 timeout: float = 30.0) -> tuple[bytes, bytes]:
+    """One TCP connection from this thread's namespace to `server_addr` in `server_ns`: the
+    client sends `up` and half-closes, the server answers `down`. Returns (what the server
+    got, what the client got)."""
+    import socket
+
+    got: dict[str, bytes] = {}
+    errors: list[BaseException] = []
+    ready = threading.Event()
+    port_box: list[int] = []
+
+    def serve() -> None:
+        try:
+            with server_ns.enter(), socket.socket(_family(server_addr)) as ls:
+                ls.bind((server_addr, 0))
+                ls.listen(1)
+                ls.settimeout(timeout)
+                port_box.append(ls.getsockname()[1])
+                ready.set()
+                conn, _ = ls.accept()
+                with conn:
+                    conn.settimeout(timeout)
+                    chunks = []
+                    while chunk := conn.recv(1 << 16):
+                        chunks.append(chunk)
+                    got["server"] = b"".join(chunks)
+                    conn.sendall(down)
+        except BaseException as exc:  # reported to the test below
+            errors.append(exc)
+            ready.set()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    assert ready.wait(10), "the server did not start"
+    assert not errors, errors
+    with socket.create_connection((server_addr, port_box[0]), timeout=timeout) as c:
+        c.sendall(up)
+        c.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := c.recv(1 << 16):
+            chunks.append(chunk)
+    t.join(timeout)
+    assert not errors, errors
+    return got.get("server", b""), b"".join(chunks)
+
+
+def udp_stream(rx_ns: NetNamespace | None, rx_addr: str, payloads: list[bytes],
+               tx_ns: NetNamespace | None = None, segment: int = 0,
+               timeout: float = 3.0) -> list[bytes]:
+    """Send `payloads` from `tx_ns` (None: this thread's namespace) to a fresh UDP socket on
+    `rx_addr` in `rx_ns`, paced; return what arrived, in arrival order. With `segment`, each
+    payload goes out as one UDP_SEGMENT send (the kernel makes USO super-packets of it)."""
+    import contextlib
+    import select
+    import socket
+
+    def enter(ns: NetNamespace | None) -> contextlib.AbstractContextManager[None]:
+        return ns.enter() if ns is not None else contextlib.nullcontext()
+
+    with enter(rx_ns):
+        rx = socket.socket(_family(rx_addr), socket.SOCK_DGRAM)
+    try:
+        rx.bind((rx_addr, 0))
+        port = rx.getsockname()[1]
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        with enter(tx_ns), socket.socket(_family(rx_addr), socket.SOCK_DGRAM) as tx:
+            if segment:
+                tx.setsockopt(17, 103, segment)  # SOL_UDP, UDP_SEGMENT
+            for i, p in enumerate(payloads):
+                tx.sendto(p, (rx_addr, port))
+                if i % 8 == 7:
+                    time.sleep(0.002)
+        got = []
+        deadline = time.monotonic() + timeout
+        want = sum(-(-len(p) // segment) if segment else 1 for p in payloads)
+        while len(got) < want and time.monotonic() < deadline:
+            r, _, _ = select.select([rx], [], [], 0.2)
+            if r:
+                got.append(rx.recv(65535))
+        return got
+    finally:
+        rx.close()
