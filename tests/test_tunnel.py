@@ -211,19 +211,32 @@ def test_garbage_datagrams_are_counted_by_reason(make_netns: Callable[[], NetNam
     assert tp.proc.poll() is None
 
 
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4-underlay", "ipv6-underlay"])
 def test_frames_too_big_for_the_path_are_dropped_and_counted(
-        make_netns: Callable[[], NetNamespace], tunnel: Callable[..., TunnelProc]) -> None:
-    """A TAP MTU above what the underlay carries (1500 - 50): frames over 1464 bytes cannot be
-    sent; they are dropped as too-big, smaller ones still pass."""
-    lab = make_lab(make_netns(), v6=False)
+        make_netns: Callable[[], NetNamespace], tunnel: Callable[..., TunnelProc],
+        v6: bool) -> None:
+    """A TAP MTU above what the underlay carries (1500 - 50, or 70 over IPv6): a frame that
+    does not fit is dropped and counted too-big, and the sender is told the path MTU with an
+    ICMP error (as the kernel's tunnels do), so TCP still gets through at the smaller size."""
+    lab = make_lab(make_netns(), v6=v6)
     tp = tunnel("--local", lab.local, "--remote", lab.remote, "--vni", "42", "--mtu", "1600")
     dev = tp.wait_ready(1)
     address_tunnel(dev)
+    inner_mtu = 1450 if not v6 else 1430
     _ping(INNER_B, size=1000)
-    assert ping(INNER_B, count=3, size=1520, timeout=0.5) == 0  # a 1562-byte frame
+    _ping(INNER6_B, size=1000)
+    assert ping(INNER_B, count=1, size=1520, timeout=0.5, df=True) == 0  # a 1562-byte frame
+    assert ping(INNER6_B, count=1, size=1500, timeout=0.5) == 0
     (row,) = tp.qstat(1)
-    assert row.reasons.get("too-big") == 3, row
-    _ping(INNER_B, size=1400)  # a 1442-byte frame fits
+    assert row.reasons.get("too-big") == 2, row
+    for dst in (INNER_B, INNER6_B):  # the ICMP errors lowered the senders' path MTU
+        route = subprocess.run(["ip", "route", "get", dst], capture_output=True, text=True,
+                               check=True).stdout
+        assert f"mtu {inner_mtu}" in route, route
+    _ping(INNER_B, size=inner_mtu - 28)  # fits exactly
+    up, down = os.urandom(1 << 20), os.urandom(1 << 20)
+    assert tcp_exchange(lab.b, INNER_B, up, down) == (up, down)
+    assert tcp_exchange(lab.b, INNER6_B, up, down) == (up, down)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

@@ -420,4 +420,10 @@ VXLAN_VNI_MAX: Final = 0xFFFFFF
 VXLAN_OVERHEAD_IPV4: Final = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
 VXLAN_OVERHEAD_IPV6: Final = 70  # outer IPv6 40 + UDP 8 + VXLAN 8 + inner Ethernet 14
 IP_LOCAL_PORT_RANGE_DEFAULT: Final = (32768, 60999)  # net.ipv4.ip_local_port_range default
+ICMP_DEST_UNREACH: Final = 3  # include/uapi/linux/icmp.h
+ICMP_FRAG_NEEDED: Final = 4
+ICMPV6_PKT_TOOBIG: Final = 2  # include/uapi/linux/icmpv6.h
+IP_DF: Final = 0x4000
+IPV6_MIN_MTU: Final = 1280
+IPV4_MIN_MTU: Final = 576  # the largest ICMP error an IPv4 host sends (RFC 1812)
 # === end tunnel ================================================================================

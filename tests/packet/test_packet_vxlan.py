@@ -177,3 +177,44 @@ def test_receive_header_for_partial_checksums(v6: bool, proto: str) -> None:
 @given(st.binary(max_size=200), st.integers(0, 2000))
 def test_receive_header_never_raises(data: bytes, gso: int) -> None:
     vx.receive_header(data, gso)
+
+
+def test_too_big_reply_ipv4_matches_scapy() -> None:
+    from scapy.layers.inet import ICMP, IPerror
+
+    big = bytes(Ether(src=MAC_A, dst=MAC_B) / IP(src="198.19.0.1", dst="198.19.0.2", flags="DF")
+                / TCP(sport=1, dport=2, flags="A") / Raw(b"q" * 1500))
+    reply = vx.too_big_reply(big, 1450)
+    assert reply is not None
+    pkt = Ether(reply)
+    assert pkt.src == MAC_B and pkt.dst == MAC_A
+    assert pkt[IP].src == "198.19.0.2" and pkt[IP].dst == "198.19.0.1"
+    assert pkt[ICMP].type == 3 and pkt[ICMP].code == 4 and pkt[ICMP].nexthopmtu == 1450
+    assert pkt[IPerror].dst == "198.19.0.2" and len(pkt[IP]) <= 576
+    again = Ether(reply)
+    del again[IP].chksum, again[ICMP].chksum
+    rebuilt = Ether(bytes(again))
+    assert rebuilt[IP].chksum == pkt[IP].chksum and rebuilt[ICMP].chksum == pkt[ICMP].chksum
+    no_df = bytes(Ether() / IP(src="198.19.0.1", dst="198.19.0.2") / Raw(b"q" * 1500))
+    assert vx.too_big_reply(no_df, 1450) is None
+    error = bytes(Ether() / IP(flags="DF", src="198.19.0.1", dst="198.19.0.2")
+                  / ICMP(type=3, code=1) / Raw(b"q" * 1500))
+    assert vx.too_big_reply(error, 1450) is None
+    assert vx.too_big_reply(b"\x00" * 20, 1450) is None
+
+
+def test_too_big_reply_ipv6_matches_scapy() -> None:
+    from scapy.layers.inet6 import ICMPv6PacketTooBig
+
+    big = bytes(Ether(src=MAC_A, dst=MAC_B) / IPv6(src="fd00:1::1", dst="fd00:1::2")
+                / UDP(sport=1, dport=2) / Raw(b"q" * 1500))
+    reply = vx.too_big_reply(big, 1430)
+    assert reply is not None
+    pkt = Ether(reply)
+    assert pkt[IPv6].src == "fd00:1::2" and pkt[IPv6].dst == "fd00:1::1"
+    ptb = pkt[ICMPv6PacketTooBig]
+    assert ptb.mtu == 1430 and len(pkt[IPv6]) <= 1280
+    claimed = ptb.cksum
+    again = Ether(reply)
+    del again[ICMPv6PacketTooBig].cksum
+    assert Ether(bytes(again))[ICMPv6PacketTooBig].cksum == claimed

@@ -237,6 +237,7 @@ class _Worker:
         self.cfg = cfg
         self.endpoint = endpoint
         self.max_frame = max_frame
+        self.inner_mtu = max_frame - _uapi.ETH_HLEN
         self.low, self.high = port_range
         self.vni = cfg.vni
         self.vx_header = vxlan.header(cfg.vni)
@@ -315,6 +316,11 @@ class _Worker:
         if len(segments[0]) > limit or len(segments[-1]) > limit:
             fit = [s for s in segments if len(s) <= limit]
             c.drop(DropReason.TOO_BIG, len(segments) - len(fit))
+            # tell the sender, as the kernel's tunnels do: it lowers its path MTU
+            big = segments[0] if len(segments[0]) > limit else segments[-1]
+            reply = vxlan.too_big_reply(big, self.inner_mtu)
+            if reply is not None:
+                self._write(self.zero, reply)
             if not fit:
                 return
             segments = fit

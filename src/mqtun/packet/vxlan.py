@@ -25,9 +25,17 @@ from mqtun._uapi import (
     ETH_HLEN,
     ETH_P_IP,
     ETH_P_IPV6,
+    ICMP_DEST_UNREACH,
+    ICMP_FRAG_NEEDED,
+    ICMPV6_PKT_TOOBIG,
+    IP_DF,
     IP_LOCAL_PORT_RANGE_DEFAULT,
+    IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
     IPPROTO_TCP,
     IPPROTO_UDP,
+    IPV4_MIN_MTU,
+    IPV6_MIN_MTU,
     TCP_CSUM_OFFSET,
     UDP_CSUM_OFFSET,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
@@ -39,7 +47,7 @@ from mqtun._uapi import (
     VXLAN_VNI_MAX,
 )
 from mqtun.errors import InvalidArgumentError
-from mqtun.packet.checksum import pseudo_header_sum, residue
+from mqtun.packet.checksum import checksum, pseudo_header_sum, residue
 from mqtun.packet.headers import Buffer, MalformedPacket, parse, parse_ethernet
 from mqtun.packet.vnet import ZERO_HEADER, VnetHeader
 
@@ -53,6 +61,7 @@ __all__ = [
     "header",
     "receive_header",
     "source_port",
+    "too_big_reply",
 ]
 
 VXLAN_REASONS: Final = ("vxlan-short", "vxlan-bad-flags", "vxlan-wrong-vni", "vxlan-truncated")
@@ -195,3 +204,37 @@ def receive_header(frame: Buffer, gso_size: int = 0) -> VnetHeader:
     if field == seed:
         return VnetHeader(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, p.payload_off, 0, p.l4_off, off)
     return ZERO_HEADER
+
+
+def too_big_reply(frame: Buffer, mtu: int) -> bytes | None:
+    """The ICMP error that tells the sender of `frame` (an Ethernet frame from the TAP) to send
+    IP packets of at most `mtu` bytes: "fragmentation needed" for IPv4 with DF set, "packet too
+    big" for IPv6; None when no such error is due (IPv4 without DF, not IP, an ICMP error
+    itself). It comes from the frame's destination, as the kernel's tunnels build it
+    (iptunnel_pmtud_build_icmp), so the sender's stack lowers its path MTU to that address."""
+    try:
+        p = parse(frame, tap=True, use_ip_length=False)
+    except MalformedPacket:
+        return None
+    l3 = p.l3_off
+    eth = b"".join((frame[6:12], frame[0:6], frame[12:l3]))
+    if p.version == 4:
+        flags = (frame[l3 + 6] << 8) | frame[l3 + 7]
+        if not flags & IP_DF or (p.proto == IPPROTO_ICMP and frame[p.l4_off] not in (0, 8)):
+            return None
+        quoted = bytes(frame[l3 : l3 + min(len(frame) - l3, IPV4_MIN_MTU - 20 - 8)])
+        icmp = bytearray(struct.pack("!BBHHH", ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 0, 0,
+                                     min(mtu, 0xFFFF)) + quoted)
+        struct.pack_into("!H", icmp, 2, checksum(icmp))
+        ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0xC0, 20 + len(icmp), 0, 0, 64,
+                                   IPPROTO_ICMP, 0, p.dst, p.src))
+        struct.pack_into("!H", ip, 10, checksum(ip))
+        return b"".join((eth, ip, icmp))
+    if p.proto == IPPROTO_ICMPV6 and p.l4_off < len(frame) and frame[p.l4_off] < 128:
+        return None  # never answer an ICMPv6 error with one
+    quoted = bytes(frame[l3 : l3 + min(len(frame) - l3, IPV6_MIN_MTU - 40 - 8)])
+    body = bytearray(struct.pack("!BBHI", ICMPV6_PKT_TOOBIG, 0, 0, mtu) + quoted)
+    seed = pseudo_header_sum(p.dst, p.src, IPPROTO_ICMPV6, len(body))
+    struct.pack_into("!H", body, 2, checksum(body, seed))
+    ip6 = struct.pack("!IHBB16s16s", 6 << 28, len(body), IPPROTO_ICMPV6, 64, p.dst, p.src)
+    return b"".join((eth, ip6, bytes(body)))
