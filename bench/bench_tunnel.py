@@ -204,7 +204,8 @@ def main() -> int:
     for label, num, den, floor in TARGETS:
         if num in med and den in med and med[den] > 0:
             ratio = med[num] / med[den]
-            lines.append(f"| {label} | {ratio:.3f} | {floor} | {'yes' if ratio >= floor else 'no'} |")
+            met = "yes" if ratio >= floor else "no"
+            lines.append(f"| {label} | {ratio:.3f} | {floor} | {met} |")
     table = "\n".join(lines) + "\n"
     print(table, end="")
     if args.out:
