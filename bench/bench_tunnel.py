@@ -189,7 +189,7 @@ def main() -> int:
     with open("/proc/loadavg") as f:
         load_after = f.read().split()[0]
     med = {(s.name, w): statistics.median(v) for s in setups for w, v in s.results.items()}
-    cpu = {(s.name, w): statistics.median(v) for s in setups for w, v in s.cpu.items()}
+    cpu_med = {(s.name, w): statistics.median(v) for s in setups for w, v in s.cpu.items()}
     lines = [f"iperf3 TCP through VXLAN, medians of {repeat} interleaved runs of {seconds:g} s "
              f"(load average {load_before} before, {load_after} after)", "",
              "| config | " + " | ".join(workloads) + " |",
@@ -197,7 +197,7 @@ def main() -> int:
     for s in setups:
         cells = []
         for w in workloads:
-            c = f", cpu {cpu[(s.name, w)]:.2f}" if s.tunnel is not None else ""
+            c = f", cpu {cpu_med[(s.name, w)]:.2f}" if s.tunnel is not None else ""
             cells.append(f"{med[(s.name, w)]:.2f} Gbit/s{c}")
         lines.append(f"| {s.name} | " + " | ".join(cells) + " |")
     lines += ["", "| target | ratio | floor | met |", "|---|---|---|---|"]
