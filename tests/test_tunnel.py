@@ -150,25 +150,32 @@ def test_udp_intact_both_ways(make_netns: Callable[[], NetNamespace],
     assert sum(r.drops for r in tp.qstat(queues)) == 0
 
 
+@pytest.mark.parametrize("steering", ["bpf", "hash"])
 def test_each_flow_stays_on_one_worker(make_netns: Callable[[], NetNamespace],
-                                       tunnel: Callable[..., TunnelProc]) -> None:
-    """Two queues, eight TCP connections one after the other, each with data both ways: each
-    connection's frames are counted on one worker, both directions (the connection's first
-    packet may leave from another queue before the flow table learns its reply's worker)."""
-    lab = make_lab(make_netns(), v6=False)
-    tp, _dev = _start(lab, tunnel, 2)
+                                       tunnel: Callable[..., TunnelProc], steering: str) -> None:
+    """Two queues, eight TCP connections one after the other, each with data both ways, each
+    connection's frames counted per worker, both directions.
+
+    bpf: the TAP's and the socket group's programs agree on the flow's worker: every frame on
+    one worker. hash: the kernel's flow table learns the worker from the first reply, so a
+    connection opened from the tunnel side may send its first two frames (SYN and the
+    handshake's ACK, sent inside the write that teaches the table) from another worker."""
+    lab = make_lab(make_netns(), v6=False, inner6=False)
+    tp = tunnel("--local", lab.local, "--remote", lab.remote, "--vni", "42", "--queues", "2",
+                "--steering", steering)
+    address_tunnel(tp.wait_ready(2), inner6=False)
     _ping(INNER_B, count=1)  # ARP resolved before counting
     before = tp.qstat(2)
-    used = set()
+    stray = 0 if steering == "bpf" else 2
     for _ in range(8):
         tcp_exchange(lab.b, INNER_B, os.urandom(300_000), os.urandom(300_000))
+        time.sleep(0.3)  # the connection's last FIN/ACK counted in its own interval
         after = tp.qstat(2)
         enc = [a.encap_pkts - b.encap_pkts for a, b in zip(after, before, strict=True)]
         dec = [a.decap_pkts - b.decap_pkts for a, b in zip(after, before, strict=True)]
         w = max(range(2), key=lambda i: enc[i] + dec[i])
-        assert enc[1 - w] <= 2 and dec[1 - w] <= 2, (enc, dec)
+        assert enc[1 - w] <= stray and dec[1 - w] <= stray, (enc, dec)
         assert enc[w] > 5 and dec[w] > 5, (enc, dec)
-        used.add(w)
         before = after
 
 

@@ -141,7 +141,7 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, timeout=10, capture_output=True)
 
 
-def make_lab(b: NetNamespace, *, v6: bool, mtu: int | None = None) -> Lab:
+def make_lab(b: NetNamespace, *, v6: bool, mtu: int | None = None, inner6: bool = True) -> Lab:
     """veth A<->B; in B the kernel VXLAN to A with inner addresses; A gets the tunnel later."""
     tag = os.urandom(2).hex()
     va, vb = f"ua{tag}", f"ub{tag}"
@@ -163,15 +163,18 @@ def make_lab(b: NetNamespace, *, v6: bool, mtu: int | None = None) -> Lab:
     lab.ip_b("link", "add", lab.kernel_dev, "type", "vxlan", "id", str(VNI), "remote", local,
              "local", remote, "dstport", "4789", "dev", vb)
     lab.ip_b("addr", "add", f"{INNER_B}/24", "dev", lab.kernel_dev)
-    lab.ip_b("addr", "add", f"{INNER6_B}/64", "dev", lab.kernel_dev, "nodad")
+    if inner6:
+        lab.ip_b("addr", "add", f"{INNER6_B}/64", "dev", lab.kernel_dev, "nodad")
     lab.ip_b("link", "set", lab.kernel_dev, "up")
     return lab
 
 
-def address_tunnel(dev: str) -> None:
-    """Inner addresses on mqtun's TAP in namespace A."""
+def address_tunnel(dev: str, inner6: bool = True) -> None:
+    """Inner addresses on mqtun's TAP in namespace A (IPv6 too unless told otherwise: its
+    MLD reports are repeated for a few seconds, which a per-worker count would see)."""
     _ip("addr", "add", f"{INNER_A}/24", "dev", dev)
-    _ip("addr", "add", f"{INNER6_A}/64", "dev", dev, "nodad")
+    if inner6:
+        _ip("addr", "add", f"{INNER6_A}/64", "dev", dev, "nodad")
     _ip("link", "set", dev, "up")
 
 

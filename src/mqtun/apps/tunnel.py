@@ -54,8 +54,11 @@ from mqtun.runtime.sockets import (
 )
 from mqtun.runtime.workers import WorkerEvent, WorkerInfo, WorkerPool
 from mqtun.stats import READ_BYTES, READ_PACKETS, WRITTEN_BYTES, WRITTEN_PACKETS, DropReason
+from mqtun.steer import programs, reuseport
 
-__all__ = ["TunnelConfig", "VxlanTunnel", "add_parser"]
+__all__ = ["STEERING", "TunnelConfig", "VxlanTunnel", "add_parser"]
+
+STEERING = ("bpf", "hash")
 
 _DROP_FOR_REASON = {
     "vxlan-short": DropReason.VXLAN_SHORT,
@@ -79,8 +82,12 @@ class TunnelConfig:
     mtu: int | None = None  # default: the path MTU less the VXLAN overhead, as the kernel's
     cpus: str | None = None
     batch: int = 64
+    steering: str = "bpf"  # "bpf": eBPF on the TAP and the reuseport group; "hash": none
 
     def __post_init__(self) -> None:
+        if self.steering not in STEERING:
+            raise InvalidArgumentError(f"steering {self.steering!r}: choose one of "
+                                       f"{', '.join(STEERING)}")
         if family_of(self.local) != family_of(self.remote):
             raise InvalidArgumentError(f"--local {self.local} and --remote {self.remote} must "
                                        "be of one address family")
@@ -126,6 +133,7 @@ class VxlanTunnel:
         self.offloads = 0
         self.path_mtu = 0
         self.mtu = 0
+        self._programs: list[Any] = []
         self._stats_requested = False
         self._stop_requested = False
 
@@ -139,6 +147,8 @@ class VxlanTunnel:
             self.device = Device.create(cfg.name, cfg.queues, tap=True,
                                         multi_queue=cfg.queues > 1, vnet_hdr=True, offloads=0)
             self.offloads = negotiate_offloads([self.device])
+            if cfg.steering == "bpf" and cfg.queues > 1:
+                self._steer()
             self.device.link.set_mtu(self.mtu)
             self.device.link.up()
             self.pool = WorkerPool([self.device], self._program, cpus=cfg.cpus, name="tunnel",
@@ -147,6 +157,17 @@ class VxlanTunnel:
         except BaseException:
             self.close()
             raise
+
+    def _steer(self) -> None:
+        """The TAP's symmetric flow hash, and the same hash of the inner frame for the
+        reuseport group: a flow's queue i and socket i, from its first packet."""
+        assert self.device is not None
+        tap_prog = programs.symmetric(tap=True)
+        self._programs.append(tap_prog)
+        self.device.set_steering_program(tap_prog)
+        group_prog = reuseport.inner_symmetric(len(self.endpoints))
+        self._programs.append(group_prog)
+        reuseport.attach(self.endpoints[0].sock, group_prog)
 
     @property
     def name(self) -> str:
@@ -212,6 +233,9 @@ class VxlanTunnel:
         for ep in self.endpoints:
             ep.close()
         self.endpoints = []
+        for prog in self._programs:
+            prog.close()
+        self._programs = []
         if self.device is not None:
             with contextlib.suppress(MqtunError):
                 self.device.delete()
@@ -447,6 +471,9 @@ def add_parser(sub: Any) -> None:
     v.add_argument("--mtu", type=_bounded("the MTU", 68, 65535),
                    help="TAP MTU (default: the path MTU less 50, or 70 over IPv6)")
     v.add_argument("--cpus", help="pin workers to these CPUs, e.g. 0-3 or auto")
+    v.add_argument("--steering", choices=STEERING, default="bpf",
+                   help="bpf (default): eBPF on the TAP and the socket group keeps each flow on "
+                   "one worker from its first packet; hash: the kernel's hashes and flow table")
     v.set_defaults(run=_run_vxlan)
 
 
@@ -460,7 +487,8 @@ def _run_vxlan(args: argparse.Namespace) -> int:
             print(f"mqtun: {ev}", file=sys.stderr, flush=True)
 
     tun = VxlanTunnel(TunnelConfig(args.local, args.remote, args.vni, args.port, args.queues,
-                                   args.name, args.mtu, args.cpus), on_event=report)
+                                   args.name, args.mtu, args.cpus, steering=args.steering),
+                      on_event=report)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: tun.request_stop())
     signal.signal(signal.SIGUSR1, lambda *_: tun.request_stats())
