@@ -218,3 +218,13 @@ def test_too_big_reply_ipv6_matches_scapy() -> None:
     again = Ether(reply)
     del again[ICMPv6PacketTooBig].cksum
     assert Ether(bytes(again))[ICMPv6PacketTooBig].cksum == claimed
+
+
+def test_receive_header_for_a_super_frame_without_segment_size() -> None:
+    """A super-datagram that came without a segment size: longer than the TAP's MTU, its MSS
+    is what the MTU leaves after the headers."""
+    frame = bytes(Ether(src=MAC_A, dst=MAC_B) / IPv6(src="fd00:1::1", dst="fd00:1::2")
+                  / TCP(sport=1, dport=2, flags="A") / Raw(b"z" * 5000))
+    hdr = vx.receive_header(frame, 0, mtu=1430)
+    assert hdr.gso_type == _uapi.VIRTIO_NET_HDR_GSO_TCPV6 and hdr.gso_size == 1430 - 60
+    assert vx.receive_header(frame[:14 + 40 + 20 + 1000], 0, mtu=1430) == ZERO_HEADER

@@ -184,7 +184,7 @@ class VxlanTunnel:
             if ep is not mine:
                 ep.close()
         max_frame = self.path_mtu - (self.config.overhead - _uapi.ETH_HLEN)
-        _Worker(info, self.config, mine, max_frame, _local_port_range()).run()
+        _Worker(info, self.config, mine, max_frame, _local_port_range(), self.mtu).run()
         os._exit(0)
 
     def request_stop(self) -> None:
@@ -255,13 +255,15 @@ class _Worker:
     """One worker's loop: its TAP queue and its socket, both ways."""
 
     def __init__(self, info: WorkerInfo, cfg: TunnelConfig, endpoint: UdpEndpoint,
-                 max_frame: int, port_range: tuple[int, int]) -> None:
+                 max_frame: int, port_range: tuple[int, int], mtu: int) -> None:
         self.queue = info.queues[0]
         self.counters = self.queue.counters
         self.cfg = cfg
         self.endpoint = endpoint
         self.max_frame = max_frame
         self.inner_mtu = max_frame - _uapi.ETH_HLEN
+        self.mtu = mtu  # the TAP's
+        self.rx_limit = mtu + _uapi.ETH_HLEN + 2 * _uapi.VLAN_HLEN  # larger: a super-frame
         self.low, self.high = port_range
         self.vni = cfg.vni
         self.vx_header = vxlan.header(cfg.vni)
@@ -271,6 +273,7 @@ class _Worker:
         self.ports = SourcePorts(cfg.local, endpoint)
         self.hsize = self.queue.device.vnet_hdr_size
         self.zero = encode(ZERO_HEADER, self.hsize)
+        self._out: dict[int, tuple[list[Any], list[int]]] = {}
         self.stopping = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
@@ -331,10 +334,14 @@ class _Worker:
             except MalformedPacket:
                 c.drop(DropReason.OFFLOAD)
                 continue
-            self._send(segments)
+            self._queue(segments)
+        if self._out:
+            self._send_queued()
         return n
 
-    def _send(self, segments: list[Any]) -> None:
+    def _queue(self, segments: list[Any]) -> None:
+        """Encapsulate a frame's segments for sending (by outer source port: a drain's
+        datagrams of one flow go out together, equal sizes in one UDP GSO send)."""
         c = self.counters
         limit = self.max_frame
         if len(segments[0]) > limit or len(segments[-1]) > limit:
@@ -350,17 +357,26 @@ class _Worker:
             segments = fit
         port = vxlan.source_port(vxlan.flow_hash(segments[0]), self.low, self.high)
         hdr = self.vx_header
-        sent, err = self.ports.get(port).send(
-            self.peer, [(hdr, s) for s in segments], [8 + len(s) for s in segments])
-        if err:
-            why = DropReason.TOO_BIG if err == errno.EMSGSIZE else DropReason.WRITE_ERROR
-            c.drop(why, len(segments) - sent)
+        out = self._out.get(port)
+        if out is None:
+            out = self._out[port] = ([], [])
+        out[0].extend([(hdr, s) for s in segments])
+        out[1].extend([_uapi.VXLAN_HLEN + len(s) for s in segments])
+
+    def _send_queued(self) -> None:
+        c = self.counters
+        for port, (datagrams, sizes) in self._out.items():
+            sent, err = self.ports.get(port).send(self.peer, datagrams, sizes)
+            if err:
+                why = DropReason.TOO_BIG if err == errno.EMSGSIZE else DropReason.WRITE_ERROR
+                c.drop(why, len(datagrams) - sent)
+        self._out.clear()
 
     # ---- wire -> TAP --------------------------------------------------------------------
     def _from_wire(self) -> int:
         c = self.counters
         recv = self.endpoint.recv
-        check, vni, remote = vxlan.check, self.vni, self.remote
+        check, vni, remote, limit = vxlan.check, self.vni, self.remote, self.rx_limit
         pending: list[memoryview] = []
         n = 0
         while n < self.cfg.batch:
@@ -380,10 +396,11 @@ class _Worker:
                 if reason is not None:
                     c.drop(_DROP_FOR_REASON[reason])
                     continue
-                if whole:
+                if whole or len(d) - _uapi.VXLAN_HLEN > limit:  # a super-frame: as it is
                     self._flush(pending)
                     frame = d[_uapi.VXLAN_HLEN :]
-                    self._write(encode(vxlan.receive_header(frame, seg), self.hsize), frame)
+                    hdr = vxlan.receive_header(frame, seg if whole else 0, self.mtu)
+                    self._write(encode(hdr, self.hsize), frame)
                 else:
                     pending.append(d[_uapi.VXLAN_HLEN :])
         self._flush(pending)

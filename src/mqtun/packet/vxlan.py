@@ -168,11 +168,13 @@ def datagrams(buf: memoryview, segment_size: int) -> list[memoryview]:
     return [buf[i : i + segment_size] for i in range(0, n, segment_size)]
 
 
-def receive_header(frame: Buffer, gso_size: int = 0) -> VnetHeader:
+def receive_header(frame: Buffer, gso_size: int = 0, mtu: int = 0) -> VnetHeader:
     """The virtio-net header to write a decapsulated frame to a TAP with.
 
-    - `gso_size` > 0 (a tunnel super-datagram's inner frame): a GSO header of the frame's kind
-      with NEEDS_CSUM, its transport checksum field being the kernel's partial seed.
+    - a super-frame -- `gso_size` > 0 (a tunnel super-datagram's inner MSS), or an IP packet
+      longer than the TAP's `mtu` (a super-datagram that came without a segment size; its MSS
+      is what the MTU leaves) -- gets a GSO header of its kind with NEEDS_CSUM, its transport
+      checksum field being the kernel's partial seed;
     - a frame whose TCP/UDP checksum does not verify but holds exactly the pseudo-header sum:
       NEEDS_CSUM (a veth sender leaves checksums partial, the kernel trusting its metadata,
       which a socket read loses); the kernel completes it.
@@ -186,6 +188,8 @@ def receive_header(frame: Buffer, gso_size: int = 0) -> VnetHeader:
     if p.fragment or p.l4_len == 0 or p.proto not in (IPPROTO_TCP, IPPROTO_UDP):
         return ZERO_HEADER
     off = TCP_CSUM_OFFSET if p.proto == IPPROTO_TCP else UDP_CSUM_OFFSET
+    if gso_size <= 0 and 0 < mtu < p.end - p.l3_off:
+        gso_size = mtu - (p.payload_off - p.l3_off)
     if gso_size > 0:
         if p.proto == IPPROTO_UDP:
             kind = VIRTIO_NET_HDR_GSO_UDP_L4
