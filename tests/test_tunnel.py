@@ -359,3 +359,24 @@ def test_concurrent_flows_arrive_in_order(make_netns: Callable[[], NetNamespace]
         assert len(seqs) >= 0.9 * count, [len(x) for x in got]
         assert seqs == sorted(seqs), "a flow was reordered"
     assert sum(r.drops for r in tp.qstat(2)) == 0
+
+
+def test_a_crashed_worker_is_restarted_on_its_queue_and_socket(
+        make_netns: Callable[[], NetNamespace], tunnel: Callable[..., TunnelProc]) -> None:
+    """A worker killed mid-run: the pool restarts it on the same TAP queue and the same socket
+    (the parent holds both, so the socket keeps its place in the reuseport group), and every
+    flow gets through again."""
+    lab = make_lab(make_netns(), v6=False)
+    tp, _dev = _start(lab, tunnel, 2)
+    _ping(INNER_B)
+    with open(f"/proc/{tp.proc.pid}/task/{tp.proc.pid}/children") as f:
+        workers = [int(x) for x in f.read().split()]
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    tp.wait_for(lambda: any("restarted" in ln for ln in tp.err), 10, "a restart")
+    for _ in range(6):  # connections over both workers (by their hash)
+        up, down = os.urandom(200_000), os.urandom(200_000)
+        assert tcp_exchange(lab.b, INNER_B, up, down) == (up, down)
+    _ping(INNER_A, lab.b)
+    rc, _took = tp.stop()
+    assert rc == 0
