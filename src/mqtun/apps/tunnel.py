@@ -53,7 +53,15 @@ from mqtun.runtime.sockets import (
     reuseport_group,
 )
 from mqtun.runtime.workers import WorkerEvent, WorkerInfo, WorkerPool
-from mqtun.stats import READ_BYTES, READ_PACKETS, WRITTEN_BYTES, WRITTEN_PACKETS, DropReason
+from mqtun.stats import (
+    READ_BYTES,
+    READ_ERRORS,
+    READ_PACKETS,
+    WRITE_ERRORS,
+    WRITTEN_BYTES,
+    WRITTEN_PACKETS,
+    DropReason,
+)
 from mqtun.steer import programs, reuseport
 
 __all__ = ["STEERING", "TunnelConfig", "VxlanTunnel", "add_parser"]
@@ -65,6 +73,12 @@ _DROP_FOR_REASON = {
     "vxlan-bad-flags": DropReason.VXLAN_BAD_FLAGS,
     "vxlan-wrong-vni": DropReason.VXLAN_WRONG_VNI,
     "vxlan-truncated": DropReason.VXLAN_TRUNCATED,
+}
+_DROP_FOR_SEND_ERRNO = {
+    errno.EMSGSIZE: DropReason.TOO_BIG,
+    errno.EHOSTUNREACH: DropReason.NO_PEER,
+    errno.ENETUNREACH: DropReason.NO_PEER,
+    errno.ECONNREFUSED: DropReason.NO_PEER,
 }
 _READ_SIZE = 65536 + _uapi.VIRTIO_NET_HDR_V1_HASH_TUNNEL_SIZE + 64
 _RCVBUF = 8 << 20
@@ -368,8 +382,8 @@ class _Worker:
         for port, (datagrams, sizes) in self._out.items():
             sent, err = self.ports.get(port).send(self.peer, datagrams, sizes)
             if err:
-                why = DropReason.TOO_BIG if err == errno.EMSGSIZE else DropReason.WRITE_ERROR
-                c.drop(why, len(datagrams) - sent)
+                c.slots[WRITE_ERRORS] += 1
+                c.drop(_DROP_FOR_SEND_ERRNO.get(err, DropReason.WRITE_ERROR), len(datagrams) - sent)
         self._out.clear()
 
     # ---- wire -> TAP --------------------------------------------------------------------
@@ -380,7 +394,11 @@ class _Worker:
         pending: list[memoryview] = []
         n = 0
         while n < self.cfg.batch:
-            got = recv()
+            try:
+                got = recv()
+            except MqtunError:
+                c.slots[READ_ERRORS] += 1
+                break
             if got is None:
                 break
             n += 1

@@ -159,10 +159,10 @@ class UdpEndpoint:
         queued. With UDP_GRO the data may hold many datagrams (see packet.vxlan.datagrams)."""
         try:
             data, anc, _flags, addr = self._recvmsg(_RECV_SIZE, _GRO_ANC, socket.MSG_DONTWAIT)
-        except BlockingIOError:
+        except (BlockingIOError, InterruptedError):
             return None
-        except InterruptedError:
-            return None
+        except OSError as exc:
+            raise kernel_error(exc, "recvmsg") from None
         seg = 0
         for level, kind, value in anc:
             if level == _uapi.SOL_UDP and kind == _uapi.UDP_GRO and len(value) >= _GRO.size:
