@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Callable, Iterator
 
 import pytest
-from pyroute2 import IPRoute
+from pyroute2 import IPRoute  # type: ignore[import-untyped]
 from test_tunnel_lab import (
     INNER6_A,
     INNER6_B,

@@ -98,10 +98,9 @@ class TunnelProc:
         for line in [ln for ln in self.err[start:] if ln.startswith("QSTAT")][:queues]:
             m = QSTAT_RE.match(line)
             assert m, f"bad QSTAT line: {line!r}"
-            nums = [int(x) for x in m.groups()[:6]]
-            reasons = dict((k, int(v)) for k, v in
-                           (kv.split("=") for kv in m.group(7).split()))
-            rows.append(Qstat(*nums, reasons=reasons))
+            q, enc, dec, encb, decb, drops = (int(x) for x in m.groups()[:6])
+            reasons = {k: int(v) for k, v in (kv.split("=") for kv in m.group(7).split())}
+            rows.append(Qstat(q, enc, dec, encb, decb, drops, reasons))
         assert [r.q for r in rows] == list(range(queues))
         return rows
 
@@ -301,7 +300,7 @@ def udp_stream(rx_ns: NetNamespace | None, rx_addr: str, payloads: list[bytes],
                 tx.sendto(p, (rx_addr, port))
                 if i % 8 == 7:
                     time.sleep(0.002)
-        got = []
+        got: list[bytes] = []
         deadline = time.monotonic() + timeout
         want = sum(-(-len(p) // segment) if segment else 1 for p in payloads)
         while len(got) < want and time.monotonic() < deadline:
