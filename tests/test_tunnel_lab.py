@@ -310,3 +310,21 @@ def udp_stream(rx_ns: NetNamespace | None, rx_addr: str, payloads: list[bytes],
         return got
     finally:
         rx.close()
+
+
+def _mac(dev: str, ns: NetNamespace | None = None) -> str:
+    import json
+
+    argv = ["ip", "-j", "link", "show", "dev", dev]
+    out = (ns.run(argv).stdout if ns is not None
+           else subprocess.run(argv, check=True, capture_output=True, text=True).stdout)
+    return str(json.loads(out)[0]["address"])
+
+
+def pin_neighbours(lab: Lab, dev: str) -> None:
+    """Permanent ARP entries both ways for the inner IPv4 addresses: no ARP probe (a non-flow
+    frame, on queue 0) lands in the middle of a per-worker count."""
+    _ip("neigh", "replace", INNER_B, "lladdr", _mac(lab.kernel_dev, lab.b), "dev", dev,
+        "nud", "permanent")
+    lab.ip_b("neigh", "replace", INNER_A, "lladdr", _mac(dev), "dev", lab.kernel_dev,
+             "nud", "permanent")

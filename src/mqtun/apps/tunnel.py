@@ -1,22 +1,22 @@
 """`mqtun tunnel vxlan`: a TAP device whose queues are the two ends of a VXLAN tunnel.
 
 One worker per TAP queue, each with its own UDP socket in one SO_REUSEPORT group on the local
-address and port; nothing is shared between workers. Per worker:
+address and port; nothing is shared between workers. Each worker runs a
+`mqtun.runtime.sockets.SocketLoop` with `VxlanCodec`:
 
 - TAP -> wire: a frame (a TSO/USO super-frame included) is read with its virtio-net header,
   split into wire frames (`packet.gso.split`), each behind the VXLAN header, and sent with
-  UDP GSO (one sendmsg for the frames of one super-frame). The outer source port is the inner
-  flow's hash mapped into the local port range (`packet.vxlan.source_port`), as the kernel's
-  VXLAN does, from a socket bound to that port.
+  UDP GSO. The outer source port is the inner flow's hash mapped into the local port range
+  (`packet.vxlan.source_port`), as the kernel's VXLAN does, from a socket bound to that port.
 - wire -> TAP: reads with UDP GRO; each datagram is checked (source = the remote, header, VNI,
   length), the batch's frames are coalesced (`packet.gro.coalesce`) into super-frames and
   written with a virtio-net header. A tunnel super-datagram (a kernel VXLAN peer on a veth
   hands its TSO packets over whole) is written as the GSO super-frame it is.
 
-Flow affinity needs no steering program: the reuseport group hashes the outer 4-tuple, which a
-VXLAN peer keeps fixed per inner flow, so each inner flow's datagrams reach one worker; that
-worker writes the flow's frames to its own TAP queue, and the kernel's tun flow table sends the
-flow's outgoing frames to the queue that last wrote it: the same worker, both ways.
+Flow affinity (`--steering`): `bpf` puts the symmetric flow hash on the TAP and the same hash
+of the inner frame on the reuseport group (`mqtun.steer.reuseport`), so a flow's queue and
+socket belong to one worker from its first packet; `hash` relies on the peer's per-flow outer
+source port and the tun flow table, which learns a flow's queue from the worker that writes it.
 
 Every datagram or frame that is not delivered is counted under a DropReason on the worker's
 queue counters (shared memory, as `mqtun forward` has them). Nothing here prints but the
@@ -27,14 +27,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import ipaddress
-import os
-import select
 import signal
 import socket
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,28 +39,21 @@ from mqtun import _uapi
 from mqtun.apps.forward import negotiate_offloads
 from mqtun.device import Device, validate_name
 from mqtun.errors import DeviceGoneError, InvalidArgumentError, MqtunError
-from mqtun.packet import ZERO_HEADER, MalformedPacket, coalesce, decode, encode, split, vxlan
-from mqtun.runtime.loop import _read_error, _write_error
+from mqtun.packet import vxlan
+from mqtun.packet.vnet import VnetHeader
 from mqtun.runtime.sockets import (
-    SourcePorts,
+    SocketRoute,
     UdpEndpoint,
     family_of,
     path_mtu,
     reuseport_group,
+    socket_program,
 )
 from mqtun.runtime.workers import WorkerEvent, WorkerInfo, WorkerPool
-from mqtun.stats import (
-    READ_BYTES,
-    READ_ERRORS,
-    READ_PACKETS,
-    WRITE_ERRORS,
-    WRITTEN_BYTES,
-    WRITTEN_PACKETS,
-    DropReason,
-)
+from mqtun.stats import DropReason
 from mqtun.steer import programs, reuseport
 
-__all__ = ["STEERING", "TunnelConfig", "VxlanTunnel", "add_parser"]
+__all__ = ["STEERING", "TunnelConfig", "VxlanCodec", "VxlanTunnel", "add_parser"]
 
 STEERING = ("bpf", "hash")
 
@@ -74,15 +63,7 @@ _DROP_FOR_REASON = {
     "vxlan-wrong-vni": DropReason.VXLAN_WRONG_VNI,
     "vxlan-truncated": DropReason.VXLAN_TRUNCATED,
 }
-_DROP_FOR_SEND_ERRNO = {
-    errno.EMSGSIZE: DropReason.TOO_BIG,
-    errno.EHOSTUNREACH: DropReason.NO_PEER,
-    errno.ENETUNREACH: DropReason.NO_PEER,
-    errno.ECONNREFUSED: DropReason.NO_PEER,
-}
-_READ_SIZE = 65536 + _uapi.VIRTIO_NET_HDR_V1_HASH_TUNNEL_SIZE + 64
 _RCVBUF = 8 << 20
-_SPIN_S = 50e-6
 
 
 @dataclass(frozen=True)
@@ -165,8 +146,8 @@ class VxlanTunnel:
                 self._steer()
             self.device.link.set_mtu(self.mtu)
             self.device.link.up()
-            self.pool = WorkerPool([self.device], self._program, cpus=cfg.cpus, name="tunnel",
-                                   on_event=self.on_event)
+            self.pool = WorkerPool([self.device], socket_program(self._route), cpus=cfg.cpus,
+                                   name="tunnel", on_event=self.on_event)
             self.pool.start()
         except BaseException:
             self.close()
@@ -191,15 +172,19 @@ class VxlanTunnel:
     def queue_count(self) -> int:
         return len(self.pool.workers) if self.pool else 0
 
-    def _program(self, info: WorkerInfo) -> list[Any]:
-        """Runs in the worker process: serve until SIGTERM, then exit (never returns)."""
+    def _route(self, info: WorkerInfo) -> SocketRoute:
+        """In the worker process: its queue, its socket (the others' are closed here)."""
+        cfg = self.config
         mine = self.endpoints[info.index % len(self.endpoints)]
         for ep in self.endpoints:
             if ep is not mine:
                 ep.close()
-        max_frame = self.path_mtu - (self.config.overhead - _uapi.ETH_HLEN)
-        _Worker(info, self.config, mine, max_frame, _local_port_range(), self.mtu).run()
-        os._exit(0)
+        return SocketRoute(
+            info.queues[0], mine, cfg.remote, cfg.port,
+            VxlanCodec(cfg.vni, _local_port_range()),
+            max_frame=self.path_mtu - (cfg.overhead - _uapi.ETH_HLEN), mtu=self.mtu,
+            local=cfg.local, batch=cfg.batch,
+        )
 
     def request_stop(self) -> None:
         """Safe in a signal handler."""
@@ -265,185 +250,35 @@ class VxlanTunnel:
         self.close()
 
 
-class _Worker:
-    """One worker's loop: its TAP queue and its socket, both ways."""
+class VxlanCodec:
+    """VXLAN for `SocketLoop`: packet.vxlan's functions for one VNI and source port range."""
 
-    def __init__(self, info: WorkerInfo, cfg: TunnelConfig, endpoint: UdpEndpoint,
-                 max_frame: int, port_range: tuple[int, int], mtu: int) -> None:
-        self.queue = info.queues[0]
-        self.counters = self.queue.counters
-        self.cfg = cfg
-        self.endpoint = endpoint
-        self.max_frame = max_frame
-        self.inner_mtu = max_frame - _uapi.ETH_HLEN
-        self.mtu = mtu  # the TAP's
-        self.rx_limit = mtu + _uapi.ETH_HLEN + 2 * _uapi.VLAN_HLEN  # larger: a super-frame
+    header_len = _uapi.VXLAN_HLEN
+
+    def __init__(self, vni: int, port_range: tuple[int, int] = _uapi.IP_LOCAL_PORT_RANGE_DEFAULT
+                 ) -> None:
+        self.vni = vni
+        self._header = vxlan.header(vni)
         self.low, self.high = port_range
-        self.vni = cfg.vni
-        self.vx_header = vxlan.header(cfg.vni)
-        self.peer: Any = ((cfg.remote, cfg.port, 0, 0)
-                          if family_of(cfg.remote) == socket.AF_INET6 else (cfg.remote, cfg.port))
-        self.remote = ipaddress.ip_address(cfg.remote).compressed
-        self.ports = SourcePorts(cfg.local, endpoint)
-        self.hsize = self.queue.device.vnet_hdr_size
-        self.zero = encode(ZERO_HEADER, self.hsize)
-        self._out: dict[int, tuple[list[Any], list[int]]] = {}
-        self.stopping = False
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
-    def _stop(self, *_: object) -> None:
-        self.stopping = True
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"\0")
+    def encapsulate(self, frame: memoryview) -> bytes:
+        return self._header
 
-    def run(self) -> None:
-        signal.signal(signal.SIGTERM, self._stop)
-        qfd = self.queue.fd
-        os.set_blocking(qfd, False)
-        ep = select.epoll()
-        ep.register(qfd, select.EPOLLIN)
-        ep.register(self.endpoint.fileno(), select.EPOLLIN)
-        ep.register(self._wake_r, select.EPOLLIN)
-        clock = time.perf_counter
-        try:
-            while not self.stopping:
-                if self._from_tap() + self._from_wire():
-                    continue
-                until = clock() + _SPIN_S
-                moved = 0
-                while not moved and clock() < until and not self.stopping:
-                    os.sched_yield()
-                    moved = self._from_tap() + self._from_wire()
-                if moved or self.stopping:
-                    continue
-                for fd, _ev in ep.poll(1.0):
-                    if fd == self._wake_r:
-                        with contextlib.suppress(OSError):
-                            os.read(self._wake_r, 512)
-        finally:
-            ep.close()
-            self.ports.close()
+    def source_port(self, frame: memoryview) -> int:
+        return vxlan.source_port(vxlan.flow_hash(frame), self.low, self.high)
 
-    # ---- TAP -> wire --------------------------------------------------------------------
-    def _from_tap(self) -> int:
-        q, c = self.queue, self.counters
-        slots = c.slots
-        fd, hsize, batch = q.fd, self.hsize, self.cfg.batch
-        n = 0
-        while n < batch:
-            try:
-                data = os.read(fd, _READ_SIZE)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                _read_error(q, exc)
-                break
-            n += 1
-            slots[READ_PACKETS] += 1
-            slots[READ_BYTES] += len(data) - hsize
-            try:
-                hdr = decode(data, hsize)
-                frame = memoryview(data)[hsize:]
-                segments = split(hdr, frame, tap=True) if hdr.flags or hdr.gso_type else [frame]
-            except MalformedPacket:
-                c.drop(DropReason.OFFLOAD)
-                continue
-            self._queue(segments)
-        if self._out:
-            self._send_queued()
-        return n
+    def check(self, datagram: memoryview) -> DropReason | None:
+        reason = vxlan.check(datagram, self.vni)
+        return None if reason is None else _DROP_FOR_REASON[reason]
 
-    def _queue(self, segments: list[Any]) -> None:
-        """Encapsulate a frame's segments for sending (by outer source port: a drain's
-        datagrams of one flow go out together, equal sizes in one UDP GSO send)."""
-        c = self.counters
-        limit = self.max_frame
-        if len(segments[0]) > limit or len(segments[-1]) > limit:
-            fit = [s for s in segments if len(s) <= limit]
-            c.drop(DropReason.TOO_BIG, len(segments) - len(fit))
-            # tell the sender, as the kernel's tunnels do: it lowers its path MTU
-            big = segments[0] if len(segments[0]) > limit else segments[-1]
-            reply = vxlan.too_big_reply(big, self.inner_mtu)
-            if reply is not None:
-                self._write(self.zero, reply)
-            if not fit:
-                return
-            segments = fit
-        port = vxlan.source_port(vxlan.flow_hash(segments[0]), self.low, self.high)
-        hdr = self.vx_header
-        out = self._out.get(port)
-        if out is None:
-            out = self._out[port] = ([], [])
-        out[0].extend([(hdr, s) for s in segments])
-        out[1].extend([_uapi.VXLAN_HLEN + len(s) for s in segments])
+    def datagrams(self, buf: memoryview, segment_size: int) -> list[memoryview]:
+        return vxlan.datagrams(buf, segment_size)
 
-    def _send_queued(self) -> None:
-        c = self.counters
-        for port, (datagrams, sizes) in self._out.items():
-            sent, err = self.ports.get(port).send(self.peer, datagrams, sizes)
-            if err:
-                c.slots[WRITE_ERRORS] += 1
-                c.drop(_DROP_FOR_SEND_ERRNO.get(err, DropReason.WRITE_ERROR), len(datagrams) - sent)
-        self._out.clear()
+    def receive_header(self, frame: memoryview, gso_size: int, mtu: int) -> VnetHeader:
+        return vxlan.receive_header(frame, gso_size, mtu)
 
-    # ---- wire -> TAP --------------------------------------------------------------------
-    def _from_wire(self) -> int:
-        c = self.counters
-        recv = self.endpoint.recv
-        check, vni, remote, limit = vxlan.check, self.vni, self.remote, self.rx_limit
-        pending: list[memoryview] = []
-        n = 0
-        while n < self.cfg.batch:
-            try:
-                got = recv()
-            except MqtunError:
-                c.slots[READ_ERRORS] += 1
-                break
-            if got is None:
-                break
-            n += 1
-            data, seg, (addr, _port) = got
-            mv = memoryview(data)
-            parts = vxlan.datagrams(mv, seg)
-            if addr != remote and ipaddress.ip_address(addr).compressed != remote:
-                c.drop(DropReason.WRONG_SOURCE, len(parts))
-                continue
-            whole = seg > 0 and len(mv) > seg and len(parts) == 1
-            for d in parts:
-                reason = check(d, vni)
-                if reason is not None:
-                    c.drop(_DROP_FOR_REASON[reason])
-                    continue
-                if whole or len(d) - _uapi.VXLAN_HLEN > limit:  # a super-frame: as it is
-                    self._flush(pending)
-                    frame = d[_uapi.VXLAN_HLEN :]
-                    hdr = vxlan.receive_header(frame, seg if whole else 0, self.mtu)
-                    self._write(encode(hdr, self.hsize), frame)
-                else:
-                    pending.append(d[_uapi.VXLAN_HLEN :])
-        self._flush(pending)
-        return n
-
-    def _flush(self, frames: list[memoryview]) -> None:
-        if not frames:
-            return
-        hsize = self.hsize
-        for hdr, data in coalesce(frames, tap=True):
-            if not (hdr.flags or hdr.gso_type):
-                hdr = vxlan.receive_header(data)
-            self._write(encode(hdr, hsize) if hdr.flags or hdr.gso_type else self.zero, data)
-        frames.clear()
-
-    def _write(self, head: bytes, frame: Any) -> None:
-        q = self.queue
-        try:
-            n = os.writev(q.fd, (head, frame))
-        except OSError as exc:
-            _write_error(q, exc.errno)
-            return
-        slots = self.counters.slots
-        slots[WRITTEN_PACKETS] += 1
-        slots[WRITTEN_BYTES] += n - self.hsize
+    def too_big_reply(self, frame: memoryview, mtu: int) -> bytes | None:
+        return vxlan.too_big_reply(frame, mtu)
 
 
 # ---- the command line -------------------------------------------------------------------------
