@@ -427,3 +427,7 @@ IP_DF: Final = 0x4000
 IPV6_MIN_MTU: Final = 1280
 IPV4_MIN_MTU: Final = 576  # the largest ICMP error an IPv4 host sends (RFC 1812)
 # === end tunnel ================================================================================
+
+# --- prctl(2) options (include/uapi/linux/prctl.h), for the runtime's workers ------------------
+PR_SET_PDEATHSIG: Final = 1
+PR_SET_NAME: Final = 15

@@ -147,7 +147,8 @@ class VxlanTunnel:
             self.device.link.set_mtu(self.mtu)
             self.device.link.up()
             self.pool = WorkerPool([self.device], socket_program(self._route), cpus=cfg.cpus,
-                                   name="tunnel", on_event=self.on_event)
+                                   name="tunnel", on_event=self.on_event,
+                                   keep_fds=[ep.fileno() for ep in self.endpoints])
             self.pool.start()
         except BaseException:
             self.close()

@@ -50,6 +50,7 @@ from mqtun.stats import (
     WRITTEN_BYTES,
     WRITTEN_PACKETS,
     DropReason,
+    drop_reason,
 )
 
 if TYPE_CHECKING:
@@ -312,12 +313,6 @@ class SocketRoute:
     batch: int = 64
 
 
-_DROP_FOR_SEND_ERRNO = {
-    errno.EMSGSIZE: DropReason.TOO_BIG,
-    errno.EHOSTUNREACH: DropReason.NO_PEER,
-    errno.ENETUNREACH: DropReason.NO_PEER,
-    errno.ECONNREFUSED: DropReason.NO_PEER,
-}
 _DEVICE_READ_SIZE = 65536 + _uapi.VIRTIO_NET_HDR_V1_HASH_TUNNEL_SIZE + 64
 _SPIN_S = 50e-6
 
@@ -447,7 +442,7 @@ class SocketLoop:
             sent, err = ep.send(self.peer, datagrams, sizes)
             if err:
                 c.slots[WRITE_ERRORS] += 1
-                c.drop(_DROP_FOR_SEND_ERRNO.get(err, DropReason.WRITE_ERROR), len(datagrams) - sent)
+                c.drop(drop_reason(err), len(datagrams) - sent)
         self._out.clear()
 
     # ---- socket -> device ---------------------------------------------------------------
@@ -503,7 +498,7 @@ class SocketLoop:
         try:
             n = os.writev(q.fd, (head, frame))
         except OSError as exc:
-            _write_error(q, exc.errno)
+            _write_error(q, exc)
             return
         slots = self.counters.slots
         slots[WRITTEN_PACKETS] += 1
