@@ -410,3 +410,11 @@ def test_mqtun_to_mqtun(make_netns: Callable[[], NetNamespace],
         rows = tp.qstat(2)
         assert sum(r.drops for r in rows) == 0, rows
         assert sum(r.decap_bytes for r in rows) > 2000 * sum(r.decap_pkts for r in rows), rows
+
+
+@pytest.mark.parametrize("args", [[], ["geneve"], ["vxlan", "--steering", "magic"]])
+def test_bad_tunnel_kind_one_line_exit_2(args: list[str]) -> None:
+    out = subprocess.run([sys.executable, "-m", "mqtun", "tunnel", *args],
+                         capture_output=True, text=True, timeout=60, env=mqtun_env())
+    assert out.returncode == 2, out
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr

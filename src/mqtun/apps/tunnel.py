@@ -290,8 +290,12 @@ class _OneLineParser(argparse.ArgumentParser):
     """Bad arguments: one line on stderr, exit 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"mqtun {self.prog.split(' ', 1)[-1]}: error: {message}", file=sys.stderr)
-        raise SystemExit(_EXIT_USAGE)
+        _one_line_error(self, message)
+
+
+def _one_line_error(parser: argparse.ArgumentParser, message: str) -> None:
+    print(f"mqtun {parser.prog.split(' ', 1)[-1]}: error: {message}", file=sys.stderr)
+    raise SystemExit(_EXIT_USAGE)
 
 
 def _bounded(what: str, low: int, high: int) -> Callable[[str], int]:
@@ -328,6 +332,7 @@ def add_parser(sub: Any) -> None:
     """Add `tunnel vxlan ...` to the `mqtun` command's subparsers."""
     p = sub.add_parser("tunnel", help="a TAP device whose queues are the ends of a UDP tunnel, "
                        "one worker per queue")
+    p.error = lambda message: _one_line_error(p, message)  # `mqtun tunnel` alone: one line too
     kinds = p.add_subparsers(dest="kind", required=True, parser_class=_OneLineParser)
     v = kinds.add_parser("vxlan", help="VXLAN (RFC 7348) to a remote VTEP, e.g. the kernel's "
                          "own vxlan device")
