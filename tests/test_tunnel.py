@@ -418,3 +418,16 @@ def test_bad_tunnel_kind_one_line_exit_2(args: list[str]) -> None:
                          capture_output=True, text=True, timeout=60, env=mqtun_env())
     assert out.returncode == 2, out
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_tap_deleted_under_the_tunnel(make_netns: Callable[[], NetNamespace],
+                                      tunnel: Callable[..., TunnelProc]) -> None:
+    """Someone deletes the TAP: the workers see it gone, the tunnel exits 1 with one line."""
+    lab = make_lab(make_netns(), v6=False)
+    tp, dev = _start(lab, tunnel, 2)
+    _ping(INNER_B, count=1)
+    subprocess.run(["ip", "link", "del", dev], check=True)
+    rc = tp.proc.wait(timeout=10)
+    tp.kill()
+    assert rc == 1, tp.err
+    assert [ln for ln in tp.err if ln.startswith("mqtun: tunnel stopped")], tp.err
