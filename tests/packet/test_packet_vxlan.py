@@ -228,3 +228,16 @@ def test_receive_header_for_a_super_frame_without_segment_size() -> None:
     hdr = vx.receive_header(frame, 0, mtu=1430)
     assert hdr.gso_type == _uapi.VIRTIO_NET_HDR_GSO_TCPV6 and hdr.gso_size == 1430 - 60
     assert vx.receive_header(frame[:14 + 40 + 20 + 1000], 0, mtu=1430) == ZERO_HEADER
+
+
+@given(st.binary(max_size=300), st.integers(0, 400))
+def test_datagrams_never_raise_and_cover_the_read(data: bytes, seg: int) -> None:
+    parts = vx.datagrams(memoryview(data), seg)
+    assert b"".join(bytes(p) for p in parts) == data
+    assert all(len(p) for p in parts) or data == b""
+
+
+@given(st.binary(max_size=1600), st.integers(576, 9000))
+def test_too_big_reply_never_raises(data: bytes, mtu: int) -> None:
+    reply = vx.too_big_reply(data, mtu)
+    assert reply is None or len(reply) <= 14 + 8 + 1280
