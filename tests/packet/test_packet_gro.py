@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Sequence
+from typing import Any
 
 import packet_builders as pb
 import pytest
@@ -20,6 +21,7 @@ from mqtun._uapi import (
 )
 from mqtun.packet import (
     ZERO_HEADER,
+    Buffer,
     VnetHeader,
     coalesce,
     complete_checksum,
@@ -41,7 +43,7 @@ def tcp_stream(
     seq0: int = 5000,
     id0: int = 100,
     flags: Sequence[str] | None = None,
-    **kw: int,
+    **kw: Any,
 ) -> list[bytes]:
     """Consecutive segments of one TCP flow, each built by scapy."""
     out, seq = [], seq0
@@ -57,11 +59,11 @@ def udp_stream(shape: pb.Shape, sizes: Sequence[int], *, id0: int = 7) -> list[b
     return [pb.udp(shape, os.urandom(s), ip_id=(id0 + i) % 0x10000) for i, s in enumerate(sizes)]
 
 
-def expand(items: list[tuple[VnetHeader, bytes]], tap: bool) -> list[bytes]:
+def expand(items: Sequence[tuple[VnetHeader, Buffer]], tap: bool) -> list[bytes]:
     """What the kernel would put on the wire for coalesce's output: split what was joined."""
     wire: list[bytes] = []
     for hdr, data in items:
-        wire.extend(split(hdr, data, tap=tap) if hdr.is_gso else [data])
+        wire.extend(split(hdr, data, tap=tap) if hdr.is_gso else [bytes(data)])
     return wire
 
 
@@ -341,3 +343,65 @@ def test_offload_checksum_is_undone_by_complete(
     pb.assert_checksums(bytes(done), shape)
     icmp = bytes(pb.IP(src=pb.SRC4, dst=pb.DST4, proto=1) / pb.Raw(b"ping"))
     assert offload_checksum(icmp) == (ZERO_HEADER, icmp)
+
+
+def _perturb(raw: bytes, shape: pb.Shape, how: str) -> bytes:
+    """One packet of a long run changed so that the run must stop there (or, PSH, just after)."""
+    pkt = pb.dissect(raw, shape)
+    if how == "corrupt":  # a payload byte changed, the checksum left: verification must catch it
+        b = bytearray(raw)
+        b[-1] ^= 0x5A
+        return bytes(b)
+    if how == "seq" and pb.TCP in pkt:
+        pkt[pb.TCP].seq += 1
+    elif how == "psh" and pb.TCP in pkt:
+        pkt[pb.TCP].flags = "AP"
+    elif how == "window" and pb.TCP in pkt:
+        pkt[pb.TCP].window += 1
+    elif how == "id" and pb.IP in pkt:
+        pkt[pb.IP].id = (pkt[pb.IP].id + 7) % 0x10000
+    elif how == "ttl":
+        if pb.IP in pkt:
+            pkt[pb.IP].ttl -= 1
+        else:
+            pkt[pb.IPv6].hlim -= 1
+    elif how == "zero-udp-csum" and pb.UDP in pkt:
+        pkt[pb.UDP].chksum = 0
+        return bytes(pkt)
+    return bytes(pb.recomputed(pkt))
+
+
+@pytest.mark.parametrize(
+    "how", ["corrupt", "seq", "psh", "window", "id", "ttl", "zero-udp-csum", "none"]
+)
+@given(st.booleans(), st.booleans(), st.booleans(), st.integers(10, 30), st.data())
+def test_long_runs_stop_where_the_general_path_stops(
+    how: str, tap: bool, v6: bool, udp: bool, count: int, data: st.DataObject
+) -> None:
+    """The vectorized run (numpy) and the per-packet fast path join exactly what the general
+    path joins, wherever in a long run a packet breaks it."""
+    shape = pb.Shape(v6=v6, tap=tap)
+    mss = data.draw(st.sampled_from([100, 501, 1000, 1448]), label="mss")
+    fixed_ids = data.draw(st.booleans(), label="fixed_ids")  # every id the same
+    df = data.draw(st.booleans(), label="df")  # fixed ids join only with DF set
+    verify = data.draw(st.booleans(), label="verify")
+    if udp:
+        segs = [pb.udp(shape, os.urandom(mss), ip_id=7 if fixed_ids else 7 + i, df=df)
+                for i in range(count)]  # fmt: skip
+    else:
+        segs = [pb.tcp(shape, os.urandom(mss), seq=(2**32 - 3000 + i * mss) % 2**32, df=df,
+                       ip_id=0xFFF0 if fixed_ids else (0xFFF0 + i) % 0x10000)
+                for i in range(count)]  # fmt: skip
+    at = data.draw(st.integers(0, count - 1), label="at")
+    segs[at] = _perturb(segs[at], shape, how)
+    max_size = data.draw(st.sampled_from([0xFFFF, 20 + 40 + 8 + 20 * mss]), label="max_size")
+    out = coalesce(segs, tap=tap, max_size=max_size, verify=verify)
+    # unverified, a corrupted packet is joined (and re-summed); fixed ids come back counting
+    if (verify or how != "corrupt") and not fixed_ids:
+        assert expand(out, tap) == segs  # a packet that is not joined passes as it is
+    monkey = gro_module._FAST_PATH
+    try:
+        gro_module._FAST_PATH = False
+        assert coalesce(segs, tap=tap, max_size=max_size, verify=verify) == out
+    finally:
+        gro_module._FAST_PATH = monkey

@@ -219,25 +219,51 @@ def test_short_and_truncated_reads_are_malformed(layout: Layout, buf: bytes) -> 
 
 
 # ---- the handler's answers --------------------------------------------------------------------
+class Faults:
+    def __init__(self) -> None:
+        self.bad: list[object] = []
+        self.raised: list[BaseException] = []
+
+    def exception(self, exc: BaseException) -> None:
+        self.raised.append(exc)
+
+    def bad_result(self, handler: object, value: object) -> None:
+        self.bad.append(value)
+
+
 def test_answers_that_are_not_packets_are_counted_drops() -> None:
     ip = udp_stream(pb.Shape(), [10])[0]
     frame = udp_stream(pb.Shape(tap=True), [10])[0]
     path = PacketPath(Layout())
     out: list[Packet] = []
+    faults = Faults()
 
     def gen() -> object:
         yield ip
         raise RuntimeError("half-way")
 
-    results: list[tuple[object, int]] = [
-        (ip, 1), (bytearray(ip), 1), (memoryview(ip), 1), ([ip, ip], 2), ((ip,), 1),
-        (None, 0), ("a str", 0), (42, 0), ([ip, None, "x", 3], 1), (b"\x00" * 40, 0),
-        (b"\x45", 0), (frame, 0), (memoryview(ip).cast("H"), 0), (gen(), 1), ([], 0),
+    results: list[tuple[object, int, dict[DropReason, int]]] = [
+        (ip, 1, {}), (bytearray(ip), 1, {}), (memoryview(ip), 1, {}), ([ip, ip], 2, {}),
+        ((ip,), 1, {}), (iter([ip]), 1, {}), (memoryview(ip).cast("H"), 1, {}),
+        (None, 0, {DropReason.FILTERED: 1}), ([], 0, {DropReason.FILTERED: 1}),
+        ("a str", 0, {DropReason.BAD_RESULT: 1}), (42, 0, {DropReason.BAD_RESULT: 1}),
+        ([ip, None, "x", 3], 1, {DropReason.BAD_RESULT: 3}),
+        (b"\x00" * 40, 0, {DropReason.BAD_RESULT: 1}),  # not IPv4 or IPv6
+        (b"\x45", 0, {DropReason.BAD_RESULT: 1}),  # too short
+        (frame, 0, {DropReason.BAD_RESULT: 1}),  # an Ethernet frame on a TUN path
+        (memoryview(bytes(80))[::2], 0, {DropReason.BAD_RESULT: 1}),  # not contiguous
+        ({ip: 1}, 0, {DropReason.BAD_RESULT: 1}),
+        (SuperPacket(ip, ZERO_HEADER, 1), 0, {DropReason.BAD_RESULT: 1}),  # not in this mode
+        (gen(), 0, {DropReason.HANDLER_ERROR: 1}),  # what a raising generator gave is lost
     ]  # fmt: skip
-    for result, taken in results:
-        assert path.accept(result, out) == taken, result
-    assert len(out) == 8
-    assert counts(path).dropped == {DropReason.FILTERED: 1, DropReason.HANDLER_ERROR: 10}
+    for result, taken, drops in results:
+        before = dict(counts(path).dropped)
+        assert path.accept(result, out, faults=faults) == taken, result
+        after = {r: v - before.get(r, 0) for r, v in counts(path).dropped.items()}
+        assert {r: v for r, v in after.items() if v} == drops, result
+    assert len(out) == 9 and all(bytes(p) == ip for p in out)  # type: ignore[arg-type]
+    assert len(faults.bad) == 9 and faults.bad[2] is None  # the first bad item of the list
+    assert [type(e) for e in faults.raised] == [RuntimeError]
     tap = PacketPath(Layout(tap=True))
     assert tap.accept(frame, out) == 1 and tap.accept(b"\x00" * 13, out) == 0
 
@@ -379,3 +405,14 @@ def test_super_packet_mode_from_tap_to_tun() -> None:
     assert got is not None
     (item,) = path.encode([got])
     assert written(dst, [item]) == [s[18:] for s in segs]
+
+
+def test_an_offload_that_cannot_be_carried_out_is_counted_per_wire_packet() -> None:
+    segs = udp_stream(pb.Shape(), [1000] * 6)
+    hdr, sp = super_packet(segs, False)
+    ufo = hdr._replace(gso_type=3)  # VIRTIO_NET_HDR_GSO_UDP: IP fragmentation, never split here
+    layout = Layout(vnet_hdr_size=10, offloads=OFFLOADS)
+    path = PacketPath(layout)
+    out: list[Buffer] = []
+    assert path.decode(read_buffer(layout, ufo, sp), out) == 0
+    assert counts(path).read == 6 and counts(path).dropped == {DropReason.OFFLOAD: 6}

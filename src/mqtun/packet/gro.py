@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final
 
 from mqtun._uapi import (
     ETH_P_IP,
@@ -56,7 +56,14 @@ from mqtun._uapi import (
     VIRTIO_NET_HDR_GSO_TCPV6,
     VIRTIO_NET_HDR_GSO_UDP_L4,
 )
-from mqtun.packet.checksum import congruent, packet_sums, pseudo_header_sum, residue
+from mqtun.packet.checksum import (
+    congruent,
+    packet_sums,
+    piece_sums_array,
+    pseudo_header_sum,
+    residue,
+    vector,
+)
 from mqtun.packet.headers import Buffer, MalformedPacket, parse, parse_ethernet
 from mqtun.packet.vnet import ZERO_HEADER, VnetHeader
 
@@ -139,7 +146,7 @@ class _Group:
         self.is_open = not psh
         self.n = 1
         self.size = hlen - l3 + mss  # the IP packet's length so far
-        self.parts: list[memoryview] = [memoryview(first)[hlen:]]
+        self.parts: list[Buffer] = [memoryview(first)[hlen:]]
         self.vadj = 0  # verification constant, set by the first packet's check
         self.checked = False  # _verify_first ran (a failure also closes the group)
         self.masked: int | None = None  # the fast path's header image, armed at the 2nd segment
@@ -225,8 +232,13 @@ def coalesce(
     out: list[tuple[VnetHeader, Buffer] | _Group] = []
     groups: dict[tuple[object, ...], _Group] = {}
     fg: _Group | None = None  # the group that took the last packet: the fast path's guess
-    sums = packet_sums(packets) if verify else None
-    for i, pkt in enumerate(packets):
+    np = vector() if len(packets) >= _RUN_MIN and _FAST_PATH else None
+    sums = None if np is not None or not verify else packet_sums(packets)
+    count = len(packets)
+    i = -1
+    while i + 1 < count:
+        i += 1
+        pkt = packets[i]
         n = len(pkt)
         # --- fast path: a full-size follower of the group that took the previous packet ------
         if (
@@ -380,6 +392,8 @@ def coalesce(
                 g.is_open = False
             elif g.masked is None and _FAST_PATH:
                 _arm(g)
+                if np is not None:  # the full-size run that follows, checked all at once
+                    i += _absorb(np, g, packets, i + 1, max_size, verify)
             fg = g
             continue
         if g is not None:
@@ -390,7 +404,109 @@ def coalesce(
         )
         out.append(g)
         fg = g
+        if np is not None and g.is_open and i + _RUN_MIN < count and len(packets[i + 1]) == n:
+            i += _start_run(np, g, packets, i + 1, max_size, verify)
     return [item if type(item) is tuple else _finish(item) for item in out]  # type: ignore[arg-type]
+
+
+_RUN_MIN: Final = 8  # a run of fewer full-size followers goes through the per-packet fast path
+_rows_masks: dict[tuple[int, int, int, int], Any] = {}
+_steps: dict[int, Any] = {}
+
+
+def _start_run(np: Any, g: _Group, packets: Sequence[Buffer], start: int, max_size: int,
+               verify: bool) -> int:  # fmt: skip
+    """At a group's first packet: join the full-size run that follows it at once (see _absorb),
+    if one does; the group is left as it was when none joins."""
+    _arm(g)
+    took = _absorb(np, g, packets, start, max_size, verify) if (
+        not verify or _verify_first(g)) else 0  # fmt: skip
+    if not took:
+        g.masked = None  # the general path takes the next packet, as without the run
+    return took
+
+
+def _absorb(
+    np: Any, g: _Group, packets: Sequence[Buffer], start: int, max_size: int, verify: bool
+) -> int:
+    """Join the run of full-size packets from `start` that the per-packet paths would join,
+    checked as the rows of one array; returns how many joined (0: the run is left to them).
+
+    The same tests, all rows at once: each header equal to the one expected (the first
+    packet's, with the TCP seq and the IPv4 id counted on, the flags without PSH), a UDP
+    checksum non-zero, the size limit, each row's checksum; PSH joins, then ends the group.
+    """
+    n0 = g.n0
+    end = start
+    limit = min(len(packets), start + (max_size - g.size) // g.mss)
+    while end < limit and len(packets[end]) == n0:
+        end += 1
+    k = end - start
+    if k < _RUN_MIN or n0 & 1 or not g.is_open:
+        return 0
+    l3, l4, hlen, tcp = g.l3, g.l4, g.hlen, g.proto == IPPROTO_TCP
+    step = g.id_step
+    if g.v4 and step < 0:  # the second packet decides: ids count up by one, or stay (DF)
+        nxt = packets[start]
+        got = (nxt[l3 + 4] << 8) | nxt[l3 + 5]
+        if got == (g.ip_id + 1) & 0xFFFF:
+            step = 1
+        elif got == g.ip_id and g.first[l3 + 6] & (_IPV4_DF >> 8):
+            step = 0
+        else:
+            return 0
+    ck = (l3, l4, hlen, g.proto)
+    mask = _rows_masks.get(ck)
+    if mask is None:  # what must equal: all but the checksums and the PSH bit
+        m = bytearray(b"\xff" * hlen)
+        if g.v4:
+            m[l3 + 10 : l3 + 12] = b"\0\0"
+        if tcp:
+            m[l4 + 13] = 0xFF & ~TCPHDR_PSH
+            m[l4 + 16 : l4 + 18] = b"\0\0"
+        else:
+            m[l4 + 6 : l4 + 8] = b"\0\0"
+        mask = _rows_masks[ck] = np.frombuffer(bytes(m), dtype=np.uint8)
+    steps = _steps.get(k)
+    if steps is None:
+        steps = _steps[k] = np.arange(k, dtype=np.uint32)
+    buf = b"".join(packets[start:end])
+    rows = np.frombuffer(buf, dtype=np.uint8).reshape(k, n0)
+    heads = rows[:, :hlen]
+    want = np.empty((k, hlen), dtype=np.uint8)
+    want[:] = np.frombuffer(g.first, dtype=np.uint8, count=hlen) & mask
+    if tcp:
+        seq = steps * np.uint32(g.mss) + np.uint32(g.next_seq)  # 32-bit wrap, as TCP's
+        want[:, l4 + 4 : l4 + 8] = seq.astype(">u4").view(np.uint8).reshape(k, 4)
+        want[:, l4 + 13] = g.base_flags
+    if g.v4:
+        ids = (steps * np.uint32(step) + np.uint32(g.ip_id + step * g.n)).astype(">u2")
+        want[:, l3 + 4 : l3 + 6] = ids.view(np.uint8).reshape(k, 2)
+    ok = ((heads & mask) == want).all(1)
+    if not tcp:
+        ok &= (heads[:, l4 + 6] | heads[:, l4 + 7]) != 0
+    if verify:
+        sums = piece_sums_array(buf, n0, k, big_endian=False)
+        if sums is None:
+            return 0
+        c0 = (g.vadj + (n0 - l4 if g.v4 else 0)) * 256 % _M  # see piece_sums_array
+        ok &= (sums + np.uint64(c0)) % np.uint64(_M) == 0
+    took = k if ok.all() else int(ok.argmin())  # the first row that fails ends the run
+    if tcp and took:
+        pushed = np.flatnonzero(heads[:took, l4 + 13] & TCPHDR_PSH)
+        if len(pushed):
+            took = int(pushed[0]) + 1
+            g.psh = True
+            g.is_open = False
+    if not took:
+        return 0
+    g.parts.append(rows[:took, hlen:].tobytes())
+    g.id_step = step
+    g.n += took
+    g.size += took * g.mss
+    if tcp:
+        g.next_seq = (g.next_seq + took * g.mss) & 0xFFFFFFFF
+    return took
 
 
 def _id_step(g: _Group, ip_id: int, frag: int) -> bool:

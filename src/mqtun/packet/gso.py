@@ -18,7 +18,7 @@ win. Anything that does not parse, or a header that asks for something impossibl
 from __future__ import annotations
 
 import struct
-from typing import Final
+from typing import Any, Final
 
 from mqtun._uapi import (
     GSO_MAX_SEGS,
@@ -45,9 +45,10 @@ from mqtun.packet.checksum import (
     completed,
     congruent,
     fold_plan,
-    piece_sums,
+    piece_sums_array,
     pseudo_header_residue,
     residue,
+    vector,
 )
 from mqtun.packet.headers import Buffer, MalformedPacket, Parsed, parse, parse_ethernet
 from mqtun.packet.vnet import VnetHeader
@@ -59,6 +60,7 @@ _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 _U16X2 = struct.Struct("!HH")
 _MAX_L3: Final = 0xFFFF
+_VECTOR_ROWS: Final = 8  # fewer full segments than this: numpy's fixed cost outweighs the loop
 
 
 def _as_bytes_view(packet: Buffer) -> memoryview:
@@ -189,8 +191,11 @@ def _segment(mv: memoryview, p: Parsed, mss: int, max_segments: int) -> list[byt
     # Full segments reuse one fold plan (see checksum.fold_plan); the short last one does not.
     nfull = plen // mss
     plan = fold_plan(mss + (mss & 1))
-    sums = piece_sums(payload, mss, nfull)
+    np = vector() if nfull >= _VECTOR_ROWS else None
+    sums_array = piece_sums_array(payload, mss, nfull) if np is not None else None
+    sums = None
     frombytes = int.from_bytes
+    first = 0  # the segments before this one were made by the vectorized path
 
     if p.proto == IPPROTO_TCP:
         thl = hlen - l4
@@ -206,9 +211,15 @@ def _segment(mv: memoryview, p: Parsed, mss: int, max_segments: int) -> list[byt
         else:
             first_flags = flags0 & ~(TCPHDR_FIN | TCPHDR_PSH)
             last_flags = flags0 & ~TCPHDR_CWR
+        if sums_array is not None:
+            out = _tcp_rows(np, sums_array, head, payload, nfull, mss, l3, l4, v4, ip_hl + thl,
+                            ip_id0, ip_base, seq0, base, (first_flags, mid_flags,
+                            last_flags if nfull == nseg else mid_flags))  # fmt: skip
+            append = out.append
+            first = nfull
         pack32 = _U32.pack_into
-        a = 0
-        for i in range(nseg):
+        a = first * mss
+        for i in range(first, nseg):
             b = a + mss
             chunk = payload[a:b]
             if i < nfull:
@@ -244,8 +255,13 @@ def _segment(mv: memoryview, p: Parsed, mss: int, max_segments: int) -> list[byt
     # UDP (USO): the header's length and checksum change per segment
     head[l4 + 4 : l4 + 8] = b"\0\0\0\0"
     base = residue(head[l4:hlen]) + pseudo
-    a = 0
-    for i in range(nseg):
+    if sums_array is not None:
+        out = _udp_rows(np, sums_array, head, payload, nfull, mss, l3, l4, v4, ip_hl, ip_id0,
+                        ip_base, base)  # fmt: skip
+        append = out.append
+        first = nfull
+    a = first * mss
+    for i in range(first, nseg):
         b = a + mss
         chunk = payload[a:b]
         if i < nfull:
@@ -273,6 +289,99 @@ def _segment(mv: memoryview, p: Parsed, mss: int, max_segments: int) -> list[byt
         append(join((head, chunk)))
         a = b
     return out
+
+
+# ---- the full-size segments in one pass (numpy) -------------------------------------------
+# A 64 KB super-packet's ~45 full segments are built as the rows of one array: the header
+# template broadcast, the payload copied in, and the fields that differ per segment (TCP seq,
+# flags and checksum, UDP checksum, IPv4 id and header checksum) written as columns computed
+# all at once. Each segment is then a slice of the array's bytes: about a third of the time of
+# the per-segment loop, which remains for the short last segment and where numpy is absent.
+
+
+def _rows(np: Any, head: bytearray, payload: memoryview, nfull: int, mss: int) -> Any:
+    """An (nfull, len(head) + mss) uint8 array: the template header, then each payload slice."""
+    hlen = len(head)
+    rows = np.empty((nfull, hlen + mss), dtype=np.uint8)
+    rows[:, :hlen] = np.frombuffer(head, dtype=np.uint8)
+    rows[:, hlen:] = np.frombuffer(payload, dtype=np.uint8, count=nfull * mss).reshape(nfull, mss)
+    return rows
+
+
+# (-x) mod 0xFFFF as (_BIG - x) % 0xFFFF, one subtraction and one remainder: _BIG is a multiple
+# of 0xFFFF above every sum computed here (segment sums stay below 2**57)
+_BIG: Final = _M << 42
+_aranges: dict[tuple[int, str], Any] = {}
+
+
+def _arange(np: Any, n: int, dtype: str) -> Any:
+    a = _aranges.get((n, dtype))
+    if a is None:
+        if len(_aranges) > 64:
+            _aranges.clear()
+        a = _aranges[(n, dtype)] = np.arange(n, dtype=dtype)
+    return a
+
+
+def _column16(np: Any, rows: Any, at: int, values: Any) -> None:
+    """Store `values` as big-endian 16-bit fields at byte `at` of every row."""
+    rows[:, at : at + 2] = values.astype(">u2").view(np.uint8).reshape(-1, 2)
+
+
+def _ipv4_columns(np: Any, rows: Any, n: int, l3: int, ip_id0: int, ip_base: int,
+                  tot: int) -> None:  # fmt: skip
+    """IPv4 id (counting up from ip_id0, 16-bit wrap) and header checksum of every row."""
+    ids = _arange(np, n, "u2") + np.uint16(ip_id0)  # wraps at 16 bits by itself
+    _column16(np, rows, l3 + 4, ids)
+    _column16(np, rows, l3 + 10, (np.uint64(_BIG - ip_base - tot) - ids) % np.uint64(_M))
+
+
+def _split_rows(rows: Any, n: int) -> list[bytes]:
+    big = rows.tobytes()
+    size = len(big) // n
+    return [big[k : k + size] for k in range(0, len(big), size)]
+
+
+def _tcp_rows(np: Any, sums: Any, head: bytearray, payload: memoryview, nfull: int, mss: int,
+              l3: int, l4: int, v4: bool, ip_len: int, ip_id0: int, ip_base: int, seq0: int,
+              base: int, flags: tuple[int, int, int]) -> list[bytes]:  # fmt: skip
+    """The `nfull` full TCP segments (see _segment: the same fields, the same sums)."""
+    first_flags, mid_flags, last_flags = flags
+    tot = ip_len + mss
+    tmpl = bytearray(head)
+    _U16.pack_into(tmpl, l3 + 2 if v4 else l3 + 4, tot)
+    tmpl[l4 + 13] = mid_flags
+    rows = _rows(np, tmpl, payload, nfull, mss)
+    # seq = seq0 + i * mss in 32-bit arithmetic (which wraps as TCP does); its 16-bit words
+    # add up to seq itself modulo 0xFFFF, so seq goes into the checksum whole
+    seq = _arange(np, nfull, "u4") * np.uint32(mss) + np.uint32(seq0)
+    rows[:, l4 + 4 : l4 + 8] = seq.astype(">u4").view(np.uint8).reshape(nfull, 4)
+    rows[0, l4 + 13] = first_flags
+    rows[-1, l4 + 13] = last_flags
+    csum = (np.uint64(_BIG - base - mss - mid_flags) - sums - seq) % np.uint64(_M)
+    csum[0] = (int(csum[0]) - first_flags + mid_flags) % _M
+    csum[-1] = (int(csum[-1]) - last_flags + mid_flags) % _M
+    _column16(np, rows, l4 + 16, csum)
+    if v4:
+        _ipv4_columns(np, rows, nfull, l3, ip_id0, ip_base, tot)
+    return _split_rows(rows, nfull)
+
+
+def _udp_rows(np: Any, sums: Any, head: bytearray, payload: memoryview, nfull: int, mss: int,
+              l3: int, l4: int, v4: bool, ip_len: int, ip_id0: int, ip_base: int,
+              base: int) -> list[bytes]:  # fmt: skip
+    """The `nfull` full UDP datagrams (see _segment)."""
+    ulen = UDP_HLEN + mss
+    tmpl = bytearray(head)
+    _U16.pack_into(tmpl, l4 + 4, ulen)
+    _U16.pack_into(tmpl, l3 + 2 if v4 else l3 + 4, ip_len + ulen)
+    rows = _rows(np, tmpl, payload, nfull, mss)
+    r = (np.uint64(_BIG - base - ulen - ulen) - sums) % np.uint64(_M)
+    r[r == 0] = _M  # a zero UDP checksum is sent as 0xFFFF
+    _column16(np, rows, l4 + 6, r)
+    if v4:
+        _ipv4_columns(np, rows, nfull, l3, ip_id0, ip_base, ip_len + ulen)
+    return _split_rows(rows, nfull)
 
 
 def _split_tunnel(

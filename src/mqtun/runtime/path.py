@@ -35,9 +35,10 @@ batch, until the batch handler returns), and must copy (`bytes(pkt)`) to keep on
 
 Counting: every wire packet a read held is counted read (`wire_read`), and every one that is
 not delivered is a drop with its reason (MALFORMED for a packet or super-packet that does not
-parse, TOO_BIG past the MTU, REFUSED for what the other side cannot carry, FILTERED for a
-handler's None, HANDLER_ERROR for an answer that is not a packet), counted per wire packet:
-a super-packet that cannot be split counts every wire packet it held. The kernel's
+parse, OFFLOAD for an offload request that cannot be carried out, TOO_BIG past the MTU,
+REFUSED for what the other side cannot carry, FILTERED for a handler's None, BAD_RESULT for an
+answer that is not a packet, HANDLER_ERROR for a generator that raised), counted per wire
+packet: a super-packet that cannot be split counts every wire packet it held. The kernel's
 IFLA_STATS64 counts a super-packet once: the shell keeps that figure (reads and writes).
 """
 
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
     from mqtun.device import Device
 
 __all__ = [
+    "FaultSink",
     "Layout",
     "Outgoing",
     "Packet",
@@ -82,8 +84,15 @@ _MIN_IP: Final = 20  # the smallest IPv4 header; an IPv6 one is 40
 _ETH: Final = _uapi.ETH_HLEN
 _SINGLE: Final = (bytes, bytearray, memoryview)
 
-# MalformedPacket reasons that are not about malformed bytes
-_REASON_DROP: Final = {"over-mtu": DropReason.TOO_BIG, "oversized-segment": DropReason.TOO_BIG}
+# MalformedPacket reasons that are not about bytes that do not parse: too big for the MTU or
+# for IP, or an offload request that cannot be carried out (the rest are MALFORMED)
+_REASON_DROP: Final = {
+    "over-mtu": DropReason.TOO_BIG,
+    "oversized-segment": DropReason.TOO_BIG,
+    **{r: DropReason.OFFLOAD for r in ("bad-gso-type", "zero-gso-size", "gso-proto-mismatch",
+                                        "gso-fragment", "too-many-segments", "bad-csum-offset",
+                                        "bad-tunnel-offsets", "bad-tunnel")},
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -149,6 +158,15 @@ class SuperPacket(NamedTuple):
 
 Packet: TypeAlias = Buffer | SuperPacket
 """What a handler may answer with: a wire packet, or (super-packet mode) a SuperPacket."""
+
+
+class FaultSink(Protocol):
+    """Where a path tells what a handler did wrong (`mqtun.runtime.loop.HandlerFaults` is one):
+    rate-limited reports to the application, beside the counts."""
+
+    def exception(self, exc: BaseException) -> None: ...
+
+    def bad_result(self, handler: object, value: object) -> None: ...
 
 
 class Outgoing(NamedTuple):
@@ -346,56 +364,90 @@ class PacketPath:
         return len(pkt) - l3 > self._mtu_in
 
     # ---- the handler's answers -----------------------------------------------------------
-    def accept(self, result: object, out: list[Packet]) -> int:
+    def accept(
+        self, result: object, out: list[Packet], *, handler: object = None,
+        faults: FaultSink | None = None,
+    ) -> int:  # fmt: skip
         """Validate what a handler returned for one packet and append the packets to `out`.
 
-        None is the handler's drop (FILTERED); a bytes-like packet or an iterable of them is
-        taken; anything else, or an item that is not a packet of the source's kind (an IP
-        packet on TUN, an Ethernet frame on TAP), is a HANDLER_ERROR drop. Returns how many
-        packets were appended.
+        The rules of `mqtun.runtime.loop.run_handler`, plus the packet's kind: None or an empty
+        list is the handler's drop (FILTERED); a packet (bytes, bytearray, a contiguous
+        memoryview) or a list, tuple or iterable of them is taken; a generator that raises is
+        a HANDLER_ERROR; anything else, and each item that is not a packet of the source's
+        kind (an IP packet on TUN, an Ethernet frame on TAP), is a BAD_RESULT drop, the first
+        of them told to `faults` (with `handler`, to name it). In super-packet mode a
+        `SuperPacket` is a packet too. Returns how many packets were appended.
         """
         if result is None:
             self.counter.drop(DropReason.FILTERED)
             return 0
-        if isinstance(result, _SINGLE):
-            if self._valid(result):
-                out.append(result)
-                return 1
-            self.counter.drop(DropReason.HANDLER_ERROR)
+        one = self._packet(result)
+        if one is not None:
+            out.append(one)
+            return 1
+        if type(result) is SuperPacket:  # a tuple, but one answer (not in super-packet mode)
+            self._bad_result(1, result, handler, faults)
             return 0
-        if isinstance(result, (str, SuperPacket)) or not isinstance(result, Iterable):
-            if isinstance(result, SuperPacket) and self.super_packets:
-                return self._accept_super(result, out)
-            self.counter.drop(DropReason.HANDLER_ERROR)
+        if isinstance(result, (list, tuple)):
+            items: list[object] = list(result)
+        elif isinstance(result, Iterable) and not isinstance(result, (str, dict, _SINGLE)):
+            try:
+                items = list(result)  # a generator runs the handler's code: it may raise
+            except Exception as exc:
+                self.counter.drop(DropReason.HANDLER_ERROR)
+                if faults is not None:
+                    faults.exception(exc)
+                return 0
+        else:
+            self._bad_result(1, result, handler, faults)
             return 0
-        taken = 0
-        try:
-            for item in result:
-                if isinstance(item, _SINGLE) and self._valid(item):
-                    out.append(item)
-                    taken += 1
-                elif isinstance(item, SuperPacket) and self.super_packets:
-                    taken += self._accept_super(item, out)
-                else:
-                    self.counter.drop(DropReason.HANDLER_ERROR)
-        except Exception:  # a generator that raises part-way: what it gave is kept
-            self.counter.drop(DropReason.HANDLER_ERROR)
+        if not items:
+            self.counter.drop(DropReason.FILTERED)
+            return 0
+        taken = bad = 0
+        first_bad: object = None
+        for item in items:
+            p = self._packet(item)
+            if p is None:
+                if not bad:
+                    first_bad = item
+                bad += 1
+            else:
+                out.append(p)
+                taken += 1
+        if bad:
+            self._bad_result(bad, first_bad, handler, faults)
         return taken
 
-    def _accept_super(self, sp: SuperPacket, out: list[Packet]) -> int:
-        out.append(sp)
-        return 1
+    def _bad_result(self, count: int, value: object, handler: object,
+                    faults: FaultSink | None) -> None:  # fmt: skip
+        self.counter.drop(DropReason.BAD_RESULT, count)
+        if faults is not None:
+            faults.bad_result(handler, value)
 
-    def _valid(self, pkt: bytes | bytearray | memoryview) -> bool:
-        if type(pkt) is memoryview and (pkt.ndim != 1 or pkt.itemsize != 1):
-            return False
+    def _packet(self, p: object) -> Packet | None:
+        """`p` as a packet of the source's kind, or None."""
+        t = type(p)
+        if t is SuperPacket:
+            return p if self.super_packets else None  # type: ignore[return-value]
+        if t is not bytes and t is not bytearray:
+            try:
+                mv = memoryview(p)  # type: ignore[arg-type]
+            except (TypeError, ValueError):  # no buffer (str, int, None), or a released view
+                return None
+            if not mv.c_contiguous:
+                return None
+            if mv.ndim != 1 or mv.itemsize != 1:
+                mv = mv.cast("B")
+            p = mv
+        pkt: Buffer = p  # type: ignore[assignment]
         n = len(pkt)
         if self._tap_in:
-            return n >= _ETH
+            return pkt if n >= _ETH else None
         if n < _MIN_IP:
-            return False
+            return None
         v = pkt[0] >> 4
-        return v == 4 or (v == 6 and n >= 40)
+        return pkt if v == 4 or (v == 6 and n >= 40) else None
 
     # ---- write side ----------------------------------------------------------------------
     def encode(self, packets: Sequence[Packet]) -> list[Outgoing]:
