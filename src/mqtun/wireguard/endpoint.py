@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 
 from mqtun.device import Device
-from mqtun.errors import MqtunError
+from mqtun.errors import DeviceGoneError, MqtunError
 from mqtun.wireguard.control import ControlSocket
 from mqtun.wireguard.core import Output, Peer, WireguardCore
 from mqtun.wireguard.uapi import DeviceConfig, PeerConfig, SetResult, apply_set, format_get
@@ -174,6 +174,8 @@ class Endpoint:
         control.start()
         try:
             self._loop(stop)
+        except DeviceGoneError:
+            pass  # `ip link del IFNAME`: wireguard-go's signal to shut down, not an error
         finally:
             control_stop.set()
             control.join(timeout=2)
