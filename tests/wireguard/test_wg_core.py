@@ -129,3 +129,15 @@ def test_cookie_under_load() -> None:
     got = _deliver(retry, cores, {id(None): A_ADDR}, 6.0)
     assert got == [] and a.peers[public_key(B_KEY)].session.current is not None
     assert b.drops["under_load_no_cookie"] == 1   # the retry carried a valid mac2
+
+
+def test_a_handshake_flood_turns_cookies_on_by_itself() -> None:
+    a, b = _cores()
+    b.peers[public_key(A_KEY)].endpoint = A_ADDR
+    flood = a.initiate(a.peers[public_key(B_KEY)], 0.0).datagrams[0].data
+    kinds = [d.data[0] for i in range(200)
+             for d in b.receive(flood, A_ADDR, 0.001 * i).datagrams]
+    assert kinds[0] == m.RESPONSE                       # the first one is served
+    assert kinds[-1] == m.COOKIE_REPLY                  # the flood gets cookies
+    assert b.drops["replayed_timestamp"] > 0 and b.drops["under_load_no_cookie"] > 0
+    assert b.is_under_load(0.5) and not b.is_under_load(2.0)

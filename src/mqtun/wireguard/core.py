@@ -22,6 +22,7 @@ from mqtun.wireguard.cookie import source_bytes
 from mqtun.wireguard.noise import Handshake, Keypair, StaticIdentity, consume_initiation, tai64n
 from mqtun.wireguard.session import Session
 from mqtun.wireguard.timers import (
+    REJECT_AFTER_TIME,
     REKEY_TIMEOUT,
     PeerTimers,
     Timer,
@@ -34,6 +35,12 @@ __all__ = ["Datagram", "Output", "Peer", "WireguardCore"]
 
 Address = tuple[str, int]
 MAX_STAGED = 128
+# Under load: more handshake messages in one second than this. The interface then stays
+# under load for UNDER_LOAD_AFTER_TIME and answers initiations lacking a valid mac2 with a
+# cookie reply instead of doing Diffie-Hellman (wireguard-go's trigger is its handshake queue
+# reaching 1/8 full; a rate is the sans-IO equivalent).
+UNDER_LOAD_HANDSHAKES_PER_SECOND = 128
+UNDER_LOAD_AFTER_TIME = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +100,9 @@ class WireguardCore:
         self.peers: dict[bytes, Peer] = {}
         self.allowed_ips: AllowedIPs[Peer] = AllowedIPs()
         self.drops: collections.Counter[str] = collections.Counter()
-        self.under_load = False
+        self.under_load = False  # forced on (tests, operators) or detected by rate
+        self._load_window = (0.0, 0)  # (start of the current second, handshakes in it)
+        self._under_load_until = float("-inf")
         self.mtu: int | None = None
         self._indexes: dict[int, Peer] = {}
         self._random = random
@@ -160,12 +169,25 @@ class WireguardCore:
         peer.timers.on_handshake_complete(now)
         peer.last_handshake_ns = self._wall_ns()
 
+    def _count_handshake(self, now: float) -> None:
+        start, count = self._load_window
+        if now - start >= 1.0:
+            start, count = now, 0
+        count += 1
+        self._load_window = (start, count)
+        if count > UNDER_LOAD_HANDSHAKES_PER_SECOND:
+            self._under_load_until = now + UNDER_LOAD_AFTER_TIME
+
+    def is_under_load(self, now: float) -> bool:
+        return self.under_load or now < self._under_load_until
+
     def _check_macs(self, data: bytes, msg: m.Initiation | m.Response, src: Address,
                     now: float) -> Output | None:
         """None when the message may be processed; else the cookie reply (or nothing)."""
         if not self.identity.cookies.check_mac1(data):
             return self._drop(m.Drop(m.DropReason.BAD_MAC1))
-        if self.under_load and not self.identity.cookies.check_mac2(data, source_bytes(*src), now):
+        if self.is_under_load(now) and not self.identity.cookies.check_mac2(
+                data, source_bytes(*src), now):
             self.drops[m.DropReason.UNDER_LOAD.value] += 1
             reply = self.identity.cookies.create_reply(data, msg.sender, source_bytes(*src), now)
             return Output([Datagram(reply.pack(), src)])
@@ -180,6 +202,7 @@ class WireguardCore:
             return self._receive_transport(msg, len(data), src, now)
         if isinstance(msg, m.CookieReply):
             return self._receive_cookie(msg, now)
+        self._count_handshake(now)
         refused = self._check_macs(data, msg, src, now)
         if refused is not None:
             return refused
@@ -285,7 +308,7 @@ class WireguardCore:
         if peer.endpoint is None:
             return self._drop(m.Drop(m.DropReason.NO_ROUTE, "peer has no endpoint"))
         current = peer.session.current
-        if current is None or now - current.keypair.created >= 180.0:
+        if current is None or now - current.keypair.created >= REJECT_AFTER_TIME:
             if packet:
                 peer.staged.append(packet)
             return self.initiate(peer, now)
