@@ -152,6 +152,15 @@ def test_mqtun_and_wireguard_go_through_real_tun_devices(
     assert theirs.latest_handshake > 0 and theirs.rx_bytes > 0
 
 
+def test_listen_port_and_fwmark_reach_the_socket(netns: NetNamespace) -> None:
+    need_wireguard_go()
+    with MqtunWg(netns) as ours:
+        netns.run(["wg", "set", ours.name, "listen-port", "51877", "fwmark", "0x51"])
+        sockets = netns.run(["ss", "-uaneH"]).stdout
+        assert any(":51877 " in line and "fwmark:0x51" in line for line in sockets.splitlines())
+        assert netns.run(["wg", "show", ours.name, "fwmark"]).stdout.strip() == "0x51"
+
+
 def test_exits_when_the_interface_is_deleted(netns: NetNamespace) -> None:
     need_wireguard_go()
     with MqtunWg(netns) as ours:

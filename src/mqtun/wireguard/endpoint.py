@@ -99,6 +99,9 @@ class Endpoint:
             self.sock.close()
             self.sock = new
             self.config.listen_port = self._port()
+        if result.fwmark_changed or result.listen_port_changed:
+            # the mark routes our encrypted datagrams (wg-quick's policy routing relies on it)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.config.fwmark)
         if result.private_key_changed:
             self._refresh_state()
             self.core = None
