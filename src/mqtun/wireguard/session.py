@@ -16,6 +16,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
 from mqtun.wireguard import crypto
 from mqtun.wireguard.messages import Drop, DropReason, Transport
 from mqtun.wireguard.noise import Keypair
@@ -25,6 +27,11 @@ from mqtun.wireguard.timers import REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME
 __all__ = ["PADDING_MULTIPLE", "CounterBlocks", "Session", "TransportKeys"]
 
 PADDING_MULTIPLE = 16
+_NONCE_PREFIX = bytes(4)
+
+
+def _nonce(counter: int) -> bytes:
+    return _NONCE_PREFIX + counter.to_bytes(8, "little")
 COUNTER_BLOCK = 64
 
 
@@ -54,6 +61,13 @@ class TransportKeys:
     window: ReplayWindow = field(default_factory=ReplayWindow)
     _lease: range = range(0)
     _lease_at: int = 0
+    # the AEADs are keyed once per keypair, not once per packet
+    sender: ChaCha20Poly1305 = field(init=False)
+    receiver: ChaCha20Poly1305 = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sender = ChaCha20Poly1305(self.keypair.send_key)
+        self.receiver = ChaCha20Poly1305(self.keypair.receive_key)
 
     def next_counter(self) -> int:
         """This worker's next counter (a fresh block from `counters` when its block is used up)."""
@@ -112,7 +126,7 @@ class Session:
         if counter >= REJECT_AFTER_MESSAGES or age >= REJECT_AFTER_TIME:
             return Drop(DropReason.KEY_EXPIRED)
         header = Transport.header(keys.keypair.remote_index, counter)
-        return header + crypto.aead_encrypt(keys.keypair.send_key, counter, pad(packet, mtu), b"")
+        return header + keys.sender.encrypt(_nonce(counter), pad(packet, mtu), None)
 
     def decrypt(self, msg: Transport, now: float) -> tuple[bytes, TransportKeys] | Drop:
         """A transport message -> (plaintext, the keys that opened it), or why not.
@@ -128,8 +142,7 @@ class Session:
         if not keys.window.check(msg.counter, REJECT_AFTER_MESSAGES):
             return Drop(DropReason.REPLAY)
         try:
-            plain = crypto.aead_decrypt(keys.keypair.receive_key, msg.counter,
-                                        bytes(msg.packet), b"")
+            plain = keys.receiver.decrypt(_nonce(msg.counter), msg.packet, None)
         except crypto.InvalidTag:
             return Drop(DropReason.DECRYPT_FAILED)
         if not keys.window.accept(msg.counter, REJECT_AFTER_MESSAGES):
