@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
+from hypothesis import given
+from hypothesis import strategies as st
 from scapy.layers.inet import IP, UDP
 
 from mqtun.wireguard import messages as m
@@ -141,3 +143,26 @@ def test_a_handshake_flood_turns_cookies_on_by_itself() -> None:
     assert kinds[-1] == m.COOKIE_REPLY                  # the flood gets cookies
     assert b.drops["replayed_timestamp"] > 0 and b.drops["under_load_no_cookie"] > 0
     assert b.is_under_load(0.5) and not b.is_under_load(2.0)
+
+
+def _typed(kind_and_size: tuple[int, int]) -> st.SearchStrategy[bytes]:
+    kind, size = kind_and_size
+    return st.binary(min_size=size - 4, max_size=size - 4).map(
+        lambda body: bytes([kind, 0, 0, 0]) + body)
+
+
+_datagrams = st.one_of(
+    st.binary(max_size=200),
+    st.tuples(st.sampled_from([1, 2, 3, 4]),
+              st.sampled_from([148, 92, 64, 32, 48, 100])).flatmap(_typed))
+
+
+@given(_datagrams)
+def test_no_datagram_raises_or_reaches_the_tun(data: bytes) -> None:
+    a, b = _cores()
+    _deliver(a.send(_udp("198.19.0.1", "198.19.0.2"), 0.0), {A_ADDR: a, B_ADDR: b},
+             {id(None): A_ADDR}, 0.0)
+    assert b.receive(data, A_ADDR, 1.0).packets == []
+    assert sum(b.drops.values()) >= 1
+    out = b.send(data, 1.0)  # nor does any TUN packet crash the send side
+    assert all(isinstance(d.data, bytes) for d in out.datagrams)
