@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from scapy.layers.inet import ICMP, IP, UDP
+from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
 from wg_peer import WireguardGo, need_wireguard_go
 
 from mqtun.netns import NetNamespace
@@ -279,3 +280,48 @@ def test_wireguard_go_under_load_sends_cookies_and_our_retry_passes(
     assert retry.datagrams[0].data[-16:] != bytes(16)
     ours.emit(retry)
     ours.pump(lambda _: peer.session.current is not None, timeout=5)
+
+
+def test_allowed_ips_enforced_both_ways(lab: tuple[Ours, WireguardGo]) -> None:
+    ours, wg = lab
+    _configure(ours, wg)
+    _ping_through(ours)
+    # their side sends from an address our peer config does not allow: decrypted, then dropped
+    wg.ns.run(["ip", "address", "add", "198.19.77.3/24", "dev", wg.name])
+    with wg.ns.enter():
+        theirs = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with theirs:
+        theirs.bind(("198.19.77.3", 0))
+        theirs.sendto(b"spoofed", (OUR_TUNNEL, 4242))
+        ours.pump(lambda _: ours.core.drops["source_not_allowed"] == 1)
+        # and we send from an address they do not allow for us: their socket never sees it
+        theirs.settimeout(0.5)
+        port = theirs.getsockname()[1]
+        for src in ("198.19.77.9", OUR_TUNNEL):
+            packet = IP(src=src, dst="198.19.77.3") / UDP(sport=4242, dport=port) / src.encode()
+            ours.emit(ours.core.send_to(next(iter(ours.core.peers.values())), bytes(packet),
+                                        time.monotonic()))
+        data, addr = theirs.recvfrom(2048)
+        assert (data, addr[0]) == (OUR_TUNNEL.encode(), OUR_TUNNEL)  # only the allowed one
+        with pytest.raises(TimeoutError):
+            theirs.recvfrom(2048)
+
+
+def test_ipv6_underlay_and_inner_packets(lab: tuple[Ours, WireguardGo]) -> None:
+    ours, wg = lab
+    subprocess.run(["ip", "address", "add", "fd00:77::1/64", "dev", "wgu0", "nodad"], check=True)
+    wg.ns.run(["ip", "address", "add", "fd00:77::2/64", "dev", "wgu1", "nodad"])
+    wg.ns.run(["ip", "address", "add", "fd00:78::2/64", "dev", wg.name, "nodad"])
+    wg.add_peer(public_key(OUR_KEY), allowed_ips="fd00:78::1/128")
+    core_peer = ours.core.add_peer(public_key(THEIR_KEY), allowed_ips=("fd00:78::2/128",),
+                                   endpoint=("fd00:77::2", THEIR_PORT))
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock6:
+        sock6.bind(("fd00:77::1", OUR_PORT))
+        ours.sock = sock6
+        request = IPv6(src="fd00:78::1", dst="fd00:78::2") / ICMPv6EchoRequest(id=7, seq=1)
+        ours.emit(ours.core.send(bytes(request), time.monotonic()))
+        replies = ours.pump(lambda ps: any(IPv6(p).haslayer(ICMPv6EchoReply) for p in ps))
+    reply = next(IPv6(p) for p in replies if IPv6(p).haslayer(ICMPv6EchoReply))
+    assert reply.src == "fd00:78::2" and reply[ICMPv6EchoReply].id == 7
+    assert core_peer.endpoint is not None and core_peer.endpoint[0] == "fd00:77::2"
+    assert wg.peer_stats(public_key(OUR_KEY)).endpoint == f"[fd00:77::1]:{OUR_PORT}"
