@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from wg_peer import SOCKET_DIR, WireguardGo, b64, need_wireguard_go
 
+from mqtun.link import find_link
 from mqtun.netns import NetNamespace
 from mqtun.wireguard.crypto import public_key
 
@@ -78,8 +79,8 @@ class MqtunWg:
 
 
 @pytest.fixture
-def pair(netns: NetNamespace, make_netns: Callable[[], NetNamespace],
-         tmp_path: object) -> Iterator[tuple[MqtunWg, WireguardGo]]:
+def pair(netns: NetNamespace, make_netns: Callable[[], NetNamespace], tmp_path: object,
+         request: pytest.FixtureRequest) -> Iterator[tuple[MqtunWg, WireguardGo]]:
     need_wireguard_go()
     theirs_ns = make_netns()
     subprocess.run(["ip", "link", "add", "wgv0", "type", "veth", "peer", "name", "wgv1",
@@ -91,7 +92,8 @@ def pair(netns: NetNamespace, make_netns: Callable[[], NetNamespace],
     key_file = f"{tmp_path}/ours"
     with open(key_file, "w") as f:
         f.write(b64(OUR_KEY) + "\n")
-    with WireguardGo(theirs_ns, THEIR_KEY, THEIR_PORT) as wg, MqtunWg(netns) as ours:
+    extra = getattr(request, "param", ())  # extra `mqtun wg` arguments
+    with WireguardGo(theirs_ns, THEIR_KEY, THEIR_PORT) as wg, MqtunWg(netns, *extra) as ours:
         wg.address(f"{THEIR_TUNNEL}/24")
         wg.add_peer(public_key(OUR_KEY), allowed_ips=f"{OUR_TUNNEL}/32",
                     endpoint=f"{OUR_UNDERLAY}:{OUR_PORT}")
@@ -196,6 +198,27 @@ def test_tcp_both_ways(pair: tuple[MqtunWg, WireguardGo], netns: NetNamespace) -
     _udp_exchange(None, OUR_TUNNEL, wg.ns, THEIR_TUNNEL)  # handshake done
     _tcp_transfer(None, wg.ns, THEIR_TUNNEL)              # mqtun -> wireguard-go
     _tcp_transfer(wg.ns, netns, OUR_TUNNEL)               # wireguard-go -> mqtun
+
+
+@pytest.mark.parametrize("pair", [("--queues", "2")], indirect=True)
+def test_two_queues(pair: tuple[MqtunWg, WireguardGo], netns: NetNamespace) -> None:
+    ours, wg = pair
+    info = find_link(ours.name)
+    assert info is not None and info.multi_queue and info.num_queues == 2
+    _udp_exchange(None, OUR_TUNNEL, wg.ns, THEIR_TUNNEL)
+    _tcp_transfer(None, wg.ns, THEIR_TUNNEL)   # flows hash over both queues; one loop serves
+
+
+def test_persistent_keepalive(pair: tuple[MqtunWg, WireguardGo], netns: NetNamespace) -> None:
+    ours, wg = pair
+    _udp_exchange(None, OUR_TUNNEL, wg.ns, THEIR_TUNNEL)
+    before = wg.peer_stats(public_key(OUR_KEY)).rx_bytes
+    netns.run(["wg", "set", ours.name, "peer", b64(public_key(THEIR_KEY)),
+               "persistent-keepalive", "1"])
+    # one keepalive at once (turned on), then one a second: at least three 32-byte ones
+    assert _wait(lambda: wg.peer_stats(public_key(OUR_KEY)).rx_bytes >= before + 3 * 32,
+                 timeout=6)
+    assert netns.run(["wg", "show", ours.name, "persistent-keepalive"]).stdout.split()[1] == "1"
 
 
 def test_listen_port_and_fwmark_reach_the_socket(netns: NetNamespace) -> None:
