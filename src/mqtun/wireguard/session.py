@@ -9,6 +9,7 @@ blocks (`CounterBlocks.take`, one lock-protected add in-process; across worker p
 same add on a shared-memory word), each worker numbers its packets from its own block, and no
 two blocks overlap, so no (key, nonce) pair is ever used twice. The block is small (64) next to
 the receiver's 8128-counter window, so a slow worker's counters stay inside the peer's window.
+(`CounterBlocks` serves threads; `SharedCounterBlocks` serves forked worker processes.)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from mqtun.wireguard.noise import Keypair
 from mqtun.wireguard.replay import ReplayWindow
 from mqtun.wireguard.timers import REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME
 
-__all__ = ["PADDING_MULTIPLE", "CounterBlocks", "Session", "TransportKeys"]
+__all__ = ["PADDING_MULTIPLE", "CounterBlocks", "Session", "SharedCounterBlocks", "TransportKeys"]
 
 PADDING_MULTIPLE = 16
 _NONCE_PREFIX = bytes(4)
@@ -50,6 +51,30 @@ class CounterBlocks:
     @property
     def issued(self) -> int:
         return self._next
+
+
+class SharedCounterBlocks(CounterBlocks):
+    """The same disjoint blocks, drawn by worker *processes*: the next free counter is one
+    8-byte word in memory shared across fork (an anonymous MAP_SHARED mmap), advanced under
+    a process-shared lock. Create it before forking the workers (or hand one slot of a larger
+    table to each keypair); each worker's `TransportKeys` then draws from it."""
+
+    def __init__(self) -> None:
+        import mmap
+        import multiprocessing
+
+        self._word = mmap.mmap(-1, 8, flags=mmap.MAP_SHARED)
+        self._plock = multiprocessing.get_context("fork").Lock()
+
+    def take(self, n: int = COUNTER_BLOCK) -> range:
+        with self._plock:
+            start = int.from_bytes(self._word[:8], "little")
+            self._word[:8] = (start + n).to_bytes(8, "little")
+        return range(start, start + n)
+
+    @property
+    def issued(self) -> int:
+        return int.from_bytes(self._word[:8], "little")
 
 
 @dataclass(slots=True)
