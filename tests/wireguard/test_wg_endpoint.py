@@ -296,3 +296,13 @@ def test_wg_quick_up_and_down(netns: NetNamespace, make_netns: Callable[[], NetN
             assert _wait(lambda: not os.path.exists(path)) and not _link_exists(netns, name)
         finally:
             netns.run(["ip", "link", "del", name], check=False)
+
+
+def test_refuses_an_interface_that_exists(netns: NetNamespace) -> None:
+    need_wireguard_go()
+    netns.run(["ip", "link", "add", "wgmqtaken", "type", "veth", "peer", "name", "wgmqtaken1"])
+    done = netns.run([sys.executable, "-m", "mqtun", "wg", "--foreground", "wgmqtaken"],
+                     check=False, timeout=20)
+    assert done.returncode != 0 and "wgmqtaken is a veth link" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not os.path.exists(os.path.join(SOCKET_DIR, "wgmqtaken.sock"))

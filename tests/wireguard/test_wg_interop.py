@@ -325,3 +325,23 @@ def test_ipv6_underlay_and_inner_packets(lab: tuple[Ours, WireguardGo]) -> None:
     assert reply.src == "fd00:78::2" and reply[ICMPv6EchoReply].id == 7
     assert core_peer.endpoint is not None and core_peer.endpoint[0] == "fd00:77::2"
     assert wg.peer_stats(public_key(OUR_KEY)).endpoint == f"[fd00:77::1]:{OUR_PORT}"
+
+
+def test_our_retransmission_completes_a_late_handshake(lab: tuple[Ours, WireguardGo]) -> None:
+    """wireguard-go does not know us yet: our first initiation is ignored. Once it is
+    configured, our retransmit timer (REKEY_TIMEOUT plus jitter) sends a fresh initiation that
+    completes, and the staged packet is delivered."""
+    ours, wg = lab
+    ours.core.add_peer(public_key(THEIR_KEY), allowed_ips=(f"{THEIR_TUNNEL}/32",),
+                       endpoint=(THEIR_UNDERLAY, THEIR_PORT))
+    request = bytes(IP(src=OUR_TUNNEL, dst=THEIR_TUNNEL) / ICMP(id=9, seq=1) / b"late")
+    start = time.monotonic()
+    ours.emit(ours.core.send(request, start))
+    time.sleep(0.3)
+    assert not select.select([ours.sock], [], [], 0)[0]  # ignored: an unknown peer
+    wg.add_peer(public_key(OUR_KEY), allowed_ips=f"{OUR_TUNNEL}/32")
+    replies = ours.pump(lambda ps: bool(_echo_replies(ps)), timeout=10)
+    assert _echo_replies(replies)[0][ICMP].id == 9
+    assert time.monotonic() - start >= 5.0  # it took the retransmission
+    initiations = [d for d in ours.sent if d[0] == messages.INITIATION]
+    assert len(initiations) == 2 and initiations[0] != initiations[1]
