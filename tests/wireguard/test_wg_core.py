@@ -145,6 +145,22 @@ def test_a_handshake_flood_turns_cookies_on_by_itself() -> None:
     assert b.is_under_load(0.5) and not b.is_under_load(2.0)
 
 
+def test_under_load_a_cookie_does_not_buy_unlimited_handshakes() -> None:
+    a, b = _cores()
+    b.under_load = True
+    peer = a.peers[public_key(B_KEY)]
+    first = a.initiate(peer, 0.0)
+    reply = b.receive(first.datagrams[0].data, A_ADDR, 0.0)
+    assert a.receive(reply.datagrams[0].data, B_ADDR, 0.0).datagrams == []
+    answered = 0
+    for i in range(20):  # 20 fresh initiations with a valid mac2 within 50 ms
+        data = a.initiate(peer, 6.0 + i * 0.0025, force=True).datagrams[0].data
+        out = b.receive(data, A_ADDR, 6.0 + i * 0.0025)
+        answered += sum(d.data[0] == m.RESPONSE for d in out.datagrams)
+    assert b.drops["handshake_rate_limited"] >= 14 and answered <= 6
+    assert b.drops["under_load_no_cookie"] == 1
+
+
 def _typed(kind_and_size: tuple[int, int]) -> st.SearchStrategy[bytes]:
     kind, size = kind_and_size
     return st.binary(min_size=size - 4, max_size=size - 4).map(

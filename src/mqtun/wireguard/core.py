@@ -41,6 +41,10 @@ MAX_STAGED = 128
 # reaching 1/8 full; a rate is the sans-IO equivalent).
 UNDER_LOAD_HANDSHAKES_PER_SECOND = 128
 UNDER_LOAD_AFTER_TIME = 1.0
+# Under load, even handshakes with a valid cookie are limited per source address (a token
+# bucket: 20 a second, bursts of 5), as wireguard-go's ratelimiter does.
+RATE_PER_SOURCE = 20.0
+RATE_BURST = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +107,7 @@ class WireguardCore:
         self.under_load = False  # forced on (tests, operators) or detected by rate
         self._load_window = (0.0, 0)  # (start of the current second, handshakes in it)
         self._under_load_until = float("-inf")
+        self._buckets: dict[str, tuple[float, float]] = {}  # source host -> (tokens, at)
         self.mtu: int | None = None
         self._indexes: dict[int, Peer] = {}
         self._random = random
@@ -191,7 +196,18 @@ class WireguardCore:
             self.drops[m.DropReason.UNDER_LOAD.value] += 1
             reply = self.identity.cookies.create_reply(data, msg.sender, source_bytes(*src), now)
             return Output([Datagram(reply.pack(), src)])
+        if self.is_under_load(now) and not self._allow(src[0], now):
+            return self._drop(m.Drop(m.DropReason.RATE_LIMITED))
         return None
+
+    def _allow(self, host: str, now: float) -> bool:
+        if len(self._buckets) > 4096:  # forget idle sources (a full bucket is the default)
+            self._buckets = {h: b for h, b in self._buckets.items() if now - b[1] < 1.0}
+        tokens, at = self._buckets.get(host, (RATE_BURST, now))
+        tokens = min(RATE_BURST, tokens + (now - at) * RATE_PER_SOURCE)
+        allowed = tokens >= 1.0
+        self._buckets[host] = (tokens - 1.0 if allowed else tokens, now)
+        return allowed
 
     # -- the datagram path -------------------------------------------------------------
     def receive(self, data: bytes, src: Address, now: float) -> Output:
