@@ -221,6 +221,21 @@ def test_persistent_keepalive(pair: tuple[MqtunWg, WireguardGo], netns: NetNames
     assert netns.run(["wg", "show", ours.name, "persistent-keepalive"]).stdout.split()[1] == "1"
 
 
+def test_ipv6_underlay(pair: tuple[MqtunWg, WireguardGo], netns: NetNamespace) -> None:
+    """The dual-stack socket: the same interface reaches wireguard-go over IPv6 too."""
+    ours, wg = pair
+    netns.run(["ip", "address", "add", "fd00:79::1/64", "dev", "wgv0", "nodad"])
+    wg.ns.run(["ip", "address", "add", "fd00:79::2/64", "dev", "wgv1", "nodad"])
+    netns.run(["wg", "set", ours.name, "peer", b64(public_key(THEIR_KEY)), "endpoint",
+               f"[fd00:79::2]:{THEIR_PORT}"])
+    wg.wg("set", wg.name, "peer", b64(public_key(OUR_KEY)), "endpoint",
+          f"[fd00:79::1]:{OUR_PORT}")
+    _udp_exchange(None, OUR_TUNNEL, wg.ns, THEIR_TUNNEL)
+    assert wg.peer_stats(public_key(OUR_KEY)).endpoint == f"[fd00:79::1]:{OUR_PORT}"
+    dump = netns.run(["wg", "show", ours.name, "endpoints"]).stdout.split()
+    assert dump[1] == f"[fd00:79::2]:{THEIR_PORT}"
+
+
 def test_listen_port_and_fwmark_reach_the_socket(netns: NetNamespace) -> None:
     need_wireguard_go()
     with MqtunWg(netns) as ours:
