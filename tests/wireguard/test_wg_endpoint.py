@@ -78,7 +78,7 @@ class MqtunWg:
             os.unlink(self.socket)
 
 
-@pytest.fixture
+@pytest.fixture(params=[(), ("--queues", "2")], ids=["1-queue", "2-workers"])
 def pair(netns: NetNamespace, make_netns: Callable[[], NetNamespace], tmp_path: object,
          request: pytest.FixtureRequest) -> Iterator[tuple[MqtunWg, WireguardGo]]:
     need_wireguard_go()
@@ -92,7 +92,7 @@ def pair(netns: NetNamespace, make_netns: Callable[[], NetNamespace], tmp_path: 
     key_file = f"{tmp_path}/ours"
     with open(key_file, "w") as f:
         f.write(b64(OUR_KEY) + "\n")
-    extra = getattr(request, "param", ())  # extra `mqtun wg` arguments
+    extra = request.param  # extra `mqtun wg` arguments: every test runs single and multi-worker
     with WireguardGo(theirs_ns, THEIR_KEY, THEIR_PORT) as wg, MqtunWg(netns, *extra) as ours:
         wg.address(f"{THEIR_TUNNEL}/24")
         wg.add_peer(public_key(OUR_KEY), allowed_ips=f"{OUR_TUNNEL}/32",
@@ -201,12 +201,15 @@ def test_tcp_both_ways(pair: tuple[MqtunWg, WireguardGo], netns: NetNamespace) -
 
 
 @pytest.mark.parametrize("pair", [("--queues", "2")], indirect=True)
-def test_two_queues(pair: tuple[MqtunWg, WireguardGo], netns: NetNamespace) -> None:
+def test_two_worker_processes(pair: tuple[MqtunWg, WireguardGo], netns: NetNamespace) -> None:
+    """--queues 2: a multiqueue TUN, a worker process per queue, TCP through it both ways."""
     ours, wg = pair
     info = find_link(ours.name)
     assert info is not None and info.multi_queue and info.num_queues == 2
+    assert len(netns.pids()) >= 3  # the main process and two workers
     _udp_exchange(None, OUR_TUNNEL, wg.ns, THEIR_TUNNEL)
-    _tcp_transfer(None, wg.ns, THEIR_TUNNEL)   # flows hash over both queues; one loop serves
+    _tcp_transfer(None, wg.ns, THEIR_TUNNEL)
+    _tcp_transfer(wg.ns, netns, OUR_TUNNEL)
 
 
 def test_persistent_keepalive(pair: tuple[MqtunWg, WireguardGo], netns: NetNamespace) -> None:

@@ -51,8 +51,9 @@ def run_wg(args: argparse.Namespace) -> int:
 
 def _serve(ifname: str, queues: int) -> int:
     from mqtun.wireguard.endpoint import Endpoint
+    from mqtun.wireguard.workers import MultiEndpoint
 
-    endpoint = Endpoint(ifname, queues=queues)
+    endpoint = MultiEndpoint(ifname, queues=queues) if queues > 1 else Endpoint(ifname)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -103,6 +103,10 @@ class ControlSocket:
                 return False
         return True
 
+    def close_listener(self) -> None:
+        """Close this process's copy of the socket, leaving the path (a forked worker)."""
+        self._sock.close()
+
     def close(self) -> None:
         for conn in self._readers:
             conn.close()

@@ -20,7 +20,7 @@ from mqtun.wireguard import messages as m
 from mqtun.wireguard.allowed_ips import AllowedIPs
 from mqtun.wireguard.cookie import source_bytes
 from mqtun.wireguard.noise import Handshake, Keypair, StaticIdentity, consume_initiation, tai64n
-from mqtun.wireguard.session import Session
+from mqtun.wireguard.session import CounterBlocks, Session, TransportKeys
 from mqtun.wireguard.timers import (
     REJECT_AFTER_TIME,
     REKEY_TIMEOUT,
@@ -76,6 +76,7 @@ class Peer:
         self.tx_bytes = 0
         self.last_handshake_ns = 0
         self.staged: collections.deque[bytes] = collections.deque(maxlen=MAX_STAGED)
+        self.owner = 0  # the worker whose socket this peer's datagrams reach (multi-worker)
 
     def __repr__(self) -> str:
         return f"Peer({self.public_key.hex()[:8]}…, endpoint={self.endpoint})"
@@ -112,6 +113,16 @@ class WireguardCore:
         self._indexes: dict[int, Peer] = {}
         self._random = random
         self._wall_ns = wall_clock_ns
+        # Hooks for a multi-worker shell (all optional): indexes are chosen so that
+        # index % index_modulus == peer.owner (the worker that will decrypt under it), send
+        # counters come from `counters_for(keypair)`, and `on_session` hears of every keypair.
+        self.index_modulus = 1
+        self.counters_for: Callable[[Keypair], CounterBlocks] | None = None
+        self.on_session: Callable[[Peer, TransportKeys], None] | None = None
+        # a worker's core does no handshakes: it records the peers that want one instead
+        self.handshakes = True
+        self.wants_handshake: set[bytes] = set()
+        self._via: int | None = None
 
     # -- configuration -----------------------------------------------------------------
     def add_peer(self, public_key: bytes, *, preshared_key: bytes = bytes(32),
@@ -134,9 +145,11 @@ class WireguardCore:
         return Output()
 
     def _new_index(self, peer: Peer) -> int:
+        mod = self.index_modulus
         while True:
             index = int.from_bytes(self._random(4), "little")
-            if index and index not in self._indexes:
+            index = index - index % mod + peer.owner % mod
+            if index and index < 1 << 32 and index not in self._indexes:
                 self._indexes[index] = peer
                 return index
 
@@ -148,6 +161,9 @@ class WireguardCore:
         """A handshake initiation to `peer` (none if one went out less than REKEY_TIMEOUT ago)."""
         if peer.endpoint is None:
             return self._drop(m.Drop(m.DropReason.NO_ROUTE, "peer has no endpoint"))
+        if not self.handshakes:
+            self.wants_handshake.add(peer.public_key)
+            return Output()
         if not force and now - peer.handshake.last_sent < REKEY_TIMEOUT:
             return Output()
         self._forget_index(peer.handshake.local_index)
@@ -162,13 +178,35 @@ class WireguardCore:
     def _begin_session(self, peer: Peer, keypair: Keypair, now: float) -> None:
         before = {k.keypair.local_index for k in (peer.session.current, peer.session.previous,
                                                   peer.session.next) if k is not None}
-        peer.session.install(keypair)
+        counters = self.counters_for(keypair) if self.counters_for is not None else None
+        keys = peer.session.install(keypair, counters)
         after = {k.keypair.local_index for k in (peer.session.current, peer.session.previous,
                                                  peer.session.next) if k is not None}
         for gone in before - after:
             self._forget_index(gone)
         self._indexes[keypair.local_index] = peer
         peer.timers.on_session_derived(now)
+        if self.on_session is not None:
+            self.on_session(peer, keys)
+
+    def install_keypair(self, peer: Peer, keypair: Keypair, counters: CounterBlocks) -> None:
+        """A keypair another process derived (a worker mirrors the main process's sessions)."""
+        before = {k.keypair.local_index for k in (peer.session.current, peer.session.previous,
+                                                  peer.session.next) if k is not None}
+        peer.session.install(keypair, counters)
+        after = {k.keypair.local_index for k in (peer.session.current, peer.session.previous,
+                                                 peer.session.next) if k is not None}
+        for gone in before - after:
+            self._forget_index(gone)
+        self._indexes[keypair.local_index] = peer
+
+    def confirm(self, peer: Peer, local_index: int, now: float) -> Output:
+        """The first data under our responder keypair arrived at another worker: promote it,
+        the handshake is complete, and what waited for it goes out."""
+        if not peer.session.promote(local_index):
+            return Output()
+        self._handshake_done(peer, now)
+        return self._flush_staged(peer, now)
 
     def _handshake_done(self, peer: Peer, now: float) -> None:
         peer.timers.on_handshake_complete(now)
@@ -210,7 +248,10 @@ class WireguardCore:
         return allowed
 
     # -- the datagram path -------------------------------------------------------------
-    def receive(self, data: bytes, src: Address, now: float) -> Output:
+    def receive(self, data: bytes, src: Address, now: float, *, via: int | None = None) -> Output:
+        """One datagram from `src`; `via`: the worker whose socket received it (the peer's
+        next receive index is then chosen for that worker)."""
+        self._via = via
         msg = m.parse(data)
         if isinstance(msg, m.Drop):
             return self._drop(msg)
@@ -236,6 +277,8 @@ class WireguardCore:
         if isinstance(result, m.Drop):
             return self._drop(result)
         peer = self.peers[result.remote_static]
+        if self._via is not None:
+            peer.owner = self._via
         peer.rx_bytes += size
         peer.endpoint = src
         self._forget_index(peer.handshake.local_index)

@@ -95,9 +95,7 @@ class Endpoint:
 
     def _apply(self, result: SetResult) -> None:
         if result.listen_port_changed and self.config.listen_port != self._port():
-            new = self._bind(self.config.listen_port)
-            self.sock.close()
-            self.sock = new
+            self._rebind(self.config.listen_port)
             self.config.listen_port = self._port()
         if result.fwmark_changed or result.listen_port_changed:
             # the mark routes our encrypted datagrams (wg-quick's policy routing relies on it)
@@ -106,8 +104,7 @@ class Endpoint:
             self._refresh_state()
             self.core = None
             if self.config.private_key is not None:
-                self.core = WireguardCore(self.config.private_key)
-                self.core.mtu = self.mtu
+                self.core = self._new_core(self.config.private_key)
                 result.peers_changed |= set(self.config.peers)
         if self.core is None:
             return
@@ -134,11 +131,23 @@ class Endpoint:
         if turn_on and peer.endpoint is not None:
             self._emit(core.keepalive(peer, time.monotonic()))
 
+    def _new_core(self, private_key: bytes) -> WireguardCore:
+        core = WireguardCore(private_key)
+        core.mtu = self.mtu
+        return core
+
+    def _rebind(self, port: int) -> None:
+        new = self._bind(port)
+        self.sock.close()
+        self.sock = new
+
     # -- I/O ---------------------------------------------------------------------------
-    def _bind(self, port: int) -> socket.socket:
+    def _bind(self, port: int, *, reuse_port: bool = False) -> socket.socket:
         try:
             sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            if reuse_port:  # a group of sockets on one port, one per worker
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind(("::", port))
         except OSError as exc:
             with contextlib.suppress(UnboundLocalError):

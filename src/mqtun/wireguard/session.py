@@ -25,7 +25,14 @@ from mqtun.wireguard.noise import Keypair
 from mqtun.wireguard.replay import ReplayWindow
 from mqtun.wireguard.timers import REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME
 
-__all__ = ["PADDING_MULTIPLE", "CounterBlocks", "Session", "SharedCounterBlocks", "TransportKeys"]
+__all__ = [
+    "PADDING_MULTIPLE",
+    "CounterBlocks",
+    "CounterTable",
+    "Session",
+    "SharedCounterBlocks",
+    "TransportKeys",
+]
 
 PADDING_MULTIPLE = 16
 _NONCE_PREFIX = bytes(4)
@@ -56,25 +63,54 @@ class CounterBlocks:
 class SharedCounterBlocks(CounterBlocks):
     """The same disjoint blocks, drawn by worker *processes*: the next free counter is one
     8-byte word in memory shared across fork (an anonymous MAP_SHARED mmap), advanced under
-    a process-shared lock. Create it before forking the workers (or hand one slot of a larger
-    table to each keypair); each worker's `TransportKeys` then draws from it."""
+    a process-shared lock. Create it before forking the workers, or take slots of a
+    `CounterTable` made before the fork; each worker's `TransportKeys` then draws from it."""
 
-    def __init__(self) -> None:
-        import mmap
-        import multiprocessing
-
-        self._word = mmap.mmap(-1, 8, flags=mmap.MAP_SHARED)
-        self._plock = multiprocessing.get_context("fork").Lock()
+    def __init__(self, table: CounterTable | None = None, slot: int = 0) -> None:
+        self._table = table if table is not None else CounterTable(1)
+        self._at = 8 * slot
 
     def take(self, n: int = COUNTER_BLOCK) -> range:
-        with self._plock:
-            start = int.from_bytes(self._word[:8], "little")
-            self._word[:8] = (start + n).to_bytes(8, "little")
+        word, at = self._table.words, self._at
+        with self._table.lock:
+            start = int.from_bytes(word[at:at + 8], "little")
+            word[at:at + 8] = (start + n).to_bytes(8, "little")
         return range(start, start + n)
 
     @property
     def issued(self) -> int:
-        return int.from_bytes(self._word[:8], "little")
+        return int.from_bytes(self._table.words[self._at:self._at + 8], "little")
+
+
+class CounterTable:
+    """`slots` shared counter words and their lock, made before fork; the main process hands
+    a slot to each new keypair (`assign`, `release` once the keypair is gone), every process
+    draws from it by number."""
+
+    def __init__(self, slots: int = 1024) -> None:
+        import mmap
+        import multiprocessing
+
+        self.slots = slots
+        self.words = mmap.mmap(-1, 8 * slots, flags=mmap.MAP_SHARED)
+        self.lock = multiprocessing.get_context("fork").Lock()
+        self._free = list(range(slots - 1, -1, -1))
+
+    def assign(self) -> int:
+        """A free slot for a new keypair, reset to counter 0 (main process only). A slot is
+        reused only after `release`: never while its keypair may still send."""
+        if not self._free:
+            raise RuntimeError("no free counter slot: more live keypairs than the table holds")
+        slot = self._free.pop()
+        with self.lock:
+            self.words[8 * slot:8 * slot + 8] = bytes(8)
+        return slot
+
+    def release(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def blocks(self, slot: int) -> SharedCounterBlocks:
+        return SharedCounterBlocks(self, slot)
 
 
 @dataclass(slots=True)
@@ -119,9 +155,12 @@ class Session:
         self.previous: TransportKeys | None = None
         self.next: TransportKeys | None = None
 
-    def install(self, keypair: Keypair) -> TransportKeys:
-        """Rotate in a freshly derived keypair (wireguard-go's BeginSymmetricSession)."""
-        keys = TransportKeys(keypair)
+    def install(self, keypair: Keypair, counters: CounterBlocks | None = None) -> TransportKeys:
+        """Rotate in a freshly derived keypair (wireguard-go's BeginSymmetricSession).
+
+        `counters`: where its send counters come from (shared with other workers), else a
+        private source."""
+        keys = TransportKeys(keypair, counters=counters or CounterBlocks())
         if keypair.is_initiator:
             if self.next is not None:
                 self.previous, self.next = self.next, None
@@ -137,6 +176,13 @@ class Session:
             if keys is not None and keys.keypair.local_index == local_index:
                 return keys
         return None
+
+    def promote(self, local_index: int) -> bool:
+        """Key confirmation seen elsewhere (another worker): `next` becomes `current`."""
+        if self.next is None or self.next.keypair.local_index != local_index:
+            return False
+        self.previous, self.current, self.next = self.current, self.next, None
+        return True
 
     def clear(self) -> None:
         self.current = self.previous = self.next = None
