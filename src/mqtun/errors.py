@@ -75,7 +75,11 @@ _MESSAGES: dict[tuple[str, int], str] = {
         "(mknod /dev/net/tun c 10 200)"
     ),
     ("open", _errno.ENODEV): "the tun driver is not available in this kernel (CONFIG_TUN)",
-    ("open", _errno.EACCES): "cannot open /dev/net/tun: permission denied on the device node",
+    ("open", _errno.EACCES): (
+        "cannot open /dev/net/tun: permission denied on the device node; make it usable by "
+        "all (as root: chmod 0666 /dev/net/tun, the usual mode: the kernel still checks "
+        "CAP_NET_ADMIN and each device's owner/group) or run as root"
+    ),
     ("create", _errno.EPERM): (
         "creating {dev} needs CAP_NET_ADMIN in this network namespace; run as root, or "
         "create it once with `mqtun create {dev} --owner USER` and open it as that user"
