@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from mqtun.errors import InvalidArgumentError, MqtunError
+from mqtun.wireguard.command import add_wg_command
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 
@@ -380,6 +381,8 @@ COMMANDS.append(_add_demo)
 COMMANDS.append(_add_bench)
 COMMANDS.append(_add_top)
 COMMANDS.append(lambda sub: __import__("mqtun.apps.tunnel").apps.tunnel.add_parser(sub))
+
+COMMANDS.append(add_wg_command)  # mqtun wg: the parser lives in mqtun.wireguard.command
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from scapy.layers.inet import ICMP, IP, UDP
+from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
 from wg_peer import WireguardGo, need_wireguard_go
 
 from mqtun.netns import NetNamespace
@@ -219,3 +220,128 @@ def test_replays_and_forgeries_change_nothing(lab: tuple[Ours, WireguardGo]) -> 
     assert core.drops["unknown_index"] + core.drops["bad_state"] == 1
     assert core.receive(theirs[-1][:20], src, now).packets == []
     assert core.drops["short"] == 1
+
+
+def test_forced_rekey(lab: tuple[Ours, WireguardGo]) -> None:
+    ours, wg = lab
+    _configure(ours, wg)
+    _ping_through(ours)
+    peer = next(iter(ours.core.peers.values()))
+    first = peer.session.current
+    ours.emit(ours.core.initiate(peer, time.monotonic(), force=True))
+    ours.pump(lambda _: peer.session.current is not first)
+    _ping_through(ours, seq=2)
+    assert peer.session.previous is first and peer.session.current is not None
+    assert wg.peer_stats(public_key(OUR_KEY)).latest_handshake > 0
+
+
+def test_roaming_to_a_new_source_port(lab: tuple[Ours, WireguardGo]) -> None:
+    ours, wg = lab
+    _configure(ours, wg)
+    _ping_through(ours)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as moved:
+        moved.bind((OUR_UNDERLAY, OUR_PORT + 7))
+        ours.sock, old = moved, ours.sock
+        try:
+            _ping_through(ours, seq=2)  # their reply comes to the new port: they followed us
+        finally:
+            ours.sock = old
+    assert wg.peer_stats(public_key(OUR_KEY)).endpoint == f"{OUR_UNDERLAY}:{OUR_PORT + 7}"
+
+
+def test_wireguard_go_under_load_sends_cookies_and_our_retry_passes(
+        lab: tuple[Ours, WireguardGo]) -> None:
+    """A burst of valid-mac1 initiations puts wireguard-go under load (its handshake queue
+    passes 1/8 full); it then answers with cookie replies, which our core takes, and our next
+    initiation carries a mac2 it accepts. Skipped when this machine drains the queue too fast
+    for a burst from Python to fill it."""
+    ours, wg = lab
+    _configure(ours, wg)
+    peer = next(iter(ours.core.peers.values()))
+    burst = ours.core.initiate(peer, time.monotonic()).datagrams[0].data
+    cookies = 0
+    for _ in range(5):
+        for _ in range(4000):
+            ours.sock.sendto(burst, (THEIR_UNDERLAY, THEIR_PORT))
+        deadline = time.monotonic() + 1
+        while time.monotonic() < deadline and select.select([ours.sock], [], [], 0.2)[0]:
+            data, src = ours.sock.recvfrom(2048)
+            if data[0] == messages.COOKIE_REPLY:
+                cookies += 1
+                ours.core.receive(data, src[:2], time.monotonic())
+        if cookies:
+            break
+    if not cookies:
+        pytest.skip("wireguard-go never came under load from this burst")
+    assert peer.handshake.cookies.has_cookie
+    # at once, while it is still under load (it stays so for a second): a fresh initiation
+    # with the cookie's mac2 is answered with a response, not with another cookie
+    retry = ours.core.initiate(peer, time.monotonic(), force=True)
+    assert retry.datagrams[0].data[-16:] != bytes(16)
+    ours.emit(retry)
+    ours.pump(lambda _: peer.session.current is not None, timeout=5)
+
+
+def test_allowed_ips_enforced_both_ways(lab: tuple[Ours, WireguardGo]) -> None:
+    ours, wg = lab
+    _configure(ours, wg)
+    _ping_through(ours)
+    # their side sends from an address our peer config does not allow: decrypted, then dropped
+    wg.ns.run(["ip", "address", "add", "198.19.77.3/24", "dev", wg.name])
+    with wg.ns.enter():
+        theirs = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with theirs:
+        theirs.bind(("198.19.77.3", 0))
+        theirs.sendto(b"spoofed", (OUR_TUNNEL, 4242))
+        ours.pump(lambda _: ours.core.drops["source_not_allowed"] == 1)
+        # and we send from an address they do not allow for us: their socket never sees it
+        theirs.settimeout(0.5)
+        port = theirs.getsockname()[1]
+        for src in ("198.19.77.9", OUR_TUNNEL):
+            packet = IP(src=src, dst="198.19.77.3") / UDP(sport=4242, dport=port) / src.encode()
+            ours.emit(ours.core.send_to(next(iter(ours.core.peers.values())), bytes(packet),
+                                        time.monotonic()))
+        data, addr = theirs.recvfrom(2048)
+        assert (data, addr[0]) == (OUR_TUNNEL.encode(), OUR_TUNNEL)  # only the allowed one
+        with pytest.raises(TimeoutError):
+            theirs.recvfrom(2048)
+
+
+def test_ipv6_underlay_and_inner_packets(lab: tuple[Ours, WireguardGo]) -> None:
+    ours, wg = lab
+    subprocess.run(["ip", "address", "add", "fd00:77::1/64", "dev", "wgu0", "nodad"], check=True)
+    wg.ns.run(["ip", "address", "add", "fd00:77::2/64", "dev", "wgu1", "nodad"])
+    wg.ns.run(["ip", "address", "add", "fd00:78::2/64", "dev", wg.name, "nodad"])
+    wg.add_peer(public_key(OUR_KEY), allowed_ips="fd00:78::1/128")
+    core_peer = ours.core.add_peer(public_key(THEIR_KEY), allowed_ips=("fd00:78::2/128",),
+                                   endpoint=("fd00:77::2", THEIR_PORT))
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock6:
+        sock6.bind(("fd00:77::1", OUR_PORT))
+        ours.sock = sock6
+        request = IPv6(src="fd00:78::1", dst="fd00:78::2") / ICMPv6EchoRequest(id=7, seq=1)
+        ours.emit(ours.core.send(bytes(request), time.monotonic()))
+        replies = ours.pump(lambda ps: any(IPv6(p).haslayer(ICMPv6EchoReply) for p in ps))
+    reply = next(IPv6(p) for p in replies if IPv6(p).haslayer(ICMPv6EchoReply))
+    assert reply.src == "fd00:78::2" and reply[ICMPv6EchoReply].id == 7
+    assert core_peer.endpoint is not None and core_peer.endpoint[0] == "fd00:77::2"
+    assert wg.peer_stats(public_key(OUR_KEY)).endpoint == f"[fd00:77::1]:{OUR_PORT}"
+
+
+def test_our_retransmission_completes_a_late_handshake(lab: tuple[Ours, WireguardGo]) -> None:
+    """wireguard-go does not know us yet: our first initiation is ignored. Once it is
+    configured, our retransmit timer (REKEY_TIMEOUT plus jitter) sends a fresh initiation that
+    completes, and the staged packet is delivered."""
+    ours, wg = lab
+    ours.core.add_peer(public_key(THEIR_KEY), allowed_ips=(f"{THEIR_TUNNEL}/32",),
+                       endpoint=(THEIR_UNDERLAY, THEIR_PORT))
+    request = bytes(IP(src=OUR_TUNNEL, dst=THEIR_TUNNEL) / ICMP(id=9, seq=1) / b"late")
+    start = time.monotonic()
+    ours.emit(ours.core.send(request, start))
+    time.sleep(0.3)
+    assert not select.select([ours.sock], [], [], 0)[0]  # ignored: an unknown peer
+    wg.add_peer(public_key(OUR_KEY), allowed_ips=f"{OUR_TUNNEL}/32")
+    replies = ours.pump(lambda ps: bool(_echo_replies(ps)), timeout=10)
+    assert _echo_replies(replies)[0][ICMP].id == 9
+    assert time.monotonic() - start >= 5.0  # it took the retransmission
+    initiations = [d for d in ours.sent if d[0] == messages.INITIATION]
+    assert len(initiations) == 2 and initiations[0] != initiations[1]

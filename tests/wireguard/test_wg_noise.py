@@ -1,18 +1,18 @@
-"""The handshake: a known answer captured from wireguard-go, and the state machine's refusals.
+"""The handshake: known answers captured from wireguard-go, and the state machine's refusals.
 
-The capture (made once with tests/wireguard/test_wg_interop.py's topology and these fixed keys,
-ephemeral, index and timestamp): our initiation, wireguard-go 0.0.20220316's response to it,
-and its encrypted echo reply to our first transport message. Our initiation must come out
-byte for byte, its response must validate under the transcript we compute, and the keys we
-derive from it must open its transport message: three independent checks against a peer that
-shares no code with us.
-"""
+The captures were made once with tests/wireguard/test_wg_interop.py's topology, fixed keys and
+preshared key. Initiator role (fixed ephemeral, index, timestamp): our initiation,
+wireguard-go 0.0.20220316's response, its echo reply under the new keys. Our initiation must
+come out byte for byte, its response must validate under the transcript we compute, and the
+keys we derive must open its data. Responder role (fixed ephemeral and index): its initiation
+must validate, our response must come out byte for byte (it was accepted: wireguard-go then
+sent data), and that data must open. Independent checks against a peer sharing no code with us."""
 
 from __future__ import annotations
 
 import time
 
-from scapy.layers.inet import ICMP, IP
+from scapy.layers.inet import ICMP, IP, UDP
 
 from mqtun.wireguard import messages as m
 from mqtun.wireguard.crypto import public_key
@@ -43,6 +43,22 @@ RESPONSE = bytes.fromhex(
 THEIR_TRANSPORT = bytes.fromhex(
     "04000000443322110000000000000000cfa5187914f57efe03bfd1cc53c2d19794f7d54575f5c0bf0c043c1b"
     "a80c0d23ae94dcbd2b4ed167aeffa3e006aa8c65b146777c0d5f079a7bcd386878ed281c")
+
+# The responder's side, captured the same way: wireguard-go's initiation to us, our response
+# with a fixed ephemeral and index, and wireguard-go's first data message under the new keys.
+RESPONDER_EPHEMERAL = bytes.fromhex("d8" * 31 + "58")
+THEIR_INITIATION = bytes.fromhex(
+    "0100000036922ad7467e704fddb3f511d3d59d45eb7c20a63c8e27832b44e6801fb15aa3b30b33717e8b42f9"
+    "992c26416c3275190f97336fc9887bc2b6aba474bd81df417ed6208ac1b74b37f2d2b737deb65f07fadf0d85"
+    "e2f837ca712f7ed483e2ad64df76769fefcca399cfe4814e8e0bcbfbed1b0831bfb34622d1d46fa0eb88d526"
+    "00000000000000000000000000000000")
+OUR_RESPONSE = bytes.fromhex(
+    "020000008877665536922ad7f25209179c90ead86fc77966f3f07f3fedd991474ef10f8c23790679b05de65f"
+    "2ae61dfc129514d318243bfcc05840a5437ebe068ddc0842d03edf902534b4a0000000000000000000000000"
+    "00000000")
+THEIR_CONFIRMATION = bytes.fromhex(
+    "04000000887766550000000000000000cac87d8706ea53ccb3fd7faeb545a76979d9852c85f8b5a7f6426c9f"
+    "a1a69e645c00d849173250654705e1582db05d83707d3e20d5060f9bbdef597b90304986")
 
 
 def test_initiation_is_reproduced_byte_for_byte() -> None:
@@ -143,3 +159,27 @@ def test_tai64n_is_big_endian_and_whitened() -> None:
     assert stamp[:8] == (0x400000000000000A + 1_000_000_000).to_bytes(8, "big")
     assert int.from_bytes(stamp[8:], "big") == 123_456_789 & ~0xFFFFFF
     assert tai64n(2 * 10**18) > tai64n(10**18)
+
+
+def test_wireguard_go_initiation_validates_and_our_response_is_reproduced() -> None:
+    me = StaticIdentity(OUR_KEY)
+    hs = Handshake(me, public_key(THEIR_KEY), PSK)
+    assert me.cookies.check_mac1(THEIR_INITIATION)
+    initiation = m.parse(THEIR_INITIATION)
+    assert isinstance(initiation, m.Initiation)
+    assert consume_initiation(me, initiation, lambda key: hs if key == public_key(THEIR_KEY)
+                              else None, 0.0) is hs
+    assert hs.last_timestamp[:8] > bytes.fromhex("4000000069000000")  # a 2026 TAI64 label
+    response, keypair = hs.create_response(0x55667788, 0.0,
+                                           ephemeral_private=RESPONDER_EPHEMERAL)
+    assert response == OUR_RESPONSE and not keypair.is_initiator
+    session = Session()
+    session.install(keypair)
+    data = m.parse(THEIR_CONFIRMATION)
+    assert isinstance(data, m.Transport) and data.receiver == 0x55667788
+    opened = session.decrypt(data, 0.0)
+    assert not isinstance(opened, m.Drop)
+    plain = opened[0]
+    packet = IP(plain[:int.from_bytes(plain[2:4], "big")])
+    assert bytes(packet[UDP].payload) == b"from wireguard-go"
+    assert session.current is not None and session.current.keypair is keypair  # confirmed

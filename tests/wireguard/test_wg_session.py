@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import os
+import struct
 import threading
 
 from mqtun.wireguard import messages as m
 from mqtun.wireguard.noise import Keypair
-from mqtun.wireguard.session import CounterBlocks, Session, TransportKeys, pad
+from mqtun.wireguard.session import (
+    CounterBlocks,
+    Session,
+    SharedCounterBlocks,
+    TransportKeys,
+    pad,
+)
 from mqtun.wireguard.timers import REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME
 
 
@@ -112,3 +119,35 @@ def test_workers_never_share_a_counter() -> None:
 def test_padding() -> None:
     assert len(pad(b"x" * 17)) == 32 and pad(b"") == b""
     assert len(pad(b"x" * 1419, mtu=1420)) == 1420
+
+
+def test_worker_processes_never_share_a_counter() -> None:
+    """Three forked workers draw from one SharedCounterBlocks at once; their counters,
+    reported through pipes, are all distinct."""
+    ka, _ = _pair()
+    blocks = SharedCounterBlocks()
+    readers, pids = [], []
+    for _ in range(3):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            try:
+                os.close(r)
+                keys = TransportKeys(ka, counters=blocks)
+                drawn = [keys.next_counter() for _ in range(3000)]
+                os.write(w, struct.pack(f"<{len(drawn)}Q", *drawn))
+            finally:
+                os._exit(0)
+        os.close(w)
+        readers.append(r)
+        pids.append(pid)
+    every: list[int] = []
+    for r, pid in zip(readers, pids, strict=True):
+        data = b""
+        while chunk := os.read(r, 1 << 16):
+            data += chunk
+        os.close(r)
+        os.waitpid(pid, 0)
+        every += struct.unpack(f"<{len(data) // 8}Q", data)
+    assert len(every) == 9000 and len(set(every)) == 9000
+    assert blocks.issued >= 9000

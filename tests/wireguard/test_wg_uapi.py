@@ -198,3 +198,30 @@ def test_our_parser_reads_wireguard_go(netns: NetNamespace, make_netns: object) 
     assert config.private_key == PRIV and config.listen_port == 51820
     assert config.peers[PEER1].persistent_keepalive_interval == 25
     assert sorted(format_get(config).splitlines()) == sorted(body.splitlines())
+
+
+def test_a_failing_handler_answers_an_errno_and_keeps_serving(netns: NetNamespace) -> None:
+    class Broken(_ConfigHandler):
+        def set(self, body: str) -> SetResult:
+            raise RuntimeError("a bug")
+
+    name = f"wgmq{uuid.uuid4().hex[:8]}"
+    control = ControlSocket(name, Broken())
+    stop = threading.Event()
+    thread = threading.Thread(target=control.serve, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(control.path)
+            s.sendall(b"set=1\nlisten_port=1\n\nget=1\n\n")
+            answer = b""
+            while answer.count(b"\n\n") < 2:
+                chunk = s.recv(4096)
+                assert chunk
+                answer += chunk
+        assert answer == b"errno=-55\n\nerrno=0\n\n"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        control.close()

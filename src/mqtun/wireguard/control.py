@@ -23,6 +23,7 @@ from mqtun.wireguard.uapi import RequestReader, SetResult, response
 __all__ = ["SOCKET_DIR", "ControlHandler", "ControlSocket", "socket_path"]
 
 SOCKET_DIR = "/var/run/wireguard"
+ERRNO_UNKNOWN = -55  # what wireguard-go answers for an error it did not classify
 
 
 def socket_path(ifname: str) -> str:
@@ -87,17 +88,24 @@ class ControlSocket:
         if not data:
             return False
         for request in self._readers[conn].feed(data):
-            if request.operation == "get":
-                answer = response(self.handler.get(), 0)
-            elif request.operation == "set":
-                answer = response("", self.handler.set(request.body).errno)
-            else:
+            if request.operation not in ("get", "set"):
                 return False
+            try:
+                if request.operation == "get":
+                    answer = response(self.handler.get(), 0)
+                else:
+                    answer = response("", self.handler.set(request.body).errno)
+            except Exception:  # a bug behind one request must not end the interface
+                answer = response("", ERRNO_UNKNOWN)
             try:
                 conn.sendall(answer)
             except OSError:
                 return False
         return True
+
+    def close_listener(self) -> None:
+        """Close this process's copy of the socket, leaving the path (a forked worker)."""
+        self._sock.close()
 
     def close(self) -> None:
         for conn in self._readers:

@@ -20,8 +20,9 @@ from mqtun.wireguard import messages as m
 from mqtun.wireguard.allowed_ips import AllowedIPs
 from mqtun.wireguard.cookie import source_bytes
 from mqtun.wireguard.noise import Handshake, Keypair, StaticIdentity, consume_initiation, tai64n
-from mqtun.wireguard.session import Session
+from mqtun.wireguard.session import CounterBlocks, Session, TransportKeys
 from mqtun.wireguard.timers import (
+    REJECT_AFTER_TIME,
     REKEY_TIMEOUT,
     PeerTimers,
     Timer,
@@ -34,6 +35,16 @@ __all__ = ["Datagram", "Output", "Peer", "WireguardCore"]
 
 Address = tuple[str, int]
 MAX_STAGED = 128
+# Under load: more handshake messages in one second than this. The interface then stays
+# under load for UNDER_LOAD_AFTER_TIME and answers initiations lacking a valid mac2 with a
+# cookie reply instead of doing Diffie-Hellman (wireguard-go's trigger is its handshake queue
+# reaching 1/8 full; a rate is the sans-IO equivalent).
+UNDER_LOAD_HANDSHAKES_PER_SECOND = 128
+UNDER_LOAD_AFTER_TIME = 1.0
+# Under load, even handshakes with a valid cookie are limited per source address (a token
+# bucket: 20 a second, bursts of 5), as wireguard-go's ratelimiter does.
+RATE_PER_SOURCE = 20.0
+RATE_BURST = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +76,7 @@ class Peer:
         self.tx_bytes = 0
         self.last_handshake_ns = 0
         self.staged: collections.deque[bytes] = collections.deque(maxlen=MAX_STAGED)
+        self.owner = 0  # the worker whose socket this peer's datagrams reach (multi-worker)
 
     def __repr__(self) -> str:
         return f"Peer({self.public_key.hex()[:8]}…, endpoint={self.endpoint})"
@@ -93,11 +105,24 @@ class WireguardCore:
         self.peers: dict[bytes, Peer] = {}
         self.allowed_ips: AllowedIPs[Peer] = AllowedIPs()
         self.drops: collections.Counter[str] = collections.Counter()
-        self.under_load = False
+        self.under_load = False  # forced on (tests, operators) or detected by rate
+        self._load_window = (0.0, 0)  # (start of the current second, handshakes in it)
+        self._under_load_until = float("-inf")
+        self._buckets: dict[str, tuple[float, float]] = {}  # source host -> (tokens, at)
         self.mtu: int | None = None
         self._indexes: dict[int, Peer] = {}
         self._random = random
         self._wall_ns = wall_clock_ns
+        # Hooks for a multi-worker shell (all optional): indexes are chosen so that
+        # index % index_modulus == peer.owner (the worker that will decrypt under it), send
+        # counters come from `counters_for(keypair)`, and `on_session` hears of every keypair.
+        self.index_modulus = 1
+        self.counters_for: Callable[[Keypair], CounterBlocks] | None = None
+        self.on_session: Callable[[Peer, TransportKeys], None] | None = None
+        # a worker's core does no handshakes: it records the peers that want one instead
+        self.handshakes = True
+        self.wants_handshake: set[bytes] = set()
+        self._via: int | None = None
 
     # -- configuration -----------------------------------------------------------------
     def add_peer(self, public_key: bytes, *, preshared_key: bytes = bytes(32),
@@ -120,9 +145,11 @@ class WireguardCore:
         return Output()
 
     def _new_index(self, peer: Peer) -> int:
+        mod = self.index_modulus
         while True:
             index = int.from_bytes(self._random(4), "little")
-            if index and index not in self._indexes:
+            index = index - index % mod + peer.owner % mod
+            if index and index < 1 << 32 and index not in self._indexes:
                 self._indexes[index] = peer
                 return index
 
@@ -134,6 +161,9 @@ class WireguardCore:
         """A handshake initiation to `peer` (none if one went out less than REKEY_TIMEOUT ago)."""
         if peer.endpoint is None:
             return self._drop(m.Drop(m.DropReason.NO_ROUTE, "peer has no endpoint"))
+        if not self.handshakes:
+            self.wants_handshake.add(peer.public_key)
+            return Output()
         if not force and now - peer.handshake.last_sent < REKEY_TIMEOUT:
             return Output()
         self._forget_index(peer.handshake.local_index)
@@ -148,31 +178,80 @@ class WireguardCore:
     def _begin_session(self, peer: Peer, keypair: Keypair, now: float) -> None:
         before = {k.keypair.local_index for k in (peer.session.current, peer.session.previous,
                                                   peer.session.next) if k is not None}
-        peer.session.install(keypair)
+        counters = self.counters_for(keypair) if self.counters_for is not None else None
+        keys = peer.session.install(keypair, counters)
         after = {k.keypair.local_index for k in (peer.session.current, peer.session.previous,
                                                  peer.session.next) if k is not None}
         for gone in before - after:
             self._forget_index(gone)
         self._indexes[keypair.local_index] = peer
         peer.timers.on_session_derived(now)
+        if self.on_session is not None:
+            self.on_session(peer, keys)
+
+    def install_keypair(self, peer: Peer, keypair: Keypair, counters: CounterBlocks) -> None:
+        """A keypair another process derived (a worker mirrors the main process's sessions)."""
+        before = {k.keypair.local_index for k in (peer.session.current, peer.session.previous,
+                                                  peer.session.next) if k is not None}
+        peer.session.install(keypair, counters)
+        after = {k.keypair.local_index for k in (peer.session.current, peer.session.previous,
+                                                 peer.session.next) if k is not None}
+        for gone in before - after:
+            self._forget_index(gone)
+        self._indexes[keypair.local_index] = peer
+
+    def confirm(self, peer: Peer, local_index: int, now: float) -> Output:
+        """The first data under our responder keypair arrived at another worker: promote it,
+        the handshake is complete, and what waited for it goes out."""
+        if not peer.session.promote(local_index):
+            return Output()
+        self._handshake_done(peer, now)
+        return self._flush_staged(peer, now)
 
     def _handshake_done(self, peer: Peer, now: float) -> None:
         peer.timers.on_handshake_complete(now)
         peer.last_handshake_ns = self._wall_ns()
+
+    def _count_handshake(self, now: float) -> None:
+        start, count = self._load_window
+        if now - start >= 1.0:
+            start, count = now, 0
+        count += 1
+        self._load_window = (start, count)
+        if count > UNDER_LOAD_HANDSHAKES_PER_SECOND:
+            self._under_load_until = now + UNDER_LOAD_AFTER_TIME
+
+    def is_under_load(self, now: float) -> bool:
+        return self.under_load or now < self._under_load_until
 
     def _check_macs(self, data: bytes, msg: m.Initiation | m.Response, src: Address,
                     now: float) -> Output | None:
         """None when the message may be processed; else the cookie reply (or nothing)."""
         if not self.identity.cookies.check_mac1(data):
             return self._drop(m.Drop(m.DropReason.BAD_MAC1))
-        if self.under_load and not self.identity.cookies.check_mac2(data, source_bytes(*src), now):
+        if self.is_under_load(now) and not self.identity.cookies.check_mac2(
+                data, source_bytes(*src), now):
             self.drops[m.DropReason.UNDER_LOAD.value] += 1
             reply = self.identity.cookies.create_reply(data, msg.sender, source_bytes(*src), now)
             return Output([Datagram(reply.pack(), src)])
+        if self.is_under_load(now) and not self._allow(src[0], now):
+            return self._drop(m.Drop(m.DropReason.RATE_LIMITED))
         return None
 
+    def _allow(self, host: str, now: float) -> bool:
+        if len(self._buckets) > 4096:  # forget idle sources (a full bucket is the default)
+            self._buckets = {h: b for h, b in self._buckets.items() if now - b[1] < 1.0}
+        tokens, at = self._buckets.get(host, (RATE_BURST, now))
+        tokens = min(RATE_BURST, tokens + (now - at) * RATE_PER_SOURCE)
+        allowed = tokens >= 1.0
+        self._buckets[host] = (tokens - 1.0 if allowed else tokens, now)
+        return allowed
+
     # -- the datagram path -------------------------------------------------------------
-    def receive(self, data: bytes, src: Address, now: float) -> Output:
+    def receive(self, data: bytes, src: Address, now: float, *, via: int | None = None) -> Output:
+        """One datagram from `src`; `via`: the worker whose socket received it (the peer's
+        next receive index is then chosen for that worker)."""
+        self._via = via
         msg = m.parse(data)
         if isinstance(msg, m.Drop):
             return self._drop(msg)
@@ -180,6 +259,7 @@ class WireguardCore:
             return self._receive_transport(msg, len(data), src, now)
         if isinstance(msg, m.CookieReply):
             return self._receive_cookie(msg, now)
+        self._count_handshake(now)
         refused = self._check_macs(data, msg, src, now)
         if refused is not None:
             return refused
@@ -197,6 +277,8 @@ class WireguardCore:
         if isinstance(result, m.Drop):
             return self._drop(result)
         peer = self.peers[result.remote_static]
+        if self._via is not None:
+            peer.owner = self._via
         peer.rx_bytes += size
         peer.endpoint = src
         self._forget_index(peer.handshake.local_index)
@@ -285,7 +367,7 @@ class WireguardCore:
         if peer.endpoint is None:
             return self._drop(m.Drop(m.DropReason.NO_ROUTE, "peer has no endpoint"))
         current = peer.session.current
-        if current is None or now - current.keypair.created >= 180.0:
+        if current is None or now - current.keypair.created >= REJECT_AFTER_TIME:
             if packet:
                 peer.staged.append(packet)
             return self.initiate(peer, now)

@@ -56,6 +56,7 @@ class DropReason(enum.Enum):
     BAD_MAC1 = "bad_mac1"
     BAD_MAC2 = "bad_mac2"
     UNDER_LOAD = "under_load_no_cookie"
+    RATE_LIMITED = "handshake_rate_limited"
     DECRYPT_FAILED = "decrypt_failed"
     UNKNOWN_PEER = "unknown_peer"
     UNKNOWN_INDEX = "unknown_index"

@@ -9,6 +9,7 @@ blocks (`CounterBlocks.take`, one lock-protected add in-process; across worker p
 same add on a shared-memory word), each worker numbers its packets from its own block, and no
 two blocks overlap, so no (key, nonce) pair is ever used twice. The block is small (64) next to
 the receiver's 8128-counter window, so a slow worker's counters stay inside the peer's window.
+(`CounterBlocks` serves threads; `SharedCounterBlocks` serves forked worker processes.)
 """
 
 from __future__ import annotations
@@ -16,15 +17,29 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
 from mqtun.wireguard import crypto
 from mqtun.wireguard.messages import Drop, DropReason, Transport
 from mqtun.wireguard.noise import Keypair
 from mqtun.wireguard.replay import ReplayWindow
 from mqtun.wireguard.timers import REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME
 
-__all__ = ["PADDING_MULTIPLE", "CounterBlocks", "Session", "TransportKeys"]
+__all__ = [
+    "PADDING_MULTIPLE",
+    "CounterBlocks",
+    "CounterTable",
+    "Session",
+    "SharedCounterBlocks",
+    "TransportKeys",
+]
 
 PADDING_MULTIPLE = 16
+_NONCE_PREFIX = bytes(4)
+
+
+def _nonce(counter: int) -> bytes:
+    return _NONCE_PREFIX + counter.to_bytes(8, "little")
 COUNTER_BLOCK = 64
 
 
@@ -45,6 +60,59 @@ class CounterBlocks:
         return self._next
 
 
+class SharedCounterBlocks(CounterBlocks):
+    """The same disjoint blocks, drawn by worker *processes*: the next free counter is one
+    8-byte word in memory shared across fork (an anonymous MAP_SHARED mmap), advanced under
+    a process-shared lock. Create it before forking the workers, or take slots of a
+    `CounterTable` made before the fork; each worker's `TransportKeys` then draws from it."""
+
+    def __init__(self, table: CounterTable | None = None, slot: int = 0) -> None:
+        self._table = table if table is not None else CounterTable(1)
+        self._at = 8 * slot
+
+    def take(self, n: int = COUNTER_BLOCK) -> range:
+        word, at = self._table.words, self._at
+        with self._table.lock:
+            start = int.from_bytes(word[at:at + 8], "little")
+            word[at:at + 8] = (start + n).to_bytes(8, "little")
+        return range(start, start + n)
+
+    @property
+    def issued(self) -> int:
+        return int.from_bytes(self._table.words[self._at:self._at + 8], "little")
+
+
+class CounterTable:
+    """`slots` shared counter words and their lock, made before fork; the main process hands
+    a slot to each new keypair (`assign`, `release` once the keypair is gone), every process
+    draws from it by number."""
+
+    def __init__(self, slots: int = 1024) -> None:
+        import mmap
+        import multiprocessing
+
+        self.slots = slots
+        self.words = mmap.mmap(-1, 8 * slots, flags=mmap.MAP_SHARED)
+        self.lock = multiprocessing.get_context("fork").Lock()
+        self._free = list(range(slots - 1, -1, -1))
+
+    def assign(self) -> int:
+        """A free slot for a new keypair, reset to counter 0 (main process only). A slot is
+        reused only after `release`: never while its keypair may still send."""
+        if not self._free:
+            raise RuntimeError("no free counter slot: more live keypairs than the table holds")
+        slot = self._free.pop()
+        with self.lock:
+            self.words[8 * slot:8 * slot + 8] = bytes(8)
+        return slot
+
+    def release(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def blocks(self, slot: int) -> SharedCounterBlocks:
+        return SharedCounterBlocks(self, slot)
+
+
 @dataclass(slots=True)
 class TransportKeys:
     """A keypair in use: its AEAD keys, its counter source, its receive window."""
@@ -54,6 +122,13 @@ class TransportKeys:
     window: ReplayWindow = field(default_factory=ReplayWindow)
     _lease: range = range(0)
     _lease_at: int = 0
+    # the AEADs are keyed once per keypair, not once per packet
+    sender: ChaCha20Poly1305 = field(init=False)
+    receiver: ChaCha20Poly1305 = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sender = ChaCha20Poly1305(self.keypair.send_key)
+        self.receiver = ChaCha20Poly1305(self.keypair.receive_key)
 
     def next_counter(self) -> int:
         """This worker's next counter (a fresh block from `counters` when its block is used up)."""
@@ -80,9 +155,12 @@ class Session:
         self.previous: TransportKeys | None = None
         self.next: TransportKeys | None = None
 
-    def install(self, keypair: Keypair) -> TransportKeys:
-        """Rotate in a freshly derived keypair (wireguard-go's BeginSymmetricSession)."""
-        keys = TransportKeys(keypair)
+    def install(self, keypair: Keypair, counters: CounterBlocks | None = None) -> TransportKeys:
+        """Rotate in a freshly derived keypair (wireguard-go's BeginSymmetricSession).
+
+        `counters`: where its send counters come from (shared with other workers), else a
+        private source."""
+        keys = TransportKeys(keypair, counters=counters or CounterBlocks())
         if keypair.is_initiator:
             if self.next is not None:
                 self.previous, self.next = self.next, None
@@ -99,6 +177,13 @@ class Session:
                 return keys
         return None
 
+    def promote(self, local_index: int) -> bool:
+        """Key confirmation seen elsewhere (another worker): `next` becomes `current`."""
+        if self.next is None or self.next.keypair.local_index != local_index:
+            return False
+        self.previous, self.current, self.next = self.current, self.next, None
+        return True
+
     def clear(self) -> None:
         self.current = self.previous = self.next = None
 
@@ -112,7 +197,7 @@ class Session:
         if counter >= REJECT_AFTER_MESSAGES or age >= REJECT_AFTER_TIME:
             return Drop(DropReason.KEY_EXPIRED)
         header = Transport.header(keys.keypair.remote_index, counter)
-        return header + crypto.aead_encrypt(keys.keypair.send_key, counter, pad(packet, mtu), b"")
+        return header + keys.sender.encrypt(_nonce(counter), pad(packet, mtu), None)
 
     def decrypt(self, msg: Transport, now: float) -> tuple[bytes, TransportKeys] | Drop:
         """A transport message -> (plaintext, the keys that opened it), or why not.
@@ -128,8 +213,7 @@ class Session:
         if not keys.window.check(msg.counter, REJECT_AFTER_MESSAGES):
             return Drop(DropReason.REPLAY)
         try:
-            plain = crypto.aead_decrypt(keys.keypair.receive_key, msg.counter,
-                                        bytes(msg.packet), b"")
+            plain = keys.receiver.decrypt(_nonce(msg.counter), msg.packet, None)
         except crypto.InvalidTag:
             return Drop(DropReason.DECRYPT_FAILED)
         if not keys.window.accept(msg.counter, REJECT_AFTER_MESSAGES):
