@@ -6,6 +6,7 @@ include/uapi/linux/if_tun.h, virtio_net.h, bpf.h and filter.h (see ../shared/KER
 
 from __future__ import annotations
 
+import errno
 import struct
 from typing import Final
 
@@ -264,8 +265,8 @@ SKF_AD_OFF: Final = -0x1000
 SKF_NET_OFF: Final = -0x100000
 SKF_LL_OFF: Final = -0x200000
 
-# --- errno values the tun driver returns that Python's errno module names differently ----------
-EBADFD: Final = 77
+# --- errno values (kept for old imports: the stdlib's errno.EBADFD is the one to use) ---------
+EBADFD: Final = errno.EBADFD
 
 # === steer: eBPF/cBPF steering and filters (mqtun.steer) ======================================
 # bpf(2) commands and attribute layouts beyond the ones above (include/uapi/linux/bpf.h).
@@ -407,3 +408,27 @@ SOL_UDP: Final = 17
 UDP_SEGMENT: Final = 103  # setsockopt: UDP GSO segment size (include/uapi/linux/udp.h)
 SO_RCVBUFFORCE: Final = 33  # asm-generic/socket.h: SO_RCVBUF past rmem_max (CAP_NET_ADMIN)
 # === end packet ================================================================================
+
+# === seams-core: links, namespaces, processes ===================================================
+# net_device flags (include/uapi/linux/if.h)
+IFF_UP: Final = 0x1
+IFF_BROADCAST: Final = 0x2
+IFF_POINTOPOINT: Final = 0x10
+IFF_LOWER_UP: Final = 0x10000
+IFA_F_NODAD: Final = 0x80  # include/uapi/linux/if_addr.h
+RT_SCOPE_HOST: Final = 254  # include/uapi/linux/rtnetlink.h
+CLONE_NEWNET: Final = 0x40000000  # include/uapi/linux/sched.h
+PR_SET_PDEATHSIG: Final = 1  # include/uapi/linux/prctl.h
+PR_SET_NAME: Final = 15
+# The ethtool feature (netdev_features_strings) each TUNSETOFFLOAD bit turns on
+# (drivers/net/tun.c set_offload); the kernel has no getter for the mask itself.
+TUN_F_FEATURES: Final = (
+    ("tx-checksum-ip-generic", TUN_F_CSUM),
+    ("tx-tcp-segmentation", TUN_F_TSO4),
+    ("tx-tcp6-segmentation", TUN_F_TSO6),
+    ("tx-tcp-ecn-segmentation", TUN_F_TSO_ECN),
+    ("tx-udp-segmentation", TUN_F_USO4 | TUN_F_USO6),
+    ("tx-udp_tnl-segmentation", TUN_F_UDP_TUNNEL_GSO),
+    ("tx-udp_tnl-csum-segmentation", TUN_F_UDP_TUNNEL_GSO_CSUM),
+)
+# === end seams-core ==============================================================================

@@ -21,7 +21,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-_PR_SET_PDEATHSIG = 1
+from mqtun import _uapi
 
 
 class _Stop(Exception):
@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if pid == 0:
             code = 1
             try:
-                ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+                ctypes.CDLL(None).prctl(_uapi.PR_SET_PDEATHSIG, signal.SIGKILL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 if cpus:
