@@ -381,3 +381,40 @@ def test_every_kernel_errno_of_every_operation_has_its_text() -> None:
     # op-independent errnos still name the operation
     gone = str(errors.kernel_error(OSError(errno.EBADFD, "x"), "set_carrier", "mq7"))
     assert "change the carrier of mq7" in gone and "gone" in gone
+
+
+# ---- what the kernel knows comes from the kernel (issue 11) -------------------------------------
+def test_attach_reads_the_virtio_net_header_size_the_device_has() -> None:
+    """The size is device-wide: an attacher must not assume 10 when the owner set 24."""
+    from mqtun.offload import read_packet
+
+    with Device.create("vh%d", vnet_hdr=True) as owner:
+        owner.set_vnet_hdr_size(24)
+        owner.link.up()
+        owner.link.add_address(NET)
+        with Device.attach(owner.name) as other:
+            assert other.vnet_hdr_size == 24 and other.header_size == 24
+            assert other.queues[0].header_size == 24
+            owner.close()
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.sendto(b"v" * 30, (ADDR_B, 9))
+            got = read_packet(other.queues[0], timeout=5)
+            assert got is not None
+            _hdr, packet = got
+            assert packet[0] == 0x45 and bytes(packet[-30:]) == b"v" * 30, "split at 24"
+            owner_set = Device.attach(other.name)
+            owner_set.set_vnet_hdr_size(12)  # another holder changes it
+            assert other.vnet_hdr_size == 12 and other.queues[0].header_size == 12
+            owner_set.close()
+
+
+def test_queue_flags_and_limits_come_from_the_kernel() -> None:
+    with Device.create("fl%d", 2) as dev, Device.create("sq%d") as single:
+        q = dev.queues[1]
+        assert q.flags & 0x0100 and not q.flags & 0x0400  # MULTI_QUEUE, not DETACH_QUEUE
+        q.disable()
+        assert q.flags & 0x0400, "TUNGETIFF reports a detached queue"
+        assert dev.max_queues == 256 and single.max_queues == 1
+        info = dev.info()
+        assert (info.max_tx_queues, info.max_rx_queues) == (256, 256)
+        assert (info.num_queues, info.num_disabled_queues) == (1, 1)
