@@ -388,7 +388,7 @@ def test_attach_reads_the_virtio_net_header_size_the_device_has() -> None:
     """The size is device-wide: an attacher must not assume 10 when the owner set 24."""
     from mqtun.offload import read_packet
 
-    with Device.create("vh%d", vnet_hdr=True) as owner:
+    with Device.create("vh%d", vnet_hdr=True, multi_queue=True) as owner:
         owner.set_vnet_hdr_size(24)
         owner.link.up()
         owner.link.add_address(NET)
