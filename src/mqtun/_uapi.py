@@ -7,6 +7,7 @@ include/uapi/linux/if_tun.h, virtio_net.h, bpf.h and filter.h (see ../shared/KER
 from __future__ import annotations
 
 import errno
+import platform
 import struct
 from typing import Final
 
@@ -152,9 +153,40 @@ VIRTIO_NET_HDR_MRG_RXBUF_SIZE: Final = 12
 VIRTIO_NET_HDR_V1_HASH_TUNNEL_SIZE: Final = 24
 VNET_HDR_MIN_SIZE: Final = 10
 
+# --- syscall numbers: per architecture (arch/x86/entry/syscalls/syscall_64.tbl and
+# include/uapi/asm-generic/unistd.h, which arm64 uses) ------------------------------------------
+SYSCALLS: Final[dict[str, dict[str, int]]] = {
+    "x86_64": {"bpf": 321, "setns": 308, "pidfd_open": 434, "pidfd_getfd": 438},
+    "aarch64": {"bpf": 280, "setns": 268, "pidfd_open": 434, "pidfd_getfd": 438},
+}
+MACHINE: Final = platform.machine()
+
+
+def syscall_number(name: str, machine: str = MACHINE) -> int:
+    """The number of syscall `name` on `machine` (this one by default).
+
+    Refused, with the reason, on an architecture mqtun has no table for: calling syscall(2)
+    with another architecture's number would run some other syscall, or give an ENOSYS that
+    reads as "this kernel lacks it".
+    """
+    try:
+        return SYSCALLS[machine][name]
+    except KeyError:
+        from mqtun.errors import MqtunError
+
+        known = ", ".join(sorted(SYSCALLS))
+        raise MqtunError(
+            errno.ENOSYS,
+            f"mqtun does not know the number of the {name} syscall on {machine or 'this'} "
+            f"machines (it knows {known}): add it to mqtun._uapi.SYSCALLS", op=name,
+        ) from None
+
+
+# legacy names: the numbers on this machine (-1 where mqtun has no table; see syscall_number)
+NR_bpf: Final = SYSCALLS.get(MACHINE, {}).get("bpf", -1)
+NR_pidfd_getfd: Final = SYSCALLS.get(MACHINE, {}).get("pidfd_getfd", -1)
+
 # --- bpf(2) --------------------------------------------------------------------------------------
-NR_bpf: Final = 321  # x86_64
-NR_pidfd_getfd: Final = 438  # every architecture but alpha (Linux 5.6+)
 BPF_MAP_CREATE: Final = 0
 BPF_MAP_LOOKUP_ELEM: Final = 1
 BPF_MAP_UPDATE_ELEM: Final = 2
@@ -295,6 +327,9 @@ BPF_OBJ_GET_INFO_LEN_OFFSET: Final = 4
 # jited_prog_insns, xlated_prog_insns, load_time, created_by_uid, nr_map_ids, map_ids, name[16]
 BPF_PROG_INFO_FORMAT: Final = "=II8sIIQQQIIQ16s"
 BPF_PROG_INFO_SIZE: Final = 228  # enough for every field up to 6.18 (the kernel copies min())
+BPF_PROG_INFO_NR_MAP_IDS_OFFSET: Final = 52  # u32 nr_map_ids
+BPF_PROG_INFO_MAP_IDS_OFFSET: Final = 56  # u64 map_ids (a pointer the kernel fills)
+BPF_OBJ_GET_INFO_ATTR_SIZE: Final = 16
 # struct bpf_map_info, the leading fields: type, id, key_size, value_size, max_entries,
 # map_flags, name[16]
 BPF_MAP_INFO_FORMAT: Final = "=IIIIII16s"

@@ -685,12 +685,12 @@ class Device:
 
     def set_tx_filter(self, macs: Sequence[bytes | str], *, allmulti: bool = False) -> None:
         """Accept only frames to these destination MACs (TAP; an empty list removes it)."""
+        from mqtun.steer.filters import pack_tx_filter  # the one packer (and its model)
+
         if not self.tap:
             raise InvalidArgumentError("a MAC (TX) filter only applies to TAP devices")
-        raw = [_mac_bytes(m) for m in macs]
-        head = struct.pack(_uapi.TUN_FILTER_HEADER_FORMAT,
-                           _uapi.TUN_FLT_ALLMULTI if allmulti else 0, len(raw))
-        self._control().ioctl(_uapi.TUNSETTXFILTER, head + b"".join(raw), "set_txfilter")
+        self._control().ioctl(_uapi.TUNSETTXFILTER, pack_tx_filter(macs, allmulti),
+                              "set_txfilter")
 
     def netns_fd(self) -> int:
         """A new fd of the network namespace the device lives in now (TUNGETDEVNETNS).
@@ -792,9 +792,3 @@ def _prog_fd(program: _HasFileno | int | None) -> int:
         return program
     return program.fileno()
 
-
-def _mac_bytes(mac: bytes | str) -> bytes:
-    raw = bytes.fromhex(mac.replace(":", "")) if isinstance(mac, str) else bytes(mac)
-    if len(raw) != _uapi.ETH_ALEN:
-        raise InvalidArgumentError(f"not a MAC address: {mac!r}")
-    return raw

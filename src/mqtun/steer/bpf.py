@@ -76,7 +76,7 @@ def _rebuild_verifier(err: int, message: str, log: str, name: str) -> VerifierEr
 
 def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str = "") -> int:
     """Run one bpf(2) command; raise a BpfError that says which command and why."""
-    ret = _syscall(u.NR_bpf, cmd, ctypes.addressof(attr), len(attr))
+    ret = _syscall(u.syscall_number("bpf"), cmd, ctypes.addressof(attr), len(attr))
     if ret < 0:
         err = ctypes.get_errno()
         raise _bpf_error(err, cmd, what)
@@ -154,7 +154,8 @@ class BpfObject:
     def _info(self, fmt: str, size: int) -> tuple[object, ...]:
         info = ctypes.create_string_buffer(size)
         attr = ctypes.create_string_buffer(struct.pack(u.BPF_OBJ_GET_INFO_FORMAT,
-                                                       self.fileno(), size, _addr(info)), 16)
+                                                       self.fileno(), size, _addr(info)),
+                                        u.BPF_OBJ_GET_INFO_ATTR_SIZE)
         _bpf(u.BPF_OBJ_GET_INFO_BY_FD, attr, self.name)
         return struct.unpack_from(fmt, info.raw)
 
@@ -243,11 +244,12 @@ class Program(BpfObject):
         if nr_maps:
             ids = ctypes.create_string_buffer(4 * int(nr_maps))
             info = bytearray(u.BPF_PROG_INFO_SIZE)
-            struct.pack_into("=I", info, 52, int(nr_maps))
-            struct.pack_into("=Q", info, 56, ctypes.addressof(ids))
+            struct.pack_into("=I", info, u.BPF_PROG_INFO_NR_MAP_IDS_OFFSET, int(nr_maps))
+            struct.pack_into("=Q", info, u.BPF_PROG_INFO_MAP_IDS_OFFSET, ctypes.addressof(ids))
             info_buf = ctypes.create_string_buffer(bytes(info), len(info))
             attr = ctypes.create_string_buffer(struct.pack(
-                u.BPF_OBJ_GET_INFO_FORMAT, self.fileno(), len(info), _addr(info_buf)), 16)
+                u.BPF_OBJ_GET_INFO_FORMAT, self.fileno(), len(info), _addr(info_buf)),
+                u.BPF_OBJ_GET_INFO_ATTR_SIZE)
             _bpf(u.BPF_OBJ_GET_INFO_BY_FD, attr, self.name)
             map_ids = struct.unpack(f"={int(nr_maps)}I", ids.raw)
         return ProgramInfo(
