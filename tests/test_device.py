@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import socket
-import struct
 
 import pytest
 from nettools import ADDR_B, NET, run_as, wait_for
@@ -298,14 +297,6 @@ def test_owner_may_open_queues_and_others_may_not() -> None:
     refused = run_as("daemon", attach_two)
     assert refused.startswith("EPERM") and "own0" in refused and "owner/group" in refused
     Device.attach("own0").delete()
-
-
-def test_struct_sizes_match_the_kernel_abi() -> None:
-    from mqtun import _uapi
-
-    assert _uapi.IFREQ_SIZE == 40
-    assert struct.calcsize(_uapi.SOCK_FPROG_FORMAT) == 16
-    assert _uapi.unpack_ifreq(_uapi.pack_ifreq(b"mq0", 0x1101)) == ("mq0", 0x1101)
 
 
 # ---- messages name the real cause (issue 11) ----------------------------------------------------
