@@ -76,11 +76,11 @@ class QueueFullError(MqtunError, BlockingIOError):
         self.written = written
 
     def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (QueueFullError, (self.message,), {"device": self.device, "op": self.op,
-                                                  "written": self.written})
+        return (_rebuild_full, (self.message, self.device, self.op, self.written))
 
-    def __setstate__(self, state: dict[str, object]) -> None:
-        self.__dict__.update(state)
+
+def _rebuild_full(message: str, device: str | None, op: str, written: int) -> QueueFullError:
+    return QueueFullError(message, device=device, op=op, written=written)
 
 
 # ---- errno + operation -> message ----------------------------------------------------------------

@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2 import IPRoute  # type: ignore[import-untyped]
+from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
 from mqtun import _uapi
 from mqtun.errors import InvalidArgumentError, MqtunError, PermissionDeniedError, kernel_error
@@ -225,7 +225,7 @@ class Link:
 
     def offloads(self) -> int:
         """The TUN_F_* mask the device's features show (see Device.offloads)."""
-        from pyroute2.ethtool.ioctl import IoctlEthtool
+        from pyroute2.ethtool.ioctl import IoctlEthtool  # type: ignore[import-untyped]
 
         def read(_ipr: IPRoute, _idx: int) -> int:
             nsfd = _netns_fd_or_none(self._device)

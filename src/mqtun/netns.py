@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from pyroute2 import IPRoute
+from pyroute2 import IPRoute  # type: ignore[import-untyped]
 from pyroute2 import netns as _pyroute2_netns
 
 from mqtun.errors import MqtunError

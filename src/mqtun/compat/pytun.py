@@ -37,14 +37,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final
 
-from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
 from mqtun import _uapi
 from mqtun.device import Device
 from mqtun.link import find_link, netlink
 
 if TYPE_CHECKING:
-    from pyroute2 import IPRoute
+    from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
     from mqtun.queue import Queue
 

@@ -15,6 +15,7 @@ import re
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from mqtun import _uapi as u
 from mqtun.errors import InvalidArgumentError, MqtunError, PermissionDeniedError
@@ -151,7 +152,7 @@ class BpfObject:
         state = "closed" if self._fd < 0 else f"fd={self._fd}"
         return f"<{type(self).__name__} {self.name!r} {state}>"
 
-    def _info(self, fmt: str, size: int) -> tuple[object, ...]:
+    def _info(self, fmt: str, size: int) -> tuple[Any, ...]:
         info = ctypes.create_string_buffer(size)
         attr = ctypes.create_string_buffer(struct.pack(u.BPF_OBJ_GET_INFO_FORMAT,
                                                        self.fileno(), size, _addr(info)),
@@ -253,8 +254,8 @@ class Program(BpfObject):
             _bpf(u.BPF_OBJ_GET_INFO_BY_FD, attr, self.name)
             map_ids = struct.unpack(f"={int(nr_maps)}I", ids.raw)
         return ProgramInfo(
-            id=int(pid), type=int(ptype), tag=bytes(tag).hex(),  # type: ignore[arg-type]
-            name=bytes(raw_name).split(b"\0", 1)[0].decode(),  # type: ignore[arg-type]
+            id=int(pid), type=int(ptype), tag=bytes(tag).hex(),
+            name=bytes(raw_name).split(b"\0", 1)[0].decode(),
             xlated_len=int(xlated), jited_len=int(jited), map_ids=map_ids,
             load_time_ns=int(load_time), created_by_uid=int(uid),
         )
@@ -341,7 +342,7 @@ def _verifier_error(
     first: BpfError,
 ) -> MqtunError:
     size = _LOG_START
-    err = first.errno
+    err = first.errno or _errno.EINVAL
     text = ""
     for _ in range(4):
         log = ctypes.create_string_buffer(size)
@@ -349,7 +350,7 @@ def _verifier_error(
             fd, _ = _prog_load(prog_type, insns, count, lic, name, u.BPF_LOG_LEVEL1, log)
         except BpfError as exc:
             text = log.value.decode(errors="replace")
-            err = exc.errno
+            err = exc.errno or err
             need = getattr(exc, "log_true_size", 0)
             if exc.errno == _errno.ENOSPC and need > size and size < _LOG_MAX:
                 size = min(max(need + 1, size * 4), _LOG_MAX)
@@ -469,8 +470,8 @@ class ArrayMap(BpfObject):
     def info(self) -> MapInfo:
         mtype, mid, ks, vs, me, flags, raw_name = self._info(u.BPF_MAP_INFO_FORMAT,
                                                              u.BPF_MAP_INFO_SIZE)
-        return MapInfo(int(mid), int(mtype), int(ks), int(vs), int(me), int(flags),  # type: ignore[arg-type]
-                       bytes(raw_name).split(b"\0", 1)[0].decode())  # type: ignore[arg-type]
+        return MapInfo(int(mid), int(mtype), int(ks), int(vs), int(me), int(flags),
+                       bytes(raw_name).split(b"\0", 1)[0].decode())
 
 
 def loaded_program_ids() -> list[int]:
