@@ -409,3 +409,6 @@ def test_queue_flags_and_limits_come_from_the_kernel() -> None:
         info = dev.info()
         assert (info.max_tx_queues, info.max_rx_queues) == (256, 256)
         assert (info.num_queues, info.num_disabled_queues) == (1, 1)
+        assert dev.link.channels() == (1, 256), "what `ethtool -l` shows"
+        dev.add_queue()
+        assert dev.link.channels() == (2, 256) and dev.info().num_queues == 2

@@ -225,33 +225,44 @@ class Link:
 
     def offloads(self) -> int:
         """The TUN_F_* mask the device's features show (see Device.offloads)."""
+
+        def read(ethtool: Any) -> int:
+            features = ethtool.get_features()
+            return sum(bit for name, bit in _uapi.TUN_F_FEATURES if features[name])
+
+        return int(self._ethtool("get_offloads", read))
+
+    def channels(self) -> tuple[int, int]:
+        """(queues attached now, the most it can have): the combined channels `ethtool -l`
+        shows, which tun reports from its live queue count (disabled queues excluded)."""
+
+        def read(ethtool: Any) -> tuple[int, int]:
+            ch = ethtool.get_channels()
+            return int(ch.combined_count), int(ch.max_combined)
+
+        got: tuple[int, int] = self._ethtool("get_channels", read)
+        return got
+
+    def _ethtool(self, op: str, fn: Callable[[Any], Any]) -> Any:
+        """Run `fn` on an ethtool ioctl socket opened in the device's namespace."""
         from pyroute2.ethtool.ioctl import IoctlEthtool  # type: ignore[import-untyped]
 
-        def read(_ipr: IPRoute, _idx: int) -> int:
-            nsfd = _netns_fd_or_none(self._device)
+        name = self._device.name
+        nsfd = _netns_fd_or_none(self._device)
+        try:
+            with contextlib.ExitStack() as stack:
+                if nsfd is not None and _ns_key(nsfd) != _current_ns_key():
+                    stack.enter_context(entered_fd(nsfd))
+                ethtool = IoctlEthtool(name)
             try:
-                with contextlib.ExitStack() as stack:
-                    if nsfd is not None and _ns_key(nsfd) != _current_ns_key():
-                        stack.enter_context(entered_fd(nsfd))
-                    ethtool = IoctlEthtool(self._device.name)
-                try:
-                    features = ethtool.get_features()
-                    on = {name for name, _bit in _uapi.TUN_F_FEATURES if features[name]}
-                finally:
-                    ethtool.close()
-            except OSError as exc:
-                raise kernel_error(exc, "get_offloads", self._device.known_name) from None
+                return fn(ethtool)
             finally:
-                if nsfd is not None:
-                    os.close(nsfd)
-            return sum(bit for name, bit in _uapi.TUN_F_FEATURES if name in on)
-
-        return int(self._run("get_offloads", read))
-
-    @property
-    def ifindex(self) -> int:
-        """The ifindex in the device's current namespace (it may change with the namespace)."""
-        return int(self._run("ifindex", lambda ipr, idx: idx))
+                ethtool.close()
+        except OSError as exc:
+            raise kernel_error(exc, op, name) from None
+        finally:
+            if nsfd is not None:
+                os.close(nsfd)
 
     def info(self) -> LinkInfo:
         """Everything the kernel reports of the link, counters included."""
