@@ -388,7 +388,7 @@ def test_rates_across_a_64_bit_wrap() -> None:
     assert a.share == pytest.approx(50.0) and b.share == pytest.approx(50.0)
     assert view.total.rx_pps == pytest.approx(1000.0) and view.total.share == 100.0
     text = render_top(view)
-    assert "1.00k" in text and "1.00M" in text and "refused=3" in text
+    assert "1.00k" in text and "8.00M" in text and "refused=3" in text  # 1 MB/s: 8 Mbit/s
     assert "uptime 1:02:15" in text  # 3725 s before the first snapshot, 10.5 s later
 
 
@@ -441,7 +441,7 @@ def test_render_is_fixed_width() -> None:
     assert len(body) == 5 and body[-1].startswith("total")
     for ln in body:  # every number right-aligned under its title, whatever its size
         assert ln[share_end - 1] == "%" and ln[share_end] == " ", (ln, title)
-        for col in ("RX pkt/s", "TX B/s", "DROPS"):
+        for col in ("RX pkt/s", "TX bit/s", "DROPS"):
             end = title.index(col) + len(col)
             assert ln[end - 1] != " " and ln[end] == " ", (col, ln)
     assert "18.4E" in "\n".join(lines)  # a counter near 2**64 still fits its column

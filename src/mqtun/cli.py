@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -18,7 +19,21 @@ from mqtun.errors import InvalidArgumentError, MqtunError
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` names each option's default, except where there is none to name."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if (action.default in (None, argparse.SUPPRESS) or action.nargs == 0
+                or not action.option_strings):  # nargs 0: a flag, whose default says nothing
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
         print(f"mqtun: error: {message}", file=sys.stderr)
@@ -35,6 +50,24 @@ def _name(value: str) -> str:
     except InvalidArgumentError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return value
+
+
+def _new_name(value: str) -> str:
+    """A name for a device to create: a fixed name, or a pattern such as mq%d."""
+    value = _name(value)
+    if "%" in value and not value.replace("%d", "").strip("0123456789"):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} would make a device named by a number only; give the pattern a "
+            f"prefix, e.g. mq{value}")
+    return value
+
+
+def _already_exists(exc: MqtunError, remedy: str) -> MqtunError:
+    """The library's "already exists" speaks Python (Device.attach); say it in commands."""
+    if exc.errno == errno.EBUSY and exc.op == "create" and exc.device:
+        return MqtunError(exc.errno, f"device {exc.device} already exists: {remedy}",
+                          device=exc.device, op=exc.op)
+    return exc
 
 
 def _number(convert: Callable[[str], Any], what: str, low: float, high: float, *,
@@ -59,33 +92,43 @@ _repeat_count = _number(int, "repeat count", 1, 1000)
 _frame_count = _number(int, "iterations", 1, 10**9)
 _interval = _number(float, "interval (seconds)", 0.05, 3600)
 _positive_seconds = _number(float, "seconds", 0, 3600, above=True)
+_batch = _number(int, "the batch size (packets)", 1, 4096)
+_spin_us = _number(int, "the spin time (microseconds)", 0, 1_000_000)
 
 
 # ---- commands -------------------------------------------------------------------------------
 def _add_create(sub: Any) -> None:
     p = sub.add_parser("create", help="create a persistent tun/tap device")
-    p.add_argument("name", type=_name, help="device name, or a pattern such as mq%%d")
+    p.add_argument("name", type=_new_name, help="device name, or a pattern such as mq%%d")
     p.add_argument("--tap", action="store_true", help="a TAP (Ethernet) device, not TUN (IP)")
     p.add_argument("--multi-queue", action="store_true", help="allow more than one queue")
     p.add_argument("--vnet-hdr", action="store_true", help="queues carry a virtio-net header")
     p.add_argument("--packet-info", action="store_true", help="keep the 4-byte PI header")
-    p.add_argument("--owner", help="user allowed to open queues without CAP_NET_ADMIN")
-    p.add_argument("--group", help="group allowed to open queues without CAP_NET_ADMIN")
+    p.add_argument("--owner", metavar="USER",
+                   help="user allowed to open queues without CAP_NET_ADMIN")
+    p.add_argument("--group", metavar="GROUP",
+                   help="group allowed to open queues without CAP_NET_ADMIN")
     p.set_defaults(run=_run_create)
 
 
 def _run_create(args: argparse.Namespace) -> int:
     from mqtun.apps.manage import create_persistent
 
-    print(create_persistent(args.name, tap=args.tap, multi_queue=args.multi_queue,
-                            vnet_hdr=args.vnet_hdr, packet_info=args.packet_info,
-                            owner=args.owner, group=args.group))
+    try:
+        name = create_persistent(args.name, tap=args.tap, multi_queue=args.multi_queue,
+                                 vnet_hdr=args.vnet_hdr, packet_info=args.packet_info,
+                                 owner=args.owner, group=args.group)
+    except MqtunError as exc:
+        pattern = (args.name.rstrip("0123456789") or "mq") + "%d"
+        raise _already_exists(exc, f"delete it first (`mqtun delete {args.name}`), or give "
+                              f"a pattern such as {pattern}, which picks a free name") from None
+    print(name)
     return EXIT_OK
 
 
 def _add_delete(sub: Any) -> None:
     p = sub.add_parser("delete", help="delete a tun/tap device")
-    p.add_argument("name", type=_name)
+    p.add_argument("name", type=_name, help="the device's name")
     p.set_defaults(run=_run_delete)
 
 
@@ -98,8 +141,10 @@ def _run_delete(args: argparse.Namespace) -> int:
 
 def _add_show(sub: Any) -> None:
     p = sub.add_parser("show", help="show tun/tap devices, their queues and who holds them")
-    p.add_argument("name", nargs="?", type=_name)
+    p.add_argument("name", nargs="?", type=_name, help="one device (default: every one)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--clean", action="store_true",
+                   help="first remove counters regions left by dead processes (kill -9)")
     p.set_defaults(run=_run_show)
 
 
@@ -107,6 +152,11 @@ def _run_show(args: argparse.Namespace) -> int:
     from mqtun.apps.manage import describe, live_queues
     from mqtun.apps.render import render_show
 
+    if args.clean:
+        from mqtun.runtime.shm import remove_stale_regions
+
+        for path in remove_stale_regions():
+            print(f"removed {path}", file=sys.stderr)
     rows = describe(args.name)
     live = live_queues(rows)
     if args.json:
@@ -119,13 +169,17 @@ def _run_show(args: argparse.Namespace) -> int:
 
 
 def _add_forward(sub: Any) -> None:
-    from mqtun.runtime.loop import DEFAULT_MODE, MODES
+    from mqtun.runtime.loop import DEFAULT_BATCH, DEFAULT_MODE, DEFAULT_SPIN_US, MODES
 
-    p = sub.add_parser("forward", help="create two devices and move packets between them, "
-                       "one worker per queue pair")
-    p.add_argument("dev_a", type=_name, metavar="DEV_A")
-    p.add_argument("dev_b", type=_name, metavar="DEV_B")
+    p = sub.add_parser("forward", help="move packets between two devices, one worker per "
+                       "queue pair (creates them, or --attach to existing ones)")
+    p.add_argument("dev_a", type=_name, metavar="DEV_A", help="the first device")
+    p.add_argument("dev_b", type=_name, metavar="DEV_B", help="the second device")
     p.add_argument("--queues", type=_queue_count, default=1, help="queues per device (1..256)")
+    p.add_argument("--attach", action="store_true",
+                   help="serve two existing devices (e.g. made by `mqtun create --owner USER`, "
+                        "opened as that USER) instead of creating them; they are left in place "
+                        "at exit")
     p.add_argument("--tap", action="store_true", help="TAP (Ethernet) devices, not TUN (IP)")
     off = p.add_mutually_exclusive_group()
     off.add_argument("--no-offload", dest="offload", action="store_false",
@@ -134,8 +188,10 @@ def _add_forward(sub: Any) -> None:
                      help="virtio-net header and offloads (the default)")
     p.add_argument("--cpus", help="pin workers to these CPUs, e.g. 0-3,6 or auto")
     p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help="I/O loop mode")
-    p.add_argument("--batch", type=int, default=64, help="packets drained per queue per turn")
-    p.add_argument("--spin-us", type=int, default=50, help="adaptive mode: spin before sleeping")
+    p.add_argument("--batch", type=_batch, default=DEFAULT_BATCH,
+                   help="packets drained per queue per turn (1..4096)")
+    p.add_argument("--spin-us", type=_spin_us, default=DEFAULT_SPIN_US,
+                   help="adaptive mode: microseconds to keep polling before sleeping")
     p.add_argument("--user", help="after opening the queues, run as this user (drop root)")
     p.add_argument("--group", help="with --user: run as this group (default: the user's)")
 
@@ -143,15 +199,22 @@ def _add_forward(sub: Any) -> None:
         import signal
 
         from mqtun.apps.forward import ForwardConfig, Forwarder
-        from mqtun.runtime.workers import parse_cpus
+        from mqtun.runtime.workers import WorkerEvent, parse_cpus
 
         parse_cpus(args.cpus)  # a bad list is a usage error before anything is created
+        if args.attach:
+            for name in (args.dev_a, args.dev_b):
+                _check_attachable(name, args)
+
+        def on_event(ev: WorkerEvent) -> None:
+            # "gone" is not printed per worker: the one line at the end says which device went
+            if ev.kind in ("crashed", "restarted", "gave-up"):
+                print(f"mqtun: {ev}", file=sys.stderr, flush=True)
+
         fwd = Forwarder(ForwardConfig(args.dev_a, args.dev_b, args.queues, args.tap,
                                       args.offload, args.cpus, args.mode, args.batch,
-                                      args.spin_us, user=args.user, group=args.group),
-                        on_event=lambda ev: ev.kind in ("crashed", "restarted", "gave-up",
-                                                        "gone")
-                        and print(f"mqtun: {ev}", file=sys.stderr, flush=True))
+                                      args.spin_us, user=args.user, group=args.group,
+                                      attach=args.attach), on_event=on_event)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: fwd.request_stop())
         signal.signal(signal.SIGUSR1, lambda *_: fwd.request_stats())
@@ -160,11 +223,43 @@ def _add_forward(sub: Any) -> None:
             print(f"READY queues={fwd.queue_count}", flush=True)
             fwd.run(on_stats=lambda lines: print("\n".join(lines), file=sys.stderr,
                                                  flush=True))
+        except MqtunError as exc:
+            raise _already_exists(exc, "serve it with `mqtun forward --attach ...`, or delete "
+                                  f"it first (`mqtun delete {exc.device}`)") from None
         finally:
             fwd.close()
         return EXIT_OK
 
     p.set_defaults(run=run)
+
+
+def _check_attachable(name: str, args: argparse.Namespace) -> None:
+    """`forward --attach`: the device must have the flags the options ask for; say which
+    option (or which `mqtun create` option) makes them agree, in the CLI's own words."""
+    from mqtun.link import find_link
+
+    info = find_link(name)
+    if info is None:
+        raise MqtunError(errno.ENODEV, f"no tun/tap device named {name} in this network "
+                         f"namespace; create it first (`mqtun create {name} --multi-queue "
+                         "--vnet-hdr --owner USER`)", device=name, op="attach")
+    problems = []
+    if (info.kind == "tap") != args.tap:
+        problems.append(f"it is a {info.kind.upper()}: "
+                        + ("add --tap" if info.kind == "tap" else "leave out --tap"))
+    if info.vnet_hdr != args.offload:
+        problems.append("it has a virtio-net header: leave out --no-offload" if info.vnet_hdr
+                        else "it has no virtio-net header: add --no-offload, or recreate it "
+                        f"with `mqtun create {name} --vnet-hdr`")
+    if info.packet_info:
+        problems.append("it carries packet info, which forward does not: recreate it "
+                        "without --packet-info")
+    if args.queues > 1 and not info.multi_queue:
+        problems.append(f"it is single-queue: use --queues 1, or recreate it with "
+                        f"`mqtun create {name} --multi-queue`")
+    if problems:
+        raise InvalidArgumentError(f"cannot attach to {name}: {'; '.join(problems)}",
+                                   device=name, op="attach")
 
 
 def _add_top(sub: Any) -> None:
@@ -207,8 +302,8 @@ def _add_demo(sub: Any) -> None:
     p = sub.add_parser("demo", help="a 2-queue forwarder between two namespaces, TCP and UDP "
                        "through it, per-queue shares (root; everything is removed after)")
     p.add_argument("--seconds", type=_positive_seconds, default=6.0,
-                   help="traffic time, half TCP and half UDP (default 6)")
-    p.add_argument("--queues", type=_queue_count, default=2, help="forwarder queues (default 2)")
+                   help="traffic time, half TCP and half UDP")
+    p.add_argument("--queues", type=_queue_count, default=2, help="forwarder queues")
 
     def run(args: argparse.Namespace) -> int:
         import signal
@@ -232,16 +327,16 @@ def _add_bench(sub: Any) -> None:
 
     p = sub.add_parser("bench", help="forwarder throughput, request/response and packet rate "
                        "against veth and python-pytun (root; namespaces only)")
-    p.add_argument("--repeat", type=_repeat_count, default=3, help="runs of everything (3)")
+    p.add_argument("--repeat", type=_repeat_count, default=3, help="runs of everything")
     p.add_argument("--seconds", type=_positive_seconds, default=3.0,
-                   help="seconds per workload run (3)")
+                   help="seconds per workload run")
     p.add_argument("--configs", help=f"comma-separated subset of: {', '.join(CONFIGS)}")
     p.add_argument("--workloads", help=f"comma-separated subset of: {', '.join(WORKLOADS)}")
     p.add_argument("--short", action="store_true",
                    help="test mode: 1 repeat of 1 s, configs veth,mqtun-2q,pytun-1q unless "
                         "--configs says otherwise")
     p.add_argument("--out", default="bench/results", help="directory for results.json, "
-                   "table.md and chart.png (default bench/results)")
+                   "table.md and chart.png")
     p.add_argument("--tool-cpus", help="pin iperf3/sockperf to these CPUs (taskset -c LIST); "
                    "default: not pinned")
 

@@ -147,8 +147,9 @@ _MESSAGES: dict[tuple[str, int], tuple[str, type[MqtunError] | None]] = {
     ("open", _errno.ENODEV): _row("the tun driver is not available in this kernel (CONFIG_TUN)"),
     ("open", _errno.ENXIO): _row("the tun driver is not available in this kernel (CONFIG_TUN)"),
     ("open", _errno.EACCES): _row(
-        "cannot open /dev/net/tun: permission denied on the device node (it is usually mode "
-        "0666; check `ls -l /dev/net/tun`)"),
+        "cannot open /dev/net/tun: permission denied on the device node; make it usable by "
+        "all (as root: chmod 0666 /dev/net/tun, the usual mode: the kernel still checks "
+        "CAP_NET_ADMIN and each device's owner/group) or run as root"),
     ("open", _errno.EMFILE): _row("too many open files in this process: raise `ulimit -n`"),
     ("open", _errno.ENFILE): _row("too many open files in the system"),
     # -- TUNSETIFF as create()

@@ -55,6 +55,7 @@ class ForwardConfig:
     spin_us: int = 50
     user: str | None = None  # drop to this user after opening the queues
     group: str | None = None  # and this group (default: the user's primary group)
+    attach: bool = False  # serve existing devices (e.g. persistent, owner-set) and leave them
 
     def __post_init__(self) -> None:
         if self.dev_a == self.dev_b:
@@ -98,15 +99,19 @@ class Forwarder:
         """Create both devices with every queue open, and start one worker per queue pair."""
         cfg = self.config
         loop = LoopConfig(mode=cfg.mode, batch=cfg.batch, spin_us=cfg.spin_us)
-        kw = {"tap": cfg.tap, "multi_queue": cfg.queues > 1, "vnet_hdr": cfg.offload,
-              "offloads": 0}
+        kw: dict[str, bool | int | None] = {"tap": cfg.tap, "multi_queue": cfg.queues > 1,
+                                            "vnet_hdr": cfg.offload, "offloads": 0}
+        if cfg.attach:  # the flags must match; packet info is never forwarded
+            kw.update(multi_queue=True if cfg.queues > 1 else None, packet_info=False)
+        make = Device.attach if cfg.attach else Device.create
         try:
-            self.dev_a = Device.create(cfg.dev_a, cfg.queues, **kw)  # type: ignore[arg-type]
-            self.dev_b = Device.create(cfg.dev_b, cfg.queues, **kw)  # type: ignore[arg-type]
+            self.dev_a = make(cfg.dev_a, cfg.queues, **kw)  # type: ignore[arg-type]
+            self.dev_b = make(cfg.dev_b, cfg.queues, **kw)  # type: ignore[arg-type]
             if cfg.offload:
                 self.offloads = negotiate_offloads([self.dev_a, self.dev_b])
             for d in (self.dev_a, self.dev_b):
-                d.link.up()
+                if not (cfg.attach and d.info().up):  # up already: no CAP_NET_ADMIN needed
+                    d.link.up()
             if cfg.user is not None:
                 self.ids = drop_privileges(cfg.user, cfg.group)
             self.pool = WorkerPool.forward(
@@ -151,7 +156,7 @@ class Forwarder:
 
     def qstat_lines(self) -> list[str]:
         """One `QSTAT q=<i> ...` line per queue pair, from the live shared counters."""
-        out = []
+        out: list[str] = []
         if self.pool is None:
             return out
         for i, w in enumerate(self.pool.workers):
@@ -169,8 +174,9 @@ class Forwarder:
             self.pool.stop()
         for d in (self.dev_a, self.dev_b):
             if d is not None:
-                with contextlib.suppress(MqtunError):
-                    d.delete()
+                if d.created:  # attached devices are someone else's: only our queues go
+                    with contextlib.suppress(MqtunError):
+                        d.delete()
                 with contextlib.suppress(MqtunError):
                     d.close()
 

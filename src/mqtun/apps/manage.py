@@ -122,7 +122,8 @@ def describe(name: str | None = None) -> list[tuple[LinkInfo, list[QueueHolder]]
 
     Each holder is checked through a copy of its queue fd (see `_probe`): holders of a
     same-named device in another namespace are left out, and a TAP holder tells the device's
-    classic filter.
+    classic filter. A single-queue device's queue counts (which the kernel reports for
+    multiqueue devices only) are filled in from its holders.
     """
     if name is not None:
         info = find_link(name)
@@ -141,6 +142,10 @@ def describe(name: str | None = None) -> list[tuple[LinkInfo, list[QueueHolder]]
             netns, classic = _probe(h, i)
             if netns in (here, None):
                 mine.append(dataclasses.replace(h, classic_filter=classic))
+        if not i.multi_queue and i.num_queues is None:
+            # the kernel reports queue counts for multiqueue devices only; a single-queue
+            # device has its one queue attached exactly when someone holds it
+            i = dataclasses.replace(i, num_queues=min(1, len(mine)), num_disabled_queues=0)
         rows.append((i, mine))
     return rows
 

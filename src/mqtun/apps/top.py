@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import os
 import select
 import shutil
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TextIO
+from typing import Any, TextIO
 
 from mqtun.errors import InvalidArgumentError, MqtunError
 from mqtun.runtime.shm import SHM_DIR, EntryInfo, Region, RegionInfo, list_regions
@@ -38,7 +40,6 @@ __all__ = [
 ]
 
 WRAP = 1 << 64
-_ESRCH = 3
 _CLEAR = "\x1b[H\x1b[2J"
 _ENTER = "\x1b[?1049h\x1b[?25l"  # alternate screen, hidden cursor
 _LEAVE = "\x1b[?25h\x1b[?1049l"
@@ -209,53 +210,103 @@ def _uptime(seconds: float) -> str:
     return f"{d}d {h:02d}:{m:02d}:{s:02d}" if d else f"{h:d}:{m:02d}:{s:02d}"
 
 
-_COLS = (  # title, width, right-aligned
-    ("DEVICE", 15, False), ("Q", 3, True), ("WORKER", 7, True), ("STATE", 8, False),
-    ("CPU", 3, True), ("RST", 3, True), ("RX pkt/s", 8, True), ("TX pkt/s", 8, True),
-    ("RX B/s", 7, True), ("TX B/s", 7, True), ("DROPS", 6, True), ("DROP/s", 6, True),
-    ("SHARE", 6, True), ("TOP DROPS", 0, False),
+@dataclass(frozen=True)
+class _Col:
+    title: str
+    width: int
+    right: bool = True
+    hide: int = 0  # 0: always shown; otherwise hidden, highest first, where the width is short
+
+
+# Rates first among what a narrow terminal keeps: DEVICE Q RX/TX pkt/s RX/TX bit/s DROPS SHARE
+# fit 60 columns; in 80 the drop rate and the worker's state come too. What is left out is
+# named under the table, never dropped silently.
+_COLS = (
+    _Col("DEVICE", 6, right=False), _Col("Q", 3), _Col("WORKER", 7, hide=3),
+    _Col("STATE", 8, right=False, hide=2), _Col("CPU", 3, hide=4), _Col("RST", 3, hide=5),
+    _Col("RX pkt/s", 8), _Col("TX pkt/s", 8), _Col("RX bit/s", 8), _Col("TX bit/s", 8),
+    _Col("DROPS", 5), _Col("DROP/s", 6, hide=1), _Col("SHARE", 6),
+    _Col("TOP DROPS", 0, right=False, hide=6),
 )
+_TOP_DROPS_MIN = 16  # the last, free-width column is shown only with this much room
 
 
-def _line(cells: Sequence[str]) -> str:
+def _layout(view: TopView, width: int | None) -> tuple[list[_Col | None], list[str]]:
+    """The columns to draw (None: left out for the width) and the titles left out."""
+    device = max([len(r.device) for r in view.rows] + [len("total")], default=0)
+    cols: list[_Col | None] = [replace(c, width=min(15, max(c.width, device)))
+                               if c.title == "DEVICE" else c for c in _COLS]
+
+    def need() -> int:
+        shown = [c for c in cols if c is not None]
+        return (sum(c.width or _TOP_DROPS_MIN for c in shown) + len(shown) - 1)
+
+    hidden: list[str] = []
+    if width is not None:
+        for c in sorted((c for c in _COLS if c.hide), key=lambda c: -c.hide):
+            if need() <= width:
+                break
+            cols = [None if k is not None and k.title == c.title else k for k in cols]
+            hidden.append(c.title)
+    return cols, hidden
+
+
+def _line(cols: Sequence[_Col | None], cells: Sequence[str]) -> str:
     parts = []
-    for (_, width, right), cell in zip(_COLS, cells, strict=True):
-        parts.append(cell.rjust(width) if right else cell.ljust(width))
+    for col, cell in zip(cols, cells, strict=True):
+        if col is not None:
+            parts.append(cell.rjust(col.width) if col.right else cell.ljust(col.width))
     return " ".join(parts).rstrip()
 
 
-def _cells(r: QueueRates, total: bool = False) -> list[str]:
+def _bits(bytes_per_s: float | None) -> str:
+    return si(None if bytes_per_s is None else bytes_per_s * 8)
+
+
+def _cells(r: QueueRates, device_width: int, total: bool = False) -> list[str]:
     drops = ",".join(f"{k}={si(v)}" for k, v in r.drop_reasons[:_TOP_REASONS]) or "-"
     share = "-" if r.share is None else f"{r.share:.1f}%"
     state = r.state + ("*" if r.restarted or r.reset else "")
     if total:
         return ["total", "", "", "", "", str(r.restarts), si(r.rx_pps), si(r.tx_pps),
-                si(r.rx_bps), si(r.tx_bps), si(r.drops), si(r.drops_ps), share, drops]
-    return [r.device[:15], str(r.queue), str(r.worker_pid or "-"), state[:8],
+                _bits(r.rx_bps), _bits(r.tx_bps), si(r.drops), si(r.drops_ps), share, drops]
+    return [r.device[:device_width], str(r.queue), str(r.worker_pid or "-"), state[:8],
             "-" if r.cpu is None else str(r.cpu), str(r.restarts), si(r.rx_pps),
-            si(r.tx_pps), si(r.rx_bps), si(r.tx_bps), si(r.drops), si(r.drops_ps), share,
+            si(r.tx_pps), _bits(r.rx_bps), _bits(r.tx_bps), si(r.drops), si(r.drops_ps), share,
             drops]
 
 
 def render_top(view: TopView, *, width: int | None = None, footer: str = "") -> str:
-    """The frame as text: a header line, the column titles, a row per queue, the totals.
+    """The frame as text: a header, the column titles, a row per queue, the totals, notes.
 
-    `width` cuts every line (a terminal would wrap them); `footer` goes last (e.g. "q: quit").
+    Rates are packets and bits per second. With `width` (a terminal's), the columns that
+    matter least are left out until the table fits, and the notes name them; lines are then
+    cut at `width` (a terminal would wrap them). `footer` goes last (e.g. "q: quit").
     """
     interval = "-" if view.interval is None else f"{view.interval:.1f}s"
-    head = (f"mqtun top - pid {view.pid} ({view.name})  devices {','.join(view.devices)}  "
-            f"queues {len({r.queue for r in view.rows})}  uptime {_uptime(view.uptime)}  "
+    who = f"mqtun top - pid {view.pid} ({view.name})  devices {','.join(view.devices)}"
+    when = (f"queues {len({r.queue for r in view.rows})}  uptime {_uptime(view.uptime)}  "
             f"interval {interval}")
-    lines = [head, _line([c[0] for c in _COLS])]
-    lines += [_line(_cells(r)) for r in view.rows]
+    head = [f"{who}  {when}"] if width is None or len(who) + 2 + len(when) <= width \
+        else [who, f"  {when}"]
+    cols, hidden = _layout(view, width)
+    device_width = next(c.width for c in cols if c is not None and c.title == "DEVICE")
+    lines = [*head, _line(cols, [c.title for c in _COLS])]
+    lines += [_line(cols, _cells(r, device_width)) for r in view.rows]
     if not view.rows:
         lines.append("(no queues in this region)")
-    lines.append(_line(_cells(view.total, total=True)))
-    notes = "rx: read from the queue by its worker, tx: written to it; B: bytes"
+    lines.append(_line(cols, _cells(view.total, device_width, total=True)))
+    notes = ["rx: read from the queue by its worker, tx: written to it; bit/s: bits per second"]
     if any(r.restarted or r.reset for r in view.rows):
-        notes += "; *: worker restarted or counters reset in this interval"
-    lines.append(notes + (f"; {footer}" if footer else ""))
-    if width is not None:
+        notes.append("*: worker restarted or counters reset in this interval")
+    if hidden:
+        notes.append(f"not shown at this width: {', '.join(hidden)}")
+    if footer:
+        notes.append(footer)
+    if width is None:
+        lines.append("; ".join(notes))
+    else:
+        lines += textwrap.wrap("; ".join(notes), width)
         lines = [ln[:width] for ln in lines]
     return "\n".join(lines) + "\n"
 
@@ -281,9 +332,9 @@ def find_region(which: str | None, directory: str = SHM_DIR) -> Region:
         match = [r for r in live if which in (_label(r), r.name)]
     if not match:
         if which is None:
-            raise MqtunError(_ESRCH, f"no running mqtun process (no live counters region under "
-                             f"{directory})", op="top")
-        raise MqtunError(_ESRCH, f"no running mqtun process {which} (running: {running})",
+            raise MqtunError(errno.ESRCH, "no running mqtun process (no live counters region "
+                             f"under {directory})", op="top")
+        raise MqtunError(errno.ESRCH, f"no running mqtun process {which} (running: {running})",
                          op="top")
     if len(match) > 1:
         raise InvalidArgumentError(
@@ -308,7 +359,7 @@ class _Screen:
     def __init__(self, out: TextIO, keys: TextIO | None) -> None:
         self.out = out
         self.fd = keys.fileno() if keys is not None else -1
-        self._saved: list[object] | None = None
+        self._saved: list[Any] | None = None
 
     def __enter__(self) -> _Screen:
         import termios
