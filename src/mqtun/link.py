@@ -264,6 +264,11 @@ class Link:
             if nsfd is not None:
                 os.close(nsfd)
 
+    @property
+    def ifindex(self) -> int:
+        """The ifindex in the device's current namespace (it may change with the namespace)."""
+        return int(self._run("ifindex", lambda ipr, idx: idx))
+
     def info(self) -> LinkInfo:
         """Everything the kernel reports of the link, counters included."""
         info: LinkInfo = self._run("info",
