@@ -122,6 +122,21 @@ _WHAT: dict[str, str] = {
     "get_classic_filter": "read the classic BPF filter of {dev}",
     "set_txfilter": "set the MAC filter of {dev}",
     "get_netns": "find the network namespace of {dev}",
+    "get_offloads": "read the offload features of {dev}",
+    "get_channels": "read the channel counts of {dev}",
+    # netlink, on the link (mqtun.link)
+    "info": "read the link state of {dev}",
+    "stats": "read the counters of {dev}",
+    "ifindex": "find the ifindex of {dev}",
+    "up": "bring {dev} up",
+    "down": "bring {dev} down",
+    "set_mtu": "set the MTU of {dev}",
+    "set_txqueuelen": "set the txqueuelen of {dev}",
+    "set_hwaddr": "set the MAC address of {dev}",
+    "add_address": "add an address to {dev}",
+    "remove_address": "remove an address from {dev}",
+    "set_netns": "move {dev} to another network namespace",
+    "delete": "delete {dev}",
 }
 
 _GONE = ("{dev} is gone (deleted, or this queue was never attached): cannot {what}; "
@@ -279,6 +294,18 @@ _MESSAGES: dict[tuple[str, int], tuple[str, type[MqtunError] | None]] = {
     ("get_netns", _errno.EPERM): _row(
         "finding the namespace of {dev} needs CAP_NET_ADMIN", PermissionDeniedError),
     ("set_netns", _errno.EINVAL): _row("cannot move {dev}: the target namespace is not valid"),
+    ("set_netns", _errno.EEXIST): _row(
+        "cannot move {dev}: the target namespace has a link of that name already"),
+    ("add_address", _errno.EEXIST): _row("{dev} has that address already"),
+    ("add_address", _errno.EINVAL): _row(
+        "{dev} refused the address (IPv6 needs an MTU of at least 1280)"),
+    ("remove_address", _errno.EADDRNOTAVAIL): _row("{dev} has no such address"),
+    ("set_mtu", _errno.EINVAL): _row("{dev} refused that MTU (68..65535 on tun/tap)"),
+    ("set_hwaddr", _errno.EINVAL): _row(
+        "{dev} refused the MAC address: only TAP devices have one, and it must be unicast"),
+    ("set_hwaddr", _errno.EADDRNOTAVAIL): _row(
+        "{dev} refused the MAC address: it must be a unicast address"),
+    ("set_hwaddr", _errno.EOPNOTSUPP): _row("{dev} is a TUN device: it has no MAC address"),
 }
 
 # By errno alone: phrased through the operation ({what}), for what an errno means everywhere.
