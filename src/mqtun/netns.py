@@ -21,6 +21,7 @@ from typing import Any
 
 from pyroute2 import IPRoute  # type: ignore[import-untyped]
 from pyroute2 import netns as _pyroute2_netns
+from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
 from mqtun.errors import MqtunError
 
@@ -79,14 +80,21 @@ class NetNamespace:
             raise MqtunError(errno.EEXIST, f"network namespace {name} exists already", op="netns")
         try:
             _pyroute2_netns.create(name)
-        except OSError as exc:
-            err = exc.errno or 0
+        except Exception as exc:  # pyroute2 runs it in a child: not always an OSError
+            err = getattr(exc, "errno", None) or errno.EPERM
+            with contextlib.suppress(OSError):
+                _pyroute2_netns.remove(name)
             raise MqtunError(err, f"cannot create network namespace {name}: "
-                             f"{os.strerror(err)} (needs CAP_SYS_ADMIN)", op="netns") from None
+                             f"{os.strerror(err)} (it needs CAP_SYS_ADMIN)", op="netns") from None
         ns = cls(name)
         try:
             with ns.enter(), IPRoute() as ipr:
                 ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        except NetlinkError as exc:
+            ns.delete()
+            raise MqtunError(exc.code, f"cannot bring lo up in network namespace {name}: "
+                             f"{os.strerror(exc.code)} (it needs CAP_NET_ADMIN)",
+                             op="netns") from None
         except BaseException:
             ns.delete()
             raise
