@@ -395,7 +395,7 @@ def test_attach_reads_the_virtio_net_header_size_the_device_has() -> None:
             assert packet[0] == 0x45 and bytes(packet[-30:]) == b"v" * 30, "split at 24"
             owner_set = Device.attach(other.name)
             owner_set.set_vnet_hdr_size(12)  # another holder changes it
-            assert other.vnet_hdr_size == 12 and other.queues[0].header_size == 12
+            assert other.refresh_vnet_hdr_size() == 12 and other.queues[0].header_size == 12
             owner_set.close()
 
 

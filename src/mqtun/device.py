@@ -607,11 +607,16 @@ class Device:
     def vnet_hdr_size(self) -> int:
         """Size of the virtio-net header before each packet (0 without IFF_VNET_HDR).
 
-        Device-wide in the kernel: read back with TUNGETVNETHDRSZ (another holder may have
-        changed it); without an open queue, the size last read.
+        Device-wide in the kernel: read with TUNGETVNETHDRSZ whenever this object opens a
+        queue or sets the size (`refresh_vnet_hdr_size()` reads it again, e.g. after another
+        holder changed it). Not read on every access: a forked worker holds only some of
+        the fds, and the property must not reach one it closed.
         """
-        if self.queues:
-            self._read_vnet_hdr_size(self.queues[0])
+        return self._vnet_hdr_size
+
+    def refresh_vnet_hdr_size(self) -> int:
+        """Read the virtio-net header size from the kernel again and return it."""
+        self._read_vnet_hdr_size(self._control())
         return self._vnet_hdr_size
 
     def set_vnet_hdr_size(self, size: int) -> None:
