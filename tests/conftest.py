@@ -1,9 +1,13 @@
-"""Every test runs inside network namespaces it owns; nothing touches the machine's own.
+"""Every kernel test runs inside network namespaces it owns; nothing touches the machine's own.
 
 The autouse `netns` fixture creates a fresh named namespace, moves the test's thread into it
 for the duration of the test and removes it afterwards, even when the test fails. Tests that
-need more hosts ask `make_netns` for more. A session check makes sure no link appeared in the
-machine's own namespace.
+need more hosts ask `make_netns` for more. A session check (which also needs root) makes sure
+no link appeared in the machine's own namespace.
+
+Sans-IO tests (packet codecs, steering models, the assemblers) need neither root nor a
+namespace: everything under tests/packet/, and tests marked `sans_io` (a module sets
+``pytestmark = pytest.mark.sans_io``), run as any user.
 """
 
 from __future__ import annotations
@@ -26,12 +30,28 @@ settings.register_profile("fuzz", max_examples=100_000, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+_SANS_IO_DIRS = ("packet",)  # directories under tests/ whose tests are all sans-IO
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "sans_io: a pure test: no root, no network namespace, no device")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = os.path.dirname(__file__)
+    for item in items:
+        rel = os.path.relpath(str(item.path), here)
+        if rel.split(os.sep)[0] in _SANS_IO_DIRS:
+            item.add_marker(pytest.mark.sans_io)
+
+
 def _root_links() -> set[str]:
     with IPRoute() as ipr:
         return {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def _guard_root_namespace() -> Iterator[None]:
     if os.geteuid() != 0:
         pytest.exit("mqtun's tests run against the real kernel and need root", returncode=1)
@@ -42,7 +62,7 @@ def _guard_root_namespace() -> Iterator[None]:
 
 
 @pytest.fixture
-def make_netns() -> Iterator[Callable[[], NetNamespace]]:
+def make_netns(_guard_root_namespace: None) -> Iterator[Callable[[], NetNamespace]]:
     """A factory of extra namespaces, all removed when the test ends."""
     made: list[NetNamespace] = []
 
@@ -60,8 +80,12 @@ def make_netns() -> Iterator[Callable[[], NetNamespace]]:
 
 
 @pytest.fixture(autouse=True)
-def netns(make_netns: Callable[[], NetNamespace]) -> Iterator[NetNamespace]:
-    """The namespace the test body runs in."""
-    ns = make_netns()
+def netns(request: pytest.FixtureRequest) -> Iterator[NetNamespace | None]:
+    """The namespace the test body runs in (None for a sans-IO test, which needs none)."""
+    if request.node.get_closest_marker("sans_io") is not None:
+        yield None
+        return
+    make: Callable[[], NetNamespace] = request.getfixturevalue("make_netns")
+    ns = make()
     with ns.enter():
         yield ns

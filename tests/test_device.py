@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import socket
-import struct
 
 import pytest
 from nettools import ADDR_B, NET, run_as, wait_for
@@ -186,14 +185,16 @@ def test_unknown_owner_and_group() -> None:
     assert not mqtun.list_tun_links(), "nothing half-created is left behind"
 
 
-def test_queues_opened_without_offloads_reset_the_device_mask() -> None:
-    """tun-rs PR #141: a persistent device keeps TSO/USO; a plain queue must reset it."""
+def test_attach_adopts_the_device_offload_mask_unless_told() -> None:
+    """The mask is device-wide: a second holder attaching must not reset it under the first
+    (whose TSO would stop, or whose reads would change shape); it adopts and can read it."""
     UDP_SEGMENT = 103
-    dev = Device.create("off0", vnet_hdr=True, persist=True, offloads=0x01 | 0x20 | 0x40)
-    dev.link.up()
-    dev.link.add_address(NET)
+    uso = 0x01 | 0x20 | 0x40  # CSUM | USO4 | USO6
+    owner = Device.create("off0", vnet_hdr=True, persist=True, offloads=uso)
+    owner.link.up()
+    owner.link.add_address(NET)
 
-    def reads_for_one_gso_send() -> int:
+    def reads_for_one_gso_send(dev: Device) -> int:
         assert dev.link.wait_operational()
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.setsockopt(socket.SOL_UDP, UDP_SEGMENT, 1000)
@@ -206,11 +207,18 @@ def test_queues_opened_without_offloads_reset_the_device_mask() -> None:
             n += ip[9] == socket.IPPROTO_UDP and ip[22:24] == b"\x00\x09"
         return n
 
-    assert reads_for_one_gso_send() == 1, "USO on: one super-packet"
-    dev.close()
-    dev = Device.attach("off0")  # offloads=0 by default
-    assert reads_for_one_gso_send() == 4, "offloads reset: four wire-size datagrams"
-    dev.delete()
+    try:
+        assert reads_for_one_gso_send(owner) == 1, "USO on: one super-packet"
+        assert owner.offloads == uso, "read back from the kernel's device features"
+        owner.close()
+        with Device.attach("off0") as adopter:  # the default adopts the mask
+            assert adopter.offloads == uso
+            assert reads_for_one_gso_send(adopter) == 1
+        with Device.attach("off0", offloads=0) as resetter:  # told: set for everyone
+            assert resetter.offloads == 0
+            assert reads_for_one_gso_send(resetter) == 4, "four wire-size datagrams"
+    finally:
+        Device.attach("off0").delete()
 
 
 def select_readable(fd: int) -> bool:
@@ -291,9 +299,116 @@ def test_owner_may_open_queues_and_others_may_not() -> None:
     Device.attach("own0").delete()
 
 
-def test_struct_sizes_match_the_kernel_abi() -> None:
-    from mqtun import _uapi
+# ---- messages name the real cause (issue 11) ----------------------------------------------------
+def test_carrier_on_without_an_attached_queue_is_not_a_permission_problem() -> None:
+    with Device.create("ca%d", 1, multi_queue=True) as dev:
+        dev.queues[0].disable()
+        with pytest.raises(MqtunError) as exc:
+            dev.set_carrier(True)  # as root: the kernel's EPERM means "no queue attached"
+        assert exc.value.errno == errno.EPERM
+        assert not isinstance(exc.value, mqtun.PermissionDeniedError)
+        assert "CAP_NET_ADMIN" not in str(exc.value) and "no queue is attached" in str(exc.value)
 
-    assert _uapi.IFREQ_SIZE == 40
-    assert struct.calcsize(_uapi.SOCK_FPROG_FORMAT) == 16
-    assert _uapi.unpack_ifreq(_uapi.pack_ifreq(b"mq0", 0x1101)) == ("mq0", 0x1101)
+
+def test_a_bad_program_fd_is_not_a_closed_queue() -> None:
+    import resource
+
+    unused = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 1  # no open file there
+    with Device.create() as dev:
+        for attach in (dev.set_steering_program, dev.set_filter_program):
+            with pytest.raises(MqtunError) as exc:
+                attach(unused)
+            assert exc.value.errno == errno.EBADF
+            assert "closed" not in str(exc.value) and "program fd" in str(exc.value)
+
+
+def test_enabling_a_queue_of_a_deleted_device_says_gone() -> None:
+    with Device.create("eg0", 2) as dev:
+        q = dev.queues[1]
+        q.disable()
+        mqtun.delete_link("eg0")
+        with pytest.raises(mqtun.DeviceGoneError) as exc:
+            q.enable()
+        assert "already" not in str(exc.value) and "gone" in str(exc.value)
+
+
+def test_ebusy_to_a_single_queue_caller_does_not_suggest_single_queue() -> None:
+    with Device.create("sb0"), pytest.raises(MqtunError) as exc:
+        Device.attach("sb0")  # queues=1, as the message of old suggested
+    assert exc.value.errno == errno.EBUSY
+    text = str(exc.value)
+    assert "open it single-queue" not in text and "already open" in text and "sb0" in text
+
+
+@pytest.mark.parametrize("name", ["br{c", "x{0}y", "{dev}", "{dev!r}", "a}b"])
+def test_a_device_name_with_braces_is_quoted_as_it_is(name: str) -> None:
+    with Device.create(name), pytest.raises(MqtunError) as exc:
+        Device.create(name)
+    assert exc.value.errno == errno.EBUSY
+    assert f"device {name} already exists" in str(exc.value)
+
+
+def test_every_kernel_errno_of_every_operation_has_its_text() -> None:
+    """The (operation, errno) pairs the tun driver can return, each written for its operation."""
+    from mqtun import errors
+
+    pairs = [("create", e) for e in (errno.EPERM, errno.EBUSY, errno.EINVAL, errno.E2BIG)]
+    pairs += [(op, e) for op in ("attach", "attach_single", "open_flags")
+              for e in (errno.EPERM, errno.EBUSY, errno.EINVAL, errno.EEXIST)]
+    pairs += [("add_queue", errno.E2BIG), ("detach", errno.EINVAL), ("reattach", errno.EINVAL),
+              ("reattach", errno.EPERM), ("set_carrier", errno.EPERM),
+              ("set_link_type", errno.EBUSY), ("set_offload", errno.EINVAL),
+              ("set_vnet_hdr_size", errno.EINVAL), ("set_sndbuf", errno.EINVAL),
+              ("set_steering", errno.EINVAL), ("set_steering", errno.EBADF),
+              ("set_filter", errno.EINVAL), ("set_filter", errno.EBADF),
+              ("set_txfilter", errno.EINVAL), ("attach_classic_filter", errno.EINVAL),
+              ("detach_classic_filter", errno.EINVAL), ("get_classic_filter", errno.EINVAL),
+              ("read", errno.EFAULT), ("read", errno.EINVAL), ("write", errno.EINVAL),
+              ("write", errno.EIO), ("write", errno.EBUSY), ("write", errno.EAGAIN)]
+    for op, err in pairs:
+        assert errors.explained(op, err), (op, err)
+        text = str(errors.kernel_error(OSError(err, "x"), op, "mq7"))
+        assert "failed:" not in text and "cannot " + op not in text, (op, err, text)
+    # op-independent errnos still name the operation
+    gone = str(errors.kernel_error(OSError(errno.EBADFD, "x"), "set_carrier", "mq7"))
+    assert "change the carrier of mq7" in gone and "gone" in gone
+
+
+# ---- what the kernel knows comes from the kernel (issue 11) -------------------------------------
+def test_attach_reads_the_virtio_net_header_size_the_device_has() -> None:
+    """The size is device-wide: an attacher must not assume 10 when the owner set 24."""
+    from mqtun.offload import read_packet
+
+    with Device.create("vh%d", vnet_hdr=True, multi_queue=True) as owner:
+        owner.set_vnet_hdr_size(24)
+        owner.link.up()
+        owner.link.add_address(NET)
+        with Device.attach(owner.name) as other:
+            assert other.vnet_hdr_size == 24 and other.header_size == 24
+            assert other.queues[0].header_size == 24
+            owner.close()
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.sendto(b"v" * 30, (ADDR_B, 9))
+            got = read_packet(other.queues[0], timeout=5)
+            assert got is not None
+            _hdr, packet = got
+            assert packet[0] == 0x45 and bytes(packet[-30:]) == b"v" * 30, "split at 24"
+            owner_set = Device.attach(other.name)
+            owner_set.set_vnet_hdr_size(12)  # another holder changes it
+            assert other.refresh_vnet_hdr_size() == 12 and other.queues[0].header_size == 12
+            owner_set.close()
+
+
+def test_queue_flags_and_limits_come_from_the_kernel() -> None:
+    with Device.create("fl%d", 2) as dev, Device.create("sq%d") as single:
+        q = dev.queues[1]
+        assert q.flags & 0x0100 and not q.flags & 0x0400  # MULTI_QUEUE, not DETACH_QUEUE
+        q.disable()
+        assert q.flags & 0x0400, "TUNGETIFF reports a detached queue"
+        assert dev.max_queues == 256 and single.max_queues == 1
+        info = dev.info()
+        assert (info.max_tx_queues, info.max_rx_queues) == (256, 256)
+        assert (info.num_queues, info.num_disabled_queues) == (1, 1)
+        assert dev.link.channels() == (1, 256), "what `ethtool -l` shows"
+        dev.add_queue()
+        assert dev.link.channels() == (2, 256) and dev.info().num_queues == 2

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import pytest
 from nettools import udp_flows
+from pyroute2 import IPRoute
 
 from mqtun import Device, InvalidArgumentError, MqtunError, NetNamespace, find_link
 
@@ -90,3 +91,64 @@ def test_delete_finds_a_moved_persistent_device(make_netns: Callable[[], NetName
 def test_move_to_a_missing_namespace() -> None:
     with Device.create() as dev, pytest.raises(InvalidArgumentError, match="no network namespace"):
         dev.link.move_to_netns("mqt-does-not-exist")
+
+
+_SPAWNS: list[str] | None = None
+
+
+def _count_spawns(event: str, _args: object) -> None:
+    if _SPAWNS is not None and event in ("os.fork", "os.forkpty", "os.posix_spawn",
+                                         "subprocess.Popen", "os.exec"):
+        _SPAWNS.append(event)
+
+
+def test_a_moved_device_is_managed_without_a_helper_process(
+    make_netns: Callable[[], NetNamespace],
+) -> None:
+    """One netlink socket opened inside the device's namespace serves every Link call there
+    (pyroute2's IPRoute(netns=...) forks a helper per socket)."""
+    global _SPAWNS
+    import sys
+
+    sys.addaudithook(_count_spawns)
+    other = make_netns()
+    with Device.create("nf0") as dev:
+        dev.link.move_to_netns(other.name)
+        dev.link.up()
+        _SPAWNS = []
+        try:
+            for _ in range(5):
+                dev.link.info()
+            dev.link.add_address("198.18.9.1/24")
+            assert dev.link.wait_operational(0.5) in (True, False)
+            assert "198.18.9.1/24" in dev.link.addresses()
+            spawned = list(_SPAWNS)
+        finally:
+            _SPAWNS = None
+        assert spawned == [], f"Link calls started processes: {spawned}"
+        with other.enter():
+            assert find_link("nf0") is not None
+
+
+def test_namespaces_are_made_and_removed_without_running_ip() -> None:
+    global _SPAWNS
+    import os
+    import sys
+
+    sys.addaudithook(_count_spawns)
+    _SPAWNS = []
+    try:
+        ns = NetNamespace.create(prefix="mqt-")
+        try:
+            assert os.path.exists(ns.path)
+            with ns.enter(), Device.create("in0") as dev, IPRoute() as ipr:
+                lo = ipr.get_links(ipr.link_lookup(ifname="lo")[0])[0]
+                assert lo["flags"] & 1, "loopback is up"
+                assert find_link("in0") is not None and dev.link.info().name == "in0"
+        finally:
+            ns.delete()
+        popens = [e for e in _SPAWNS if e == "subprocess.Popen"]
+    finally:
+        _SPAWNS = None
+    assert not os.path.exists(ns.path)
+    assert popens == [], "no `ip netns add/del` (pyroute2.netns does it)"

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+import mqtun
 from mqtun import Device
 from mqtun._uapi import SO_RCVBUFFORCE, SOL_UDP, UDP_SEGMENT
 from mqtun.errors import InvalidArgumentError, MqtunError
@@ -367,11 +368,26 @@ def test_check_offloads_agrees_with_the_kernel_on_every_mask() -> None:
             assert ours_ok == kernel_ok, f"mask {mask:#x}: kernel {kernel_ok}, ours {ours_ok}"
 
 
-def test_probe_finds_this_kernels_offloads_and_restores_the_mask() -> None:
-    with Device.create("offp%d", vnet_hdr=True, offloads=int(Offloads.CSUM)) as dev:
-        found = probe_offloads(dev)
+def _kernel_tso(name: str) -> bool:
+    """Whether the kernel has TSO on for `name` (its ethtool feature, read without mqtun)."""
+    from pyroute2.ethtool.ioctl import IoctlEthtool
+
+    eth = IoctlEthtool(name)
+    try:
+        return bool(eth.get_features()["tx-tcp-segmentation"])
+    finally:
+        eth.close()
+
+
+def test_probe_finds_this_kernels_offloads_and_never_touches_a_device_in_use() -> None:
+    tso = Offloads.CSUM | Offloads.TSO
+    with Device.create("offp%d", vnet_hdr=True, multi_queue=True, offloads=int(tso)) as owner, \
+            Device.attach(owner.name) as other:
+        found = probe_offloads(other)
         assert found >= Offloads.CSUM | Offloads.TSO | Offloads.TSO_ECN | Offloads.USO
-        assert dev.offloads == Offloads.CSUM
+        assert _kernel_tso(owner.name), "the owner's TSO is still on"
+        assert owner.offloads == other.offloads == tso
+    assert not [i for i in mqtun.list_tun_links() if i.name.startswith("mqprobe")]
 
 
 def test_enable_offloads_refuses_before_the_kernel() -> None:

@@ -7,12 +7,15 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 
 import pytest
 from nettools import ADDR_A, ADDR_B, NET, drain, echo_request, udp_flows, udp_packet, wait_for
+from pyroute2 import IPRoute
 from scapy.layers.inet import ICMP, IP
 
-from mqtun import Device, DeviceGoneError, MqtunError
+from mqtun import Device, DeviceGoneError, MqtunError, Queue
+from mqtun.errors import QueueFullError
 
 
 def _up(dev: Device) -> Device:
@@ -310,3 +313,186 @@ def test_queues_come_and_go_while_others_move_packets() -> None:
         assert not errors, errors
         assert busy.stats.written_packets == answered[0]
         assert dev.link.stats()["rx_packets"] == answered[0]
+
+
+# ---- closed queues (issue 11) -------------------------------------------------------------------
+def test_add_remove_churn_never_fills_the_device() -> None:
+    """Closed queues leave the device's lists: the only cap is the kernel's 256 live queues."""
+    with Device.create("cq%d", 2) as dev:
+        for _ in range(300):
+            dev.remove_queue(dev.add_queue())
+        assert len(dev.queues) == 2 and len(dev.active_queues) == 2
+        assert dev.info().num_queues == 2
+
+
+def test_a_closed_queue_raises_and_never_reaches_a_reused_fd() -> None:
+    import os
+
+    with _up(Device.create("cq%d", 2)) as dev:
+        q, other = dev.queues
+        q.write(echo_request(ADDR_B, ADDR_A))
+        old_fd = q.fd
+        q.close()
+        assert q not in dev.queues and q.index is None and not q.enabled
+        assert dev.active_queues == [other]
+        assert dev.stats().written_packets == 1, "a closed queue's counts stay in the total"
+        r, w = os.pipe()
+        os.write(w, b"not a packet")
+        os.dup2(r, old_fd)  # the old number now names a pipe
+        try:
+            for op in (lambda: q.read(timeout=0), lambda: q.read_into(bytearray(64), 0),
+                       lambda: q.read_batch(8), lambda: q.write(b"x"), lambda: q.writev([b"x"]),
+                       lambda: q.write_batch([b"x"]), q.disable, q.enable,
+                       lambda: q.wait_readable(0), lambda: q.flags):
+                with pytest.raises(MqtunError) as exc:
+                    op()
+                assert exc.value.errno == errno.EBADF and "closed" in str(exc.value)
+            assert os.read(old_fd, 100) == b"not a packet", "nothing read the reused fd"
+        finally:
+            for fd in {r, w, old_fd}:
+                os.close(fd)
+
+
+# ---- short reads (issue 11) ---------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs", [{"packet_info": True}, {"vnet_hdr": True},
+                                    {"vnet_hdr": True, "packet_info": True}])
+def test_a_read_shorter_than_the_headers_is_a_counted_explained_error(kwargs: dict[str, bool]
+                                                                      ) -> None:
+    """The kernel refuses (EINVAL) a read buffer shorter than the PI/virtio-net header, and the
+    packet is gone: a read error with the reason, never a crash of the counters."""
+    with _up(Device.create(**kwargs)) as dev:
+        q = dev.queues[0]
+        udp_flows(ADDR_B, [7])
+        assert q.wait_readable(5)
+        with pytest.raises(MqtunError, match="too small for the headers") as exc:
+            q.read_into(bytearray(2), timeout=5)
+        assert exc.value.errno == errno.EINVAL
+        s = q.stats
+        assert (s.read_packets, s.read_bytes, s.read_errors) == (0, 0, 1)
+        assert q.read(timeout=0) is None, "the kernel consumed that packet"
+
+
+def test_a_truncated_read_counts_what_it_got() -> None:
+    with _up(Device.create()) as dev:
+        q = dev.queues[0]
+        udp_flows(ADDR_B, [7, 8])
+        assert q.read_into(bytearray(2), timeout=5) == 2
+        q.read_size = 3
+        assert wait_for(lambda: q.read_batch(4, timeout=1)) and q.stats.read_packets == 2
+        assert q.stats.read_bytes == 5
+
+
+# ---- detached and deleted (issue 11) ------------------------------------------------------------
+def test_a_disabled_queue_never_looks_like_a_deleted_device() -> None:
+    with _up(Device.create("dd0", 2)) as dev:
+        q, other = dev.queues
+        q.disable()
+        assert q.read(timeout=0) is None and q.read_batch(4) == []
+        assert q.wait_readable(0.05) is False
+        assert q.write(echo_request(ADDR_B, ADDR_A)) > 0, "a detached queue still injects"
+        assert dev.name == "dd0"
+        with pytest.raises(MqtunError, match="already"):
+            q.disable()
+        q.enable()
+        with pytest.raises(MqtunError, match="already"):
+            q.enable()
+        q.disable()
+        from mqtun import delete_link
+
+        delete_link("dd0")
+        for op in (lambda: q.read(timeout=0), lambda: q.read_batch(4),
+                   lambda: other.read(timeout=1), lambda: q.wait_readable(1),
+                   lambda: other.wait_readable(1), lambda: q.write(b"\x45" + bytes(19)),
+                   lambda: other.write_batch([b"\x45" + bytes(19)]), q.enable, other.disable,
+                   lambda: dev.name, lambda: dev.set_carrier(True)):
+            with pytest.raises(DeviceGoneError):
+                op()
+        assert dev.known_name == "dd0"
+
+
+# ---- EAGAIN: one rule for write, writev and write_batch (issue 11) -----------------------------
+@pytest.fixture
+def full_send_buffer() -> Iterator[tuple[Device, bytes, Callable[[], None]]]:
+    """A TAP whose frames are forwarded by a bridge to a port with a nearly stopped qdisc:
+    the frames stay charged to the queue's socket, so a small send buffer fills (EAGAIN)."""
+    import subprocess
+
+    dev = Device.create("fb%d", tap=True, blocking=False)
+    name = dev.name
+    with IPRoute() as ipr:
+        ipr.link("add", ifname="fbbr", kind="bridge")
+        ipr.link("add", ifname="fbv0", kind="veth", peer="fbv1")
+        br = ipr.link_lookup(ifname="fbbr")[0]
+        for port in (name, "fbv0"):
+            ipr.link("set", index=ipr.link_lookup(ifname=port)[0], master=br)
+        for link in ("fbbr", "fbv0", "fbv1", name):
+            ipr.link("set", index=ipr.link_lookup(ifname=link)[0], state="up")
+    subprocess.run(["tc", "qdisc", "add", "dev", "fbv0", "root", "tbf", "rate", "8bit",
+                    "burst", "1600", "limit", "1000000"], check=True, timeout=10)
+    dev.set_sndbuf(4096)
+
+    def unblock() -> None:
+        subprocess.run(["tc", "qdisc", "del", "dev", "fbv0", "root"], check=False, timeout=10)
+
+    frame = bytes.fromhex("020000000009" "020000000001" "88b5") + b"x" * 1000
+    try:
+        yield dev, frame, unblock
+    finally:
+        unblock()
+        dev.close()
+
+
+def _fill(q: Queue, frame: bytes) -> int:
+    for n in range(1000):
+        try:
+            q.write(frame)
+        except QueueFullError:
+            return n
+    raise AssertionError("the send buffer never filled")
+
+
+def test_eagain_is_not_a_drop_and_does_not_recurse(
+    full_send_buffer: tuple[Device, bytes, Callable[[], None]],
+) -> None:
+    dev, frame, unblock = full_send_buffer
+    q = dev.queues[0]
+    outcome: list[object] = []
+
+    def fill() -> None:
+        try:
+            outcome.append(_fill(q, frame))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=fill)
+    t.start()
+    t.join(timeout=5)
+    if t.is_alive():  # the old recursion: let it finish before failing
+        unblock()
+        t.join(timeout=10)
+        pytest.fail("a non-blocking write on a full send buffer waited instead of raising")
+    written = outcome[0]
+    assert isinstance(written, int) and written > 0, outcome
+    with pytest.raises(QueueFullError) as exc:
+        q.writev([frame[:14], frame[14:]])
+    assert exc.value.errno == errno.EAGAIN and exc.value.written == 0
+    assert "send buffer" in str(exc.value)
+    with pytest.raises(QueueFullError) as bexc:
+        q.write_batch([frame, frame])
+    assert bexc.value.written == 0
+    s = q.stats
+    assert (s.written_packets, s.write_errors, s.dropped) == (written, 0, {}), s
+
+
+def test_a_blocking_write_waits_for_room(
+    full_send_buffer: tuple[Device, bytes, Callable[[], None]],
+) -> None:
+    dev, frame, unblock = full_send_buffer
+    q = dev.queues[0]
+    _fill(q, frame)
+    q.timeout = None  # as a blocking device's queue
+    threading.Timer(0.3, unblock).start()
+    t0 = time.monotonic()
+    assert q.write_batch([frame, frame]) == 2
+    assert 0.2 < time.monotonic() - t0 < 10
+    assert q.stats.dropped == {}

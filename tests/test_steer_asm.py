@@ -24,6 +24,8 @@ from mqtun.steer.asm import (
     disassemble,
 )
 
+pytestmark = pytest.mark.sans_io  # pure: runs as any user, no namespace
+
 
 def insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
     return struct.pack("<BBhi", code, (src << 4) | dst, off, imm)

@@ -108,3 +108,14 @@ def test_views_put_the_packet_at_offset_zero() -> None:
         assert len(tap_view(b"x" * 14)) == 28 and len(tun_view(b"y")) == 15
         with pytest.raises(InvalidArgumentError):
             prog.test_run(b"short")
+
+
+def test_syscall_numbers_are_per_architecture() -> None:
+    from mqtun import _uapi
+    from mqtun.errors import MqtunError
+
+    assert _uapi.syscall_number("bpf", "x86_64") == 321
+    assert _uapi.syscall_number("bpf", "aarch64") == 280
+    assert _uapi.syscall_number("pidfd_getfd", "aarch64") == 438
+    with pytest.raises(MqtunError, match="does not know the number of the bpf syscall on s390x"):
+        _uapi.syscall_number("bpf", "s390x")

@@ -4,6 +4,7 @@ frames sent through a real device by a packet socket, read back from the queues.
 
 from __future__ import annotations
 
+import errno
 import random
 import socket
 import struct
@@ -13,9 +14,10 @@ from collections.abc import Iterable
 import pytest
 from test_steer_packets import ether, ipv4, ipv6, l4_header, random_packet
 
-from mqtun import Device, InvalidArgumentError
+from mqtun import Device, InvalidArgumentError, MqtunError
 from mqtun import _uapi as u
 from mqtun.steer import filters, programs
+from mqtun.steer.asm import ClassicAssembler, ClassicProgram
 from mqtun.steer.filters import FilterModel, TxFilterModel, ether_crc_bucket, run_classic
 
 A4, B4 = socket.inet_aton("198.18.0.1"), socket.inet_aton("198.18.0.2")
@@ -207,3 +209,50 @@ def test_mac_filter_on_a_tap(netns, macs: list[bytes], allmulti: bool) -> None: 
         assert sorted(_send_and_read(dev, frames, len(want))) == want
         dev.set_tx_filter([])
         assert len(_send_and_read(dev, frames, len(frames))) == len(frames)
+
+
+# ---- the classic model against the kernel's checker and interpreter (issue 11) ------------------
+def _raw_classic(*insns: tuple[int, int, int, int]) -> ClassicProgram:
+    code = b"".join(struct.pack(u.SOCK_FILTER_FORMAT, *i) for i in insns)
+    return ClassicProgram(code, len(insns))
+
+
+RET_X = (u.BPF_RET | u.BPF_X, 0, 0, 0)
+
+
+def test_classic_ret_x_is_refused_as_the_kernel_refuses_it() -> None:
+    prog = _raw_classic((u.BPF_LDX | u.BPF_W | u.BPF_IMM, 0, 0, 20), RET_X)
+    with pytest.raises(InvalidArgumentError, match="ret x"):
+        run_classic(prog, bytes(60))
+    txa = ClassicAssembler().ldx_imm(20).txa().ret_a().assemble()
+    assert run_classic(txa, bytes(60)) == 20
+
+
+@pytest.mark.parametrize("slot", [16, 255, 0xFFFFFFFF])
+def test_classic_scratch_memory_outside_m0_m15_is_refused(slot: int) -> None:
+    for insn in ((u.BPF_ST, 0, 0, slot), (u.BPF_STX, 0, 0, slot),
+                 (u.BPF_LD | u.BPF_W | u.BPF_MEM, 0, 0, slot),
+                 (u.BPF_LDX | u.BPF_W | u.BPF_MEM, 0, 0, slot)):
+        prog = _raw_classic(insn, (u.BPF_RET | u.BPF_K, 0, 0, 0xFFFF))
+        with pytest.raises(InvalidArgumentError, match="scratch memory"):
+            run_classic(prog, bytes(60))
+
+
+def test_the_kernel_refuses_what_the_model_refuses(netns) -> None:  # type: ignore[no-untyped-def]
+    """The model's refusals are the kernel's: the same programs get EINVAL at attach."""
+    refused = [_raw_classic((u.BPF_LDX | u.BPF_W | u.BPF_IMM, 0, 0, 20), RET_X),
+               _raw_classic((u.BPF_ST, 0, 0, 16), (u.BPF_RET | u.BPF_K, 0, 0, 0xFFFF)),
+               _raw_classic((u.BPF_LD | u.BPF_W | u.BPF_MEM, 0, 0, 16),
+                            (u.BPF_RET | u.BPF_A, 0, 0, 0))]
+    txa = ClassicAssembler().ldx_imm(20).txa().ret_a().assemble()
+    frames = [f for f in _frames(random.Random("retx"), 40) if len(f) > 20]
+    with _device(netns, tap=True) as dev:
+        for prog in refused:
+            with pytest.raises(InvalidArgumentError):
+                run_classic(prog, frames[0])
+            with pytest.raises(MqtunError) as exc:
+                dev.attach_classic_filter(prog.code)
+            assert exc.value.errno == errno.EINVAL
+        dev.attach_classic_filter(txa.code)
+        want = sorted(f[: run_classic(txa, f)] for f in frames)
+        assert sorted(_send_and_read(dev, frames, len(want))) == want

@@ -3,8 +3,8 @@ test reads every queue back, and each packet must be on the queue the model pred
 
 Bounds held (4 queues, 4000 flows per program and device): 100% agreement between model and
 kernel; max/min packets per queue <= 1.3 for the symmetric hash and RSS; by-CPU puts exactly
-the flows sent from each CPU on that CPU's queue; fixed puts everything on one queue. The
-measured spreads are printed (run with -s to see them).
+the flows sent from each CPU on that CPU's queue; fixed puts everything on one queue. Each
+test prints the spread it measured (run with -s to see them).
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ LOCAL6, PEER6, NET6 = "fd00:6d71::1", "fd00:6d71::2", "fd00:6d71::1/64"
 END_A4, END_B4 = "198.18.0.10", "198.18.0.20"
 END_A6, END_B6 = "fd00:6d71::10", "fd00:6d71::20"
 IPV6_TRANSPARENT = 75  # include/uapi/linux/in6.h (Python's socket module lacks it)
-SPREADS: dict[str, str] = {}
 
 Key = tuple[int, bytes, bytes, int, int, int]  # family, src, dst, proto, sport, dport
 
@@ -183,8 +182,7 @@ def _run_flows(rig: Rig, prog: SteeringProgram, cpus: list[int | None]) -> Count
 def _spread(name: str, per_queue: Counter[int], queues: int = QUEUES) -> float:
     counts = [per_queue.get(q, 0) for q in range(queues)]
     ratio = max(counts) / max(min(counts), 1)
-    SPREADS[name] = f"{counts} max/min={ratio:.3f}"
-    print(f"\nspread {name}: {SPREADS[name]}")
+    print(f"\nspread {name}: {counts} max/min={ratio:.3f}")  # for the record (-s)
     return ratio
 
 
@@ -223,7 +221,6 @@ def test_fixed_queue_on_real_traffic(netns, tap: bool) -> None:  # type: ignore[
         rig.dev.set_steering_program(prog)
         per_queue = _run_flows(rig, prog, [None])
     assert per_queue == Counter({2: 4 * FLOWS_PER_KIND})
-    SPREADS[f"fixed-{'tap' if tap else 'tun'}"] = str(dict(per_queue))
 
 
 # ---- both directions of a flow ---------------------------------------------------------------
@@ -468,9 +465,3 @@ def test_tap_vlan_tags_out_of_band_and_in_band(netns) -> None:  # type: ignore[n
         assert sorted(p for _, p in seen) == sorted(frames)
         assert all(q == sym.queue_for(p, QUEUES) for q, p in seen)
         assert len({q for q, _ in seen}) == QUEUES
-
-
-def test_print_measured_spreads() -> None:
-    """Runs last in this file: the spreads measured above, for the record (-s shows them)."""
-    for name, text in sorted(SPREADS.items()):
-        print(f"\n{name}: {text}")

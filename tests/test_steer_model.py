@@ -29,6 +29,8 @@ from mqtun.steer.model import (
     toeplitz_table,
 )
 
+pytestmark = pytest.mark.sans_io  # pure: runs as any user, no namespace
+
 A4, B4 = socket.inet_aton("198.18.0.1"), socket.inet_aton("198.18.0.2")
 A6 = socket.inet_pton(socket.AF_INET6, "fd00:6d71::1")
 B6 = socket.inet_pton(socket.AF_INET6, "fd00:6d71::2")

@@ -13,11 +13,14 @@ import random
 import socket
 import struct
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from mqtun import _uapi as u
 from mqtun.steer.model import parse_flow
+
+pytestmark = pytest.mark.sans_io  # pure: runs as any user, no namespace
 
 EXT_TYPES = (u.IPPROTO_HOPOPTS, u.IPPROTO_ROUTING, u.IPPROTO_DSTOPTS, u.IPPROTO_FRAGMENT)
 L4_TYPES = (u.IPPROTO_TCP, u.IPPROTO_UDP, u.IPPROTO_ICMP, u.IPPROTO_ICMPV6, 132, 50)

@@ -6,6 +6,8 @@ include/uapi/linux/if_tun.h, virtio_net.h, bpf.h and filter.h (see ../shared/KER
 
 from __future__ import annotations
 
+import errno
+import platform
 import struct
 from typing import Final
 
@@ -151,9 +153,40 @@ VIRTIO_NET_HDR_MRG_RXBUF_SIZE: Final = 12
 VIRTIO_NET_HDR_V1_HASH_TUNNEL_SIZE: Final = 24
 VNET_HDR_MIN_SIZE: Final = 10
 
+# --- syscall numbers: per architecture (arch/x86/entry/syscalls/syscall_64.tbl and
+# include/uapi/asm-generic/unistd.h, which arm64 uses) ------------------------------------------
+SYSCALLS: Final[dict[str, dict[str, int]]] = {
+    "x86_64": {"bpf": 321, "setns": 308, "pidfd_open": 434, "pidfd_getfd": 438},
+    "aarch64": {"bpf": 280, "setns": 268, "pidfd_open": 434, "pidfd_getfd": 438},
+}
+MACHINE: Final = platform.machine()
+
+
+def syscall_number(name: str, machine: str = MACHINE) -> int:
+    """The number of syscall `name` on `machine` (this one by default).
+
+    Refused, with the reason, on an architecture mqtun has no table for: calling syscall(2)
+    with another architecture's number would run some other syscall, or give an ENOSYS that
+    reads as "this kernel lacks it".
+    """
+    try:
+        return SYSCALLS[machine][name]
+    except KeyError:
+        from mqtun.errors import MqtunError
+
+        known = ", ".join(sorted(SYSCALLS))
+        raise MqtunError(
+            errno.ENOSYS,
+            f"mqtun does not know the number of the {name} syscall on {machine or 'this'} "
+            f"machines (it knows {known}): add it to mqtun._uapi.SYSCALLS", op=name,
+        ) from None
+
+
+# legacy names: the numbers on this machine (-1 where mqtun has no table; see syscall_number)
+NR_bpf: Final = SYSCALLS.get(MACHINE, {}).get("bpf", -1)
+NR_pidfd_getfd: Final = SYSCALLS.get(MACHINE, {}).get("pidfd_getfd", -1)
+
 # --- bpf(2) --------------------------------------------------------------------------------------
-NR_bpf: Final = 321  # x86_64
-NR_pidfd_getfd: Final = 438  # every architecture but alpha (Linux 5.6+)
 BPF_MAP_CREATE: Final = 0
 BPF_MAP_LOOKUP_ELEM: Final = 1
 BPF_MAP_UPDATE_ELEM: Final = 2
@@ -264,8 +297,8 @@ SKF_AD_OFF: Final = -0x1000
 SKF_NET_OFF: Final = -0x100000
 SKF_LL_OFF: Final = -0x200000
 
-# --- errno values the tun driver returns that Python's errno module names differently ----------
-EBADFD: Final = 77
+# --- errno values (kept for old imports: the stdlib's errno.EBADFD is the one to use) ---------
+EBADFD: Final = errno.EBADFD
 
 # === steer: eBPF/cBPF steering and filters (mqtun.steer) ======================================
 # bpf(2) commands and attribute layouts beyond the ones above (include/uapi/linux/bpf.h).
@@ -294,6 +327,9 @@ BPF_OBJ_GET_INFO_LEN_OFFSET: Final = 4
 # jited_prog_insns, xlated_prog_insns, load_time, created_by_uid, nr_map_ids, map_ids, name[16]
 BPF_PROG_INFO_FORMAT: Final = "=II8sIIQQQIIQ16s"
 BPF_PROG_INFO_SIZE: Final = 228  # enough for every field up to 6.18 (the kernel copies min())
+BPF_PROG_INFO_NR_MAP_IDS_OFFSET: Final = 52  # u32 nr_map_ids
+BPF_PROG_INFO_MAP_IDS_OFFSET: Final = 56  # u64 map_ids (a pointer the kernel fills)
+BPF_OBJ_GET_INFO_ATTR_SIZE: Final = 16
 # struct bpf_map_info, the leading fields: type, id, key_size, value_size, max_entries,
 # map_flags, name[16]
 BPF_MAP_INFO_FORMAT: Final = "=IIIIII16s"
@@ -428,6 +464,26 @@ IPV6_MIN_MTU: Final = 1280
 IPV4_MIN_MTU: Final = 576  # the largest ICMP error an IPv4 host sends (RFC 1812)
 # === end tunnel ================================================================================
 
-# --- prctl(2) options (include/uapi/linux/prctl.h), for the runtime's workers ------------------
-PR_SET_PDEATHSIG: Final = 1
+# === seams-core: links, namespaces, processes ===================================================
+# net_device flags (include/uapi/linux/if.h)
+IFF_UP: Final = 0x1
+IFF_BROADCAST: Final = 0x2
+IFF_POINTOPOINT: Final = 0x10
+IFF_LOWER_UP: Final = 0x10000
+IFA_F_NODAD: Final = 0x80  # include/uapi/linux/if_addr.h
+RT_SCOPE_HOST: Final = 254  # include/uapi/linux/rtnetlink.h
+CLONE_NEWNET: Final = 0x40000000  # include/uapi/linux/sched.h
+PR_SET_PDEATHSIG: Final = 1  # include/uapi/linux/prctl.h
 PR_SET_NAME: Final = 15
+# The ethtool feature (netdev_features_strings) each TUNSETOFFLOAD bit turns on
+# (drivers/net/tun.c set_offload); the kernel has no getter for the mask itself.
+TUN_F_FEATURES: Final = (
+    ("tx-checksum-ip-generic", TUN_F_CSUM),
+    ("tx-tcp-segmentation", TUN_F_TSO4),
+    ("tx-tcp6-segmentation", TUN_F_TSO6),
+    ("tx-tcp-ecn-segmentation", TUN_F_TSO_ECN),
+    ("tx-udp-segmentation", TUN_F_USO4 | TUN_F_USO6),
+    ("tx-udp_tnl-segmentation", TUN_F_UDP_TUNNEL_GSO),
+    ("tx-udp_tnl-csum-segmentation", TUN_F_UDP_TUNNEL_GSO_CSUM),
+)
+# === end seams-core ==============================================================================

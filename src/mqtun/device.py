@@ -163,11 +163,14 @@ class Device:
         self.flags = flags  # the IFF_* bits every queue is opened with
         self.blocking = blocking
         self.created = created  # whether this object made the device
-        self.queues: list[Queue] = []  # every queue we hold, in opening order
+        self.queues: list[Queue] = []  # the open queues we hold, in opening order
         self._active: list[Queue | None] = []  # kernel order; None = a queue someone else holds
-        self._offloads = offloads
+        self._retired = QueueStats()  # counters of our queues that were closed
+        self._ever_opened = False
+        self._offloads = offloads  # the mask to set when queues are opened (None: adopt)
         self.steering_program: object | None = None
         self.filter_program: object | None = None
+        # device-wide in the kernel (tun->vnet_hdr_sz): read back after every open and set
         self._vnet_hdr_size = _uapi.VIRTIO_NET_HDR_SIZE if flags & _uapi.IFF_VNET_HDR else 0
         self.link = Link(self)
 
@@ -209,13 +212,13 @@ class Device:
             # EXCL on the first queue makes "must not exist yet" atomic for fixed names.
             excl = _uapi.IFF_TUN_EXCL if "%" not in name and name else 0
             first = dev._open_queue(raw, flags | excl, op="create")
-            dev._name = dev._query_name(first)
+            dev._name = _query_name(first)
             if persist:
-                first._ioctl(_uapi.TUNSETPERSIST, 1, "set_persist")
+                first.ioctl(_uapi.TUNSETPERSIST, 1, "set_persist")
             if uid is not None:
-                first._ioctl(_uapi.TUNSETOWNER, uid, "set_owner")
+                first.ioctl(_uapi.TUNSETOWNER, uid, "set_owner")
             if gid is not None:
-                first._ioctl(_uapi.TUNSETGROUP, gid, "set_group")
+                first.ioctl(_uapi.TUNSETGROUP, gid, "set_group")
             dev._apply_offloads()
             if carrier is not None:
                 dev.set_carrier(carrier)
@@ -242,14 +245,14 @@ class Device:
         vnet_hdr: bool | None = None,
         packet_info: bool | None = None,
         blocking: bool = True,
-        offloads: int | None = 0,
+        offloads: int | None = None,
     ) -> Device:
         """Open `queues` queues on an existing device (in this network namespace).
 
         Each flag left as None adopts the device's own; a flag given explicitly must match the
         device, else FlagMismatchError (the kernel would silently keep the device's choice).
-        `offloads` is device-wide and is reset to the given mask (0 by default) so this queue
-        never receives super-packets it did not ask for; pass None to leave it as it is.
+        The offload mask is device-wide, shared with every other holder: by default it is
+        adopted as it is (see `offloads`); a mask given here is set for everyone.
         """
         raw = validate_name(name)
         if "%" in name or not name:
@@ -279,9 +282,10 @@ class Device:
                            actual["packet_info"], False)
         dev = cls(name, flags, blocking=blocking, offloads=offloads)
         dev._active = [None] * (info.num_queues or 0)  # queues held by others come first
+        op = "attach" if info.multi_queue else "attach_single"
         try:
             for _ in range(queues):
-                dev._open_queue(raw, flags, op="attach")
+                dev._open_queue(raw, flags, op=op)
             dev._apply_offloads()
         except BaseException:
             dev._abort()
@@ -309,21 +313,16 @@ class Device:
                 f"device name {name!r} is {len(raw)} bytes; Linux allows at most 15", device=name
             )
         dev = cls(name, flags & 0xFFFF & ~_uapi.IFF_TUN_EXCL, blocking=blocking, offloads=None)
-        q = dev._open_queue(raw, flags & 0xFFFF, op="open", path=path)
+        q = dev._open_queue(raw, flags & 0xFFFF, op="open_flags", path=path)
         try:
-            dev._name = dev._query_name(q)
+            dev._name = _query_name(q)
             info = find_link(dev._name)
             if info is not None:
                 keep = dev.flags & ~(_uapi.IFF_TYPE_MASK | _uapi.IFF_MULTI_QUEUE
                                      | _uapi.IFF_VNET_HDR | _uapi.IFF_NO_PI)
                 dev.flags = keep | cls._flags(info.kind == "tap", info.multi_queue,
                                               info.vnet_hdr, info.packet_info, False)
-                if info.vnet_hdr:
-                    out = q._ioctl(_uapi.TUNGETVNETHDRSZ, b"\0" * 4, "get_vnet_hdr_size")
-                    dev._vnet_hdr_size = int(struct.unpack("i", out)[0])  # type: ignore[arg-type]
-                else:
-                    dev._vnet_hdr_size = 0
-                q.header_size = dev.header_size
+                dev._read_vnet_hdr_size(q)
                 dev._active = [None] * max(0, (info.num_queues or 1) - 1) + [q]
         except BaseException:
             dev.close()
@@ -346,12 +345,18 @@ class Device:
     # ---- identity ---------------------------------------------------------------------------
     @property
     def name(self) -> str:
-        """The device's name as the kernel knows it now (it follows renames)."""
-        for q in self.queues:
-            if not q.closed:
-                with contextlib.suppress(OSError):
-                    self._name = self._query_name(q)
-                break
+        """The device's name as the kernel knows it now (it follows renames).
+
+        Raises DeviceGoneError once the device was deleted. After close() (no queue left to
+        ask) it is the name the device had when its last queue closed.
+        """
+        if self.queues:
+            self._name = _query_name(self.queues[0])
+        return self._name
+
+    @property
+    def known_name(self) -> str:
+        """The name as last seen, without asking the kernel: for messages, never raises."""
         return self._name
 
     @property
@@ -380,6 +385,12 @@ class Device:
         return (_uapi.TUN_PI_SIZE if self.packet_info else 0) + self._vnet_hdr_size
 
     @property
+    def max_queues(self) -> int:
+        """How many queues the kernel lets this device have (IFLA_NUM_TX_QUEUES: 256 for a
+        multiqueue device, 1 otherwise), active and disabled together."""
+        return self.link.info().max_tx_queues
+
+    @property
     def ifindex(self) -> int:
         return self.link.ifindex
 
@@ -402,24 +413,25 @@ class Device:
             )
         return q
 
-    def _index_of(self, queue: Queue) -> int | None:
+    def index_of(self, queue: Queue) -> int | None:
+        """The kernel index of `queue` now (None while disabled, closed or not ours)."""
         for i, q in enumerate(self._active):
             if q is queue:
                 return i
         return None
 
     def add_queue(self) -> Queue:
-        """Open one more queue; it takes the next kernel index."""
+        """Open one more queue; it takes the next kernel index.
+
+        The kernel's limit (256 queues, active and disabled, whoever holds them) gives E2BIG.
+        """
         self._require_open()
         if not self.multi_queue:
             raise InvalidArgumentError(
                 f"device {self._name} has no multiqueue: it takes one queue only; create it "
                 f"with multi_queue=True to add queues", device=self._name, op="add_queue",
             )
-        if len(self.queues) >= _uapi.MAX_QUEUES:
-            raise MqtunError(errno.E2BIG, f"device {self._name} already has 256 queues",
-                             device=self._name, op="attach")
-        return self._open_queue(self._name.encode(), self.flags, op="attach")
+        return self._open_queue(self.name.encode(), self.flags, op="add_queue")
 
     def remove_queue(self, queue: Queue) -> None:
         """Close one queue. The kernel moves its last active queue into the freed index."""
@@ -438,28 +450,50 @@ class Device:
         q = Queue(self, fd)
         self.queues.append(q)
         self._active.append(q)
-        if self._vnet_hdr_size and self._vnet_hdr_size != _uapi.VIRTIO_NET_HDR_SIZE:
-            q._ioctl(_uapi.TUNSETVNETHDRSZ, struct.pack("i", self._vnet_hdr_size),
-                     "set_vnet_hdr_size")
+        self._ever_opened = True
+        # the header size is device-wide: the first queue reads what the device has
+        # (another holder may have set 12 or 24), later ones just follow it
+        self._read_vnet_hdr_size(q)
         return q
+
+    def _read_vnet_hdr_size(self, queue: Queue) -> None:
+        """Take the virtio-net header size from the kernel (TUNGETVNETHDRSZ)."""
+        if self.vnet_hdr:
+            self._vnet_hdr_size = queue.ioctl_int(_uapi.TUNGETVNETHDRSZ, 0, "get_vnet_hdr_size")
+        else:
+            self._vnet_hdr_size = 0
+        for q in self.queues:
+            q.header_size = self.header_size
+
+    def disable_queue(self, queue: Queue) -> None:
+        """Detach `queue` (IFF_DETACH_QUEUE): see Queue.disable."""
+        self._set_queue_enabled(queue, False)
+
+    def enable_queue(self, queue: Queue) -> None:
+        """Re-attach `queue` (IFF_ATTACH_QUEUE): see Queue.enable."""
+        self._set_queue_enabled(queue, True)
 
     def _set_queue_enabled(self, queue: Queue, enable: bool) -> None:
         self._own(queue)
-        if queue.closed:
-            raise MqtunError(errno.EBADF, f"queue of {self._name} is closed", device=self._name)
+        op = "reattach" if enable else "detach"
+        # the kernel first: a deleted device is DeviceGoneError (EBADFD), never "already ..."
+        detached = bool(queue.flags & _uapi.IFF_DETACH_QUEUE)
         if not self.multi_queue:
             raise InvalidArgumentError(
-                f"device {self._name} has no multiqueue: its queue cannot be detached",
-                device=self._name, op="detach",
+                f"device {self._name} has no multiqueue: its queue cannot be "
+                f"{'enabled' if enable else 'disabled'}", device=self._name, op=op,
             )
-        if enable == queue._enabled:
-            state = "attached" if enable else "detached"
-            raise InvalidArgumentError(f"queue is already {state}", device=self._name,
-                                       op="reattach" if enable else "detach")
+        if enable != detached:
+            state = "enabled" if enable else "disabled"
+            raise InvalidArgumentError(f"this queue of {self._name} is {state} already",
+                                       device=self._name, op=op)
         flag = _uapi.IFF_ATTACH_QUEUE if enable else _uapi.IFF_DETACH_QUEUE
-        queue._ioctl(_uapi.TUNSETQUEUE, _uapi.pack_ifreq(b"", flag),
-                     "reattach" if enable else "detach")
-        queue._enabled = enable
+        try:
+            queue.ioctl(_uapi.TUNSETQUEUE, _uapi.pack_ifreq(b"", flag), op)
+        except MqtunError as exc:
+            if exc.errno == errno.EINVAL:
+                queue.flags  # noqa: B018 -- raises DeviceGoneError if deleted meanwhile
+            raise
         if enable:
             self._active.append(queue)
         else:
@@ -467,19 +501,21 @@ class Device:
 
     def _vacate(self, queue: Queue) -> None:
         """Mirror the kernel: the last active queue moves into the slot `queue` leaves."""
-        i = self._index_of(queue)
+        i = self.index_of(queue)
         if i is None:
             return
         last = self._active.pop()
         if last is not queue:
             self._active[i] = last
 
-    def _forget_queue(self, queue: Queue) -> None:
-        if queue.closed:
+    def queue_closed(self, queue: Queue) -> None:
+        """Queue.close() calls this once its fd is closed: the queue leaves every list here
+        (and the kernel has moved the last active queue into its slot, if it had one)."""
+        if not queue.closed or queue not in self.queues:
             return
-        if queue._enabled:
-            self._vacate(queue)
-        queue._close_fd()
+        self._vacate(queue)
+        self.queues.remove(queue)
+        self._retired = self._retired + queue.stats
 
     def _own(self, queue: Queue) -> None:
         if queue.device is not self:
@@ -487,7 +523,7 @@ class Device:
 
     # ---- single-queue convenience (python-pytun style) --------------------------------------
     def _only_queue(self) -> Queue:
-        live = [q for q in self.queues if not q.closed]
+        live = self.queues
         if len(live) != 1:
             raise InvalidArgumentError(
                 f"device {self._name} has {len(live)} open queues; use dev.queues[i] "
@@ -509,18 +545,17 @@ class Device:
     # ---- device-wide settings ---------------------------------------------------------------
     def _control(self) -> Queue:
         """Any open queue: device-wide ioctls work on any attached fd."""
-        for q in self.queues:
-            if not q.closed:
-                return q
-        raise DeviceGoneError(_uapi.EBADFD, f"device {self._name} has no open queue",
-                              device=self._name)
+        if self.queues:
+            return self.queues[0]
+        raise MqtunError(errno.EBADF, f"device {self._name} is closed: this object holds no "
+                         "queue (attach it again)", device=self._name)
 
-    def _ioctl_int(self, request: int, value: int, op: str) -> None:
-        self._control()._ioctl(request, struct.pack("i", value), op)
+    def _ioctl_int(self, request: int, value: int, op: str) -> int:
+        return self._control().ioctl_int(request, value, op)
 
     def set_persist(self, persist: bool = True) -> None:
         """Keep the device when its last queue closes (TUNSETPERSIST)."""
-        self._control()._ioctl(_uapi.TUNSETPERSIST, int(bool(persist)), "set_persist")
+        self._control().ioctl(_uapi.TUNSETPERSIST, int(bool(persist)), "set_persist")
 
     def set_owner(self, owner: int | str) -> None:
         """Let this user open queues without CAP_NET_ADMIN.
@@ -530,14 +565,14 @@ class Device:
         uid = _resolve_id(owner, "owner")
         if uid is None:
             raise InvalidArgumentError("an owner cannot be unset; recreate the device")
-        self._control()._ioctl(_uapi.TUNSETOWNER, uid, "set_owner")
+        self._control().ioctl(_uapi.TUNSETOWNER, uid, "set_owner")
 
     def set_group(self, group: int | str) -> None:
         """Let this group open queues without CAP_NET_ADMIN (cannot be unset either)."""
         gid = _resolve_id(group, "group")
         if gid is None:
             raise InvalidArgumentError("a group cannot be unset; recreate the device")
-        self._control()._ioctl(_uapi.TUNSETGROUP, gid, "set_group")
+        self._control().ioctl(_uapi.TUNSETGROUP, gid, "set_group")
 
     def set_carrier(self, on: bool) -> None:
         """Carrier on/off (TUNSETCARRIER): off makes the link look unplugged."""
@@ -545,18 +580,23 @@ class Device:
 
     def set_link_type(self, arphrd: int) -> None:
         """ARPHRD type of a TUN device (EBUSY while up)."""
-        self._control()._ioctl(_uapi.TUNSETLINK, arphrd, "set_link_type")
+        self._control().ioctl(_uapi.TUNSETLINK, arphrd, "set_link_type")
 
     @property
-    def offloads(self) -> int | None:
-        """The TUN_F_* mask this device object last set (the kernel offers no getter)."""
-        return self._offloads
+    def offloads(self) -> int:
+        """The TUN_F_* mask the device has now, whoever set it.
+
+        The kernel has no getter for TUNSETOFFLOAD: the mask is read back from the device
+        features it turns on (the ethtool features: checksum, TSO, USO, tunnel GSO). TUN_F_UFO
+        has no feature (the kernel ignores it) and never shows.
+        """
+        return self.link.offloads()
 
     def set_offloads(self, mask: int) -> None:
         """Set the device-wide TUN_F_* offload mask (TUNSETOFFLOAD)."""
         if not isinstance(mask, int) or mask < 0:
             raise InvalidArgumentError(f"offload mask must be a non-negative int: {mask!r}")
-        self._control()._ioctl(_uapi.TUNSETOFFLOAD, mask, "set_offload")
+        self._control().ioctl(_uapi.TUNSETOFFLOAD, mask, "set_offload")
         self._offloads = mask
 
     def _apply_offloads(self) -> None:
@@ -565,7 +605,18 @@ class Device:
 
     @property
     def vnet_hdr_size(self) -> int:
-        """Size of the virtio-net header before each packet (0 without IFF_VNET_HDR)."""
+        """Size of the virtio-net header before each packet (0 without IFF_VNET_HDR).
+
+        Device-wide in the kernel: read with TUNGETVNETHDRSZ whenever this object opens a
+        queue or sets the size (`refresh_vnet_hdr_size()` reads it again, e.g. after another
+        holder changed it). Not read on every access: a forked worker holds only some of
+        the fds, and the property must not reach one it closed.
+        """
+        return self._vnet_hdr_size
+
+    def refresh_vnet_hdr_size(self) -> int:
+        """Read the virtio-net header size from the kernel again and return it."""
+        self._read_vnet_hdr_size(self._control())
         return self._vnet_hdr_size
 
     def set_vnet_hdr_size(self, size: int) -> None:
@@ -574,32 +625,27 @@ class Device:
             raise InvalidArgumentError(f"device {self._name} has no virtio-net header")
         if not isinstance(size, int) or size < _uapi.VNET_HDR_MIN_SIZE:
             raise InvalidArgumentError(f"virtio-net header size must be >= 10, not {size!r}")
-        for q in self.queues:
-            if not q.closed:
-                q._ioctl(_uapi.TUNSETVNETHDRSZ, struct.pack("i", size), "set_vnet_hdr_size")
-        self._vnet_hdr_size = size
-        for q in self.queues:
-            q.header_size = self.header_size
+        control = self._control()
+        control.ioctl_int(_uapi.TUNSETVNETHDRSZ, size, "set_vnet_hdr_size")
+        self._read_vnet_hdr_size(control)
 
     def set_vnet_le(self, little_endian: bool) -> None:
         """Force a little-endian virtio-net header (virtio 1.0) regardless of the host."""
-        self._control()._ioctl(_uapi.TUNSETVNETLE, struct.pack("i", int(little_endian)),
+        self._control().ioctl(_uapi.TUNSETVNETLE, struct.pack("i", int(little_endian)),
                                "set_vnet_le")
 
     @property
     def vnet_le(self) -> bool:
-        out = self._control()._ioctl(_uapi.TUNGETVNETLE, b"\0" * 4, "get_vnet_le")
-        return bool(struct.unpack("i", out)[0])  # type: ignore[arg-type]
+        return bool(self._ioctl_int(_uapi.TUNGETVNETLE, 0, "get_vnet_le"))
 
     @property
     def sndbuf(self) -> int:
-        out = self._control()._ioctl(_uapi.TUNGETSNDBUF, b"\0" * 4, "get_sndbuf")
-        return int(struct.unpack("i", out)[0])  # type: ignore[arg-type]
+        return self._ioctl_int(_uapi.TUNGETSNDBUF, 0, "get_sndbuf")
 
     def set_sndbuf(self, size: int) -> None:
         if not isinstance(size, int) or size <= 0:
             raise InvalidArgumentError(f"send buffer size must be positive: {size!r}")
-        self._control()._ioctl(_uapi.TUNSETSNDBUF, struct.pack("i", size), "set_sndbuf")
+        self._control().ioctl(_uapi.TUNSETSNDBUF, struct.pack("i", size), "set_sndbuf")
 
     def set_steering_program(self, program: _HasFileno | int | None) -> None:
         """Attach an eBPF steering program (its fd or an object with fileno()); None detaches.
@@ -607,13 +653,13 @@ class Device:
         Attaching replaces the previous program in one step. queue = return value % queues.
         """
         fd = _prog_fd(program)
-        self._control()._ioctl(_uapi.TUNSETSTEERINGEBPF, struct.pack("i", fd), "set_steering")
+        self._control().ioctl(_uapi.TUNSETSTEERINGEBPF, struct.pack("i", fd), "set_steering")
         self.steering_program = program
 
     def set_filter_program(self, program: _HasFileno | int | None) -> None:
         """Attach an eBPF filter: it returns 0 to drop a packet or N < len to trim it."""
         fd = _prog_fd(program)
-        self._control()._ioctl(_uapi.TUNSETFILTEREBPF, struct.pack("i", fd), "set_filter")
+        self._control().ioctl(_uapi.TUNSETFILTEREBPF, struct.pack("i", fd), "set_filter")
         self.filter_program = program
 
     def attach_classic_filter(self, instructions: bytes) -> None:
@@ -627,7 +673,7 @@ class Device:
         buf = ctypes.create_string_buffer(instructions, len(instructions))
         fprog = struct.pack(_uapi.SOCK_FPROG_FORMAT, len(instructions) // 8,
                             ctypes.addressof(buf))
-        self._control()._ioctl(_uapi.TUNATTACHFILTER, fprog, "attach_classic_filter")
+        self._control().ioctl(_uapi.TUNATTACHFILTER, fprog, "attach_classic_filter")
 
     @property
     def classic_filter(self) -> ClassicFilter:
@@ -635,67 +681,64 @@ class Device:
         if not self.tap:
             return ClassicFilter(0, False)
         try:
-            return read_classic_filter(self._control().fd, packet_info=self.packet_info)
+            return read_classic_filter(self._control().fileno(), packet_info=self.packet_info)
         except OSError as exc:
             raise kernel_error(exc, "get_classic_filter", self._name) from None
 
     def detach_classic_filter(self) -> None:
-        self._control()._ioctl(_uapi.TUNDETACHFILTER, b"\0" * 16, "detach_classic_filter")
+        self._control().ioctl(_uapi.TUNDETACHFILTER, b"\0" * 16, "detach_classic_filter")
 
     def set_tx_filter(self, macs: Sequence[bytes | str], *, allmulti: bool = False) -> None:
         """Accept only frames to these destination MACs (TAP; an empty list removes it)."""
+        from mqtun.steer.filters import pack_tx_filter  # the one packer (and its model)
+
         if not self.tap:
             raise InvalidArgumentError("a MAC (TX) filter only applies to TAP devices")
-        raw = [_mac_bytes(m) for m in macs]
-        head = struct.pack(_uapi.TUN_FILTER_HEADER_FORMAT,
-                           _uapi.TUN_FLT_ALLMULTI if allmulti else 0, len(raw))
-        self._control()._ioctl(_uapi.TUNSETTXFILTER, head + b"".join(raw), "set_txfilter")
+        self._control().ioctl(_uapi.TUNSETTXFILTER, pack_tx_filter(macs, allmulti),
+                              "set_txfilter")
 
     def netns_fd(self) -> int:
         """A new fd of the network namespace the device lives in now (TUNGETDEVNETNS).
 
         The caller closes it.
         """
-        q = self._control()
-        try:
-            return fcntl.ioctl(q.fd, _uapi.TUNGETDEVNETNS)
-        except OSError as exc:
-            raise kernel_error(exc, "get_netns", self._name) from None
+        return int(self._control().ioctl(_uapi.TUNGETDEVNETNS, 0, "get_netns"))
 
     # ---- counters ---------------------------------------------------------------------------
     def stats(self) -> QueueStats:
-        """Sum of the counters of every queue this object holds (open or closed)."""
-        return total([q.stats for q in self.queues])
+        """Sum of the counters of every queue this object held (the closed ones too)."""
+        return total([self._retired, *(q.stats for q in self.queues)])
 
     # ---- lifecycle --------------------------------------------------------------------------
     @property
     def closed(self) -> bool:
-        return all(q.closed for q in self.queues)
+        """True once every queue this object opened is closed."""
+        return not self.queues
 
     def _require_open(self) -> None:
-        if self.queues and self.closed:
+        if self._ever_opened and self.closed:
             raise MqtunError(errno.EBADF, f"device {self._name} is closed", device=self._name)
 
     def close(self) -> None:
         """Close every queue we hold. A non-persistent device then disappears."""
-        for q in reversed(self.queues):
+        for q in reversed(list(self.queues)):
             q.close()
+        self.link.close()
 
     def delete(self) -> None:
-        """Remove the device even if it is persistent or others hold queues."""
-        if not self.closed:
-            name = self.name
-            with contextlib.suppress(MqtunError):
-                self.set_persist(False)
-            nsfd = None
-            with contextlib.suppress(MqtunError):
-                nsfd = self.netns_fd()
+        """Remove the device even if it is persistent or others hold queues.
+
+        It is deleted in whatever namespace it is in now; a device already gone is no error.
+        """
+        if self.closed:
+            return
+        try:
+            self.set_persist(False)
+            self.link.delete()
+        except DeviceGoneError:
+            pass
+        finally:
             self.close()
-            if nsfd is not None:
-                try:
-                    _delete_in_netns(name, nsfd)
-                finally:
-                    os.close(nsfd)
 
     def _abort(self) -> None:
         """Undo a half-done create/attach: nothing half-made is left behind."""
@@ -704,10 +747,6 @@ class Device:
                 self.set_persist(False)
         self.close()
 
-    def _query_name(self, queue: Queue) -> str:
-        out = fcntl.ioctl(queue.fd, _uapi.TUNGETIFF, b"\0" * _uapi.IFREQ_SIZE)
-        return _uapi.unpack_ifreq(out)[0]
-
     def __enter__(self) -> Device:
         return self
 
@@ -715,11 +754,16 @@ class Device:
         self.close()
 
     def __repr__(self) -> str:
-        n = sum(1 for q in self.queues if not q.closed)
-        return f"<Device {self._name} {self.kind} queues={n}>"
+        return f"<Device {self._name} {self.kind} queues={len(self.queues)}>"
 
     def __iter__(self) -> Iterable[Queue]:
         return iter(self.queues)
+
+
+def _query_name(queue: Queue) -> str:
+    """The device's name as the kernel reports it on `queue` (TUNGETIFF)."""
+    out = queue.ioctl(_uapi.TUNGETIFF, bytes(_uapi.IFREQ_SIZE), "get_name")
+    return _uapi.unpack_ifreq(out)[0]  # type: ignore[arg-type]
 
 
 def _check_flags(name: str, wanted: dict[str, bool | None], actual: dict[str, bool]) -> None:
@@ -753,21 +797,3 @@ def _prog_fd(program: _HasFileno | int | None) -> int:
         return program
     return program.fileno()
 
-
-def _mac_bytes(mac: bytes | str) -> bytes:
-    raw = bytes.fromhex(mac.replace(":", "")) if isinstance(mac, str) else bytes(mac)
-    if len(raw) != _uapi.ETH_ALEN:
-        raise InvalidArgumentError(f"not a MAC address: {mac!r}")
-    return raw
-
-
-def _delete_in_netns(name: str, nsfd: int) -> None:
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    from mqtun.link import _netlink
-
-    with _netlink(nsfd) as ipr:
-        found = ipr.link_lookup(ifname=name)
-        if found:
-            with contextlib.suppress(NetlinkError):
-                ipr.link("del", index=found[0])

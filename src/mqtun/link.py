@@ -9,24 +9,25 @@ device moved to another namespace keeps working.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import os
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2 import IPRoute  # type: ignore[import-untyped]
+from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
+from mqtun import _uapi
 from mqtun.errors import InvalidArgumentError, MqtunError, PermissionDeniedError, kernel_error
+from mqtun.netns import entered_fd
 
 if TYPE_CHECKING:
     from mqtun.device import Device
 
-__all__ = ["Link", "LinkInfo", "delete_link", "find_link", "list_tun_links"]
-
-_IFF_UP = 0x1
-_IFF_LOWER_UP = 0x10000
+__all__ = ["Link", "LinkInfo", "delete_link", "find_link", "list_tun_links", "netlink"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class LinkInfo:
     multi_queue: bool
     num_queues: int | None  # None: the kernel reports counts for multiqueue devices only
     num_disabled_queues: int | None
+    max_tx_queues: int  # IFLA_NUM_TX_QUEUES: the kernel's limit (256 multiqueue, else 1)
+    max_rx_queues: int  # IFLA_NUM_RX_QUEUES
     owner: int | None
     group: int | None
     mtu: int
@@ -58,22 +61,32 @@ class LinkInfo:
 
 
 @contextlib.contextmanager
-def _netlink(netns_fd: int | None = None) -> Iterator[IPRoute]:
-    """An IPRoute socket in the namespace `netns_fd` names (the caller's own if None)."""
-    if netns_fd is not None and not _is_current_netns(netns_fd):
-        ipr = IPRoute(netns=f"/proc/self/fd/{netns_fd}")
-    else:
-        ipr = IPRoute()
+def netlink(netns_fd: int | None = None) -> Iterator[IPRoute]:
+    """A short-lived IPRoute socket in the namespace `netns_fd` names (the caller's if None)."""
+    ipr = _open_ipr(netns_fd)
     try:
         yield ipr
     finally:
         ipr.close()
 
 
-def _is_current_netns(fd: int) -> bool:
-    mine = os.stat("/proc/thread-self/ns/net")
-    theirs = os.fstat(fd)
-    return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
+def _open_ipr(netns_fd: int | None) -> IPRoute:
+    """An IPRoute socket in that namespace: opened there by this thread (setns in and out),
+    not by a forked helper as `IPRoute(netns=...)` would do for every socket."""
+    if netns_fd is None or _ns_key(netns_fd) == _current_ns_key():
+        return IPRoute()
+    with entered_fd(netns_fd):
+        return IPRoute()
+
+
+def _ns_key(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _current_ns_key() -> tuple[int, int]:
+    st = os.stat("/proc/thread-self/ns/net")
+    return st.st_dev, st.st_ino
 
 
 def _tun_data(msg: Any) -> dict[str, int] | None:
@@ -103,11 +116,13 @@ def _link_info(ipr: IPRoute, msg: Any) -> LinkInfo | None:
         multi_queue=bool(tun.get("IFLA_TUN_MULTI_QUEUE", 0)),
         num_queues=tun.get("IFLA_TUN_NUM_QUEUES"),
         num_disabled_queues=tun.get("IFLA_TUN_NUM_DISABLED_QUEUES"),
+        max_tx_queues=int(msg.get_attr("IFLA_NUM_TX_QUEUES") or 1),
+        max_rx_queues=int(msg.get_attr("IFLA_NUM_RX_QUEUES") or 1),
         owner=tun.get("IFLA_TUN_OWNER"),
         group=tun.get("IFLA_TUN_GROUP"),
         mtu=msg.get_attr("IFLA_MTU"),
         txqueuelen=msg.get_attr("IFLA_TXQLEN"),
-        up=bool(flags & _IFF_UP),
+        up=bool(flags & _uapi.IFF_UP),
         carrier=bool(msg.get_attr("IFLA_CARRIER")),
         operstate=msg.get_attr("IFLA_OPERSTATE") or "UNKNOWN",
         hwaddr=msg.get_attr("IFLA_ADDRESS"),
@@ -118,7 +133,7 @@ def _link_info(ipr: IPRoute, msg: Any) -> LinkInfo | None:
 
 def list_tun_links() -> list[LinkInfo]:
     """Every tun/tap link in the caller's network namespace, mqtun's or anyone's."""
-    with _netlink() as ipr:
+    with netlink() as ipr:
         infos = (_link_info(ipr, m) for m in ipr.get_links())
         return sorted((i for i in infos if i is not None), key=lambda i: i.ifindex)
 
@@ -128,7 +143,7 @@ def find_link(name: str) -> LinkInfo | None:
 
     Raises InvalidArgumentError if a link of that name exists but is not tun/tap.
     """
-    with _netlink() as ipr:
+    with netlink() as ipr:
         found = ipr.link_lookup(ifname=name)
         if not found:
             return None
@@ -148,9 +163,9 @@ def find_link(name: str) -> LinkInfo | None:
 def delete_link(name: str) -> None:
     """Delete the tun/tap link `name` in the caller's namespace (persistent or not)."""
     if find_link(name) is None:
-        raise MqtunError(19, f"no tun/tap device named {name} in this network namespace",
-                         device=name, op="delete")
-    with _netlink() as ipr:
+        raise MqtunError(errno.ENODEV, f"no tun/tap device named {name} in this network "
+                         "namespace", device=name, op="delete")
+    with netlink() as ipr:
         try:
             ipr.link("del", index=ipr.link_lookup(ifname=name)[0])
         except NetlinkError as exc:
@@ -158,25 +173,93 @@ def delete_link(name: str) -> None:
 
 
 class Link:
-    """Netlink operations on one device, in whatever namespace the device is in now."""
+    """Netlink operations on one device, in whatever namespace the device is in now.
+
+    One netlink socket is kept open in the device's namespace (opened there, so no helper
+    process is forked per call) and replaced when the device moves to another namespace.
+    """
 
     def __init__(self, device: Device) -> None:
         self._device = device
+        self._ipr: IPRoute | None = None
+        self._ipr_ns: tuple[int, int] | None = None
 
-    def _run(self, op: str, fn: Callable[[IPRoute, int], Any]) -> Any:
+    def _socket(self) -> IPRoute:
+        """The netlink socket in the namespace the device is in now (TUNGETDEVNETNS)."""
         try:
             nsfd: int | None = self._device.netns_fd()
         except PermissionDeniedError:
             nsfd = None  # TUNGETDEVNETNS needs CAP_NET_ADMIN: assume the caller's namespace
         try:
-            with _netlink(nsfd) as ipr:
-                name = self._device.name
-                found = ipr.link_lookup(ifname=name)
-                if not found:
-                    raise MqtunError(19, f"link {name} not found", device=name, op=op)
-                return fn(ipr, found[0])
+            key = _ns_key(nsfd) if nsfd is not None else _current_ns_key()
+            if self._ipr is None or key != self._ipr_ns:
+                self.close()
+                self._ipr = _open_ipr(nsfd)
+                self._ipr_ns = key
+            return self._ipr
+        finally:
+            if nsfd is not None:
+                os.close(nsfd)
+
+    def close(self) -> None:
+        """Close the netlink socket (the next call opens another)."""
+        ipr, self._ipr, self._ipr_ns = self._ipr, None, None
+        if ipr is not None:
+            ipr.close()
+
+    def _run(self, op: str, fn: Callable[[IPRoute, int], Any]) -> Any:
+        name = self._device.known_name
+        try:
+            ipr = self._socket()
+            name = self._device.name
+            found = ipr.link_lookup(ifname=name)
+            if not found:
+                raise MqtunError(errno.ENODEV, f"link {name} not found", device=name, op=op)
+            return fn(ipr, found[0])
         except NetlinkError as exc:
-            raise kernel_error(OSError(exc.code, str(exc)), op, self._device.name) from None
+            raise kernel_error(OSError(exc.code, str(exc)), op, name) from None
+
+    def delete(self) -> None:
+        """Delete the link (in its namespace), persistent or not."""
+        self._run("delete", lambda ipr, idx: ipr.link("del", index=idx))
+
+    def offloads(self) -> int:
+        """The TUN_F_* mask the device's features show (see Device.offloads)."""
+
+        def read(ethtool: Any) -> int:
+            features = ethtool.get_features()
+            return sum(bit for name, bit in _uapi.TUN_F_FEATURES if features[name])
+
+        return int(self._ethtool("get_offloads", read))
+
+    def channels(self) -> tuple[int, int]:
+        """(queues attached now, the most it can have): the combined channels `ethtool -l`
+        shows, which tun reports from its live queue count (disabled queues excluded)."""
+
+        def read(ethtool: Any) -> tuple[int, int]:
+            ch = ethtool.get_channels()
+            return int(ch.combined_count), int(ch.max_combined)
+
+        got: tuple[int, int] = self._ethtool("get_channels", read)
+        return got
+
+    def _ethtool(self, op: str, fn: Callable[[Any], Any]) -> Any:
+        """Run `fn` on an ethtool ioctl socket opened in the device's namespace."""
+        from pyroute2.ethtool.ioctl import IoctlEthtool  # type: ignore[import-untyped]
+
+        name = self._device.name
+        nsfd = _netns_fd_or_none(self._device)
+        try:
+            with contextlib.ExitStack() as stack:
+                if nsfd is not None and _ns_key(nsfd) != _current_ns_key():
+                    stack.enter_context(entered_fd(nsfd))
+                ethtool = IoctlEthtool(name)
+            try:
+                return fn(ethtool)
+            finally:
+                ethtool.close()
+        except OSError as exc:
+            raise kernel_error(exc, op, name) from None
         finally:
             if nsfd is not None:
                 os.close(nsfd)
@@ -188,13 +271,16 @@ class Link:
 
     def info(self) -> LinkInfo:
         """Everything the kernel reports of the link, counters included."""
-        return self._run("info", lambda ipr, idx: _link_info(ipr, ipr.get_links(idx)[0]))
+        info: LinkInfo = self._run("info",
+                                   lambda ipr, idx: _link_info(ipr, ipr.get_links(idx)[0]))
+        return info
 
     def stats(self) -> dict[str, int]:
         """Device totals (IFLA_STATS64): rx_* counts userspace writes, tx_* counts reads."""
-        return self._run(
+        stats: dict[str, int] = self._run(
             "stats", lambda ipr, idx: dict(ipr.get_links(idx)[0].get_attr("IFLA_STATS64"))
         )
+        return stats
 
     def up(self) -> None:
         self._run("up", lambda ipr, idx: ipr.link("set", index=idx, state="up"))
@@ -256,8 +342,8 @@ class Link:
             kwargs["local"] = str(iface.ip)
             kwargs["address"] = peer
         if iface.version == 6:
-            kwargs["family"] = 10
-            kwargs["flags"] = 0x80  # IFA_F_NODAD: usable at once, no duplicate detection wait
+            kwargs["family"] = socket.AF_INET6
+            kwargs["flags"] = _uapi.IFA_F_NODAD  # usable at once, no duplicate detection wait
         self._run("add_address", lambda ipr, idx: ipr.addr("add", index=idx, **kwargs))
 
     def remove_address(self, cidr: str) -> None:
@@ -289,6 +375,13 @@ class Link:
             self._run("set_netns", lambda ipr, idx: ipr.link("set", index=idx, net_ns_fd=fd))
         finally:
             os.close(fd)
+
+
+def _netns_fd_or_none(device: Device) -> int | None:
+    try:
+        return device.netns_fd()
+    except PermissionDeniedError:
+        return None
 
 
 def _interface(cidr: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:

@@ -1,15 +1,16 @@
 """Named network namespaces: make one, step into it, run programs in it, remove it.
 
 The demo, the benchmark and the tests build small topologies out of namespaces so that no
-device, address or route ever touches the machine's own namespace. Creation and removal go
-through iproute2's `ip netns` (the same bind mounts under /run/netns that every other tool
-sees); entering is setns(2) on the calling thread.
+device, address or route ever touches the machine's own namespace. Creation, removal and
+setns(2) go through pyroute2.netns (the same bind mounts under /run/netns that `ip netns`
+makes and every other tool sees); entering changes the calling thread only. Programs run
+inside with `ip netns exec`, which also gives them the namespace's /etc/netns files.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import errno
 import os
 import signal
 import subprocess
@@ -18,38 +19,50 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from pyroute2 import IPRoute  # type: ignore[import-untyped]
+from pyroute2 import netns as _pyroute2_netns
+from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
+
 from mqtun.errors import MqtunError
 
-__all__ = ["NETNS_RUN_DIR", "NetNamespace", "setns"]
+__all__ = ["NETNS_RUN_DIR", "NetNamespace", "entered", "entered_fd", "setns"]
 
 NETNS_RUN_DIR = "/run/netns"
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
+_THREAD_NETNS = "/proc/thread-self/ns/net"
 
 
 def setns(fd: int) -> None:
     """Move the calling thread into the network namespace that `fd` refers to."""
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise MqtunError(err, f"setns failed: {os.strerror(err)}", op="setns")
+    try:
+        _pyroute2_netns.setns(fd)
+    except OSError as exc:
+        err = exc.errno or 0
+        raise MqtunError(err, f"setns failed: {os.strerror(err)}", op="setns") from None
 
 
 @contextlib.contextmanager
-def entered(path: str) -> Iterator[None]:
-    """Run the body inside the namespace at `path`, then return to the one we came from."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+def entered_fd(fd: int) -> Iterator[None]:
+    """Run the body inside the namespace `fd` refers to, then return to the one we came from."""
+    home = os.open(_THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            setns(target)
-        finally:
-            os.close(target)
+        setns(fd)
         try:
             yield
         finally:
             setns(home)
     finally:
         os.close(home)
+
+
+@contextlib.contextmanager
+def entered(path: str) -> Iterator[None]:
+    """Run the body inside the namespace at `path`, then return to the one we came from."""
+    target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with entered_fd(target):
+            yield
+    finally:
+        os.close(target)
 
 
 class NetNamespace:
@@ -63,10 +76,25 @@ class NetNamespace:
     def create(cls, name: str | None = None, *, prefix: str = "mqtun-") -> NetNamespace:
         """Create a namespace (a unique name by default) with its loopback up."""
         name = name or f"{prefix}{uuid.uuid4().hex[:8]}"
-        _ip("netns", "add", name)
+        if os.path.exists(os.path.join(NETNS_RUN_DIR, name)):
+            raise MqtunError(errno.EEXIST, f"network namespace {name} exists already", op="netns")
+        try:
+            _pyroute2_netns.create(name)
+        except Exception as exc:  # pyroute2 runs it in a child: not always an OSError
+            err = getattr(exc, "errno", None) or errno.EPERM
+            with contextlib.suppress(OSError):
+                _pyroute2_netns.remove(name)
+            raise MqtunError(err, f"cannot create network namespace {name}: "
+                             f"{os.strerror(err)} (it needs CAP_SYS_ADMIN)", op="netns") from None
         ns = cls(name)
         try:
-            ns.run(["ip", "link", "set", "lo", "up"])
+            with ns.enter(), IPRoute() as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        except NetlinkError as exc:
+            ns.delete()
+            raise MqtunError(exc.code, f"cannot bring lo up in network namespace {name}: "
+                             f"{os.strerror(exc.code)} (it needs CAP_NET_ADMIN)",
+                             op="netns") from None
         except BaseException:
             ns.delete()
             raise
@@ -95,10 +123,8 @@ class NetNamespace:
 
     def pids(self) -> list[int]:
         """Processes whose network namespace is this one."""
-        out = subprocess.run(
-            ["ip", "netns", "pids", self.name], capture_output=True, text=True, timeout=10
-        )
-        return [int(p) for p in out.stdout.split() if p.isdigit()]
+        pids: list[int] = _pyroute2_netns.ns_pids(NETNS_RUN_DIR).get(self.name, [])
+        return pids
 
     def delete(self, *, grace: float = 1.0) -> None:
         """Stop every process left inside, then remove the namespace."""
@@ -115,7 +141,8 @@ class NetNamespace:
             deadline = time.monotonic() + grace
             while time.monotonic() < deadline and [p for p in self.pids() if p != me]:
                 time.sleep(0.02)
-        _ip("netns", "del", self.name, check=False)
+        with contextlib.suppress(OSError):
+            _pyroute2_netns.remove(self.name)
 
     def __enter__(self) -> NetNamespace:
         return self
@@ -125,11 +152,3 @@ class NetNamespace:
 
     def __repr__(self) -> str:
         return f"NetNamespace({self.name!r})"
-
-
-def _ip(*args: str, check: bool = True) -> None:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-    if check and proc.returncode != 0:
-        raise MqtunError(
-            1, f"`ip {' '.join(args)}` failed: {proc.stderr.strip()}", op="netns"
-        )

@@ -6,8 +6,8 @@ that talks to a `Device`:
 - `Offloads`: the TUN_F_* bits as an IntFlag;
 - `check_offloads`: the kernel's rules for a mask, checked before the kernel sees it, with a
   message that says which rule a mask breaks (the kernel only says EINVAL);
-- `probe_offloads(dev)`: what the running kernel accepts, found by trying (unknown bits give
-  EINVAL, which is the kernel's documented way to probe); the device's mask is restored;
+- `probe_offloads()`: what the running kernel accepts, found by trying (unknown bits give
+  EINVAL, which is the kernel's documented way to probe) on a scratch device of its own;
 - `enable_offloads(dev, flags)`: check, then TUNSETOFFLOAD;
 - queue helpers: read a packet as (VnetHeader, memoryview), read the wire packets a super-packet
   stands for, write a super-packet to a device without offloads by splitting it, and gather
@@ -118,25 +118,26 @@ _PROBES: tuple[tuple[Offloads, Offloads], ...] = (
 )
 
 
-def probe_offloads(dev: Device) -> Offloads:
-    """Every offload the running kernel accepts on `dev`, found by trying each one.
+def probe_offloads(dev: Device | None = None) -> Offloads:
+    """Every offload the running kernel accepts, found by trying each one.
 
-    The device-wide mask is changed while probing and set back to `dev.offloads` (0 if the
-    device object never set one) at the end.
+    The mask is device-wide, so trying masks on a device in use would hand its other holders
+    packets they did not ask for: the trials run on a private scratch device made for them
+    (and gone after), never on `dev`, which only says the caller has a device in mind. Needs
+    CAP_NET_ADMIN (to create the scratch device).
     """
+    from mqtun.device import Device
+
     found = Offloads.NONE
-    previous = dev.offloads or 0
-    try:
+    with Device.create("mqprobe%d", vnet_hdr=True, offloads=None) as scratch:
         for feature, mask in _PROBES:
             try:
-                dev.set_offloads(int(mask))
+                scratch.set_offloads(int(mask))
             except MqtunError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
             else:
                 found |= feature
-    finally:
-        dev.set_offloads(int(previous))
     return found
 
 

@@ -16,11 +16,11 @@ import select
 import struct
 import threading
 import time
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from mqtun import _uapi
-from mqtun.errors import DeviceGoneError, MqtunError, kernel_error
+from mqtun.errors import DeviceGoneError, MqtunError, QueueFullError, kernel_error
 from mqtun.stats import (
     DROP_FOR_ERRNO,
     READ_BYTES,
@@ -55,10 +55,15 @@ class _Default(enum.Enum):
 DEFAULT = _Default.DEFAULT  # "use the queue's own timeout"
 _POLL_IN = select.POLLIN | select.POLLERR | select.POLLHUP | select.POLLNVAL
 _POLL_OUT = select.POLLOUT | select.POLLERR | select.POLLHUP | select.POLLNVAL
+_CLOSED_FD = -1  # what `fd` holds once closed: no syscall can reach a reused fd number
 
 
 class Queue:
-    """One queue of a device. Usable with select/poll/epoll/asyncio through `fileno()`."""
+    """One queue of a device. Usable with select/poll/epoll/asyncio through `fileno()`.
+
+    Queues are made by their Device (create, attach, add_queue). The device keeps the kernel
+    order of its queues; the queue keeps its fd, its counters and the waits on it.
+    """
 
     def __init__(self, device: Device, fd: int, counters: Counters | None = None) -> None:
         self.device = device
@@ -67,7 +72,6 @@ class Queue:
         self.header_size = device.header_size  # PI + virtio-net header bytes before each packet
         self.read_size = DEFAULT_READ_SIZE
         self.timeout: float | None = None if device.blocking else 0.0
-        self._enabled = True
         self._closed = False
         self._lock = threading.Lock()
         self._wake_r = -1
@@ -88,15 +92,27 @@ class Queue:
         The kernel renumbers on detach and close: the last active queue moves into the freed
         slot. The device tracks that for every queue it opened.
         """
-        return self.device._index_of(self)
+        return self.device.index_of(self)
 
     @property
     def enabled(self) -> bool:
-        return self._enabled and not self._closed
+        """Attached (not disabled, not closed), as this process last set it."""
+        return self.device.index_of(self) is not None
 
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def flags(self) -> int:
+        """The IFF_* flags the kernel reports for this fd (TUNGETIFF).
+
+        IFF_DETACH_QUEUE is set while the queue is disabled. Raises DeviceGoneError when the
+        device was deleted. (IFF_NO_PI cannot be read here: the kernel sets that bit whenever
+        no classic filter is attached; `Device.packet_info` comes from netlink instead.)
+        """
+        out = self.ioctl(_uapi.TUNGETIFF, bytes(_uapi.IFREQ_SIZE), "get_flags")
+        return _uapi.unpack_ifreq(out)[1]  # type: ignore[arg-type]
 
     @property
     def stats(self) -> QueueStats:
@@ -113,48 +129,51 @@ class Queue:
         wait = self.timeout if isinstance(timeout, _Default) else timeout
         deadline = None if wait is None else time.monotonic() + wait
         while True:
+            self._require_open("read")
             try:
                 data = os.read(self.fd, self.read_size)
             except BlockingIOError:
-                if wait == 0 or not self._wait(_POLL_IN, deadline):
+                if wait == 0 or not self._wait(_POLL_IN, deadline, "read"):
                     return None
                 continue
             except OSError as exc:
                 raise self._read_failed(exc) from None
-            c = self.counters.slots
-            c[READ_PACKETS] += 1
-            c[READ_BYTES] += len(data) - self.header_size
+            self._count_read(1, len(data))
             return data
 
     def read_into(self, buffer: BytesLike, timeout: float | _Default | None = DEFAULT) -> int:
         """Read one packet into `buffer`; return its length (0 when nothing arrived in time).
 
-        A buffer shorter than the packet truncates it silently (the kernel's rule).
+        A buffer shorter than the packet truncates it silently (the kernel's rule); one shorter
+        than the headers is counted as a packet of 0 payload bytes.
         """
         wait = self.timeout if isinstance(timeout, _Default) else timeout
         deadline = None if wait is None else time.monotonic() + wait
         while True:
+            self._require_open("read")
             try:
                 n = os.readv(self.fd, [buffer])
             except BlockingIOError:
-                if wait == 0 or not self._wait(_POLL_IN, deadline):
+                if wait == 0 or not self._wait(_POLL_IN, deadline, "read"):
                     return 0
                 continue
             except OSError as exc:
                 raise self._read_failed(exc) from None
-            c = self.counters.slots
-            c[READ_PACKETS] += 1
-            c[READ_BYTES] += n - self.header_size
+            self._count_read(1, n)
             return n
 
     def wait_readable(self, timeout: float | None = None) -> bool:
         """Wait until a packet can be read (True) or `timeout` seconds pass (False).
 
         For callers that read the fd their own way (mqtun.compat reads a blocking fd, as
-        python-pytun did): a close() from another thread wakes the wait with EBADF.
+        python-pytun did): a close() from another thread wakes the wait with EBADF, the
+        deletion of the device with DeviceGoneError. A disabled queue simply waits.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        return self._wait(_POLL_IN, deadline)
+        revents = self._poll(_POLL_IN, deadline, "wait_readable")
+        if revents & select.POLLERR:
+            self._raise_if_gone("wait_readable")
+        return bool(revents)
 
     def read_batch(
         self, max_packets: int = 64, timeout: float | _Default | None = 0.0
@@ -163,6 +182,7 @@ class Queue:
 
         By default it does not wait at all: an empty list means nothing is queued.
         """
+        self._require_open("read")
         out: list[bytes] = []
         if isinstance(timeout, _Default):
             timeout = self.timeout
@@ -174,75 +194,103 @@ class Queue:
                 try:
                     append(read(fd, size))
                 except BlockingIOError:
-                    if out or timeout == 0 or not self._wait(_POLL_IN, deadline):
+                    if out or timeout == 0 or not self._wait(_POLL_IN, deadline, "read"):
                         break
         except OSError as exc:
             if not out:
                 raise self._read_failed(exc) from None
         if out:
-            c = self.counters.slots
-            c[READ_PACKETS] += len(out)
-            c[READ_BYTES] += sum(map(len, out)) - self.header_size * len(out)
+            if size > self.header_size:  # no packet can be shorter than its headers
+                self._count_read(len(out), sum(map(len, out)))
+            else:
+                for pkt in out:
+                    self._count_read(1, len(pkt))
         return out
 
+    def _count_read(self, packets: int, nbytes: int) -> None:
+        """The one place reads are counted. Bytes exclude the headers, as the kernel's do; a
+        read cut shorter than its headers (a small buffer) counts as 0 bytes, never less."""
+        c = self.counters.slots
+        c[READ_PACKETS] += packets
+        c[READ_BYTES] += max(0, nbytes - self.header_size * packets)
+
     # ---- writing ----------------------------------------------------------------------------
+    # One rule for EAGAIN (the socket's send buffer is full, see set_sndbuf) in write, writev
+    # and write_batch: it is not a drop, the packet is still the caller's. Wait until the fd is
+    # writable within the queue's `timeout` (None: as long as it takes, 0: not at all) and try
+    # again; when the time is up, raise QueueFullError, which says how many were written.
+
     def write(self, packet: BytesLike) -> int:
         """Inject one packet (bytes, bytearray or memoryview; not copied). Returns its length.
 
         A refused packet raises MqtunError after being counted as a write error and a drop.
         """
-        try:
-            n = os.write(self.fd, packet)
-        except BlockingIOError:
-            self._wait(_POLL_OUT, time.monotonic() + 1.0)
-            return self.write(packet)
-        except OSError as exc:
-            raise self._write_failed(exc) from None
-        c = self.counters.slots
-        c[WRITTEN_PACKETS] += 1
-        c[WRITTEN_BYTES] += n - self.header_size
+        n = self._write_one(os.write, packet, self._write_deadline(), 0)
+        self._count_written(1, n - self.header_size)
         return n
 
     def writev(self, parts: Sequence[BytesLike]) -> int:
         """Inject one packet gathered from several buffers (e.g. a header and a payload)."""
-        try:
-            n = os.writev(self.fd, parts)
-        except BlockingIOError:
-            self._wait(_POLL_OUT, time.monotonic() + 1.0)
-            return self.writev(parts)
-        except OSError as exc:
-            raise self._write_failed(exc) from None
-        c = self.counters.slots
-        c[WRITTEN_PACKETS] += 1
-        c[WRITTEN_BYTES] += n - self.header_size
+        n = self._write_one(os.writev, parts, self._write_deadline(), 0)
+        self._count_written(1, n - self.header_size)
         return n
 
     def write_batch(self, packets: Iterable[BytesLike]) -> int:
         """Inject many packets; return how many the kernel took.
 
         A packet the kernel refuses is counted as dropped with its reason and the batch goes
-        on; only the loss of the device stops it (DeviceGoneError).
+        on; only the loss of the device (DeviceGoneError), a close, or a send buffer that
+        stays full past the queue's timeout (QueueFullError, see `write`) stop it.
         """
+        self._require_open("write")
         fd, write = self.fd, os.write
         sent = 0
         nbytes = 0
         hs = self.header_size
-        for pkt in packets:
-            try:
-                nbytes += write(fd, pkt) - hs
-                sent += 1
-            except OSError as exc:
-                err = self._write_failed(exc)
-                if isinstance(err, DeviceGoneError) or exc.errno == errno.EBADF:
-                    self._count_written(sent, nbytes)
-                    raise err from None
-        self._count_written(sent, nbytes)
+        deadline: float | _Default | None = DEFAULT
+        try:
+            for pkt in packets:
+                try:
+                    nbytes += write(fd, pkt) - hs
+                    sent += 1
+                except BlockingIOError:
+                    if isinstance(deadline, _Default):
+                        deadline = self._write_deadline()
+                    nbytes += self._write_one(write, pkt, deadline, sent) - hs
+                    sent += 1
+                except OSError as exc:
+                    err = self._write_failed(exc)
+                    if isinstance(err, DeviceGoneError) or err.errno == errno.EBADF:
+                        raise err from None
+        finally:
+            self._count_written(sent, nbytes)
         return sent
+
+    def _write_deadline(self) -> float | None:
+        return None if self.timeout is None else time.monotonic() + self.timeout
+
+    def _write_one(self, write: Callable[[int, Any], int], packet: Any,
+                   deadline: float | None, written: int) -> int:
+        """One packet through `write` (os.write or os.writev), EAGAIN handled by the rule."""
+        while True:
+            self._require_open("write")
+            try:
+                return write(self.fd, packet)
+            except BlockingIOError:
+                if not self._wait(_POLL_OUT, deadline, "write"):
+                    raise QueueFullError(
+                        f"the send buffer of {self.device.known_name} stayed full "
+                        f"({written} packet(s) of this call were written, this one was not): "
+                        "write it again later, or raise the queue's timeout or "
+                        "Device.set_sndbuf", device=self.device.known_name, written=written,
+                    ) from None
+            except OSError as exc:
+                raise self._write_failed(exc) from None
 
     def _count_written(self, packets: int, nbytes: int) -> None:
         c = self.counters.slots
         c[WRITTEN_PACKETS] += packets
-        c[WRITTEN_BYTES] += nbytes
+        c[WRITTEN_BYTES] += max(0, nbytes)
 
     # ---- queue state (TUNSETQUEUE) ------------------------------------------------------------
     def disable(self) -> None:
@@ -250,29 +298,31 @@ class Queue:
 
         The kernel purges its ring and moves the last active queue into this slot.
         """
-        self.device._set_queue_enabled(self, False)
+        self.device.disable_queue(self)
 
     def enable(self) -> None:
         """Re-attach a disabled queue (IFF_ATTACH_QUEUE); it takes the last index."""
-        self.device._set_queue_enabled(self, True)
+        self.device.enable_queue(self)
 
     # ---- lifecycle --------------------------------------------------------------------------
     def close(self) -> None:
-        """Close the fd. Wakes a thread blocked in read(). Idempotent."""
-        self.device._forget_queue(self)
+        """Close the fd. Wakes a thread blocked in read(). Idempotent.
 
-    def _close_fd(self) -> None:
+        The queue then leaves its device's lists; every later operation on it raises.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            os.close(self.fd)
+            fd, self.fd = self.fd, _CLOSED_FD
+            os.close(fd)
             if self._wake_w >= 0:
                 os.close(self._wake_w)  # POLLHUP on the read end wakes every waiter
                 self._wake_w = -1
             if self._wake_r >= 0 and self._waiters == 0:
                 os.close(self._wake_r)
                 self._wake_r = -1
+        self.device.queue_closed(self)
 
     def __enter__(self) -> Queue:
         return self
@@ -281,32 +331,53 @@ class Queue:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else ("enabled" if self._enabled else "disabled")
-        return f"<Queue {self.device.name} fd={self.fd} index={self.index} {state}>"
+        state = "closed" if self._closed else ("enabled" if self.enabled else "disabled")
+        return f"<Queue {self.device.known_name} fd={self.fd} index={self.index} {state}>"
 
     # ---- ioctl on this fd ---------------------------------------------------------------------
-    def _ioctl(self, request: int, arg: int | bytes, op: str) -> int | bytes:
+    def ioctl(self, request: int, arg: int | bytes, op: str) -> int | bytes:
+        """One ioctl on this queue's fd; a refusal becomes the MqtunError that explains it.
+
+        `op` names the operation for the message (see mqtun.errors). A closed queue raises.
+        """
+        self._require_open(op)
         try:
             return fcntl.ioctl(self.fd, request, arg)
         except OSError as exc:
-            raise kernel_error(exc, op, self.device.name) from None
+            raise kernel_error(exc, op, self.device.known_name) from None
 
-    def _ioctl_int(self, request: int, value: int, op: str) -> None:
-        self._ioctl(request, struct.pack("i", value), op)
+    def ioctl_int(self, request: int, value: int, op: str) -> int:
+        """An ioctl whose argument is a pointer to a C int; returns the int it holds after."""
+        out = self.ioctl(request, struct.pack("i", value), op)
+        return int(struct.unpack("i", out)[0])  # type: ignore[arg-type]
 
     # ---- internals --------------------------------------------------------------------------
-    def _wait(self, events: int, deadline: float | None) -> bool:
-        """Poll until the fd is ready (True), the deadline passes or the queue closes."""
+    def _require_open(self, op: str) -> None:
+        if self._closed:
+            raise self._closed_error(op)
+
+    def _closed_error(self, op: str) -> MqtunError:
+        return MqtunError(errno.EBADF, f"this queue of {self.device.known_name} is closed",
+                          device=self.device.known_name, op=op)
+
+    def _wait(self, events: int, deadline: float | None, op: str) -> bool:
+        """Poll until the fd is ready (True) or the deadline passes (False)."""
+        return bool(self._poll(events, deadline, op))
+
+    def _poll(self, events: int, deadline: float | None, op: str) -> int:
+        """The fd's poll events once ready, 0 when the deadline passed. A close wakes it with
+        EBADF. (A deleted device shows as POLLERR: the read or write that follows says so.)"""
         with self._lock:
             if self._closed:
-                raise MqtunError(errno.EBADF, f"queue of {self.device.name} is closed", op="read")
+                raise self._closed_error(op)
             if self._wake_r < 0:
                 self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
             self._waiters += 1
             wake_r = self._wake_r
+            fd = self.fd
         try:
             poller = select.poll()
-            poller.register(self.fd, events)
+            poller.register(fd, events)
             poller.register(wake_r, select.POLLIN)
             while True:
                 if deadline is None:
@@ -315,13 +386,12 @@ class Queue:
                     ms = max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
                 ready = poller.poll(ms)
                 if self._closed:
-                    raise MqtunError(
-                        errno.EBADF, f"queue of {self.device.name} was closed", op="read"
-                    )
-                if ready:
-                    return True
+                    raise self._closed_error(op)
+                for rfd, revents in ready:
+                    if rfd == fd:
+                        return revents
                 if deadline is not None and time.monotonic() >= deadline:
-                    return False
+                    return 0
         finally:
             with self._lock:
                 self._waiters -= 1
@@ -329,16 +399,24 @@ class Queue:
                     os.close(self._wake_r)
                     self._wake_r = -1
 
+    def _raise_if_gone(self, op: str) -> None:
+        """Ask the kernel whether the device still exists (TUNGETIFF gives EBADFD if not)."""
+        try:
+            fcntl.ioctl(self.fd, _uapi.TUNGETIFF, bytes(_uapi.IFREQ_SIZE))
+        except OSError as exc:
+            if exc.errno == errno.EBADFD:
+                raise kernel_error(exc, op, self.device.known_name) from None
+
     def _read_failed(self, exc: OSError) -> MqtunError:
         self.counters.slots[READ_ERRORS] += 1
         if self._closed or exc.errno == errno.EBADF:
-            return MqtunError(errno.EBADF, f"queue of {self.device.name} is closed", op="read")
-        return kernel_error(exc, "read", self.device.name)
+            return self._closed_error("read")
+        return kernel_error(exc, "read", self.device.known_name)
 
     def _write_failed(self, exc: OSError) -> MqtunError:
         c = self.counters
         c.slots[WRITE_ERRORS] += 1
         c.drop(_WRITE_DROP_REASON.get(exc.errno or 0, DropReason.WRITE_ERROR))
         if self._closed or exc.errno == errno.EBADF:
-            return MqtunError(errno.EBADF, f"queue of {self.device.name} is closed", op="write")
-        return kernel_error(exc, "write", self.device.name)
+            return self._closed_error("write")
+        return kernel_error(exc, "write", self.device.known_name)

@@ -20,24 +20,33 @@ import select
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Protocol
 
-_PR_SET_PDEATHSIG = 1
+from mqtun import _uapi
 
 
 class _Stop(Exception):
     """SIGTERM/SIGINT: leave the wait (a handler that returns would be retried, PEP 475)."""
 
 
-def _serve(a: object, b: object) -> None:
+class _TunTap(Protocol):
+    """What this program uses of python-pytun's TunTapDevice."""
+
+    def fileno(self) -> int: ...
+    def read(self, size: int, /) -> bytes: ...
+    def write(self, data: bytes, /) -> int: ...
+
+
+def _serve(a: _TunTap, b: _TunTap) -> None:
     """One queue pair, forever: whichever device is readable, one packet to the other."""
-    import pytun
+    import pytun  # type: ignore[import-not-found, import-untyped, unused-ignore]
 
     peer = {a: b, b: a}
     while True:
         for dev in select.select([a, b], [], [])[0]:
-            packet = dev.read(65536)  # type: ignore[attr-defined]
+            packet = dev.read(65536)
             with contextlib.suppress(pytun.Error):
-                peer[dev].write(packet)  # type: ignore[attr-defined]
+                peer[dev].write(packet)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -47,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--queues", type=int, default=1)
     ap.add_argument("--cpus", help="pin worker i to the i-th CPU of this list, or auto")
     args = ap.parse_args(argv)
-    import pytun
+    import pytun  # type: ignore[import-not-found, import-untyped, unused-ignore]
 
     from mqtun.runtime.workers import parse_cpus
 
@@ -63,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if pid == 0:
             code = 1
             try:
-                ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+                ctypes.CDLL(None).prctl(_uapi.PR_SET_PDEATHSIG, signal.SIGKILL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 if cpus:

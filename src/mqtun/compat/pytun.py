@@ -37,14 +37,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final
 
-from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
 from mqtun import _uapi
 from mqtun.device import Device
-from mqtun.link import _netlink, find_link
+from mqtun.link import find_link, netlink
 
 if TYPE_CHECKING:
-    from pyroute2 import IPRoute
+    from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
     from mqtun.queue import Queue
 
@@ -69,10 +69,10 @@ IFF_TUN_EXCL: Final = _uapi.IFF_TUN_EXCL
 IFF_MULTI_QUEUE: Final = _uapi.IFF_MULTI_QUEUE
 
 # net_device flags (include/uapi/linux/if.h) that decide what SIOCSIFADDR does
-_IFF_UP: Final = 0x1
-_IFF_BROADCAST: Final = 0x2
-_IFF_POINTOPOINT: Final = 0x10
-_RT_SCOPE_HOST: Final = 254
+_IFF_UP: Final = _uapi.IFF_UP
+_IFF_BROADCAST: Final = _uapi.IFF_BROADCAST
+_IFF_POINTOPOINT: Final = _uapi.IFF_POINTOPOINT
+_RT_SCOPE_HOST: Final = _uapi.RT_SCOPE_HOST
 _ALL_ONES: Final = 0xFFFFFFFF
 _INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
 
@@ -165,7 +165,7 @@ class _Ifa:
 def _rtnl() -> Iterator[IPRoute]:
     """Netlink in the caller's namespace; a kernel refusal becomes Error(errno)."""
     try:
-        with _netlink() as ipr:
+        with netlink() as ipr:
             yield ipr
     except NetlinkError as exc:
         raise _errno_error(exc.code) from exc

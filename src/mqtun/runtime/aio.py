@@ -221,7 +221,7 @@ class AsyncQueue:
 
     def _failure(self, exc: OSError, op: str) -> MqtunError:
         """A deleted device: DeviceGoneError (kernel_error decides); a closed queue: EBADF."""
-        name = self.queue.device.name
+        name = self.queue.device.known_name
         if exc.errno == errno.EBADF or self.queue.closed:
             return MqtunError(errno.EBADF, f"the queue of {name} is closed", device=name, op=op)
         return kernel_error(exc, op, name)

@@ -473,7 +473,7 @@ class IOLoop:
         for r in self.routes:
             for q in (r.src, r.out):
                 if q.closed:
-                    raise MqtunError(errno.EBADF, f"queue of {q.device.name} is closed",
+                    raise MqtunError(errno.EBADF, f"queue of {q.device.known_name} is closed",
                                      op="read")
         mode = self.config.mode
         if mode == "uring":
@@ -576,8 +576,8 @@ def _raise_if_fatal(exc: MqtunError) -> None:
 
 def _failure(q: Queue, exc: OSError, op: str) -> MqtunError:
     if exc.errno == errno.EBADF or q.closed:
-        return MqtunError(errno.EBADF, f"queue of {q.device.name} is closed", op=op)
-    return kernel_error(exc, op, q.device.name)
+        return MqtunError(errno.EBADF, f"queue of {q.device.known_name} is closed", op=op)
+    return kernel_error(exc, op, q.device.known_name)
 
 
 def _read_error(q: Queue, exc: OSError) -> None:

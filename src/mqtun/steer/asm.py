@@ -497,7 +497,7 @@ class Assembler:
             helper_id = getattr(u, f"BPF_FUNC_{helper}", None)
             if helper_id is None:
                 raise AsmError(f"unknown helper {helper!r}: pass its numeric id")
-            helper = helper_id
+            helper = int(helper_id)
         return self.emit(_Insn(u.BPF_JMP | u.BPF_CALL, 0, 0, 0, _imm32(helper, False)))
 
     def exit(self) -> Assembler:
@@ -807,20 +807,25 @@ class ClassicAssembler:
             raise AsmError(f"compare with an int or 'x', not {k!r}")
         return self._emit(u.BPF_JMP | op | u.BPF_K, k, jt=true, jf=false)
 
-    def jeq(self, k: int | str, true: str | None = None, false: str | None = None):
+    def jeq(self, k: int | str, true: str | None = None,
+            false: str | None = None) -> ClassicAssembler:
         return self._jmp(u.BPF_JEQ, k, true, false)
 
-    def jne(self, k: int | str, true: str | None = None, false: str | None = None):
+    def jne(self, k: int | str, true: str | None = None,
+            false: str | None = None) -> ClassicAssembler:
         """Sugar: jeq with the targets swapped (classic BPF has no JNE)."""
         return self._jmp(u.BPF_JEQ, k, false, true)
 
-    def jgt(self, k: int | str, true: str | None = None, false: str | None = None):
+    def jgt(self, k: int | str, true: str | None = None,
+            false: str | None = None) -> ClassicAssembler:
         return self._jmp(u.BPF_JGT, k, true, false)
 
-    def jge(self, k: int | str, true: str | None = None, false: str | None = None):
+    def jge(self, k: int | str, true: str | None = None,
+            false: str | None = None) -> ClassicAssembler:
         return self._jmp(u.BPF_JGE, k, true, false)
 
-    def jset(self, k: int | str, true: str | None = None, false: str | None = None):
+    def jset(self, k: int | str, true: str | None = None,
+            false: str | None = None) -> ClassicAssembler:
         return self._jmp(u.BPF_JSET, k, true, false)
 
     def ja(self, target: str) -> ClassicAssembler:

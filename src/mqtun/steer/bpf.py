@@ -15,6 +15,7 @@ import re
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from mqtun import _uapi as u
 from mqtun.errors import InvalidArgumentError, MqtunError, PermissionDeniedError
@@ -76,7 +77,7 @@ def _rebuild_verifier(err: int, message: str, log: str, name: str) -> VerifierEr
 
 def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str = "") -> int:
     """Run one bpf(2) command; raise a BpfError that says which command and why."""
-    ret = _syscall(u.NR_bpf, cmd, ctypes.addressof(attr), len(attr))
+    ret = _syscall(u.syscall_number("bpf"), cmd, ctypes.addressof(attr), len(attr))
     if ret < 0:
         err = ctypes.get_errno()
         raise _bpf_error(err, cmd, what)
@@ -151,10 +152,11 @@ class BpfObject:
         state = "closed" if self._fd < 0 else f"fd={self._fd}"
         return f"<{type(self).__name__} {self.name!r} {state}>"
 
-    def _info(self, fmt: str, size: int) -> tuple[object, ...]:
+    def _info(self, fmt: str, size: int) -> tuple[Any, ...]:
         info = ctypes.create_string_buffer(size)
         attr = ctypes.create_string_buffer(struct.pack(u.BPF_OBJ_GET_INFO_FORMAT,
-                                                       self.fileno(), size, _addr(info)), 16)
+                                                       self.fileno(), size, _addr(info)),
+                                        u.BPF_OBJ_GET_INFO_ATTR_SIZE)
         _bpf(u.BPF_OBJ_GET_INFO_BY_FD, attr, self.name)
         return struct.unpack_from(fmt, info.raw)
 
@@ -243,16 +245,17 @@ class Program(BpfObject):
         if nr_maps:
             ids = ctypes.create_string_buffer(4 * int(nr_maps))
             info = bytearray(u.BPF_PROG_INFO_SIZE)
-            struct.pack_into("=I", info, 52, int(nr_maps))
-            struct.pack_into("=Q", info, 56, ctypes.addressof(ids))
+            struct.pack_into("=I", info, u.BPF_PROG_INFO_NR_MAP_IDS_OFFSET, int(nr_maps))
+            struct.pack_into("=Q", info, u.BPF_PROG_INFO_MAP_IDS_OFFSET, ctypes.addressof(ids))
             info_buf = ctypes.create_string_buffer(bytes(info), len(info))
             attr = ctypes.create_string_buffer(struct.pack(
-                u.BPF_OBJ_GET_INFO_FORMAT, self.fileno(), len(info), _addr(info_buf)), 16)
+                u.BPF_OBJ_GET_INFO_FORMAT, self.fileno(), len(info), _addr(info_buf)),
+                u.BPF_OBJ_GET_INFO_ATTR_SIZE)
             _bpf(u.BPF_OBJ_GET_INFO_BY_FD, attr, self.name)
             map_ids = struct.unpack(f"={int(nr_maps)}I", ids.raw)
         return ProgramInfo(
-            id=int(pid), type=int(ptype), tag=bytes(tag).hex(),  # type: ignore[arg-type]
-            name=bytes(raw_name).split(b"\0", 1)[0].decode(),  # type: ignore[arg-type]
+            id=int(pid), type=int(ptype), tag=bytes(tag).hex(),
+            name=bytes(raw_name).split(b"\0", 1)[0].decode(),
             xlated_len=int(xlated), jited_len=int(jited), map_ids=map_ids,
             load_time_ns=int(load_time), created_by_uid=int(uid),
         )
@@ -339,7 +342,7 @@ def _verifier_error(
     first: BpfError,
 ) -> MqtunError:
     size = _LOG_START
-    err = first.errno
+    err = first.errno or _errno.EINVAL
     text = ""
     for _ in range(4):
         log = ctypes.create_string_buffer(size)
@@ -347,7 +350,7 @@ def _verifier_error(
             fd, _ = _prog_load(prog_type, insns, count, lic, name, u.BPF_LOG_LEVEL1, log)
         except BpfError as exc:
             text = log.value.decode(errors="replace")
-            err = exc.errno
+            err = exc.errno or err
             need = getattr(exc, "log_true_size", 0)
             if exc.errno == _errno.ENOSPC and need > size and size < _LOG_MAX:
                 size = min(max(need + 1, size * 4), _LOG_MAX)
@@ -467,8 +470,8 @@ class ArrayMap(BpfObject):
     def info(self) -> MapInfo:
         mtype, mid, ks, vs, me, flags, raw_name = self._info(u.BPF_MAP_INFO_FORMAT,
                                                              u.BPF_MAP_INFO_SIZE)
-        return MapInfo(int(mid), int(mtype), int(ks), int(vs), int(me), int(flags),  # type: ignore[arg-type]
-                       bytes(raw_name).split(b"\0", 1)[0].decode())  # type: ignore[arg-type]
+        return MapInfo(int(mid), int(mtype), int(ks), int(vs), int(me), int(flags),
+                       bytes(raw_name).split(b"\0", 1)[0].decode())
 
 
 def loaded_program_ids() -> list[int]:

@@ -31,6 +31,7 @@ __all__ = [
     "FilterProgram",
     "TxFilterModel",
     "accept_all",
+    "check_classic",
     "classic_accept_dst_macs",
     "classic_only_ethertypes",
     "classic_only_ipv4",
@@ -259,9 +260,39 @@ def classic_only_ipv6() -> ClassicProgram:
     return classic_only_ethertypes([u.ETH_P_IPV6])
 
 
+def check_classic(program: ClassicProgram) -> None:
+    """Refuse what the kernel's checker (bpf_check_classic) refuses at attach time: a scratch
+    memory index outside M[0..15], `ret x` (Linux has only `ret #k` and `ret a`, unlike BSD),
+    a jump out of the program, a program not ending in ret."""
+    insns = list(program)
+    if not insns or len(insns) > u.BPF_MAXINSNS:
+        raise InvalidArgumentError(f"a classic program has 1..{u.BPF_MAXINSNS} instructions",
+                                   op="filter")
+    for pc, (code, jt, jf, k) in enumerate(insns):
+        cls = code & u.BPF_CLASS_MASK
+        mem = (cls in (u.BPF_ST, u.BPF_STX)
+               or (cls in (u.BPF_LD, u.BPF_LDX) and code & u.BPF_MODE_MASK == u.BPF_MEM))
+        if mem and k >= u.BPF_MEMWORDS:
+            raise InvalidArgumentError(
+                f"instruction {pc}: scratch memory M[{k}] is outside M[0..{u.BPF_MEMWORDS - 1}] "
+                "(the kernel refuses this program: EINVAL)", op="filter")
+        if cls == u.BPF_RET and code & _BPF_RVAL_MASK not in (u.BPF_K, u.BPF_A):
+            raise InvalidArgumentError(
+                f"instruction {pc}: Linux has no `ret x` (only ret #k and ret a: use txa; ret a)"
+                " and refuses this program (EINVAL)", op="filter")
+        if cls == u.BPF_JMP:
+            far = k if code & u.BPF_JMP_JCOND_MASK == u.BPF_JA else max(jt, jf)
+            if pc + 1 + far >= len(insns):
+                raise InvalidArgumentError(f"instruction {pc}: jump past the end", op="filter")
+    if insns[-1][0] & u.BPF_CLASS_MASK != u.BPF_RET:
+        raise InvalidArgumentError("a classic program must end with ret", op="filter")
+
+
 def run_classic(program: ClassicProgram, packet: bytes) -> int:
     """Interpret a classic BPF program on `packet` as the kernel would: its return value
-    (bytes to keep; 0 drops). A load past the end returns 0. Ancillary loads are not modelled."""
+    (bytes to keep; 0 drops). A load past the end returns 0. Ancillary loads are not modelled.
+    A program the kernel's checker would refuse is refused here (InvalidArgumentError)."""
+    check_classic(program)
     insns = list(program)
     a = x = 0
     mem = [0] * u.BPF_MEMWORDS
@@ -327,7 +358,7 @@ def run_classic(program: ClassicProgram, packet: bytes) -> int:
             }[op]
             pc += jt if taken else jf
         elif cls == u.BPF_RET:
-            return a if code & u.BPF_A else k
+            return a if code & _BPF_RVAL_MASK == u.BPF_A else k
         elif cls == u.BPF_MISC:
             if code & u.BPF_TXA:
                 a = x
@@ -335,6 +366,8 @@ def run_classic(program: ClassicProgram, packet: bytes) -> int:
                 x = a
     return 0
 
+
+_BPF_RVAL_MASK = u.BPF_A | u.BPF_X  # BPF_RVAL(code): where ret takes its value (K, X or A)
 
 _CLASSIC_ALU = {
     u.BPF_ADD: lambda a, b: a + b,

@@ -99,7 +99,12 @@ class Flow:
 
 
 def parse_flow(packet: bytes, tap: bool = False) -> Flow | None:
-    """The flow a built-in program sees in `packet`, or None when it is not one."""
+    """The flow a built-in program sees in `packet`, or None when it is not one.
+
+    This Ethernet/VLAN/IP parser is deliberately not mqtun.packet.headers: it mirrors the
+    eBPF parser the built-in programs carry (steer.programs.emit_parse), limits and TPIDs
+    included, so that it predicts what the kernel runs rather than what a packet "is".
+    """
     data = bytes(packet)
     if tap:
         if len(data) < u.ETH_HLEN:
