@@ -11,4 +11,4 @@ if [ "${#need[@]}" -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-python3 -m pip install -q -e '.[test,bench]'
+python3 -m pip install -q -e '.[test,bench,docs]'
