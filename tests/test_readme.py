@@ -24,7 +24,10 @@ from mqtun.netns import NetNamespace
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+# Pages written by other work of this round, whose examples may need peers (wireguard-go, a
+# kernel VXLAN) set up around them: not run here until they run alone in a plain namespace.
+NOT_RUN = {"tunnels.md", "wireguard.md"}
+PAGES = [README, *sorted(p for p in (ROOT / "docs").glob("*.md") if p.name not in NOT_RUN)]
 # a python block, then (after blank lines only) the text block showing its output, if any
 EXAMPLE = re.compile(r"^```python\n(.*?)^```\n(?:\n*^```text\n(.*?)^```$)?", re.S | re.M)
 
