@@ -327,6 +327,20 @@ def test_forward_attaches_to_persistent_owner_set_devices(make_netns) -> None:  
     assert mqtun("delete", "att0").returncode == 0
 
 
+def test_forward_attach_to_a_link_that_is_down_says_to_bring_it_up() -> None:
+    from nettools import cli_in_process, run_as
+
+    _preload_mqtun()
+    for name in ("down0", "down1"):
+        assert mqtun("create", name, "--multi-queue", "--vnet-hdr", "--owner", "nobody") \
+            .returncode == 0
+    code, _, err = run_as("nobody", lambda: cli_in_process(
+        ["forward", "--attach", "--queues", "2", "down0", "down1"]))
+    assert code == 1 and err.count("\n") == 1, err
+    assert "ip link set down0 up" in err, err
+    assert find_link("down0") is not None and find_link("down1") is not None
+
+
 @pytest.mark.parametrize(("create", "forward", "words"), [
     (["--multi-queue", "--vnet-hdr"], ["--tap"], "it is a TUN: leave out --tap"),
     (["--multi-queue"], [], "add --no-offload"),

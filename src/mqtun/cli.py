@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mqtun.errors import InvalidArgumentError, MqtunError
+from mqtun.errors import InvalidArgumentError, MqtunError, PermissionDeniedError
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 
@@ -216,6 +216,13 @@ def _add_forward(sub: Any) -> None:
             print(f"READY queues={fwd.queue_count}", flush=True)
             fwd.run(on_stats=lambda lines: print("\n".join(lines), file=sys.stderr,
                                                  flush=True))
+        except PermissionDeniedError as exc:
+            if args.attach and exc.op == "up":  # the one step of --attach that needs a cap
+                raise PermissionDeniedError(
+                    exc.errno or errno.EPERM, f"{exc.device} is down, and bringing a link up needs "
+                    f"CAP_NET_ADMIN: bring it up first (as root: ip link set {exc.device} up)",
+                    device=exc.device, op=exc.op) from None
+            raise
         except MqtunError as exc:
             raise _already_exists(exc, "serve it with `mqtun forward --attach ...`, or delete "
                                   f"it first (`mqtun delete {exc.device}`)") from None
