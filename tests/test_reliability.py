@@ -634,6 +634,14 @@ def test_forward_drops_to_an_unprivileged_user_and_still_forwards(cleanup, netns
         with open(f"/proc/{p}/status") as f:
             caps = [ln for ln in f if ln.startswith("CapEff:")]
         assert caps == ["CapEff:\t0000000000000000\n"], caps
+    # root still reads the counters region the unprivileged forwarder owns (mqtun top/show)
+    from mqtun.runtime import open_region
+
+    region = open_region(pid)
+    try:
+        assert len(region.entries()) == 4 and os.stat(region.path).st_uid == 65534
+    finally:
+        region.close()
     ns_a, ns_b = make_netns(), make_netns()
     _place(dev_a, ns_a, "198.18.1.1", None)
     _place(dev_b, ns_b, "198.18.1.2", None)

@@ -157,3 +157,37 @@ def test_device_deleted_fails_the_waiter(dev) -> None:
             await asyncio.wait_for(waiter, 2)
 
     asyncio.run(main())
+
+
+def test_a_recv_cancelled_as_its_packet_arrives_keeps_the_packet() -> None:
+    d = mqtun.Device.create("aic%d", 1)
+    d.link.add_address(f"{LOCAL}/24")
+    d.link.up()
+    with open(f"/proc/sys/net/ipv6/conf/{d.name}/disable_ipv6", "w") as f:
+        f.write("1")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        aq = AsyncQueue(d.queues[0])
+        s = _sock()
+        try:
+            for i in range(5):
+                waiter = asyncio.create_task(aq.recv())
+                await asyncio.sleep(0)  # the waiter runs: nothing queued, it waits
+                s.sendto(b"pkt%d" % i, (PEER, 7))  # queued on the tun ring at once
+                await asyncio.sleep(0)  # we run first in the iteration that sees the fd ready,
+                loop.call_soon(waiter.cancel)  # so this runs after the packet was handed over
+                with pytest.raises(asyncio.CancelledError):
+                    await waiter  # (a wait_for timeout firing in that same iteration)
+                pkt = await asyncio.wait_for(aq.recv(), 2)
+                assert _is_udp(pkt) and pkt.endswith(b"pkt%d" % i)
+            st = d.queues[0].stats
+            assert st.read_packets == 5 and aq.buffered == 0
+        finally:
+            s.close()
+            aq.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        d.close()

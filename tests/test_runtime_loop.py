@@ -4,6 +4,8 @@ device ends the loop cleanly."""
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import subprocess
 import threading
@@ -191,4 +193,83 @@ def test_config_and_route_validation() -> None:
         Route(q)
     with pytest.raises(InvalidArgumentError):
         IOLoop([])
+    dev.close()
+
+
+@pytest.mark.parametrize("mode", [m for m in MODES if m != "uring"])
+def test_results_that_are_not_packets_are_drops_and_faults_are_reported(mode: str) -> None:
+    dev = _device()
+    q = dev.queues[0]
+
+    def handler(pkt: bytes) -> object:
+        if pkt.endswith(b"str"):
+            return "a str"
+        if pkt.endswith(b"gen"):
+            return (udp_echo(pkt) for _ in range(2))  # a generator of two answers
+        if pkt.endswith(b"none"):
+            return [udp_echo(pkt), None, 7]
+        if pkt.endswith(b"empty"):
+            return []
+        return udp_echo(pkt)
+
+    faults: list[tuple[str, str]] = []
+    run = _Running(IOLoop([Route(q, handler=handler)], LoopConfig(mode=mode),
+                          on_fault=lambda key, text: faults.append((key, text))))
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((LOCAL, 0))
+            s.settimeout(1.0)
+            for word in (b"str", b"str", b"empty"):
+                s.sendto(word, (PEER, 7))
+            s.sendto(b"gen", (PEER, 7))
+            assert s.recv(100) == b"gen" and s.recv(100) == b"gen"
+            s.sendto(b"none", (PEER, 7))
+            assert s.recv(100) == b"none"
+            assert _ping(s, 3) == 3
+    finally:
+        run.stop()
+    assert run.error is None
+    d = q.stats.dropped
+    assert d.get("bad-result") == 4 and d.get("filtered", 0) >= 1, d  # 2 str, None, 7
+    assert [k.rsplit(" ", 1)[-1] for k, _ in faults] == ["str", "NoneType"], faults
+    assert "test_runtime_loop.py" in faults[0][1]
+    dev.close()
+
+
+def test_a_closed_queue_is_not_a_deleted_device() -> None:
+    dev = _device()
+    q = dev.queues[0]
+    with pytest.raises(mqtun.MqtunError, match="closed"), \
+            IOLoop([Route(_closed_queue(), handler=udp_echo)]) as lp:
+        lp.run()  # closed before: refused at once
+    run = _Running(IOLoop([Route(q, handler=udp_echo)], LoopConfig(mode="busy")))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((LOCAL, 0))
+        s.settimeout(1.0)
+        assert _ping(s, 2) == 2  # running
+    q.close()  # the application's own close: the loop's next read gives EBADF
+    run.thread.join(3)
+    assert not run.thread.is_alive()
+    assert isinstance(run.error, mqtun.MqtunError) and run.error.errno == errno.EBADF
+    assert not isinstance(run.error, DeviceGoneError) and "closed" in str(run.error)
+    run.loop.close()
+    dev.close()
+
+
+def _closed_queue() -> mqtun.Queue:
+    other = mqtun.Device.create("lpc%d")
+    q = other.queues[0]
+    other.close()
+    return q
+
+
+def test_an_unclosed_loop_does_not_leak_its_wake_pipe() -> None:
+    import gc
+
+    dev = _device()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        IOLoop([Route(dev.queues[0], handler=udp_echo)])  # never closed
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == before
     dev.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -24,7 +25,8 @@ def shm_dir(tmp_path: Path) -> str:
 def test_region_layout_and_live_reader(shm_dir: str) -> None:
     r = shm.Region.create("t1", ["mqa0", "mqb0"], 4, directory=shm_dir)
     try:
-        assert os.path.basename(r.path) == f"mqtun.{os.getpid()}.t1"
+        assert re.fullmatch(rf"mqtun\.{os.getpid()}\.t1\.[0-9a-f]{{16}}",
+                            os.path.basename(r.path))
         e0, e1 = r.claim(0, 0), r.claim(1, 0)
         c = r.counters(e0)
         c.slots[READ_PACKETS] += 5
@@ -95,17 +97,18 @@ def test_stale_regions_are_listed_and_removed(shm_dir: str) -> None:
 def test_bad_regions_are_refused(shm_dir: str) -> None:
     bad = Path(shm_dir, f"mqtun.{os.getpid()}.bad")
     bad.write_bytes(b"NOTMQTUN" + bytes(4096))
-    with pytest.raises(MqtunError, match="not an mqtun counters region"):
+    with pytest.raises(MqtunError, match="not a usable mqtun counters region: no MQTUNSHM"):
         shm.Region.open(str(bad))
     bad.write_bytes(b"short")
-    with pytest.raises(MqtunError, match="too short"):
+    with pytest.raises(MqtunError, match="shorter than a header"):
         shm.Region.open(str(bad))
     with pytest.raises(MqtunError, match="no mqtun counters region"):
         shm.open_region("nothing-here", shm_dir)
     with pytest.raises(InvalidArgumentError):
         shm.Region.create("bad/name", ["x"], 1, directory=shm_dir)
-    with shm.Region.create("dup", ["x"], 1, directory=shm_dir), pytest.raises(MqtunError):
-        shm.Region.create("dup", ["x"], 1, directory=shm_dir)
+    with shm.Region.create("dup", ["x"], 1, directory=shm_dir) as a, \
+            shm.Region.create("dup", ["x"], 1, directory=shm_dir) as b:
+        assert a.path != b.path  # the random part: a name is never taken twice
     with shm.Region.create("full", ["x"], 1, directory=shm_dir) as r:
         r.claim(0, 0)
         with pytest.raises(MqtunError, match="full"):
@@ -132,3 +135,90 @@ def test_another_process_reads_a_queue_live(shm_dir: str) -> None:
             q.counters = mqtun.stats.Counters()  # let the mapping go before the region closes
     finally:
         dev.close()
+
+
+def _run_bounded(fn, timeout: float = 5.0):  # type: ignore[no-untyped-def]
+    """Run `fn` in a thread; fail (not hang) if it does not return within `timeout`."""
+    import threading
+
+    out: list[object] = []
+    err: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:
+            err.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"{fn} hangs"
+    if err:
+        raise err[0]
+    return out[0]
+
+
+def test_planted_files_neither_hang_nor_crash_the_readers(shm_dir: str) -> None:
+    from mqtun.apps.top import find_region
+
+    me = os.getpid()
+    live = shm.Region.create("real", ["x0"], 2, directory=shm_dir)
+    try:
+        # a FIFO under a live pid's region name: opening it for reading would block forever
+        os.mkfifo(os.path.join(shm_dir, f"mqtun.{me}.fifo.{'0' * 16}"))
+        # a symlink to somebody's file, and a header that lies about the sizes
+        os.symlink(live.path, os.path.join(shm_dir, f"mqtun.{me}.link.{'1' * 16}"))
+        lying = bytearray(Path(live.path).read_bytes())
+        struct.pack_into("=I", lying, 8 + 4 * 4, 60000)  # capacity: far past the file's end
+        Path(shm_dir, f"mqtun.{me}.lying.{'2' * 16}").write_bytes(bytes(lying))
+        # another user's file under our pid
+        other = Path(shm_dir, f"mqtun.{me}.theirs.{'3' * 16}")
+        other.write_bytes(Path(live.path).read_bytes())
+        os.chown(other, 65534, 65534)
+        names = {r.name for r in _run_bounded(lambda: shm.list_regions(shm_dir))}
+        assert names == {"real", "lying"}  # the FIFO, the link, the foreign file: not read
+        by_dev = _run_bounded(lambda: shm.queue_stats_by_device(shm_dir))
+        assert by_dev == {}  # "real" has no claimed entry; "lying" is refused, not raised
+        for which, why in (("fifo", "not a regular file"), ("theirs", "owned by uid 65534"),
+                           ("lying", "describes")):
+            path = next(str(p) for p in Path(shm_dir).iterdir() if f".{which}." in p.name)
+            with pytest.raises(MqtunError, match=why) as err:
+                _run_bounded(lambda path=path: shm.Region.open(path))
+            assert "\n" not in str(err.value)
+        with pytest.raises(MqtunError, match=r"Too many levels|symbolic"):
+            shm.Region.open(os.path.join(shm_dir, f"mqtun.{me}.link.{'1' * 16}"))
+        with pytest.raises(MqtunError, match="not a usable"):
+            _run_bounded(lambda: find_region("lying", shm_dir))
+        assert _run_bounded(lambda: find_region("real", shm_dir)).path == live.path
+        # creating a region is not blocked by whatever sits under the old, predictable name
+        Path(shm_dir, f"mqtun.{me}.pred").write_bytes(b"")
+        with _run_bounded(lambda: shm.Region.create("pred", ["x"], 1, directory=shm_dir)) as r:
+            assert r.path.startswith(os.path.join(shm_dir, f"mqtun.{me}.pred."))
+    finally:
+        live.unlink()
+        live.close()
+
+
+def test_show_clean_removes_regions_left_by_a_killed_process(shm_dir: str, tmp_path: Path) -> None:
+    """`kill -9` leaves a region behind; `mqtun show --clean` (and any pool start) removes it."""
+    code = ("import os, sys; from mqtun.runtime import shm; "
+            "r = shm.Region.create('killed', ['x'], 1, directory=sys.argv[1]); "
+            "print(r.path, flush=True); os.kill(os.getpid(), 9)")
+
+    def killed() -> str:
+        done = subprocess.run([sys.executable, "-c", code, shm_dir], capture_output=True,
+                              text=True, timeout=30)
+        assert done.returncode == -9 and os.path.exists(done.stdout.strip())
+        return done.stdout.strip()
+
+    path = killed()
+    with shm.Region.create("next", ["x"], 1, directory=shm_dir):  # what a pool start does
+        assert not os.path.exists(path)
+    path = killed()
+    assert [r.alive for r in shm.list_regions(shm_dir)] == [False]
+    env = {**os.environ, "MQTUN_SHM_DIR": shm_dir}
+    shown = subprocess.run([sys.executable, "-m", "mqtun", "show", "--clean"], env=env,
+                           capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0, shown.stderr
+    assert not os.path.exists(path) and f"removed {path}" in shown.stderr

@@ -4,6 +4,7 @@ pinning, live shared-memory counters, prompt stop, a deleted device."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -291,3 +292,136 @@ def test_pool_runs_in_every_mode(device, pools, flows, mode: str) -> None:
     t0 = time.monotonic()
     pool.stop()
     assert time.monotonic() - t0 < 1.0
+
+
+def _faulty(info: WorkerInfo) -> Callable[[bytes], object]:
+    """Answers like tagged_reply, except: "str"/"int" return a str/an int, "list" a list
+    holding None and the answer, "raise" raises."""
+    good = tagged_reply(info.index)
+
+    def handler(pkt: bytes) -> object:
+        body = pkt[28:]
+        if body == b"str":
+            return "not a packet"
+        if body == b"int":
+            return 42
+        if body == b"list":
+            return [None, good(pkt)]
+        if body == b"raise":
+            raise KeyError("a typo in the handler")
+        return good(pkt)
+
+    return handler
+
+
+def test_handler_results_that_are_not_packets_are_counted_and_reported(
+        device, pools, flows, caplog) -> None:
+    dev = device(1)
+    events: list[mqtun.runtime.WorkerEvent] = []
+    pool = WorkerPool.serve(dev, make_handler=_faulty, on_event=events.append)
+    pools.append(pool.start())
+    pid = pool.workers[0].pid
+    f = flows(1)
+    assert f.ask(0) == 0
+    caplog.set_level("ERROR", logger="mqtun.runtime")
+    for word in (b"str", b"int", b"str", b"raise", b"raise"):
+        f.socks[0].sendto(word, (PEER, 7))
+    assert f.ask(0, b"list") == 0  # the packet in the list is written, the None is counted
+    assert f.ask(0) == 0  # the worker lives: no crash, no restart, same process
+    assert _eventually(lambda: len({e.detail.split("\n")[0] for e in pool.poll(0.05)
+                                     + events if e.kind == "handler-error"}) >= 4, 5.0)
+    kinds = [e.kind for e in events]
+    assert "crashed" not in kinds and "restarted" not in kinds and pool.workers[0].pid == pid
+    faults = [e.detail for e in events if e.kind == "handler-error"]
+    assert len(faults) == 4, faults  # one per kind: str, int, None in a list, KeyError
+    assert any("returned str" in t for t in faults) and any("returned int" in t for t in faults)
+    assert any("returned NoneType" in t for t in faults)
+    raised = [t for t in faults if t.startswith("KeyError")]
+    assert raised and "Traceback" in raised[0] and "a typo in the handler" in raised[0]
+    assert "test_runtime_workers.py" in raised[0]
+    assert sum("packet handler fault" in r.getMessage() for r in caplog.records) == 4
+    d = dev.queues[0].stats.dropped
+    assert _eventually(lambda: dev.queues[0].stats.dropped.get("bad-result") == 4), d
+    assert dev.queues[0].stats.dropped.get("handler-error") == 2
+
+
+def _fd_targets(pid: int) -> list[str]:
+    out = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            out.append(os.readlink(f"/proc/{pid}/fd/{name}"))
+    return out
+
+
+def test_a_worker_holds_only_its_queue_and_has_its_own_signal_state(
+        device, pools, tmp_path) -> None:
+    dev = device(2)
+    other = mqtun.Device.create("wko%d", 1)  # another device of the application
+    other_name = other.name
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    old_wakeup = signal.set_wakeup_fd(wake_w)  # as asyncio does in the parent
+    try:
+        with open(tmp_path / "app.log", "w") as app_file, \
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as app_sock:
+            pool = WorkerPool.serve(dev, make_handler=_make)
+            pools.append(pool.start())
+            mine = {f"socket:[{os.fstat(app_sock.fileno()).st_ino}]", app_file.name,
+                    f"pipe:[{os.fstat(wake_w).st_ino}]"}
+            for w in pool.workers:  # (a worker lets go of the rest as soon as it starts)
+                assert _eventually(lambda w=w: not mine & set(_fd_targets(w.pid))
+                                   and _fd_targets(w.pid).count("/dev/net/tun") == 1), (
+                    _fd_targets(w.pid))  # its own queue only
+            # closing the other device in the parent removes it: no worker holds a queue of it
+            other.close()
+            assert _eventually(lambda: subprocess.run(
+                ["ip", "link", "show", other_name], capture_output=True).returncode != 0)
+            pool.stop()  # SIGTERM: a worker's handler must not write to the parent's wakeup fd
+            with pytest.raises(BlockingIOError):
+                os.read(wake_r, 16)
+    finally:
+        signal.set_wakeup_fd(old_wakeup)
+        os.close(wake_r)
+        os.close(wake_w)
+        if not other.closed:
+            other.close()
+
+
+def test_a_detached_queue_is_quiet_never_gone(device, pools, flows) -> None:
+    dev = device(2)
+    events: list[mqtun.runtime.WorkerEvent] = []
+    pool = WorkerPool.serve(dev, make_handler=_make, on_event=events.append)
+    pools.append(pool.start())
+    f = flows(16)
+    assert {w.pop() for w in f.round(rounds=1).values()} == {0, 1}
+    dev.queues[1].disable()  # the user's own detach: its worker waits, it is not "gone"
+    assert {w.pop() for w in flows(16).round(rounds=1).values()} == {0}
+    pool.poll(0.2)
+    assert all(w.alive for w in pool.workers) and not pool.gone
+    assert not {"gone", "crashed"} & {e.kind for e in events}
+    dev.queues[1].enable()
+    assert 1 in {w.pop() for w in flows(32).round(rounds=1).values()}
+    # a deleted device is always "gone", for every worker
+    subprocess.run(["ip", "link", "del", dev.name], check=True, timeout=10)
+    assert _wait_events(pool, {"gone"}).count("gone") == 2
+
+
+def test_pool_supervises_pidfds_numbered_past_1024(device, pools, flows) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), max(hard, 4096)))
+    null = os.open(os.devnull, os.O_RDONLY)
+    filler = [os.dup(null) for _ in range(1100)]  # the application holds many fds
+    try:
+        dev = device(2)
+        pool = WorkerPool.serve(dev, make_handler=_make)
+        pools.append(pool.start())
+        assert min(w.pidfd for w in pool.workers) > 1024
+        pool.poll(0.05)
+        os.kill(pool.workers[0].pid, signal.SIGKILL)
+        assert "restarted" in _wait_events(pool, {"restarted"})
+        assert all(len(w) == 1 for w in flows(4).round(rounds=1).values())
+    finally:
+        for fd in (null, *filler):
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

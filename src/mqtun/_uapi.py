@@ -407,3 +407,7 @@ SOL_UDP: Final = 17
 UDP_SEGMENT: Final = 103  # setsockopt: UDP GSO segment size (include/uapi/linux/udp.h)
 SO_RCVBUFFORCE: Final = 33  # asm-generic/socket.h: SO_RCVBUF past rmem_max (CAP_NET_ADMIN)
 # === end packet ================================================================================
+
+# --- prctl(2) options (include/uapi/linux/prctl.h), for the runtime's workers ------------------
+PR_SET_PDEATHSIG: Final = 1
+PR_SET_NAME: Final = 15

@@ -143,6 +143,8 @@ def _add_show(sub: Any) -> None:
     p = sub.add_parser("show", help="show tun/tap devices, their queues and who holds them")
     p.add_argument("name", nargs="?", type=_name, help="one device (default: every one)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--clean", action="store_true",
+                   help="first remove counters regions left by dead processes (kill -9)")
     p.set_defaults(run=_run_show)
 
 
@@ -150,6 +152,11 @@ def _run_show(args: argparse.Namespace) -> int:
     from mqtun.apps.manage import describe, live_queues
     from mqtun.apps.render import render_show
 
+    if args.clean:
+        from mqtun.runtime.shm import remove_stale_regions
+
+        for path in remove_stale_regions():
+            print(f"removed {path}", file=sys.stderr)
     rows = describe(args.name)
     live = live_queues(rows)
     if args.json:

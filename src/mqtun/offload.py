@@ -16,6 +16,7 @@ that talks to a `Device`:
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import struct
@@ -23,9 +24,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from mqtun import _uapi
-from mqtun.errors import InvalidArgumentError, MqtunError
+from mqtun.errors import DeviceGoneError, InvalidArgumentError, MqtunError
 from mqtun.packet import ZERO_HEADER, VnetHeader, coalesce, decode, encode, split
-from mqtun.packet.headers import Buffer
+from mqtun.packet.headers import Buffer, MalformedPacket
+from mqtun.stats import DropReason, drop_reason
 
 if TYPE_CHECKING:
     from mqtun.device import Device
@@ -181,22 +183,42 @@ def _pi(packet: Buffer, tap: bool) -> bytes:
     return _PI.pack(0, proto)
 
 
+def _wire_count(hdr: VnetHeader, packet: Buffer) -> int:
+    """How many wire packets a (super-)packet stands for: what a drop of it costs."""
+    if not hdr.is_gso or hdr.gso_size <= 0:
+        return 1
+    payload = len(packet) - hdr.hdr_len
+    return max(1, -(-payload // hdr.gso_size))
+
+
+def _decode(queue: Queue, data: bytes, pi: int, size: int,
+            little_endian: bool | None) -> tuple[VnetHeader, memoryview]:
+    """(header, packet) of one read; a header that cannot be decoded is a MALFORMED drop."""
+    view = memoryview(data)
+    if not size:
+        return ZERO_HEADER, view[pi:]
+    try:
+        hdr = decode(view[pi:], size, little_endian=little_endian)
+    except MalformedPacket:
+        queue.counters.drop(DropReason.MALFORMED)
+        raise
+    return hdr, view[pi + size :]
+
+
 def read_packet(
     queue: Queue, timeout: float | None = 0.0, *, little_endian: bool | None = None
 ) -> tuple[VnetHeader, memoryview] | None:
     """One packet from `queue` as (virtio-net header, the packet), or None if none came in time.
 
     A device without a virtio-net header gives ZERO_HEADER. `little_endian` is the header's byte
-    order: None (native) unless the device was told set_vnet_le(True).
+    order: None (native) unless the device was told set_vnet_le(True). A header that cannot be
+    decoded is counted as a MALFORMED drop and raises MalformedPacket.
     """
     data = queue.read(timeout)
     if data is None:
         return None
     pi, size, _ = _layout(queue)
-    if not size:
-        return ZERO_HEADER, memoryview(data)[pi:]
-    hdr = decode(memoryview(data)[pi:], size, little_endian=little_endian)
-    return hdr, memoryview(data)[pi + size :]
+    return _decode(queue, data, pi, size, little_endian)
 
 
 def read_packets(
@@ -206,15 +228,16 @@ def read_packets(
     *,
     little_endian: bool | None = None,
 ) -> list[tuple[VnetHeader, memoryview]]:
-    """Up to `max_packets` queued packets as (header, packet) pairs, in one drain."""
+    """Up to `max_packets` queued packets as (header, packet) pairs, in one drain.
+
+    A packet whose header cannot be decoded is counted as a MALFORMED drop and left out; the
+    rest of the batch comes back.
+    """
     pi, size, _ = _layout(queue)
     out = []
     for data in queue.read_batch(max_packets, timeout):
-        view = memoryview(data)
-        if size:
-            out.append((decode(view[pi:], size, little_endian=little_endian), view[pi + size :]))
-        else:
-            out.append((ZERO_HEADER, view[pi:]))
+        with contextlib.suppress(MalformedPacket):
+            out.append(_decode(queue, data, pi, size, little_endian))
     return out
 
 
@@ -223,19 +246,27 @@ def read_segments(
 ) -> list[bytes]:
     """The wire packets the next packet of `queue` stands for (a super-packet is split).
 
-    Empty if nothing came in time. A malformed packet raises `MalformedPacket`.
+    Empty if nothing came in time. A packet that cannot be split is counted as an OFFLOAD drop
+    (a header that cannot be decoded as MALFORMED) and raises `MalformedPacket`.
     """
     got = read_packet(queue, timeout, little_endian=little_endian)
     if got is None:
         return []
     hdr, packet = got
-    return split(hdr, packet, tap=queue.device.tap)
+    try:
+        return split(hdr, packet, tap=queue.device.tap)
+    except MalformedPacket:
+        queue.counters.drop(DropReason.OFFLOAD)
+        raise
 
 
 def write_packet(
     queue: Queue, hdr: VnetHeader, packet: Buffer, *, little_endian: bool | None = None
 ) -> int:
-    """Write one packet with its virtio-net header (gathered, the packet is not copied)."""
+    """Write one packet with its virtio-net header (gathered, the packet is not copied).
+
+    A refused super-packet is counted as a drop of every wire packet it stands for.
+    """
     pi, size, tap = _layout(queue)
     if not size:
         if hdr.is_gso or hdr.needs_csum:
@@ -248,7 +279,36 @@ def write_packet(
         parts = [encode(hdr, size, little_endian=little_endian), packet]
     if pi:
         parts.insert(0, _pi(packet, tap))
-    return queue.writev(parts)
+    try:
+        return queue.writev(parts)
+    except MqtunError as exc:
+        extra = _wire_count(hdr, packet) - 1  # Queue.writev counted one
+        if extra:
+            queue.counters.drop(drop_reason(exc.errno), extra)
+        raise
+
+
+def _write_all(queue: Queue, items: Sequence[tuple[VnetHeader, Buffer]],
+               little_endian: bool | None) -> int:
+    """Write every item, each failure counted (by write_packet); the first failure is raised
+    after the others were tried. A deleted device or a closed queue stops at once, the items
+    left counted as drops too. Returns how many were written."""
+    written = 0
+    first: MqtunError | None = None
+    for i, (hdr, data) in enumerate(items):
+        try:
+            write_packet(queue, hdr, data, little_endian=little_endian)
+            written += 1
+        except MqtunError as exc:
+            if isinstance(exc, DeviceGoneError) or exc.errno == errno.EBADF:
+                left = sum(_wire_count(h, d) for h, d in items[i + 1 :])
+                if left:
+                    queue.counters.drop(drop_reason(exc.errno), left)
+                raise
+            first = first or exc
+    if first is not None:
+        raise first
+    return written
 
 
 def write_split(
@@ -262,13 +322,17 @@ def write_split(
     """Write a super-packet to a device that takes only wire packets: split it, write each.
 
     `tap` says what `packet` is (an Ethernet frame or an IP packet); by default the same as the
-    target device. Returns how many packets were written.
+    target device. Returns how many packets were written. Every segment is tried; each refused
+    one is counted as a drop, and the first refusal raised at the end. A super-packet that
+    cannot be split is counted as OFFLOAD drops (one per wire packet it claims to be).
     """
     src_tap = queue.device.tap if tap is None else tap
-    segments = split(hdr, packet, tap=src_tap)
-    for seg in segments:
-        write_packet(queue, ZERO_HEADER, seg, little_endian=little_endian)
-    return len(segments)
+    try:
+        segments = split(hdr, packet, tap=src_tap)
+    except MalformedPacket:
+        queue.counters.drop(DropReason.OFFLOAD, _wire_count(hdr, packet))
+        raise
+    return _write_all(queue, [(ZERO_HEADER, seg) for seg in segments], little_endian)
 
 
 def write_coalesced(
@@ -283,7 +347,8 @@ def write_coalesced(
 
     Writing a GSO packet needs no offload flag on the device (TUNSETOFFLOAD only governs what
     the kernel hands out), only the virtio-net header. `udp=False` keeps UDP out for kernels
-    older than 6.2. Returns how many writes were made.
+    older than 6.2. Returns how many writes were made. Every write is tried; a refused one is
+    counted as a drop of each wire packet it held, and the first refusal raised at the end.
     """
     if not queue.device.vnet_hdr:
         raise InvalidArgumentError(
@@ -291,6 +356,4 @@ def write_coalesced(
             device=queue.device.name,
         )
     items = coalesce(packets, tap=queue.device.tap, udp=udp, verify=verify)
-    for hdr, data in items:
-        write_packet(queue, hdr, data, little_endian=little_endian)
-    return len(items)
+    return _write_all(queue, items, little_endian)

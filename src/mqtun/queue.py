@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from mqtun import _uapi
 from mqtun.errors import DeviceGoneError, MqtunError, kernel_error
 from mqtun.stats import (
+    DROP_FOR_ERRNO,
     READ_BYTES,
     READ_ERRORS,
     READ_PACKETS,
@@ -44,12 +45,7 @@ BytesLike = bytes | bytearray | memoryview
 # Largest packet a queue may hand over: a 64 KiB super-packet plus the biggest headers.
 DEFAULT_READ_SIZE = 65536 + _uapi.VIRTIO_NET_HDR_V1_HASH_TUNNEL_SIZE + _uapi.TUN_PI_SIZE + 64
 
-_WRITE_DROP_REASON = {
-    errno.EINVAL: DropReason.REFUSED,
-    errno.EIO: DropReason.LINK_DOWN,
-    errno.EMSGSIZE: DropReason.TOO_BIG,
-    _uapi.EBADFD: DropReason.DEVICE_GONE,
-}
+_WRITE_DROP_REASON = DROP_FOR_ERRNO  # the one errno -> DropReason map (mqtun.stats)
 
 
 class _Default(enum.Enum):

@@ -2,16 +2,28 @@
 
 The counters live in a flat buffer of unsigned 64-bit slots so that the runtime can place them
 in shared memory and a parent process (or `mqtun top`) can read a worker's figures live. A
-queue's own process is the only writer of its slots.
+queue's own process is the only writer of its slots. Every slot wraps modulo 2**64 (a reader
+takes deltas modulo 2**64, as for the kernel's counters).
 """
 
 from __future__ import annotations
 
+import ctypes
 import enum
-from collections.abc import Iterator, Mapping
+import errno
+from collections.abc import Iterator, Mapping, MutableSequence
 from dataclasses import dataclass
+from typing import cast
 
-__all__ = ["COUNTER_FIELDS", "SLOT_COUNT", "Counters", "DropReason", "QueueStats"]
+__all__ = [
+    "COUNTER_FIELDS",
+    "DROP_FOR_ERRNO",
+    "SLOT_COUNT",
+    "Counters",
+    "DropReason",
+    "QueueStats",
+    "drop_reason",
+]
 
 
 class DropReason(enum.IntEnum):
@@ -27,10 +39,27 @@ class DropReason(enum.IntEnum):
     FILTERED = 7  # the user's handler chose to drop it
     WRITE_ERROR = 8  # any other write error
     OFFLOAD = 9  # an offload could not be applied (split/coalesce failed)
+    BAD_RESULT = 10  # the user's handler returned something that is not a packet
 
     @property
     def label(self) -> str:
         return self.name.lower().replace("_", "-")
+
+
+# Why the kernel refused a write, by errno: the one map every writer uses.
+DROP_FOR_ERRNO: Mapping[int, DropReason] = {
+    errno.EINVAL: DropReason.REFUSED,  # bad packet for this device, bad virtio-net header
+    errno.EIO: DropReason.LINK_DOWN,  # the link is down
+    errno.EMSGSIZE: DropReason.TOO_BIG,
+    errno.EBUSY: DropReason.NO_PEER,  # a detached queue of a NAPI device
+    errno.EBADF: DropReason.NO_PEER,  # the queue is closed
+    errno.EBADFD: DropReason.DEVICE_GONE,  # the device was deleted
+}
+
+
+def drop_reason(err: int | None) -> DropReason:
+    """The DropReason of a write the kernel refused with `err`."""
+    return DROP_FOR_ERRNO.get(err or 0, DropReason.WRITE_ERROR)
 
 
 COUNTER_FIELDS = (
@@ -48,10 +77,19 @@ READ_PACKETS, READ_BYTES, WRITTEN_PACKETS, WRITTEN_BYTES, READ_ERRORS, WRITE_ERR
 )
 
 
-class Counters:
-    """A view of SLOT_COUNT uint64 slots in any writable buffer (bytearray or shared memory)."""
+_SlotArray = ctypes.c_uint64 * SLOT_COUNT
 
-    __slots__ = ("_buffer", "slots")
+
+class Counters:
+    """A view of SLOT_COUNT uint64 slots in any buffer (bytearray or shared memory).
+
+    `slots[i] += n` wraps modulo 2**64 (a ctypes uint64 store masks, where a 'Q' memoryview
+    would raise). A read-only buffer gives read-only slots (a reader's view of a region).
+    """
+
+    __slots__ = ("_buffer", "_bytes", "slots")
+
+    slots: MutableSequence[int]
 
     def __init__(self, buffer: memoryview | bytearray | None = None) -> None:
         if buffer is None:
@@ -60,7 +98,19 @@ class Counters:
         if len(view) < SLOT_COUNT * 8:
             raise ValueError(f"a counter buffer needs {SLOT_COUNT * 8} bytes")
         self._buffer = buffer
-        self.slots = view[: SLOT_COUNT * 8].cast("Q")
+        self._bytes = view = view[: SLOT_COUNT * 8]
+        if view.readonly:
+            self.slots = cast(MutableSequence[int], view.cast("Q"))
+        else:
+            self.slots = cast(MutableSequence[int], _SlotArray.from_buffer(view))
+
+    def tobytes(self) -> bytes:
+        """The slots' current values as bytes (a private copy: `Counters(bytearray(...))`)."""
+        return self._bytes.tobytes()
+
+    def copy(self) -> Counters:
+        """Private counters holding the current values (for a queue leaving shared memory)."""
+        return Counters(bytearray(self.tobytes()))
 
     def drop(self, reason: DropReason, count: int = 1) -> None:
         """Count `count` packets dropped for `reason`."""
@@ -68,7 +118,7 @@ class Counters:
 
     def snapshot(self) -> QueueStats:
         """An immutable copy of the current values."""
-        values = self.slots.tolist()
+        values = list(self.slots)
         drops = {r.label: values[_DROP_BASE + r] for r in DropReason if values[_DROP_BASE + r]}
         return QueueStats(**dict(zip(COUNTER_FIELDS, values[:_DROP_BASE], strict=True)),
                           dropped=drops)

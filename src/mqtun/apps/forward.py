@@ -156,7 +156,7 @@ class Forwarder:
 
     def qstat_lines(self) -> list[str]:
         """One `QSTAT q=<i> ...` line per queue pair, from the live shared counters."""
-        out = []
+        out: list[str] = []
         if self.pool is None:
             return out
         for i, w in enumerate(self.pool.workers):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import os
 import select
 import shutil
@@ -39,7 +40,6 @@ __all__ = [
 ]
 
 WRAP = 1 << 64
-_ESRCH = 3
 _CLEAR = "\x1b[H\x1b[2J"
 _ENTER = "\x1b[?1049h\x1b[?25l"  # alternate screen, hidden cursor
 _LEAVE = "\x1b[?25h\x1b[?1049l"
@@ -332,9 +332,9 @@ def find_region(which: str | None, directory: str = SHM_DIR) -> Region:
         match = [r for r in live if which in (_label(r), r.name)]
     if not match:
         if which is None:
-            raise MqtunError(_ESRCH, f"no running mqtun process (no live counters region under "
-                             f"{directory})", op="top")
-        raise MqtunError(_ESRCH, f"no running mqtun process {which} (running: {running})",
+            raise MqtunError(errno.ESRCH, "no running mqtun process (no live counters region "
+                             f"under {directory})", op="top")
+        raise MqtunError(errno.ESRCH, f"no running mqtun process {which} (running: {running})",
                          op="top")
     if len(match) > 1:
         raise InvalidArgumentError(

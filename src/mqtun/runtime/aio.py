@@ -8,6 +8,12 @@ so a slow consumer leaves packets in the kernel's ring, which drops what overflo
 (`tx_dropped`) -- backpressure the way the kernel does it, never unbounded buffering here.
 `send()` writes at once; if the kernel ever says EAGAIN it waits for writability instead of
 queueing. Counters are the queue's own (exact, like Queue.read/write).
+
+A `recv()` cancelled after its packet was handed to it but before it resumed (a `wait_for`
+timeout in the same loop iteration) puts the packet back at the head of the buffer, as
+asyncio.Queue keeps an item its cancelled getter never took: a packet read is delivered or
+counted, never lost. A deleted device fails every waiter with DeviceGoneError; a detached
+queue is only a quiet one.
 """
 
 from __future__ import annotations
@@ -19,8 +25,8 @@ import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from mqtun import _uapi
 from mqtun.errors import DeviceGoneError, InvalidArgumentError, MqtunError, kernel_error
+from mqtun.packet.headers import Buffer
 from mqtun.stats import (
     READ_BYTES,
     READ_ERRORS,
@@ -28,20 +34,14 @@ from mqtun.stats import (
     WRITE_ERRORS,
     WRITTEN_BYTES,
     WRITTEN_PACKETS,
-    DropReason,
+    drop_reason,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Buffer
-
     from mqtun.device import Device
     from mqtun.queue import Queue
 
 __all__ = ["AsyncQueue", "async_queues"]
-
-_READ_SIZE = 65536 + _uapi.VIRTIO_NET_HDR_V1_HASH_TUNNEL_SIZE + _uapi.TUN_PI_SIZE + 64
-_DROP = {errno.EINVAL: DropReason.REFUSED, errno.EIO: DropReason.LINK_DOWN,
-         errno.EMSGSIZE: DropReason.TOO_BIG, _uapi.EBADFD: DropReason.DEVICE_GONE}
 
 
 class AsyncQueue:
@@ -75,6 +75,11 @@ class AsyncQueue:
         self._watch(True)
         try:
             return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self._buffer.appendleft(fut.result())  # handed over, never taken: keep it
+                self._hand_out()
+            raise
         finally:
             if not self._waiters or all(w.done() for w in self._waiters):
                 self._waiters.clear()
@@ -109,7 +114,7 @@ class AsyncQueue:
 
     def _read_one(self) -> bytes | None:
         try:
-            pkt = os.read(self._fd, _READ_SIZE)
+            pkt = os.read(self._fd, self.queue.read_size)
         except BlockingIOError:
             return None
         except OSError as exc:
@@ -121,11 +126,12 @@ class AsyncQueue:
 
     def _on_readable(self) -> None:
         room = min(self.batch, self.max_buffered - len(self._buffer))
-        got = []
+        got: list[bytes] = []
+        size = self.queue.read_size
         try:
             while len(got) < room:
                 try:
-                    got.append(os.read(self._fd, _READ_SIZE))
+                    got.append(os.read(self._fd, size))
                 except BlockingIOError:
                     break
         except OSError as exc:
@@ -135,14 +141,18 @@ class AsyncQueue:
             s[READ_PACKETS] += len(got)
             s[READ_BYTES] += sum(map(len, got)) - self.queue.header_size * len(got)
         self._buffer.extend(got)
-        while self._waiters and self._buffer:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(self._buffer.popleft())
+        self._hand_out()
         if self._error is not None:
             self._fail_waiters(self._error)
         if not any(not w.done() for w in self._waiters) or len(self._buffer) >= self.max_buffered:
             self._watch(False)
+
+    def _hand_out(self) -> None:
+        """Give buffered packets to the waiters, oldest first."""
+        while self._waiters and self._buffer:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(self._buffer.popleft())
 
     def _watch(self, on: bool) -> None:
         if on and not self._reading and not self._closed:
@@ -161,9 +171,14 @@ class AsyncQueue:
 
     def _read_failed(self, exc: OSError) -> MqtunError:
         self.queue.counters.slots[READ_ERRORS] += 1
+        return self._failure(exc, "read")
+
+    def _failure(self, exc: OSError, op: str) -> MqtunError:
+        """A deleted device: DeviceGoneError (kernel_error decides); a closed queue: EBADF."""
+        name = self.queue.device.name
         if exc.errno == errno.EBADF or self.queue.closed:
-            return MqtunError(errno.EBADF, "the queue is closed", op="read")
-        return kernel_error(exc, "read", self.queue.device._name)
+            return MqtunError(errno.EBADF, f"the queue of {name} is closed", device=name, op=op)
+        return kernel_error(exc, op, name)
 
     def _check(self) -> None:
         if self._error is not None:
@@ -189,8 +204,8 @@ class AsyncQueue:
             except OSError as exc:
                 c = self.queue.counters
                 c.slots[WRITE_ERRORS] += 1
-                c.drop(_DROP.get(exc.errno or 0, DropReason.WRITE_ERROR))
-                raise kernel_error(exc, "write", self.queue.device._name) from None
+                c.drop(drop_reason(exc.errno))
+                raise self._failure(exc, "write") from None
             s = self.queue.counters.slots
             s[WRITTEN_PACKETS] += 1
             s[WRITTEN_BYTES] += n - self.queue.header_size

@@ -1,10 +1,12 @@
 """Per-queue counters in a small, self-describing shared-memory region.
 
 A runtime parent creates one region per pool, a file under /dev/shm named
-``mqtun.<pid>.<name>``, maps it, and hands each worker the `Counters` of its queue(s) backed
-by that mapping (fork keeps a MAP_SHARED mapping shared). The parent, `mqtun show`, `mqtun top`
-or any other process reads the figures live with `open_region()`; nobody but the worker writes
-a queue's slots, and every slot is an aligned 64-bit word, so a reader never sees a torn value.
+``mqtun.<pid>.<name>.<16 random hex digits>`` (created with O_EXCL: a name nobody can take
+first, since /dev/shm is world-writable), maps it, and hands each worker the `Counters` of
+its queue(s) backed by that mapping (fork keeps a MAP_SHARED mapping shared). The parent,
+`mqtun show`, `mqtun top` or any other process reads the figures live with `open_region()`;
+nobody but the worker writes a queue's slots, and every slot is an aligned 64-bit word, so a
+reader never sees a torn value.
 
 Layout (native byte order, all offsets fixed by the header itself):
 
@@ -19,20 +21,29 @@ Layout (native byte order, all offsets fixed by the header itself):
       slots[slot_count] u64 (mqtun.stats.Counters layout)
 
 A region whose creator is dead is stale: `list_regions()` reports it with ``alive=False`` and
-`remove_stale_regions()` deletes it.
+`remove_stale_regions()` deletes it (a pool does at start; `mqtun show --clean` on request).
+
+Nothing under /dev/shm is trusted: a file is opened with O_NOFOLLOW|O_NONBLOCK (a planted FIFO
+or symlink neither hangs nor redirects the reader) and accepted only if it is a regular file
+owned by the user its creator's pid runs as (or by us), of exactly the size its header
+describes, with a consistent header; anything else is refused in one line (MqtunError).
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import mmap
 import os
 import re
+import secrets
+import stat
 import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from mqtun.errors import InvalidArgumentError, MqtunError
 from mqtun.stats import COUNTER_FIELDS, SLOT_COUNT, Counters, DropReason, QueueStats
@@ -49,7 +60,7 @@ __all__ = [
     "remove_stale_regions",
 ]
 
-SHM_DIR = "/dev/shm"
+SHM_DIR = os.environ.get("MQTUN_SHM_DIR", "/dev/shm")  # another directory: for tests
 MAGIC = b"MQTUNSHM"
 VERSION = 1
 MAX_DEVICES = 8
@@ -60,7 +71,8 @@ HEADER_SIZE = (_HEAD.size + 63) // 64 * 64
 _USED_OFFSET = 8 + 4 * 5  # magic + version, header_size, entry_size, slot_count, capacity
 _ENTRY_META = struct.Struct("=IIIIIi8x")
 ENTRY_SIZE = _ENTRY_META.size + SLOT_COUNT * 8
-_FILE_RE = re.compile(r"^mqtun\.(\d+)\.([A-Za-z0-9_.-]+)$")
+_FILE_RE = re.compile(r"^mqtun\.(\d+)\.([A-Za-z0-9_.-]+?)(?:\.[0-9a-f]{16})?$")
+_OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 class EntryState(enum.IntEnum):
@@ -140,27 +152,22 @@ class Region:
         self.path = path
         self._mm = mm
         self.owner = owner
+        (_magic, version, header_size, entry_size, slot_count, capacity, _used, pid,
+         pid_start, created, ndevices, name, devices, fields) = _check_header(path, mm)
         self._view = memoryview(mm)
-        head = _HEAD.unpack_from(mm, 0)
-        (magic, version, header_size, entry_size, slot_count, capacity, _used, pid,
-         pid_start, created, ndevices, name, devices, fields) = head
-        if magic != MAGIC:
-            raise MqtunError(22, f"{path} is not an mqtun counters region", op="open_region")
-        if version != VERSION:
-            raise MqtunError(22, f"{path}: counters region version {version}, this mqtun "
-                             f"reads version {VERSION}", op="open_region")
-        self.version = version
-        self.header_size = header_size
-        self.entry_size = entry_size
-        self.slot_count = slot_count
-        self.capacity = capacity
-        self.pid = pid
-        self.pid_start = pid_start
-        self.created = created
-        self.name = name.rstrip(b"\0").decode()
-        raw = [devices[i * 16:(i + 1) * 16].rstrip(b"\0").decode() for i in range(ndevices)]
+        self.version: int = version
+        self.header_size: int = header_size
+        self.entry_size: int = entry_size
+        self.slot_count: int = slot_count
+        self.capacity: int = capacity
+        self.pid: int = pid
+        self.pid_start: int = pid_start
+        self.created: float = created
+        self.name = name.rstrip(b"\0").decode(errors="replace")
+        raw = [devices[i * 16:(i + 1) * 16].rstrip(b"\0").decode(errors="replace")
+               for i in range(ndevices)]
         self.devices: list[str] = raw
-        self.fields = fields.rstrip(b"\0").decode().split(",")
+        self.fields = fields.rstrip(b"\0").decode(errors="replace").split(",")
         self._counters: dict[int, Counters] = {}
 
     # ---- making and finding ---------------------------------------------------------------
@@ -184,21 +191,25 @@ class Region:
             raise InvalidArgumentError(f"a region names 1..{MAX_DEVICES} devices")
         remove_stale_regions(directory)
         pid = os.getpid()
-        path = os.path.join(directory, f"mqtun.{pid}.{name}")
         size = HEADER_SIZE + capacity * ENTRY_SIZE
         fields = ",".join(_field_names()).encode()
         packed_devs = b"".join(d.encode()[:15].ljust(16, b"\0") for d in devices)
         head = _HEAD.pack(MAGIC, VERSION, HEADER_SIZE, ENTRY_SIZE, SLOT_COUNT, capacity, 0,
                           pid, _proc_start_time(pid), time.time(), len(devices),
                           name.encode(), packed_devs, fields)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        except FileExistsError:
-            raise MqtunError(17, f"counters region {path} already exists: use another name",
-                             op="create_region") from None
-        except OSError as exc:
-            raise MqtunError(exc.errno or 5, f"cannot create {path}: {exc.strerror}",
-                             op="create_region") from None
+        for _attempt in range(8):  # a random part: nobody can create our name first
+            path = os.path.join(directory, f"mqtun.{pid}.{name}.{secrets.token_hex(8)}")
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, 0o644)
+                break
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise MqtunError(exc.errno or errno.EIO, f"cannot create {path}: "
+                                 f"{exc.strerror}", op="create_region") from None
+        else:
+            raise MqtunError(errno.EEXIST, f"cannot create a counters region under {directory}",
+                             op="create_region")
         try:
             os.ftruncate(fd, size)
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -213,17 +224,12 @@ class Region:
 
     @classmethod
     def open(cls, path: str) -> Region:
-        """Map an existing region read-only."""
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise MqtunError(exc.errno or 2, f"cannot open counters region {path}: "
-                             f"{exc.strerror}", op="open_region") from None
+        """Map an existing region read-only (after the checks in the module doc)."""
+        fd = _open_checked(path)
         try:
             size = os.fstat(fd).st_size
-            if size < HEADER_SIZE:
-                raise MqtunError(22, f"{path} is too short for an mqtun counters region",
-                                 op="open_region")
+            head = os.pread(fd, _HEAD.size, 0)
+            _check_header(path, head, size)
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
         finally:
             os.close(fd)
@@ -260,7 +266,8 @@ class Region:
                 if entry >= self.used:
                     struct.pack_into("=I", self._mm, _USED_OFFSET, entry + 1)
                 return entry
-        raise MqtunError(28, f"counters region {self.path} is full ({self.capacity} entries)",
+        raise MqtunError(errno.ENOSPC,
+                         f"counters region {self.path} is full ({self.capacity} entries)",
                          op="claim")
 
     def release(self, entry: int) -> None:
@@ -303,14 +310,17 @@ class Region:
         values = list(struct.unpack_from(f"={self.slot_count}Q", self._mm, off))
         stats = self._stats_from(values)
         name = self.devices[dev] if dev < len(self.devices) else f"#{dev}"
-        return EntryInfo(entry, name, queue, pid, EntryState(state) if state in
-                         EntryState._value2member_map_ else EntryState.FREE, restarts,
-                         None if cpu < 0 else cpu, stats)
+        known = state in {s.value for s in EntryState}
+        return EntryInfo(entry, name, queue, pid, EntryState(state) if known else EntryState.FREE,
+                         restarts, None if cpu < 0 else cpu, stats)
 
     def _stats_from(self, values: list[int]) -> QueueStats:
         by_name = dict(zip(self.fields, values, strict=False))
         drops = {k[5:]: v for k, v in by_name.items() if k.startswith("drop_") and v}
-        return QueueStats(*(by_name.get(f, 0) for f in COUNTER_FIELDS), dropped=drops)
+        g = by_name.get
+        return QueueStats(g("read_packets", 0), g("read_bytes", 0), g("written_packets", 0),
+                          g("written_bytes", 0), g("read_errors", 0), g("write_errors", 0),
+                          dropped=drops)
 
     def entries(self, *, include_free: bool = False) -> list[EntryInfo]:
         """Every claimed entry (FREE ones too if asked)."""
@@ -320,7 +330,7 @@ class Region:
     # ---- lifecycle ----------------------------------------------------------------------------
     def _require_owner(self) -> None:
         if not self.owner:
-            raise MqtunError(1, f"counters region {self.path} is opened read-only",
+            raise MqtunError(errno.EPERM, f"counters region {self.path} is opened read-only",
                              op="region")
 
     def close(self) -> None:
@@ -347,6 +357,70 @@ class Region:
         return f"<Region {self.path} devices={self.devices} used={self.used}>"
 
 
+def _bad(path: str, why: str) -> MqtunError:
+    return MqtunError(errno.EINVAL, f"{path} is not a usable mqtun counters region: {why}",
+                      op="open_region")
+
+
+def _expected_owners(path: str) -> set[int]:
+    """Who may own a region file: us, and the user the creator's pid (in the name) runs as."""
+    owners = {os.geteuid()}
+    m = _FILE_RE.match(os.path.basename(path))
+    if m:  # /proc/PID/status, not the owner of /proc/PID: that is root once a process has
+        # dropped root (it is not dumpable)
+        with contextlib.suppress(OSError, ValueError), open(f"/proc/{m.group(1)}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    owners.update(int(u) for u in line.split()[1:3])  # real, effective
+                    break
+    return owners
+
+
+def _open_checked(path: str) -> int:
+    """Open a region file read-only without following a link or blocking on a FIFO; only a
+    regular file of an expected owner is kept open."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
+    except OSError as exc:
+        raise MqtunError(exc.errno or errno.EIO, f"cannot open counters region {path}: "
+                         f"{exc.strerror}", op="open_region") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _bad(path, "not a regular file")
+        if st.st_uid not in _expected_owners(path):
+            raise _bad(path, f"owned by uid {st.st_uid}, not by its creator")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_header(path: str, buf: bytes | mmap.mmap,
+                  size: int | None = None) -> tuple[Any, ...]:
+    """The header's fields if they describe a region of exactly `size` bytes, else one-line
+    MqtunError."""
+    if size is None:
+        size = len(buf)
+    if size < HEADER_SIZE or len(buf) < _HEAD.size:
+        raise _bad(path, f"{size} bytes, shorter than a header")
+    head = _HEAD.unpack_from(buf, 0)
+    magic, version, header_size, entry_size, slot_count, capacity, used = head[:7]
+    ndevices = head[10]
+    if magic != MAGIC:
+        raise _bad(path, "no MQTUNSHM magic")
+    if version != VERSION:
+        raise _bad(path, f"version {version}, this mqtun reads version {VERSION}")
+    if not (_HEAD.size <= header_size <= 1 << 20 and 1 <= slot_count <= 4096
+            and entry_size >= _ENTRY_META.size + slot_count * 8 and 1 <= capacity <= 65536
+            and used <= capacity and ndevices <= MAX_DEVICES):
+        raise _bad(path, "inconsistent header")
+    if header_size + capacity * entry_size != size:
+        raise _bad(path, f"{size} bytes where its header describes "
+                         f"{header_size + capacity * entry_size}")
+    return head
+
+
 def list_regions(directory: str = SHM_DIR) -> list[RegionInfo]:
     """Every mqtun region under `directory`, live or stale, oldest pid first."""
     out: list[RegionInfo] = []
@@ -360,14 +434,17 @@ def list_regions(directory: str = SHM_DIR) -> list[RegionInfo]:
             continue
         pid = int(m.group(1))
         path = os.path.join(directory, fname)
-        start = 0
         try:
-            with open(path, "rb") as f:
-                head = f.read(_HEAD.size)
-            if len(head) == _HEAD.size and head[:8] == MAGIC:
-                start = _HEAD.unpack(head)[8]
-        except OSError:
-            continue
+            fd = _open_checked(path)
+        except MqtunError:
+            continue  # not ours to read (a FIFO, a link, another user's file)
+        try:
+            head = os.pread(fd, _HEAD.size, 0)
+            start = _check_header(path, head, os.fstat(fd).st_size)[8]
+        except (OSError, MqtunError):
+            start = 0  # malformed: listed (so it can be cleaned) but never opened
+        finally:
+            os.close(fd)
         out.append(RegionInfo(path, pid, m.group(2), _pid_alive(pid, start)))
     return sorted(out, key=lambda r: (r.pid, r.name))
 
@@ -383,7 +460,7 @@ def open_region(which: str | int, directory: str = SHM_DIR) -> Region:
         match = [r for r in found if f"{r.pid}.{r.name}" == which or r.name == which]
     live = [r for r in match if r.alive] or match
     if not live:
-        raise MqtunError(2, f"no mqtun counters region {which!r} under {directory}",
+        raise MqtunError(errno.ENOENT, f"no mqtun counters region {which!r} under {directory}",
                          op="open_region")
     return Region.open(live[-1].path)
 

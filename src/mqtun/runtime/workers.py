@@ -2,17 +2,29 @@
 
 Threads cannot run Python packet handlers in parallel (the GIL), so each queue (or each pair
 of queues, for a forwarder) gets a process of its own. Workers are forked: a forked child
-inherits the queue fds as they are, so no fd needs passing, and it closes every queue fd that
-is not its own at once (a copy left open elsewhere would keep a closed queue alive in the
-kernel). The parent keeps its own copy of every queue fd, which is what lets it restart a
-crashed worker on the *same* queue without the kernel noticing: the queue's flows stay put.
+inherits the queue fds as they are, so no fd needs passing. At once it lets go of every other
+fd it inherited -- other queues and devices, sockets, files, other pools' pipes: a copy left
+open in a worker would keep a closed queue or device alive in the kernel -- keeping only its
+queues, its report pipe, stdin/stdout/stderr and the pool's `keep_fds`. (Each other fd
+number is pointed at /dev/null rather than freed, so an inherited Python object that closes
+"its" fd later cannot close a number the worker reuses.) Its signal state is its own: no
+inherited Python signal handler, `signal.set_wakeup_fd` or blocked signal. The parent keeps
+its own copy of every queue fd, which is what lets it restart a crashed worker on the *same*
+queue without the kernel noticing: the queue's flows stay put.
 
 Counters live in a shared-memory region (`mqtun.runtime.shm`); the parent's `Queue.counters`
 are swapped for views of it, so `queue.stats` in the parent is live, and `mqtun show` or
-`mqtun top` read the same figures from another process.
+`mqtun top` read the same figures from another process. A worker publishes its counters
+after each drained batch, so a worker killed by SIGKILL loses the counts of at most one batch
+per route (`LoopConfig.batch` packets read, and the answers written for them); everything
+published before stays in the region and its restarted successor counts on from there.
 
 Exit codes of a worker: 0 stopped on request, 3 its device is gone, anything else (or a
 signal) a crash, which is reported as an event and restarted on its queue.
+
+A handler fault never kills a worker (`mqtun.runtime.loop.run_handler` counts it as a drop);
+the first fault of each kind is sent to the parent, which logs it (logger `mqtun.runtime`)
+and reports it as a "handler-error" event with its traceback.
 
 Fork caveats: start pools from the thread that will outlive them (a worker's parent-death
 signal fires when the *thread* that forked it exits), and not while another thread of yours
@@ -24,7 +36,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
-import errno
+import logging
 import os
 import select
 import signal
@@ -34,10 +46,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from mqtun import _uapi
 from mqtun.errors import DeviceGoneError, InvalidArgumentError, MqtunError
 from mqtun.runtime.loop import Handler, IOLoop, LoopConfig, Route
 from mqtun.runtime.shm import EntryState, Region
-from mqtun.stats import Counters, QueueStats
+from mqtun.stats import QueueStats
 
 if TYPE_CHECKING:
     from mqtun.device import Device
@@ -48,9 +61,8 @@ __all__ = ["EXIT_GONE", "WorkerEvent", "WorkerInfo", "WorkerPool", "parse_cpus"]
 EXIT_STOPPED = 0
 EXIT_CRASHED = 1
 EXIT_GONE = 3
-_PR_SET_PDEATHSIG = 1
-_PR_SET_NAME = 15
 _STOP_GRACE = 0.6  # seconds a worker gets to stop before SIGKILL
+_log = logging.getLogger("mqtun.runtime")
 
 
 def parse_cpus(spec: str | Sequence[int] | None) -> list[int] | None:
@@ -90,7 +102,8 @@ def parse_cpus(spec: str | Sequence[int] | None) -> list[int] | None:
 @dataclass(frozen=True)
 class WorkerEvent:
     """Something that happened to a worker: started, crashed, restarted, stopped, gone,
-    gave-up (too many crashes: its queue is detached), grown, shrunk."""
+    gave-up (too many crashes: its queue is detached), grown, shrunk, handler-error (the
+    first fault of its kind in a handler; `detail` holds the traceback)."""
 
     kind: str
     worker: int
@@ -174,7 +187,10 @@ class WorkerPool:
         restart_window: float = 10.0,
         capacity: int = 256,
         on_event: Callable[[WorkerEvent], None] | None = None,
+        keep_fds: Sequence[int] = (),
     ) -> None:
+        """`keep_fds`: fds of the parent the handlers use (e.g. a socket opened before
+        `start()`); a worker holds no other fd of the parent's."""
         if not devices:
             raise InvalidArgumentError("a worker pool needs at least one device")
         self.devices = list(devices)
@@ -187,6 +203,7 @@ class WorkerPool:
         self.restart_window = restart_window
         self.capacity = capacity
         self.on_event = on_event
+        self.keep_fds = tuple(keep_fds)
         self.workers: list[WorkerInfo] = []
         self.events: collections.deque[WorkerEvent] = collections.deque(maxlen=1000)
         self.region: Region | None = None
@@ -198,6 +215,7 @@ class WorkerPool:
         self._started = False
         self._owner_pid = os.getpid()
         self._next_index = 0
+        self._faults_seen: set[str] = set()
 
     # ---- constructors ---------------------------------------------------------------------
     @classmethod
@@ -266,17 +284,13 @@ class WorkerPool:
 
     def _spawn(self, info: WorkerInfo) -> None:
         assert self.region is not None
-        keep = {q.fd for q in info.queues}
-        close = [q.fd for d in self.devices for q in d.queues
-                 if not q.closed and q.fd not in keep]
-        close += [w.pidfd for w in self.workers if w.pidfd >= 0]
-        close += [self._wake_r, self._wake_w, self._report_r]
+        keep = {0, 1, 2, self._report_w, *self.keep_fds, *(q.fd for q in info.queues)}
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
             code = EXIT_CRASHED
             try:
-                code = _worker_main(info, self.program, self.loop_config, close, parent,
+                code = _worker_main(info, self.program, self.loop_config, keep, parent,
                                     self._report_w)
             finally:
                 os._exit(code)
@@ -322,9 +336,11 @@ class WorkerPool:
         worker on its queue). Returns the events that happened."""
         before = len(self.events)
         live = [w for w in self.workers if w.alive]
-        fds = [self._wake_r, self._report_r] + [w.pidfd for w in live if w.pidfd >= 0]
+        poller = select.poll()  # not select(): pidfds may be numbered past 1024
+        for fd in [self._wake_r, self._report_r] + [w.pidfd for w in live if w.pidfd >= 0]:
+            poller.register(fd, select.POLLIN)
         try:
-            ready, _, _ = select.select(fds, [], [], timeout)
+            ready = [fd for fd, _ in poller.poll(None if timeout is None else timeout * 1000)]
         except InterruptedError:
             ready = []
         if self._wake_r in ready:
@@ -351,11 +367,25 @@ class WorkerPool:
         for line in lines:
             try:
                 index, _pid, kind, detail = line.decode(errors="replace").split("\t", 3)
+                w = self._by_index(int(index))
             except ValueError:
                 continue
-            w = self._by_index(int(index))
-            if w is not None:
+            if w is None:
+                continue
+            if kind == "fault":
+                self._fault(w, _unescape(detail))
+            else:
                 w.last_report = (kind, detail)
+
+    def _fault(self, w: WorkerInfo, text: str) -> None:
+        """A worker's handler fault: log it and make it an event, the first of each kind."""
+        key = text.split("\n", 1)[0]
+        if key in self._faults_seen or len(self._faults_seen) >= 1024:
+            return
+        self._faults_seen.add(key)
+        _log.error("worker %d (pid %d) packet handler fault: %s", w.index, w.pid,
+                   text.split("\n", 1)[-1])
+        self._event("handler-error", w, text)
 
     def _by_index(self, index: int) -> WorkerInfo | None:
         for w in self.workers:
@@ -478,7 +508,7 @@ class WorkerPool:
     def _retire(self, w: WorkerInfo) -> None:
         """Give a stopped worker's queues private counters again and close them."""
         for q, e in zip(w.queues, w.entries, strict=True):
-            q.counters = Counters(bytearray(q.counters.slots.tobytes()))
+            q.counters = q.counters.copy()
             if self.region is not None:
                 self.region.release(e)
             q.device.remove_queue(q)
@@ -495,7 +525,7 @@ class WorkerPool:
         for w in self.workers:
             self._close_pidfd(w)
             for q in w.queues:
-                q.counters = Counters(bytearray(q.counters.slots.tobytes()))
+                q.counters = q.counters.copy()
         if self.region is not None:
             self.region.unlink()
             self.region.close()
@@ -565,48 +595,98 @@ def _index_or(index: int | None, default: int) -> int:
 
 
 # ---- the worker process -------------------------------------------------------------------
-def _worker_main(info: WorkerInfo, program: Program, config: LoopConfig, close: list[int],
+def _own_signals() -> None:
+    """Forget the parent's signal state: Python handlers (asyncio's among them), the wakeup
+    fd, the blocked-signal mask."""
+    signal.set_wakeup_fd(-1)
+    for sig in signal.valid_signals():
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            if callable(signal.getsignal(sig)):
+                signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # the parent decides; these go to the group
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
+def _keep_only(keep: set[int]) -> None:
+    """Let go of every inherited fd not in `keep`: each is pointed at /dev/null, so its
+    number stays taken (an inherited object closing "its" fd cannot hit one we reuse)."""
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd in keep or fd == null:
+                continue
+            try:
+                os.fstat(fd)  # the listing's own directory fd is closed by now
+            except OSError:
+                continue
+            os.dup2(null, fd, inheritable=False)
+    finally:
+        os.close(null)
+
+
+def _worker_main(info: WorkerInfo, program: Program, config: LoopConfig, keep: set[int],
                  parent: int, report_fd: int) -> int:
     """Runs in the forked child. Returns its exit code; never returns into the parent's code."""
 
     def report(kind: str, detail: str) -> None:
-        line = f"{info.index}\t{os.getpid()}\t{kind}\t{detail}".replace("\n", " ")[:4000]
+        line = f"{info.index}\t{os.getpid()}\t{kind}\t{detail}".replace("\n", " ")
+        # one write of at most PIPE_BUF bytes: atomic, never interleaved with another worker's
+        data = line.encode()[:4000].decode(errors="ignore").encode() + b"\n"
         with contextlib.suppress(OSError):
-            os.write(report_fd, line.encode() + b"\n")
+            os.write(report_fd, data)
+
+    def fault(key: str, text: str) -> None:
+        # the end of a traceback says most: keep it whole, shorten the start if need be
+        tail = text if len(text) <= 3000 else "...\n" + text[-3000:]
+        report("fault", _escape(f"{key[:500]}\n{tail}"))
 
     try:
-        for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)  # the parent decides; these go to the group
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _own_signals()
         libc = ctypes.CDLL(None, use_errno=True)
         with contextlib.suppress(OSError, AttributeError):
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+            libc.prctl(_uapi.PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != parent:
             return EXIT_STOPPED  # the parent died before we set PDEATHSIG
-        for fd in close:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        _keep_only(keep)
         if info.cpu is not None:
             os.sched_setaffinity(0, {info.cpu})
         info.pid = os.getpid()
         with contextlib.suppress(OSError, AttributeError):
-            libc.prctl(_PR_SET_NAME, f"mqtun-w{info.index}".encode()[:15], 0, 0, 0)
-        loop = IOLoop(program(info), config)
+            libc.prctl(_uapi.PR_SET_NAME, f"mqtun-w{info.index}".encode()[:15], 0, 0, 0)
+        loop = IOLoop(program(info), config, on_fault=fault)
         signal.signal(signal.SIGTERM, lambda *_: loop.stop())
         loop.run()
         return EXIT_STOPPED
     except DeviceGoneError as exc:
         report("gone", str(exc))
         return EXIT_GONE
-    except MqtunError as exc:
-        if exc.errno in (errno.EBADF,):
-            report("gone", str(exc))
-            return EXIT_GONE
-        report("error", f"{type(exc).__name__}: {exc}")
+    except MqtunError as exc:  # e.g. its queue closed under it: a crash, restarted on the
+        report("error", f"{type(exc).__name__}: {exc}")  # parent's copy of the queue
         return EXIT_CRASHED
     except BaseException as exc:  # a crash: tell the supervisor what it was
         tb = traceback.extract_tb(exc.__traceback__)
         where = f" at {tb[-1].filename}:{tb[-1].lineno}" if tb else ""
         report("error", f"{type(exc).__name__}: {exc}{where}")
         return EXIT_CRASHED
+
+
+def _escape(text: str) -> str:
+    """A multi-line text as one report line (a report is one line of the pipe)."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+
+
+def _unescape(text: str) -> str:
+    out, i = [], 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            out.append({"n": "\n", "t": "\t"}.get(text[i + 1], text[i + 1]))
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)

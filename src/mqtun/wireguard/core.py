@@ -1,0 +1,335 @@
+"""A whole WireGuard interface as a sans-IO object: datagrams and IP packets in, out the same.
+
+`WireguardCore` ties the pieces: the static identity and its cookie checker, one `Peer` per
+configured public key (handshake, session, timers, endpoint, byte counters), the index table
+that maps a receiver index to its peer, and the allowed-IPs table that routes outbound packets
+and filters inbound ones. `receive` takes one UDP datagram and returns what to do (datagrams to
+send, IP packets for the TUN); `send` takes one IP packet from the TUN. Every refusal is
+counted in `drops` by reason; nothing here raises on bad input, reads a clock or does I/O.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mqtun.wireguard import messages as m
+from mqtun.wireguard.allowed_ips import AllowedIPs
+from mqtun.wireguard.cookie import source_bytes
+from mqtun.wireguard.noise import Handshake, Keypair, StaticIdentity, consume_initiation, tai64n
+from mqtun.wireguard.session import Session
+from mqtun.wireguard.timers import (
+    REKEY_TIMEOUT,
+    PeerTimers,
+    Timer,
+    jitter,
+    needs_rekey_receiving,
+    needs_rekey_sending,
+)
+
+__all__ = ["Datagram", "Output", "Peer", "WireguardCore"]
+
+Address = tuple[str, int]
+MAX_STAGED = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Datagram:
+    data: bytes
+    to: Address
+
+
+@dataclass(slots=True)
+class Output:
+    """What one call asks the shell to do."""
+
+    datagrams: list[Datagram] = field(default_factory=list)
+    packets: list[bytes] = field(default_factory=list)  # authenticated IP packets for the TUN
+
+    def extend(self, other: Output) -> None:
+        self.datagrams += other.datagrams
+        self.packets += other.packets
+
+
+class Peer:
+    def __init__(self, local: StaticIdentity, public_key: bytes, preshared_key: bytes) -> None:
+        self.public_key = public_key
+        self.handshake = Handshake(local, public_key, preshared_key)
+        self.session = Session()
+        self.timers = PeerTimers()
+        self.endpoint: Address | None = None
+        self.rx_bytes = 0
+        self.tx_bytes = 0
+        self.last_handshake_ns = 0
+        self.staged: collections.deque[bytes] = collections.deque(maxlen=MAX_STAGED)
+
+    def __repr__(self) -> str:
+        return f"Peer({self.public_key.hex()[:8]}…, endpoint={self.endpoint})"
+
+
+def _ip_source_and_length(packet: bytes) -> tuple[bytes, int] | None:
+    if len(packet) >= 20 and packet[0] >> 4 == 4:
+        return packet[12:16], int.from_bytes(packet[2:4], "big")
+    if len(packet) >= 40 and packet[0] >> 4 == 6:
+        return packet[8:24], 40 + int.from_bytes(packet[4:6], "big")
+    return None
+
+
+def _ip_destination(packet: bytes) -> bytes | None:
+    if len(packet) >= 20 and packet[0] >> 4 == 4:
+        return packet[16:20]
+    if len(packet) >= 40 and packet[0] >> 4 == 6:
+        return packet[24:40]
+    return None
+
+
+class WireguardCore:
+    def __init__(self, private_key: bytes, *, random: Callable[[int], bytes] = os.urandom,
+                 wall_clock_ns: Callable[[], int] = time.time_ns) -> None:
+        self.identity = StaticIdentity(private_key)
+        self.peers: dict[bytes, Peer] = {}
+        self.allowed_ips: AllowedIPs[Peer] = AllowedIPs()
+        self.drops: collections.Counter[str] = collections.Counter()
+        self.under_load = False
+        self.mtu: int | None = None
+        self._indexes: dict[int, Peer] = {}
+        self._random = random
+        self._wall_ns = wall_clock_ns
+
+    # -- configuration -----------------------------------------------------------------
+    def add_peer(self, public_key: bytes, *, preshared_key: bytes = bytes(32),
+                 allowed_ips: tuple[str, ...] = (), endpoint: Address | None = None) -> Peer:
+        peer = Peer(self.identity, public_key, preshared_key)
+        peer.endpoint = endpoint
+        self.peers[public_key] = peer
+        for prefix in allowed_ips:
+            self.allowed_ips.insert(prefix, peer)
+        return peer
+
+    def remove_peer(self, peer: Peer) -> None:
+        self.peers.pop(peer.public_key, None)
+        self.allowed_ips.remove_peer(peer)
+        for index in [i for i, p in self._indexes.items() if p is peer]:
+            del self._indexes[index]
+
+    def _drop(self, drop: m.Drop) -> Output:
+        self.drops[drop.reason.value] += 1
+        return Output()
+
+    def _new_index(self, peer: Peer) -> int:
+        while True:
+            index = int.from_bytes(self._random(4), "little")
+            if index and index not in self._indexes:
+                self._indexes[index] = peer
+                return index
+
+    def _forget_index(self, index: int) -> None:
+        self._indexes.pop(index, None)
+
+    # -- handshakes --------------------------------------------------------------------
+    def initiate(self, peer: Peer, now: float, *, force: bool = False) -> Output:
+        """A handshake initiation to `peer` (none if one went out less than REKEY_TIMEOUT ago)."""
+        if peer.endpoint is None:
+            return self._drop(m.Drop(m.DropReason.NO_ROUTE, "peer has no endpoint"))
+        if not force and now - peer.handshake.last_sent < REKEY_TIMEOUT:
+            return Output()
+        self._forget_index(peer.handshake.local_index)
+        data = peer.handshake.create_initiation(self._new_index(peer), tai64n(self._wall_ns()),
+                                                now)
+        peer.tx_bytes += len(data)
+        peer.timers.on_handshake_initiated(now, jitter())
+        peer.timers.on_authenticated_traversal(now)
+        peer.timers.on_authenticated_sent()
+        return Output([Datagram(data, peer.endpoint)])
+
+    def _begin_session(self, peer: Peer, keypair: Keypair, now: float) -> None:
+        before = {k.keypair.local_index for k in (peer.session.current, peer.session.previous,
+                                                  peer.session.next) if k is not None}
+        peer.session.install(keypair)
+        after = {k.keypair.local_index for k in (peer.session.current, peer.session.previous,
+                                                 peer.session.next) if k is not None}
+        for gone in before - after:
+            self._forget_index(gone)
+        self._indexes[keypair.local_index] = peer
+        peer.timers.on_session_derived(now)
+
+    def _handshake_done(self, peer: Peer, now: float) -> None:
+        peer.timers.on_handshake_complete(now)
+        peer.last_handshake_ns = self._wall_ns()
+
+    def _check_macs(self, data: bytes, msg: m.Initiation | m.Response, src: Address,
+                    now: float) -> Output | None:
+        """None when the message may be processed; else the cookie reply (or nothing)."""
+        if not self.identity.cookies.check_mac1(data):
+            return self._drop(m.Drop(m.DropReason.BAD_MAC1))
+        if self.under_load and not self.identity.cookies.check_mac2(data, source_bytes(*src), now):
+            self.drops[m.DropReason.UNDER_LOAD.value] += 1
+            reply = self.identity.cookies.create_reply(data, msg.sender, source_bytes(*src), now)
+            return Output([Datagram(reply.pack(), src)])
+        return None
+
+    # -- the datagram path -------------------------------------------------------------
+    def receive(self, data: bytes, src: Address, now: float) -> Output:
+        msg = m.parse(data)
+        if isinstance(msg, m.Drop):
+            return self._drop(msg)
+        if isinstance(msg, m.Transport):
+            return self._receive_transport(msg, len(data), src, now)
+        if isinstance(msg, m.CookieReply):
+            return self._receive_cookie(msg, now)
+        refused = self._check_macs(data, msg, src, now)
+        if refused is not None:
+            return refused
+        if isinstance(msg, m.Initiation):
+            return self._receive_initiation(msg, len(data), src, now)
+        return self._receive_response(msg, len(data), src, now)
+
+    def _handshake_of(self, public_key: bytes) -> Handshake | None:
+        peer = self.peers.get(public_key)
+        return peer.handshake if peer is not None else None
+
+    def _receive_initiation(self, msg: m.Initiation, size: int, src: Address,
+                            now: float) -> Output:
+        result = consume_initiation(self.identity, msg, self._handshake_of, now)
+        if isinstance(result, m.Drop):
+            return self._drop(result)
+        peer = self.peers[result.remote_static]
+        peer.rx_bytes += size
+        peer.endpoint = src
+        self._forget_index(peer.handshake.local_index)
+        index = self._new_index(peer)
+        response, keypair = peer.handshake.create_response(index, now)
+        self._begin_session(peer, keypair, now)
+        peer.tx_bytes += len(response)
+        peer.timers.on_authenticated_traversal(now)
+        peer.timers.on_authenticated_sent()
+        return Output([Datagram(response, src)])
+
+    def _receive_response(self, msg: m.Response, size: int, src: Address, now: float) -> Output:
+        peer = self._indexes.get(msg.receiver)
+        if peer is None:
+            return self._drop(m.Drop(m.DropReason.UNKNOWN_INDEX))
+        result = peer.handshake.consume_response(msg, now)
+        if isinstance(result, m.Drop):
+            return self._drop(result)
+        peer.rx_bytes += size
+        peer.endpoint = src
+        self._begin_session(peer, result, now)
+        self._handshake_done(peer, now)
+        peer.timers.on_authenticated_received()
+        peer.timers.on_authenticated_traversal(now)
+        out = self._flush_staged(peer, now)
+        if not out.datagrams:  # confirm the keys at once: the responder waits for this
+            out.extend(self.keepalive(peer, now))
+        return out
+
+    def _receive_cookie(self, msg: m.CookieReply, now: float) -> Output:
+        peer = self._indexes.get(msg.receiver)
+        if peer is None:
+            return self._drop(m.Drop(m.DropReason.UNKNOWN_INDEX))
+        if not peer.handshake.cookies.consume_reply(msg, now):
+            return self._drop(m.Drop(m.DropReason.NO_COOKIE_EXPECTED))
+        return Output()
+
+    def _receive_transport(self, msg: m.Transport, size: int, src: Address,
+                           now: float) -> Output:
+        peer = self._indexes.get(msg.receiver)
+        if peer is None:
+            return self._drop(m.Drop(m.DropReason.UNKNOWN_INDEX))
+        was_next = peer.session.next
+        result = peer.session.decrypt(msg, now)
+        if isinstance(result, m.Drop):
+            return self._drop(result)
+        plain, keys = result
+        out = Output()
+        if was_next is keys:  # key confirmation of the handshake we answered
+            self._handshake_done(peer, now)
+            out.extend(self._flush_staged(peer, now))
+        peer.endpoint = src  # roaming: the last authenticated source is where the peer is
+        peer.rx_bytes += size
+        peer.timers.on_authenticated_received()
+        peer.timers.on_authenticated_traversal(now)
+        if needs_rekey_receiving(keys.keypair.is_initiator, now - keys.keypair.created,
+                                 peer.timers.sent_last_minute_handshake):
+            peer.timers.sent_last_minute_handshake = True
+            out.extend(self.initiate(peer, now))
+        if not plain:  # keepalive
+            return out
+        peer.timers.on_data_received(now)
+        parsed = _ip_source_and_length(plain)
+        if parsed is None or parsed[1] > len(plain):
+            return self._merge_drop(out, m.Drop(m.DropReason.BAD_LENGTH, "not an IP packet"))
+        source, length = parsed
+        if not self.allowed_ips.allows(peer, source):
+            return self._merge_drop(out, m.Drop(m.DropReason.NOT_ALLOWED_SOURCE))
+        out.packets.append(plain[:length])
+        return out
+
+    def _merge_drop(self, out: Output, drop: m.Drop) -> Output:
+        self.drops[drop.reason.value] += 1
+        return out
+
+    # -- the TUN path ------------------------------------------------------------------
+    def send(self, packet: bytes, now: float) -> Output:
+        """One IP packet read from the TUN -> the datagrams that carry it (or a handshake)."""
+        dst = _ip_destination(packet)
+        peer = self.allowed_ips.lookup(dst) if dst is not None else None
+        if peer is None:
+            return self._drop(m.Drop(m.DropReason.NO_ROUTE))
+        return self.send_to(peer, packet, now)
+
+    def send_to(self, peer: Peer, packet: bytes, now: float) -> Output:
+        if peer.endpoint is None:
+            return self._drop(m.Drop(m.DropReason.NO_ROUTE, "peer has no endpoint"))
+        current = peer.session.current
+        if current is None or now - current.keypair.created >= 180.0:
+            if packet:
+                peer.staged.append(packet)
+            return self.initiate(peer, now)
+        data = peer.session.encrypt(packet, now, mtu=self.mtu)
+        if isinstance(data, m.Drop):
+            return self._drop(data)
+        peer.tx_bytes += len(data)
+        out = Output([Datagram(data, peer.endpoint)])
+        if packet:
+            peer.timers.on_data_sent(now, jitter())
+        peer.timers.on_authenticated_sent()
+        peer.timers.on_authenticated_traversal(now)
+        if needs_rekey_sending(current.counters.issued, current.keypair.is_initiator,
+                               now - current.keypair.created):
+            out.extend(self.initiate(peer, now))
+        return out
+
+    def keepalive(self, peer: Peer, now: float) -> Output:
+        return self.send_to(peer, b"", now)
+
+    def _flush_staged(self, peer: Peer, now: float) -> Output:
+        out = Output()
+        while peer.staged:
+            out.extend(self.send_to(peer, peer.staged.popleft(), now))
+        return out
+
+    # -- timers ------------------------------------------------------------------------
+    def tick(self, now: float) -> Output:
+        """Run the timers due at `now` for every peer."""
+        out = Output()
+        for peer in list(self.peers.values()):
+            for timer in peer.timers.expired(now):
+                if timer is Timer.RETRANSMIT_HANDSHAKE:
+                    if peer.timers.on_retransmit(now):
+                        out.extend(self.initiate(peer, now, force=True))
+                    else:
+                        peer.staged.clear()
+                elif timer is Timer.SEND_KEEPALIVE:
+                    out.extend(self.keepalive(peer, now))
+                    peer.timers.on_keepalive_sent(now)
+                elif timer is Timer.NEW_HANDSHAKE:
+                    out.extend(self.initiate(peer, now))
+                elif timer is Timer.ZERO_KEY_MATERIAL:
+                    peer.session.clear()
+                elif timer is Timer.PERSISTENT_KEEPALIVE:
+                    out.extend(self.keepalive(peer, now))
+        return out

@@ -1,0 +1,114 @@
+"""Keypair slots, disjoint send counters across workers, replay and message/time limits."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from mqtun.wireguard import messages as m
+from mqtun.wireguard.noise import Keypair
+from mqtun.wireguard.session import CounterBlocks, Session, TransportKeys, pad
+from mqtun.wireguard.timers import REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME
+
+
+def _pair(index_a: int = 1, index_b: int = 2, now: float = 0.0) -> tuple[Keypair, Keypair]:
+    k1, k2 = os.urandom(32), os.urandom(32)
+    return (Keypair(k1, k2, index_a, index_b, True, now),
+            Keypair(k2, k1, index_b, index_a, False, now))
+
+
+def _parse(data: bytes | m.Drop) -> m.Transport:
+    assert isinstance(data, bytes)
+    msg = m.parse(data)
+    assert isinstance(msg, m.Transport)
+    return msg
+
+
+def test_responder_promotes_next_on_first_message() -> None:
+    a, b = Session(), Session()
+    ka, kb = _pair()
+    a.install(ka)
+    b.install(kb)
+    assert b.current is None and b.next is not None   # responder may not send yet
+    assert isinstance(b.encrypt(b"x", 0.0), m.Drop)
+    opened = b.decrypt(_parse(a.encrypt(b"", 0.0)), 0.0)   # keepalive = key confirmation
+    assert not isinstance(opened, m.Drop) and opened[0] == b""
+    assert b.current is not None and b.current.keypair is kb and b.next is None
+    back = a.decrypt(_parse(b.encrypt(b"hi", 0.0)), 0.0)
+    assert not isinstance(back, m.Drop) and back[0] == pad(b"hi")
+
+
+def test_rotation_keeps_previous_for_late_packets() -> None:
+    a, b = Session(), Session()
+    k1a, k1b = _pair(1, 2)
+    a.install(k1a)
+    b.install(k1b)
+    assert not isinstance(b.decrypt(_parse(a.encrypt(b"", 0.0)), 0.0), m.Drop)
+    late = _parse(a.encrypt(b"old", 0.0))  # delivered only after the rekey
+    k2a, k2b = _pair(3, 4)
+    a.install(k2a)                          # initiator: the old current becomes previous
+    assert a.previous is not None and a.previous.keypair is k1a
+    b.install(k2b)                          # responder: new keys wait in next
+    assert b.next is not None and b.next.keypair is k2b
+    assert b.current is not None and b.current.keypair is k1b
+    assert not isinstance(b.decrypt(_parse(a.encrypt(b"new", 1.0)), 1.0), m.Drop)
+    assert b.current is not None and b.current.keypair is k2b
+    assert b.previous is not None and b.previous.keypair is k1b
+    assert not isinstance(b.decrypt(late, 1.0), m.Drop)
+
+
+def test_replay_forgery_and_unknown_index() -> None:
+    a, b = Session(), Session()
+    ka, kb = _pair()
+    a.install(ka)
+    b.install(kb)
+    wire = a.encrypt(b"payload", 0.0)
+    assert isinstance(wire, bytes)
+    assert not isinstance(b.decrypt(_parse(wire), 0.0), m.Drop)
+    assert b.decrypt(_parse(wire), 0.0) == m.Drop(m.DropReason.REPLAY)
+    forged = wire[:8] + (99).to_bytes(8, "little") + wire[16:]
+    assert b.decrypt(_parse(forged), 0.0) == m.Drop(m.DropReason.DECRYPT_FAILED)
+    assert b.current is not None and b.current.window.last == 0   # the forgery moved nothing
+    other = wire[:4] + (77).to_bytes(4, "little") + wire[8:]
+    assert b.decrypt(_parse(other), 0.0) == m.Drop(m.DropReason.UNKNOWN_INDEX)
+
+
+def test_limits() -> None:
+    a, b = Session(), Session()
+    ka, kb = _pair()
+    a.install(ka)
+    b.install(kb)
+    assert a.encrypt(b"x", REJECT_AFTER_TIME) == m.Drop(m.DropReason.KEY_EXPIRED)
+    wire = _parse(a.encrypt(b"x", 1.0))
+    assert b.decrypt(wire, REJECT_AFTER_TIME + 1) == m.Drop(m.DropReason.KEY_EXPIRED)
+    assert a.current is not None
+    a.current.counters._next = REJECT_AFTER_MESSAGES  # as if that many had been sent
+    a.current._lease = range(0)
+    assert a.encrypt(b"x", 1.0) == m.Drop(m.DropReason.KEY_EXPIRED)
+    too_high = m.Transport(kb.local_index, REJECT_AFTER_MESSAGES, wire.packet)
+    assert b.decrypt(too_high, 1.0) == m.Drop(m.DropReason.REPLAY)
+
+
+def test_workers_never_share_a_counter() -> None:
+    """Four threads, each with its own view of one keypair, draw counters at once."""
+    ka, _ = _pair()
+    blocks = CounterBlocks()
+    drawn: list[list[int]] = [[] for _ in range(4)]
+
+    def worker(i: int) -> None:
+        keys = TransportKeys(ka, counters=blocks)
+        drawn[i] = [keys.next_counter() for _ in range(5000)]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    every = [c for d in drawn for c in d]
+    assert len(every) == 20000 and len(set(every)) == 20000
+    assert all(d == sorted(d) for d in drawn)  # each worker's own counters increase
+
+
+def test_padding() -> None:
+    assert len(pad(b"x" * 17)) == 32 and pad(b"") == b""
+    assert len(pad(b"x" * 1419, mtu=1420)) == 1420
