@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
-for tool in ip:iproute2 iperf3:iperf3 sockperf:sockperf tmux:tmux setpriv:util-linux ps:procps wireguard-go:wireguard-go wg:wireguard-tools; do
+for tool in ip:iproute2 iperf3:iperf3 sockperf:sockperf tmux:tmux setpriv:util-linux ps:procps wireguard-go:wireguard-go wg:wireguard-tools cc:gcc; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
 done
 if [ "${#need[@]}" -gt 0 ]; then

@@ -15,10 +15,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from nettools import cli_in_process, run_as
 
 import mqtun
-from mqtun.apps.bench import SHORT_CONFIGS, WORKLOADS
+from mqtun.apps.bench import (
+    CONFIGS,
+    SHORT_CONFIGS,
+    WORKLOADS,
+    BenchResult,
+    Sample,
+    render_markdown,
+    targets,
+    write_chart,
+)
 
 SHORT_WORKLOADS = ("tcp4", "rr8", "udp16")
 
@@ -51,23 +61,33 @@ def test_bench_short_writes_every_row_column_and_the_chart(tmp_path: Path) -> No
     proc = subprocess.run(
         [sys.executable, "-m", "mqtun", "bench", "--short", "--workloads",
          ",".join(SHORT_WORKLOADS), "--out", str(out_dir)],
-        capture_output=True, text=True, timeout=120, env=_env())
+        capture_output=True, text=True, timeout=180, env=_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # progress: a line per step with the time left
+    steps = [ln for ln in proc.stderr.splitlines() if re.match(r"\[\s*\d+/\d+\] ~", ln)]
+    assert len(steps) == len(SHORT_CONFIGS) * len(SHORT_WORKLOADS), proc.stderr
+    assert all(" left " in ln for ln in steps)
 
     data = json.loads((out_dir / "results.json").read_text())
     assert data["configs"] == list(SHORT_CONFIGS) and data["workloads"] == list(SHORT_WORKLOADS)
-    assert data["repeat"] == 1 and data["seconds"] == 1.0
+    assert data["repeat"] == 1 and data["seconds"] == 1.0 and data["skipped"] == []
     got = {(s["config"], s["workload"]) for s in data["samples"]}
     assert got == {(c, w) for c in SHORT_CONFIGS for w in SHORT_WORKLOADS}
     for s in data["samples"]:
         assert s["value"] > 0, s  # every tool's output was parsed into a figure
         assert 0 <= s["machine_cpu"] <= 100.5
         if s["config"] == "veth":
-            assert s["forwarder_cpu"] == 0  # no forwarder process at all
+            assert s["forwarder_cpu"] == 0 and s["cpu_us_per_packet"] is None
         else:
-            assert s["forwarder_cpu"] > 0, s
+            assert s["forwarder_cpu"] > 0 and s["forwarded"] > 0, s
+            assert s["cpu_us_per_packet"] > 0, s
         if s["workload"] == "udp16":
             assert 0 <= s["loss"] < 1
+            lost = s["lost_before"] + s["lost_in"] + s["lost_after"]
+            # the parts add up to the loss (other packets, an ARP on veth, may blur it a little)
+            assert abs(lost - (s["sent"] - s["count"])) <= 10 + s["sent"] // 100, s
+        if s["workload"].startswith("rr"):
+            assert 0 < s["p50_us"] <= s["p99_us"], s
 
     md = (out_dir / "table.md").read_text()
     assert md == proc.stdout.split("\nwritten: ")[0]  # what was printed is what was written
@@ -75,19 +95,86 @@ def test_bench_short_writes_every_row_column_and_the_chart(tmp_path: Path) -> No
     speed = _table(md, "config")
     assert speed[0] == ["config", *titles]
     assert [r[0] for r in speed[1:]] == list(SHORT_CONFIGS)
+    baselines = {"mqtun-1q": "c-1q", "c-1q": "veth", "pytun-1q": "veth"}  # like for like
     for row in speed[1:]:
         assert len(row) == 1 + len(SHORT_WORKLOADS)
         assert all(re.match(r"[\d,.]+ \([\d,.]+-[\d,.]+\)", c) for c in row[1:]), row
         if row[0] != "veth":
-            assert all(" veth" in c for c in row[1:]), row  # a ratio to the baseline
-    cpu = [t for t in md.split("\n\n") if t.startswith("| config | TCP")][-1]
-    cpu_rows = _table(cpu, "config")
-    assert [r[0] for r in cpu_rows[1:]] == list(SHORT_CONFIGS)
-    assert all(re.fullmatch(r"\d+% / \d+%", c) for r in cpu_rows[1:] for c in r[1:])
+            assert all(f"x {baselines[row[0]]}" in c for c in row[1:]), row
+    blocks = md.split("\n\n")
+    cpu = blocks[next(i for i, b in enumerate(blocks) if b.startswith("Forwarder CPU")) + 1]
+    assert [r[0] for r in _table(cpu, "config")[1:]] == list(SHORT_CONFIGS)
+    assert "us/pkt" in cpu and "Gbit/s/core" in cpu
+    assert "| target | measured |" in md and "mqtun-1q / c-1q" in md
 
     png = (out_dir / "chart.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
     assert _topology_namespaces() <= before, "namespaces left behind"
+
+
+def test_results_json_values_are_in_the_units_it_names(tmp_path: Path) -> None:
+    """Each value is its count per second, in the unit results.json names beside it (bit/s
+    beside bits, not "Gbit/s"); what the table divides by is said apart."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "mqtun", "bench", "--short", "--configs", "veth",
+         "--workloads", "tcp1,rr1,udp16", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, env=_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["units"] == {"tcp1": "bit/s", "rr1": "trans/s", "udp16": "pkt/s"}
+    assert data["display"]["tcp1"] == {"unit": "Gbit/s", "divide_by": 1e9}
+    for s in data["samples"]:
+        assert data["units"][s["workload"]] == f"{s['count_unit']}/s"
+        assert s["value"] == pytest.approx(s["count"] / s["seconds"], rel=1e-9), s
+        summary = data["summary"][s["config"]][s["workload"]]
+        assert summary["unit"] == data["units"][s["workload"]]
+        assert summary["median"] == s["value"]  # one run: the median is that run
+    # iperf3's own bits per second agree with a count in bits (not bytes, not Gbit)
+    tcp = next(s for s in data["samples"] if s["workload"] == "tcp1")
+    assert tcp["count"] % 8 == 0 and tcp["value"] > 1e6
+
+
+# A meta-path finder that makes the named top-level packages unimportable, for every Python
+# process that starts with this directory on PYTHONPATH (the bench and its forwarders).
+_HIDER = """
+import os, sys
+_HIDE = set(filter(None, os.environ.get("MQTUN_TEST_HIDE", "").split(",")))
+class _Hider:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in _HIDE:
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden)", name=name)
+        return None
+sys.meta_path.insert(0, _Hider())
+"""
+
+
+def test_bench_without_pytun_matplotlib_or_compiler_runs_the_rest(tmp_path: Path) -> None:
+    """The README's own install has neither python-pytun nor matplotlib: the bench runs what
+    it can, says in one line each what it skipped and why, and prints its table."""
+    hider = tmp_path / "hider"
+    hider.mkdir()
+    (hider / "sitecustomize.py").write_text(_HIDER)
+    env = _env()
+    env |= {"PYTHONPATH": f"{hider}:{env['PYTHONPATH']}", "MQTUN_TEST_HIDE": "pytun,matplotlib",
+            "CC": str(tmp_path / "no-such-cc")}
+    out_dir = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mqtun", "bench", "--short", "--configs", "veth,c-1q,pytun-1q",
+         "--workloads", "rr1", "--out", str(out_dir)],
+        capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    notes = [ln for ln in proc.stderr.splitlines() if ln.startswith("mqtun bench: skipped")]
+    assert len(notes) == 3, proc.stderr
+    assert any("pytun-1q" in n and "python-pytun" in n for n in notes), notes
+    assert any("c-1q" in n and "compiler" in n for n in notes), notes
+    assert any("chart.png" in n and "matplotlib" in n for n in notes), notes
+    assert "Traceback" not in proc.stderr
+    md = proc.stdout.split("\nwritten: ")[0]
+    assert [r[0] for r in _table(md, "config")[1:]] == ["veth"]
+    assert all(n.removeprefix("mqtun bench: ") in md for n in notes)  # the table says it too
+    assert not (out_dir / "chart.png").exists()
+    data = json.loads((out_dir / "results.json").read_text())
+    assert data["configs"] == ["veth"] and len(data["skipped"]) == 3
 
 
 def test_bench_refuses_unknown_names_and_non_root(tmp_path: Path) -> None:
@@ -99,3 +186,48 @@ def test_bench_refuses_unknown_names_and_non_root(tmp_path: Path) -> None:
                           lambda: cli_in_process(["bench", "--short", "--out", "/nonexistent"]))
     assert code == 1 and "needs root" in err and err.count("\n") == 1
     assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_bench_without_cap_net_admin_or_iproute2_says_so_in_one_line(tmp_path: Path) -> None:
+    """Root without CAP_NET_ADMIN (a container's usual root) and a PATH without iproute2: one
+    line each naming what is missing, no traceback, nothing left behind."""
+    before = _topology_namespaces()
+    argv = [sys.executable, "-m", "mqtun", *["bench", "--short", "--out", str(tmp_path)]]
+    capless = subprocess.run(["setpriv", "--inh-caps=-net_admin", "--bounding-set=-net_admin",
+                              *argv], capture_output=True, text=True, timeout=60, env=_env())
+    assert capless.returncode == 1, capless.stderr[-2000:]
+    assert capless.stderr.count("\n") == 1 and "CAP_NET_ADMIN" in capless.stderr, capless.stderr
+    assert "--cap-add NET_ADMIN" in capless.stderr
+    no_ip = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                           env={**_env(), "PATH": "/nonexistent"})
+    assert no_ip.returncode == 1, no_ip.stderr[-2000:]
+    assert no_ip.stderr.count("\n") == 1 and "iproute2" in no_ip.stderr, no_ip.stderr
+    assert _topology_namespaces() <= before
+
+
+def test_chart_and_table_from_a_full_synthetic_run(tmp_path: Path) -> None:
+    """Every configuration and workload, a missing figure among them: the table has the
+    like-for-like ratios and every target, the chart draws (no network: a made-up run)."""
+    r = BenchResult(list(CONFIGS), list(WORKLOADS), 1.0, 2,
+                    machine={"kernel": "test", "cpus": "2"})
+    for rep in range(2):
+        for i, c in enumerate(CONFIGS):
+            for w in WORKLOADS.values():
+                fwd = 0.0 if c == "veth" else 50.0 + i
+                udp = w.key == "udp16"
+                r.samples.append(Sample(
+                    c, w.key, rep, 1000.0 * (i + 1), 1000 * (i + 1), w.count_unit, 1.0, fwd,
+                    fwd / 100, 60.0, 0 if c == "veth" else 900, loss=0.1 if udp else None,
+                    sent=1100 if udp else None, lost_before=50 if udp else None,
+                    lost_in=10 if udp else None, lost_after=40 if udp else None,
+                    p50_us=None if c == "pytun-2q" else 50.0 + i,
+                    p99_us=None if c == "pytun-2q" else 90.0 + i))
+    md = render_markdown(r)
+    speed = _table(md, "config")
+    row = {cells[0]: cells for cells in speed[1:]}
+    assert "x c-1q" in row["mqtun-1q"][1] and "x c-2q" in row["mqtun-2q"][1]
+    assert "x pytun-1q" in row["mqtun-1q-nooff"][1] and "x veth" in row["c-1q-nooff"][1]
+    assert all(t.status in ("met", "missed") for t in targets(r))  # every target measured
+    assert md.count("| met |") + md.count("| missed") == len(targets(r))
+    write_chart(r, tmp_path / "chart.png")
+    assert (tmp_path / "chart.png").read_bytes().startswith(b"\x89PNG")

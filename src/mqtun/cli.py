@@ -334,13 +334,13 @@ def _add_bench(sub: Any) -> None:
 
     p = sub.add_parser("bench", help="forwarder throughput, request/response and packet rate "
                        "against veth and python-pytun (root; namespaces only)")
-    p.add_argument("--repeat", type=_repeat_count, default=3, help="runs of everything")
+    p.add_argument("--repeat", type=_repeat_count, default=5, help="runs of everything")
     p.add_argument("--seconds", type=_positive_seconds, default=3.0,
                    help="seconds per workload run")
     p.add_argument("--configs", help=f"comma-separated subset of: {', '.join(CONFIGS)}")
     p.add_argument("--workloads", help=f"comma-separated subset of: {', '.join(WORKLOADS)}")
     p.add_argument("--short", action="store_true",
-                   help="test mode: 1 repeat of 1 s, configs veth,mqtun-2q,pytun-1q unless "
+                   help="test mode: 1 repeat of 1 s, configs veth,mqtun-1q,c-1q,pytun-1q unless "
                         "--configs says otherwise")
     p.add_argument("--out", default="bench/results", help="directory for results.json, "
                    "table.md and chart.png")

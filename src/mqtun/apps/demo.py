@@ -6,7 +6,11 @@ Two phases, each half of `seconds`: TCP (several connections A -> B, as fast as 
 UDP (16 flows of 1200-byte datagrams A -> B). The traffic is made by Python sockets in threads
 that step into A and B, so the demo needs nothing but Python and iproute2. Per queue it reports
 what the forwarder's shared-memory counters say it moved during each phase: packets (with
-offloads a TCP "packet" is a TSO super-packet of up to 64 KB), the queue's share, Mbit/s.
+offloads a TCP "packet" is a TSO super-packet of up to 64 KB), the queue's share, Mbit/s. For
+UDP it also says where datagrams were lost, from the forwarder's counters against the sender's
+and the receiver's: before the forwarder (sent by A, never read from A's device: A's stack or
+the device queue), in it (read, not written to B's device), after it (written to B's device,
+not delivered to B's socket: B's stack, mostly its socket buffer -- B's RcvbufErrors).
 
 Nothing here prints: progress goes to the `report` callback, the result to `render_demo()`.
 Everything is removed at the end, on an error and on Ctrl-C too (`Topology`).
@@ -14,14 +18,22 @@ Everything is removed at the end, on an error and on Ctrl-C too (`Topology`).
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mqtun.apps.topology import A_IP, B_IP, ForwarderSpec, QueueSample, Topology
+from mqtun.apps.topology import (
+    A_IP,
+    B_IP,
+    ForwarderSpec,
+    QueueSample,
+    Topology,
+    check_lab,
+    lab_errors,
+    udp_counters,
+)
 from mqtun.errors import MqtunError
 from mqtun.netns import NetNamespace
 
@@ -52,6 +64,10 @@ class PhaseResult:
     sent_packets: int = 0  # UDP only
     received_packets: int = 0  # UDP only
     queues: list[QueueShare] = field(default_factory=list)
+    forwarder_read: int = 0  # A -> B: read from A's device by the forwarder
+    forwarder_written: int = 0  # A -> B: written to B's device by the forwarder
+    rcvbuf_errors: int = 0  # B's Udp RcvbufErrors: datagrams its sockets had no room for
+    queue_full: int = 0  # A's device tx_dropped: its queues to the forwarder were full
 
     @property
     def goodput_mbps(self) -> float:
@@ -62,6 +78,13 @@ class PhaseResult:
         if not self.sent_packets:
             return 0.0
         return max(0.0, 1 - self.received_packets / self.sent_packets)
+
+    def lost_where(self) -> tuple[int, int, int]:
+        """Datagrams lost (before the forwarder, in it, after it); they add up to the loss."""
+        before = max(0, self.sent_packets - self.forwarder_read)
+        inside = max(0, self.forwarder_read - self.forwarder_written)
+        after = max(0, self.sent_packets - self.received_packets - before - inside)
+        return before, inside, after
 
 
 @dataclass
@@ -74,13 +97,11 @@ class DemoResult:
 def run_demo(seconds: float = 6.0, queues: int = 2, tcp_flows: int = 4,
              report: Callable[[str], None] = lambda _line: None) -> DemoResult:
     """Build the topology, run the TCP then the UDP phase, return the figures."""
-    if os.geteuid() != 0:
-        raise MqtunError(1, "mqtun demo needs root: it creates network namespaces and devices "
-                         "(run it as root, e.g. sudo mqtun demo)", op="demo")
+    check_lab("demo")
     spec = ForwarderSpec("mqtun", queues=queues, offload=True)
     report(f"namespaces A ({A_IP}) and B ({B_IP}) joined by `mqtun forward --queues {queues}` "
            "in namespace F")
-    with Topology(spec) as topo:
+    with lab_errors("demo"), Topology(spec) as topo:
         a, b = topo.a, topo.b
         assert a is not None and b is not None
         phase = seconds / 2
@@ -96,11 +117,18 @@ def run_demo(seconds: float = 6.0, queues: int = 2, tcp_flows: int = 4,
 
 def _measure(topo: Topology, name: str, seconds: float,
              traffic: Callable[[], tuple[int, int, int]]) -> PhaseResult:
-    before = topo.queue_samples()
+    assert topo.b is not None
+    before, udp0, link0 = topo.queue_samples(), udp_counters(topo.b), topo.link_counters()[0]
     received_bytes, sent, received = traffic()
-    after = topo.queue_samples()
+    after, udp1, link1 = topo.queue_samples(), udp_counters(topo.b), topo.link_counters()[0]
     result = PhaseResult(name, seconds, received_bytes, sent, received)
     result.queues = _shares(before, after, seconds)  # rates over the sending time
+    result.forwarder_read = (sum(s.a2b_read for s in after)
+                             - sum(s.a2b_read for s in before))
+    result.forwarder_written = (sum(s.a2b_packets for s in after)
+                                - sum(s.a2b_packets for s in before))
+    result.rcvbuf_errors = udp1.get("RcvbufErrors", 0) - udp0.get("RcvbufErrors", 0)
+    result.queue_full = link1.tx_dropped - link0.tx_dropped
     return result
 
 
@@ -258,6 +286,15 @@ def render_demo(result: DemoResult) -> str:
             head += (f", {p.received_packets:,} of {p.sent_packets:,} datagrams "
                      f"({p.loss:.1%} lost)")
         lines.append(head)
+        if p.sent_packets:
+            before, inside, after = (n / p.sent_packets for n in p.lost_where())
+            full = (f" (A's device queue overflowed {p.queue_full:,} times: the sender "
+                    "outran the forwarder)" if p.queue_full else " (A's stack, device queue)")
+            rcvbuf = (f" (B's socket buffer overflowed {p.rcvbuf_errors:,} times)"
+                      if p.rcvbuf_errors else " (B's stack and socket)")
+            lines += [f"  lost before mqtun {before:6.1%}{full}",
+                      f"       in mqtun     {inside:6.1%} (read, not written)",
+                      f"       after mqtun  {after:6.1%}{rcvbuf}"]
         lines.append(f"  {'queue':>5}  {'packets':>10}  {'share':>6}  {'Mbit/s':>9}")
         for q in p.queues:
             lines.append(f"  {q.queue:>5}  {q.packets:>10,}  {q.share:>6.1%}  {q.mbps:>9,.0f}")

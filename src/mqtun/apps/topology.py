@@ -7,7 +7,9 @@ The forwarder is one of:
 - ``veth``: a veth pair straight from A to B, no F, no userspace: the kernel-only ceiling;
 - ``mqtun``: ``python -m mqtun forward`` run in F; once it prints ``READY queues=N`` its two
   devices are moved into A and B (the queue fds stay valid), as a container runtime would;
-- ``pytun``: the same with python-pytun, the peer library (`mqtun.apps.pytun_forward`).
+- ``pytun``: the same with python-pytun, the peer library (`mqtun.apps.pytun_forward`);
+- ``c``: the same with the bench's minimal C forwarder (``c_forward.c``, built by the bench;
+  `ForwarderSpec.program` is the binary), offloads as mqtun forward negotiates them.
 
 Everything lives in namespaces made here and is removed by `close()` -- on an exception and on
 Ctrl-C too -- so nothing touches the machine's own namespace. Every wait is bounded.
@@ -16,13 +18,16 @@ Ctrl-C too -- so nothing touches the machine's own namespace. Every wait is boun
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -32,11 +37,12 @@ from mqtun.errors import InvalidArgumentError, MqtunError
 from mqtun.netns import NetNamespace
 from mqtun.runtime.shm import Region, list_regions
 
-__all__ = ["A_IP", "B_IP", "KINDS", "ForwarderSpec", "QueueSample", "Topology", "cpu_seconds"]
+__all__ = ["A_IP", "B_IP", "KINDS", "ForwarderSpec", "LinkCounters", "QueueSample", "Topology",
+           "check_lab", "cpu_seconds", "lab_errors", "udp_counters"]
 
 A_IP, B_IP = "198.18.0.1", "198.18.0.2"
 DEV_A, DEV_B = "tun-a", "tun-b"
-KINDS = ("veth", "mqtun", "pytun")
+KINDS = ("veth", "mqtun", "pytun", "c")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -49,6 +55,7 @@ class ForwarderSpec:
     offload: bool = True
     cpus: str | None = "auto"
     mode: str | None = None  # mqtun's I/O loop mode (None: its default)
+    program: str | None = None  # kind "c": the built forwarder binary
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -58,10 +65,10 @@ class ForwarderSpec:
 
     @property
     def label(self) -> str:
-        """A short row name: veth, mqtun 2q, mqtun 1q no-offload, pytun 2q."""
+        """A short row name: veth, mqtun 2q, mqtun 1q no-offload, pytun 2q, c 1q."""
         if self.kind == "veth":
             return "veth"
-        tail = " no-offload" if self.kind == "mqtun" and not self.offload else ""
+        tail = " no-offload" if self.kind in ("mqtun", "c") and not self.offload else ""
         tail += f" {self.mode}" if self.mode else ""
         return f"{self.kind} {self.queues}q{tail}"
 
@@ -76,6 +83,95 @@ class QueueSample:
     a2b_bytes: int
     b2a_bytes: int
     drops: int
+    a2b_read: int = 0  # read from A's device (what the forwarder took in, A -> B)
+    b2a_read: int = 0
+
+
+# Programs the topology runs, and the Debian package that has each (for the one-line refusal).
+PACKAGES = {"ip": "iproute2", "ss": "iproute2", "iperf3": "iperf3", "sockperf": "sockperf",
+            "taskset": "util-linux", "cc": "gcc"}
+
+
+def _no_cap(command: str, what: str) -> str:
+    """The refusal for a missing capability: which one, and how a container gets it."""
+    cap = "SYS_ADMIN" if "netns add" in what else "NET_ADMIN"
+    return (f"mqtun {command} needs CAP_{cap} (it makes network namespaces and devices) and "
+            f"this process lacks it; in a container run it with --cap-add {cap} or "
+            f"--privileged ({what})")
+
+
+def check_lab(command: str) -> None:
+    """Refuse in one line, before anything is made, what surely fails: not root, no iproute2."""
+    if os.geteuid() != 0:
+        raise MqtunError(errno.EPERM, f"mqtun {command} needs root: it creates network "
+                         f"namespaces and devices (run it as root, e.g. sudo mqtun {command})",
+                         op=command)
+    if shutil.which("ip") is None:
+        raise MqtunError(errno.ENOENT, f"mqtun {command} needs iproute2's `ip` on PATH "
+                         "(Debian: apt-get install iproute2)", op=command)
+
+
+@contextlib.contextmanager
+def lab_errors(command: str) -> Iterator[None]:
+    """Turn what a helper program's failure raises into one MqtunError line that says what is
+    missing: a program not on PATH, or the capabilities a namespace needs (a container's root
+    usually lacks CAP_NET_ADMIN: then `ip netns exec NS ip link set lo up` fails)."""
+    try:
+        yield
+    except FileNotFoundError as exc:
+        prog = os.path.basename(str(exc.filename or "?"))
+        pkg = f" (Debian: apt-get install {PACKAGES[prog]})" if prog in PACKAGES else ""
+        raise MqtunError(errno.ENOENT, f"mqtun {command} needs `{prog}` on PATH{pkg}",
+                         op=command) from None
+    except subprocess.CalledProcessError as exc:
+        said = (exc.stderr or exc.stdout or "")
+        said = said.decode(errors="replace") if isinstance(said, bytes) else said
+        cmd = exc.cmd if isinstance(exc.cmd, str) else " ".join(map(str, exc.cmd))
+        if "not permitted" in said or "Permission denied" in said:
+            what = f"`{cmd}`: {said.strip().splitlines()[-1]}"
+            raise MqtunError(errno.EPERM, _no_cap(command, what), op=command) from None
+        last = said.strip().splitlines()[-1] if said.strip() else f"exit {exc.returncode}"
+        raise MqtunError(5, f"mqtun {command}: `{cmd}` failed: {last}", op=command) from None
+    except MqtunError as exc:
+        if "not permitted" in exc.message:
+            raise MqtunError(errno.EPERM, _no_cap(command, exc.message), op=command) from None
+        raise
+
+
+@dataclass(frozen=True)
+class LinkCounters:
+    """A device's kernel counters (/proc/net/dev). On a TUN device tx is what userspace read
+    from it (tx_dropped: its queue was full), rx what userspace wrote into it."""
+
+    rx_packets: int
+    rx_dropped: int
+    tx_packets: int
+    tx_dropped: int
+
+    def __sub__(self, other: LinkCounters) -> LinkCounters:
+        return LinkCounters(self.rx_packets - other.rx_packets,
+                            self.rx_dropped - other.rx_dropped,
+                            self.tx_packets - other.tx_packets,
+                            self.tx_dropped - other.tx_dropped)
+
+
+def _link_counters(ns: NetNamespace, dev: str) -> LinkCounters:
+    """`dev`'s counters in `ns`, read by this thread from inside the namespace (no process)."""
+    with ns.enter(), open("/proc/thread-self/net/dev") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if name.strip() == dev:
+                v = [int(x) for x in rest.split()]
+                return LinkCounters(v[1], v[3], v[9], v[11])
+    raise MqtunError(errno.ENODEV, f"{dev} is not in namespace {ns.name}", op="topology")
+
+
+def udp_counters(ns: NetNamespace) -> dict[str, int]:
+    """The Udp: line of /proc/net/snmp in `ns` (InDatagrams, OutDatagrams, RcvbufErrors...),
+    read by this thread from inside the namespace."""
+    with ns.enter(), open("/proc/thread-self/net/snmp") as f:
+        rows = [line.split() for line in f if line.startswith("Udp:")]
+    return dict(zip(rows[0][1:], map(int, rows[1][1:]), strict=False))
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -164,6 +260,14 @@ class Topology:
             return [sys.executable, "-m", "mqtun", "forward", "--queues", str(s.queues),
                     *([] if s.offload else ["--no-offload"]),
                     *(["--mode", s.mode] if s.mode else []), *cpus, DEV_A, DEV_B]
+        if s.kind == "c":
+            if not s.program:
+                raise InvalidArgumentError("the C forwarder needs its binary (program=)")
+            from mqtun.apps.forward import _OFFLOAD_LADDER  # the very masks mqtun forward tries
+
+            ladder = ",".join(hex(m) for m in _OFFLOAD_LADDER if m) if s.offload else "none"
+            return [s.program, DEV_A, DEV_B, str(s.queues), ladder,
+                    "auto" if s.cpus else "none"]
         return [sys.executable, "-m", "mqtun.apps.pytun_forward", "--queues", str(s.queues),
                 *cpus, DEV_A, DEV_B]
 
@@ -212,6 +316,11 @@ class Topology:
         """CPU seconds the forwarder's processes have used so far."""
         return cpu_seconds(self.forwarder_pids())
 
+    def link_counters(self) -> tuple[LinkCounters, LinkCounters]:
+        """The kernel's counters of A's and of B's device (tun-a in A, tun-b in B)."""
+        assert self.a is not None and self.b is not None
+        return _link_counters(self.a, DEV_A), _link_counters(self.b, DEV_B)
+
     def queue_samples(self) -> list[QueueSample]:
         """Per-queue counters of an mqtun forwarder, read from its shared-memory region."""
         if self.spec.kind != "mqtun" or self.proc is None:
@@ -225,13 +334,14 @@ class Topology:
         by_queue: dict[int, dict[str, int]] = {}
         for e in self._region.entries():
             row = by_queue.setdefault(e.queue, {"a2b_p": 0, "b2a_p": 0, "a2b_b": 0,
-                                                "b2a_b": 0, "drops": 0})
+                                                "b2a_b": 0, "drops": 0, "a2b_r": 0, "b2a_r": 0})
             side = "a2b" if e.device == DEV_B else "b2a"  # written to B = moved A -> B
             row[f"{side}_p"] += e.stats.written_packets
             row[f"{side}_b"] += e.stats.written_bytes
             row["drops"] += e.stats.dropped_total
-        return [QueueSample(q, r["a2b_p"], r["b2a_p"], r["a2b_b"], r["b2a_b"], r["drops"])
-                for q, r in sorted(by_queue.items())]
+            row["a2b_r" if e.device == DEV_A else "b2a_r"] += e.stats.read_packets
+        return [QueueSample(q, r["a2b_p"], r["b2a_p"], r["a2b_b"], r["b2a_b"], r["drops"],
+                            r["a2b_r"], r["b2a_r"]) for q, r in sorted(by_queue.items())]
 
     # ---- cleaning up -------------------------------------------------------------------------
     def close(self) -> None:
