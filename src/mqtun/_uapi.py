@@ -408,6 +408,26 @@ UDP_SEGMENT: Final = 103  # setsockopt: UDP GSO segment size (include/uapi/linux
 SO_RCVBUFFORCE: Final = 33  # asm-generic/socket.h: SO_RCVBUF past rmem_max (CAP_NET_ADMIN)
 # === end packet ================================================================================
 
+# === tunnel: UDP endpoints and VXLAN (mqtun.runtime.sockets, mqtun.packet.vxlan) ==============
+UDP_GRO: Final = 104  # setsockopt/cmsg: receive coalesced datagrams (include/uapi/linux/udp.h)
+UDP_MAX_SEGMENTS: Final = 64  # datagrams per UDP_SEGMENT send (1 << 6 before 6.x, 1 << 7 after)
+IP_MTU: Final = 14  # getsockopt on a connected socket: the path MTU (include/uapi/linux/in.h)
+IPV6_MTU: Final = 24  # include/uapi/linux/in6.h
+SO_ATTACH_REUSEPORT_EBPF: Final = 52  # asm-generic/socket.h
+SO_DETACH_REUSEPORT_BPF: Final = 68
+VXLAN_HF_VNI: Final = 0x08000000  # the I flag, first 32-bit word (include/net/vxlan.h)
+VXLAN_VNI_MAX: Final = 0xFFFFFF
+VXLAN_OVERHEAD_IPV4: Final = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
+VXLAN_OVERHEAD_IPV6: Final = 70  # outer IPv6 40 + UDP 8 + VXLAN 8 + inner Ethernet 14
+IP_LOCAL_PORT_RANGE_DEFAULT: Final = (32768, 60999)  # net.ipv4.ip_local_port_range default
+ICMP_DEST_UNREACH: Final = 3  # include/uapi/linux/icmp.h
+ICMP_FRAG_NEEDED: Final = 4
+ICMPV6_PKT_TOOBIG: Final = 2  # include/uapi/linux/icmpv6.h
+IP_DF: Final = 0x4000
+IPV6_MIN_MTU: Final = 1280
+IPV4_MIN_MTU: Final = 576  # the largest ICMP error an IPv4 host sends (RFC 1812)
+# === end tunnel ================================================================================
+
 # --- prctl(2) options (include/uapi/linux/prctl.h), for the runtime's workers ------------------
 PR_SET_PDEATHSIG: Final = 1
 PR_SET_NAME: Final = 15

@@ -379,6 +379,7 @@ COMMANDS.append(_add_forward)
 COMMANDS.append(_add_demo)
 COMMANDS.append(_add_bench)
 COMMANDS.append(_add_top)
+COMMANDS.append(lambda sub: __import__("mqtun.apps.tunnel").apps.tunnel.add_parser(sub))
 
 
 def build_parser() -> argparse.ArgumentParser:

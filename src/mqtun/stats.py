@@ -40,6 +40,11 @@ class DropReason(enum.IntEnum):
     WRITE_ERROR = 8  # any other write error
     OFFLOAD = 9  # an offload could not be applied (split/coalesce failed)
     BAD_RESULT = 10  # the user's handler returned something that is not a packet
+    VXLAN_SHORT = 11  # a tunnel datagram shorter than the VXLAN header
+    VXLAN_BAD_FLAGS = 12  # VXLAN header without the I flag, or with a reserved bit set
+    VXLAN_WRONG_VNI = 13  # VXLAN datagram of another network (VNI)
+    VXLAN_TRUNCATED = 14  # VXLAN datagram whose inner frame is shorter than an Ethernet header
+    WRONG_SOURCE = 15  # a tunnel datagram from another address than the configured remote
 
     @property
     def label(self) -> str:

@@ -1,0 +1,77 @@
+"""runtime.sockets: GSO send runs (pure), and a real UDP GSO send / GRO read on loopback in
+the test's namespace: what one sendmsg sends is what the reads give back, datagram by datagram."""
+
+from __future__ import annotations
+
+import select
+import socket
+import subprocess
+
+import pytest
+
+from mqtun.errors import MqtunError
+from mqtun.packet import vxlan
+from mqtun.runtime.sockets import SourcePorts, UdpEndpoint, gso_runs, path_mtu, reuseport_group
+
+
+def test_gso_runs() -> None:
+    assert gso_runs([100] * 5) == [(0, 5, 100)]
+    assert gso_runs([100, 100, 50, 100]) == [(0, 3, 100), (3, 1, 100)]
+    assert gso_runs([50, 100]) == [(0, 1, 50), (1, 1, 100)]
+    assert gso_runs([1466] * 50) == [(0, 44, 1466), (44, 6, 1466)]  # 65507 bytes at most
+    assert gso_runs([10] * 70) == [(0, 64, 10), (64, 6, 10)]
+    assert gso_runs([]) == []
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_gso_send_gro_receive(family: str) -> None:
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    addr = "127.0.0.1" if family == "ipv4" else "::1"
+    group = reuseport_group(addr, 4789, 2)
+    sender = UdpEndpoint.bind(addr, 0, reuseport=False, gro=False)
+    try:
+        frames = [bytes([i]) * 1000 for i in range(9)] + [b"\xee" * 300]
+        hdr = vxlan.header(7)
+        dest = (addr, 4789) if family == "ipv4" else (addr, 4789, 0, 0)
+        sent, err = sender.send(dest, [(hdr, f) for f in frames], [8 + len(f) for f in frames])
+        assert (sent, err) == (10, 0)
+        got: list[bytes] = []
+        for _ in range(50):
+            ready, _, _ = select.select([ep.sock for ep in group], [], [], 0.2)
+            for ep in group:
+                if ep.sock in ready:
+                    while (r := ep.recv()) is not None:
+                        data, seg, source = r
+                        assert source[1] == sender.port
+                        got += [bytes(d) for d in vxlan.datagrams(memoryview(data), seg)]
+            if len(got) >= 10:
+                break
+        assert got == [hdr + f for f in frames]
+    finally:
+        for ep in (*group, sender):
+            ep.close()
+
+
+def test_source_ports_and_errors() -> None:
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    main = UdpEndpoint.bind("127.0.0.1", 4789)
+    taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    taken.bind(("127.0.0.1", 40001))  # not in a reuseport group
+    try:
+        ports = SourcePorts("127.0.0.1", main, limit=2)
+        assert ports.get(40000).port == 40000
+        assert ports.get(40001) is main  # taken: the endpoint's own port instead
+        for p in range(40002, 40006):
+            assert ports.get(p).port == p  # beyond the limit the cache starts over
+        ports.close(keep_fallback=True)
+        with pytest.raises(MqtunError, match="taken"):
+            UdpEndpoint.bind("127.0.0.1", 40001)
+        with pytest.raises(MqtunError, match="not an address"):
+            UdpEndpoint.bind("198.18.99.1", 4789)
+        subprocess.run(["ip", "link", "set", "lo", "mtu", "9000"], check=True)
+        assert path_mtu("127.0.0.1", "127.0.0.1", 4789) == 9000
+        with pytest.raises(MqtunError, match="no route"):
+            path_mtu("127.0.0.1", "198.18.99.1", 4789)
+    finally:
+        taken.close()
+        main.close()
