@@ -24,7 +24,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         if (action.default in (None, argparse.SUPPRESS) or action.nargs == 0
-                or not action.option_strings):  # nargs 0: a flag, whose default says nothing
+                or not action.option_strings  # nargs 0: a flag, whose default says nothing
+                or "default" in (action.help or "")):  # its help names it already
             return action.help
         return super()._get_help_string(action)
 
@@ -388,7 +389,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in COMMANDS:
         add(sub)
+    _name_defaults(parser)
     return parser
+
+
+def _name_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every parser, nested ones too (`tunnel vxlan`), names its options' defaults."""
+    parser.formatter_class = _HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _name_defaults(child)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
