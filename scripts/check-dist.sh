@@ -35,6 +35,7 @@ import mqtun
 here = pathlib.Path(mqtun.__file__).parent
 assert "venv" in here.parts, f"imported the wrong mqtun: {here}"
 assert (here / "py.typed").exists(), "py.typed is missing from the wheel"
+assert (here / "apps" / "c_forward.c").exists(), "the bench's C forwarder is missing"
 for mod in pkgutil.walk_packages(mqtun.__path__, "mqtun."):
     if not mod.name.endswith("__main__"):
         importlib.import_module(mod.name)
