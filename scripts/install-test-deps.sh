@@ -9,6 +9,6 @@ for tool in ip:iproute2 iperf3:iperf3 sockperf:sockperf tmux:tmux setpriv:util-l
 done
 if [ "${#need[@]}" -gt 0 ]; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-python3 -m pip install -q -e '.[test,bench]'
+python3 -m pip install -q -e '.[test,bench,docs]'

@@ -8,9 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from pyroute2 import IPRoute
 
-from mqtun import Device, find_link
+from mqtun import Device, find_link, list_tun_links
 from mqtun.device import ClassicFilter
 
 
@@ -114,8 +113,7 @@ def test_a_pattern_needs_a_prefix() -> None:
         out = mqtun("create", pattern)
         assert out.returncode == 2 and "prefix" in out.stderr, out.stderr
         assert "Traceback" not in out.stderr
-    with IPRoute() as ipr:
-        assert {x.get_attr("IFLA_IFNAME") for x in ipr.get_links()} == {"lo"}
+    assert list_tun_links() == []
     assert mqtun("create", "p%d").stdout.strip() == "p0"
 
 
@@ -139,8 +137,7 @@ def test_loop_options_are_checked_in_their_own_names(option: str, value: str) ->
     assert out.returncode == 2
     assert f"argument {option}:" in out.stderr and "must be" in out.stderr
     assert "spin_us" not in out.stderr and "batch must" not in out.stderr, out.stderr
-    with IPRoute() as ipr:
-        assert not ipr.link_lookup(ifname="a0")
+    assert list_tun_links() == []
 
 
 def test_help_shows_every_default() -> None:
@@ -149,15 +146,22 @@ def test_help_shows_every_default() -> None:
 
     from mqtun.cli import build_parser
 
-    parser = build_parser()
-    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    def commands(parser: argparse.ArgumentParser, name: str):  # type: ignore[no-untyped-def]
+        yield name, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, child in action.choices.items():
+                    yield from commands(child, f"{name} {sub_name}")
+
     checked = 0
-    for name, command in sub.choices.items():
+    for name, command in commands(build_parser(), "mqtun"):
         text = " ".join(command.format_help().split())  # unwrapped
         for action in command._actions:
             if (action.option_strings and action.nargs != 0
                     and action.default not in (None, argparse.SUPPRESS)):
-                assert f"(default: {action.default})" in text, (name, action.dest)
+                shown = f"(default: {action.default})" in text or (
+                    "default" in (action.help or ""))  # its help names it in its own words
+                assert shown, (name, action.dest)
                 checked += 1
     assert checked >= 10
     assert "(default: 64)" in " ".join(mqtun("forward", "--help").stdout.split())
@@ -293,8 +297,8 @@ def test_forward_attaches_to_persistent_owner_set_devices(make_netns) -> None:  
                    timeout=10)
     pid, r = _forward_as("nobody", ["--attach", "--queues", "2", "att0", "att1"])
     try:
-        out = _read_until(r, "\n", 15)
-        assert out.startswith("READY queues=2"), out
+        ready = _read_until(r, "\n", 15)
+        assert ready.startswith("READY queues=2"), ready
         ns_b = make_netns()  # moved after READY: the queue fds stay valid
         subprocess.run(["ip", "link", "set", "att1", "netns", ns_b.name], check=True,
                        timeout=10)
@@ -328,6 +332,20 @@ def test_forward_attaches_to_persistent_owner_set_devices(make_netns) -> None:  
     with ns_b.enter():
         assert find_link("att1") is not None
     assert mqtun("delete", "att0").returncode == 0
+
+
+def test_forward_attach_to_a_link_that_is_down_says_to_bring_it_up() -> None:
+    from nettools import cli_in_process, run_as
+
+    _preload_mqtun()
+    for name in ("down0", "down1"):
+        assert mqtun("create", name, "--multi-queue", "--vnet-hdr", "--owner", "nobody") \
+            .returncode == 0
+    code, _, err = run_as("nobody", lambda: cli_in_process(
+        ["forward", "--attach", "--queues", "2", "down0", "down1"]))
+    assert code == 1 and err.count("\n") == 1, err
+    assert "ip link set down0 up" in err, err
+    assert find_link("down0") is not None and find_link("down1") is not None
 
 
 @pytest.mark.parametrize(("create", "forward", "words"), [

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mqtun.errors import InvalidArgumentError, MqtunError
+from mqtun.errors import InvalidArgumentError, MqtunError, PermissionDeniedError
 from mqtun.wireguard.command import add_wg_command
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
@@ -25,7 +25,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         if (action.default in (None, argparse.SUPPRESS) or action.nargs == 0
-                or not action.option_strings):  # nargs 0: a flag, whose default says nothing
+                or not action.option_strings  # nargs 0: a flag, whose default says nothing
+                or "default" in (action.help or "")):  # its help names it already
             return action.help
         return super()._get_help_string(action)
 
@@ -231,6 +232,13 @@ def _add_forward(sub: Any) -> None:
             print(f"READY queues={fwd.queue_count}", flush=True)
             fwd.run(on_stats=lambda lines: print("\n".join(lines), file=sys.stderr,
                                                  flush=True))
+        except PermissionDeniedError as exc:
+            if args.attach and exc.op == "up":  # the one step of --attach that needs a cap
+                raise PermissionDeniedError(
+                    exc.errno or errno.EPERM, f"{exc.device} is down, and bringing a link up needs "
+                    f"CAP_NET_ADMIN: bring it up first (as root: ip link set {exc.device} up)",
+                    device=exc.device, op=exc.op) from None
+            raise
         except MqtunError as exc:
             raise _already_exists(exc, "serve it with `mqtun forward --attach ...`, or delete "
                                   f"it first (`mqtun delete {exc.device}`)") from None
@@ -391,7 +399,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in COMMANDS:
         add(sub)
+    _name_defaults(parser)
     return parser
+
+
+def _name_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every parser, nested ones too (`tunnel vxlan`), names its options' defaults."""
+    parser.formatter_class = _HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _name_defaults(child)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

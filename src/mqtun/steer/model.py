@@ -232,9 +232,9 @@ def toeplitz_hash(key: bytes, data: bytes) -> int:
 
 
 def toeplitz_table(key: bytes, positions: int = RSS_INPUT_MAX) -> list[list[int]]:
-    """table[p][v]: the Toeplitz contribution of byte value v at input position p.
+    """`table[p][v]`: the Toeplitz contribution of byte value v at input position p.
 
-    The hash of an input is the xor of table[p][input[p]] over its bytes: what the RSS program
+    The hash of an input is the xor of `table[p][input[p]]` over its bytes: what the RSS program
     computes, one map load per byte."""
     if len(key) < positions + 4:
         raise InvalidArgumentError(
