@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 from mqtun import _uapi
 from mqtun.errors import DeviceGoneError, MqtunError, QueueFullError, kernel_error
 from mqtun.stats import (
-    DROP_FOR_ERRNO,
     READ_BYTES,
     READ_ERRORS,
     READ_PACKETS,
@@ -30,8 +29,8 @@ from mqtun.stats import (
     WRITTEN_BYTES,
     WRITTEN_PACKETS,
     Counters,
-    DropReason,
     QueueStats,
+    drop_reason,
 )
 
 if TYPE_CHECKING:
@@ -44,9 +43,6 @@ BytesLike = bytes | bytearray | memoryview
 
 # Largest packet a queue may hand over: a 64 KiB super-packet plus the biggest headers.
 DEFAULT_READ_SIZE = 65536 + _uapi.VIRTIO_NET_HDR_V1_HASH_TUNNEL_SIZE + _uapi.TUN_PI_SIZE + 64
-
-_WRITE_DROP_REASON = DROP_FOR_ERRNO  # the one errno -> DropReason map (mqtun.stats)
-
 
 class _Default(enum.Enum):
     DEFAULT = 0
@@ -416,7 +412,7 @@ class Queue:
     def _write_failed(self, exc: OSError) -> MqtunError:
         c = self.counters
         c.slots[WRITE_ERRORS] += 1
-        c.drop(_WRITE_DROP_REASON.get(exc.errno or 0, DropReason.WRITE_ERROR))
+        c.drop(drop_reason(exc.errno))
         if self._closed or exc.errno == errno.EBADF:
             return self._closed_error("write")
         return kernel_error(exc, "write", self.device.known_name)
