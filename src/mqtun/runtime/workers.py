@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 
 from mqtun import _uapi
 from mqtun.errors import DeviceGoneError, InvalidArgumentError, MqtunError
-from mqtun.packet import checksum
+from mqtun.packet.checksum import numpy as import_numpy
 from mqtun.runtime.loop import Handler, IOLoop, LoopConfig, Route, layout_of
 from mqtun.runtime.shm import EntryState, Region
 from mqtun.stats import QueueStats
@@ -719,7 +719,7 @@ def _worker_main(info: WorkerInfo, program: Program, config: LoopConfig, keep: s
             libc.prctl(_uapi.PR_SET_NAME, f"mqtun-w{info.index}".encode()[:15], 0, 0, 0)
         # numpy's import (~0.1 s, and its thread pool) happens here, once, after the fork: on
         # the first packet it stalled the worker long enough for its device ring to overflow
-        checksum.numpy()
+        import_numpy()
         loop = IOLoop(program(info), config, on_fault=fault)
         signal.signal(signal.SIGTERM, lambda *_: loop.stop())
         loop.run()

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mqtun.errors import DeviceGoneError, MqtunError
-from mqtun.packet import checksum
+from mqtun.packet.checksum import numpy as import_numpy
 from mqtun.wireguard import messages as m
 from mqtun.wireguard.core import Output, Peer, WireguardCore, _ip_destination
 from mqtun.wireguard.endpoint import Endpoint, _plain, _wire
@@ -354,7 +354,7 @@ class _Worker:
         _send(self.link, message)
 
     def run(self) -> int:
-        checksum.numpy()  # import numpy now, not in the middle of the first packets (see runtime)
+        import_numpy()  # import numpy now, not in the middle of the first packets (see runtime)
         sel = selectors.DefaultSelector()
         sel.register(self.queue.fileno(), selectors.EVENT_READ, "tun")
         sel.register(self.sock, selectors.EVENT_READ, "udp")
