@@ -431,3 +431,19 @@ def test_tap_deleted_under_the_tunnel(make_netns: Callable[[], NetNamespace],
     tp.kill()
     assert rc == 1, tp.err
     assert [ln for ln in tp.err if ln.startswith("mqtun: tunnel stopped")], tp.err
+
+
+def test_qstat_ends_with_the_kernel_counted_device_drops(
+        make_netns: Callable[[], NetNamespace], tunnel: Callable[..., TunnelProc]) -> None:
+    """Frames the kernel drops on the TAP before any worker reads them (a queue's ring full
+    while its worker stalls) are no queue's counter: SIGUSR1 prints them from the device's
+    counters as DEVSTAT, after the QSTAT lines."""
+    lab = make_lab(make_netns(), v6=False)
+    tp, dev = _start(lab, tunnel, 2)
+    _ping(INNER_B, count=1)
+    tp.qstat(2)
+    tp.wait_for(lambda: any(ln.startswith("DEVSTAT") for ln in tp.err), 5.0, "DEVSTAT")
+    line = next(ln for ln in tp.err if ln.startswith("DEVSTAT"))
+    fields = dict(kv.split("=", 1) for kv in line.split()[1:])
+    assert fields["dev"] == dev and set(fields) == {"dev", "ring_full", "write_dropped"}, line
+    assert int(fields["ring_full"]) >= 0 and int(fields["write_dropped"]) >= 0

@@ -20,7 +20,9 @@ source port and the tun flow table, which learns a flow's queue from the worker 
 
 Every datagram or frame that is not delivered is counted under a DropReason on the worker's
 queue counters (shared memory, as `mqtun forward` has them). Nothing here prints but the
-command's own `run` (READY, QSTAT and errors, as `mqtun forward`).
+command's own `run` (READY, QSTAT and errors, as `mqtun forward`). What the kernel drops on
+the TAP before a worker sees it (a queue's ring full while its worker stalls) is the device's
+tx_dropped, printed after the QSTAT lines as DEVSTAT ring_full=.
 """
 
 from __future__ import annotations
@@ -224,7 +226,23 @@ class VxlanTunnel:
             out.append(f"QSTAT q={i} encap_pkts={s.read_packets} decap_pkts={s.written_packets} "
                        f"encap_bytes={s.read_bytes} decap_bytes={s.written_bytes} "
                        f"drops={s.dropped_total}{reasons}")
+        out.append(self.devstat_line())
         return out
+
+    def devstat_line(self) -> str:
+        """`DEVSTAT dev=<name> ring_full=<n> write_dropped=<n>`: what the TAP lost that no
+        worker can count, from the kernel's device counters. ring_full (tx_dropped): frames the
+        stack sent while a queue's ring was full (its worker stalled or too slow) -- they never
+        reach encapsulation; write_dropped (rx_dropped): frames the kernel refused after a
+        write it accepted."""
+        if self.device is None:
+            return "DEVSTAT dev= ring_full=0 write_dropped=0"
+        try:
+            st = self.device.link.stats()
+        except MqtunError:
+            st = {}
+        return (f"DEVSTAT dev={self.device.name} ring_full={st.get('tx_dropped', 0)} "
+                f"write_dropped={st.get('rx_dropped', 0)}")
 
     def close(self) -> None:
         if self.pool is not None:
