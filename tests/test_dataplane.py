@@ -466,6 +466,7 @@ def test_asyncio_batches_of_wire_packets_and_coalesced_sends() -> None:
         enable_offloads(dev, OFFLOADS)
         dev.link.add_address(f"{A4}/24")
         dev.link.up()
+        queue = dev.queues[0]  # closed with the device, a queue leaves dev.queues
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20)
             s.bind((A4, 0))
@@ -475,7 +476,7 @@ def test_asyncio_batches_of_wire_packets_and_coalesced_sends() -> None:
             batches: list[int] = []
 
             async def main() -> None:
-                aq = AsyncQueue(dev.queues[0], max_buffered=256, batch=64)
+                aq = AsyncQueue(queue, max_buffered=256, batch=64)
                 s.sendto(b"".join(sent[:20]), (B4, 7))
                 s.sendto(b"".join(sent[20:]), (B4, 7))
                 got = 0
@@ -497,7 +498,7 @@ def test_asyncio_batches_of_wire_packets_and_coalesced_sends() -> None:
     assert back == sent
     assert max(batches) > 1  # a super-packet's segments came as one batch
     assert writes < count  # the kernel took USO super-packets
-    st = dev.queues[0].stats
+    st = queue.stats
     assert st.written_wire_packets >= count and st.written_packets < st.written_wire_packets
 
 

@@ -171,8 +171,9 @@ class HandlerFaults:
 
 class _RouteCounter:
     """A route's `PathCounter`: reads and drops on the reading queue's counters, wire
-    packets written on the writing queue's. While a handler's answer is judged, the path's
-    HANDLER_ERROR (an answer that is not a packet) is counted as BAD_RESULT."""
+    packets written on the writing queue's. While a handler's answer is judged, `bad` counts
+    the wire packets `PacketPath.accept` refused (BAD_RESULT, HANDLER_ERROR), so that a
+    batch's short answer counts only the rest as FILTERED."""
 
     __slots__ = ("bad", "judging", "read", "written")
 
@@ -183,8 +184,7 @@ class _RouteCounter:
         self.bad = 0
 
     def drop(self, reason: DropReason, count: int = 1) -> None:
-        if self.judging and reason is DropReason.HANDLER_ERROR:
-            reason = DropReason.BAD_RESULT
+        if self.judging and reason in _REFUSED_ANSWER:
             self.bad += count
         self.read.drop(reason, count)
 
@@ -195,6 +195,7 @@ class _RouteCounter:
         self.written.wire_written(count)
 
 
+_REFUSED_ANSWER = (DropReason.BAD_RESULT, DropReason.HANDLER_ERROR)
 _JOINABLE = _uapi.TUN_F_TSO4 | _uapi.TUN_F_TSO6 | _uapi.TUN_F_USO4 | _uapi.TUN_F_USO6
 _WHOLE = (bytes, bytearray, memoryview, list, tuple, str, dict, SuperPacket)
 
@@ -224,22 +225,18 @@ def run_handler(handler: Callable[[Any], object], packet: object, path: PacketPa
         return 0
     counter = path.counter
     before = len(out)
-    if not isinstance(counter, _RouteCounter):
-        taken = path.accept(res, out)
-        if count > 1 and (short := count - _wire(out, before)) > 0:
-            counter.drop(DropReason.FILTERED, short)
-        return taken
-    counter.judging = True
-    bad = counter.bad
+    judge = counter if isinstance(counter, _RouteCounter) else None
+    bad = 0
+    if judge is not None:
+        judge.judging = True
+        bad = judge.bad
     try:
-        taken = path.accept(res, out)
+        taken = path.accept(res, out, handler=handler, faults=faults)  # it reports bad results
     finally:
-        counter.judging = False
-    if counter.bad != bad:
-        items = res if isinstance(res, (list, tuple)) else (res,)
-        odd = next((p for p in items if not isinstance(p, _WHOLE[:3])), res)
-        faults.bad_result(handler, odd)
-    if count > 1 and (short := count - _wire(out, before) - (counter.bad - bad)) > 0:
+        if judge is not None:
+            judge.judging = False
+    refused = judge.bad - bad if judge is not None else 0
+    if count > 1 and (short := count - _wire(out, before) - refused) > 0:
         counter.drop(DropReason.FILTERED, short)
     return taken
 
@@ -343,7 +340,7 @@ def layout_of(device: Device) -> Layout:
 
 class QueueCounter:
     """A path's counter for one queue: the queue's counters, whichever they are now (a pool
-    swaps them for shared memory). An answer that is not a packet counts as BAD_RESULT."""
+    swaps them for shared memory)."""
 
     __slots__ = ("queue",)
 
@@ -351,8 +348,6 @@ class QueueCounter:
         self.queue = queue
 
     def drop(self, reason: DropReason, count: int = 1) -> None:
-        if reason is DropReason.HANDLER_ERROR:  # what accept() calls a bad answer
-            reason = DropReason.BAD_RESULT
         self.queue.counters.drop(reason, count)
 
     def wire_read(self, count: int) -> None:
