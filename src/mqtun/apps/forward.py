@@ -28,8 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mqtun import _uapi
+from mqtun.apps.supervise import PoolSupervisor
 from mqtun.device import Device
-from mqtun.errors import DeviceGoneError, InvalidArgumentError, MqtunError
+from mqtun.errors import InvalidArgumentError, MqtunError
 from mqtun.runtime.loop import DEFAULT_MODE, LoopConfig
 from mqtun.runtime.privileges import drop_privileges, resolve_user
 from mqtun.runtime.workers import WorkerEvent, WorkerPool
@@ -87,8 +88,12 @@ def negotiate_offloads(devices: list[Device]) -> int:
     return 0
 
 
-class Forwarder:
+class Forwarder(PoolSupervisor):
     """Create the two devices, start the workers, supervise, clean up."""
+
+    NOUN = "forwarder"
+    STOPPED = "forwarding stopped"
+    OP = "forward"
 
     def __init__(self, config: ForwardConfig,
                  on_event: Callable[[WorkerEvent], None] | None = None) -> None:
@@ -133,33 +138,6 @@ class Forwarder:
     @property
     def queue_count(self) -> int:
         return len(self.pool.workers) if self.pool else 0
-
-    def request_stop(self) -> None:
-        """Safe in a signal handler."""
-        self._stop_requested = True
-        if self.pool is not None:
-            self.pool.request_stop()
-
-    def request_stats(self) -> None:
-        """Safe in a signal handler: `run()` calls its on_stats soon."""
-        self._stats_requested = True
-        if self.pool is not None:
-            self.pool.wake()
-
-    def run(self, on_stats: Callable[[list[str]], None] | None = None) -> None:
-        """Supervise until request_stop(). Raises DeviceGoneError if a device disappears."""
-        pool = self.pool
-        if pool is None:
-            raise InvalidArgumentError("open() the forwarder first")
-        while not self._stop_requested and not pool.gone:
-            pool.poll(0.5)
-            if self._stats_requested:
-                self._stats_requested = False
-                if on_stats is not None:
-                    on_stats(self.qstat_lines())
-        if pool.gone and not self._stop_requested:
-            raise DeviceGoneError(_uapi.EBADFD, f"forwarding stopped: {pool.gone[0]}",
-                                  op="forward")
 
     def qstat_lines(self) -> list[str]:
         """One `QSTAT q=<i> ...` line per queue pair, from the live shared counters.

@@ -39,8 +39,9 @@ from typing import Any
 
 from mqtun import _uapi
 from mqtun.apps.forward import negotiate_offloads
+from mqtun.apps.supervise import PoolSupervisor
 from mqtun.device import Device, validate_name
-from mqtun.errors import DeviceGoneError, InvalidArgumentError, MqtunError
+from mqtun.errors import InvalidArgumentError, MqtunError
 from mqtun.packet import vxlan
 from mqtun.packet.vnet import VnetHeader
 from mqtun.runtime.sockets import (
@@ -117,8 +118,12 @@ def _local_port_range() -> tuple[int, int]:
     return _uapi.IP_LOCAL_PORT_RANGE_DEFAULT
 
 
-class VxlanTunnel:
+class VxlanTunnel(PoolSupervisor):
     """Create the TAP and the sockets, start a worker per queue, supervise, clean up."""
+
+    NOUN = "tunnel"
+    STOPPED = "tunnel stopped"
+    OP = "tunnel"
 
     def __init__(self, config: TunnelConfig,
                  on_event: Callable[[WorkerEvent], None] | None = None) -> None:
@@ -188,31 +193,6 @@ class VxlanTunnel:
             max_frame=self.path_mtu - (cfg.overhead - _uapi.ETH_HLEN), mtu=self.mtu,
             local=cfg.local, batch=cfg.batch,
         )
-
-    def request_stop(self) -> None:
-        """Safe in a signal handler."""
-        self._stop_requested = True
-        if self.pool is not None:
-            self.pool.request_stop()
-
-    def request_stats(self) -> None:
-        """Safe in a signal handler."""
-        self._stats_requested = True
-        if self.pool is not None:
-            self.pool.wake()
-
-    def run(self, on_stats: Callable[[list[str]], None] | None = None) -> None:
-        pool = self.pool
-        if pool is None:
-            raise InvalidArgumentError("open() the tunnel first")
-        while not self._stop_requested and not pool.gone:
-            pool.poll(0.5)
-            if self._stats_requested:
-                self._stats_requested = False
-                if on_stats is not None:
-                    on_stats(self.qstat_lines())
-        if pool.gone and not self._stop_requested:
-            raise DeviceGoneError(_uapi.EBADFD, f"tunnel stopped: {pool.gone[0]}", op="tunnel")
 
     def qstat_lines(self) -> list[str]:
         """One `QSTAT q=<i> ...` line per worker: frames encapsulated (read from the TAP) and
