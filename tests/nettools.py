@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import select
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.inet6 import IPv6
+
+if TYPE_CHECKING:
+    from mqtun.netns import NetNamespace
 
 T = TypeVar("T")
 
@@ -168,3 +172,43 @@ def cli_in_process(argv: list[str]) -> tuple[int, str, str]:
         except SystemExit as exc:
             code = int(exc.code or 0)
     return code, out.getvalue(), err.getvalue()
+
+
+def tcp_exchange(ns2: NetNamespace, server_addr: str, up: bytes, down: bytes,
+                 timeout: float) -> tuple[bytes, bytes]:
+    """Client (here) sends `up` to a server in `ns2` at `server_addr`, which answers `down`;
+    returns what each side received."""
+    family = socket.AF_INET6 if ":" in server_addr else socket.AF_INET
+    with ns2.enter():
+        listener = socket.socket(family, socket.SOCK_STREAM)
+    received: list[bytes] = []
+    failure: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(timeout)
+                chunks = []
+                while chunk := conn.recv(1 << 20):
+                    chunks.append(chunk)
+                received.append(b"".join(chunks))
+                conn.sendall(down)
+        except BaseException as exc:
+            failure.append(exc)
+
+    with listener:
+        listener.bind((server_addr, 0))
+        listener.listen(1)
+        listener.settimeout(timeout)
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        with socket.create_connection(listener.getsockname()[:2], timeout=timeout) as client:
+            client.sendall(up)
+            client.shutdown(socket.SHUT_WR)
+            chunks = []
+            while chunk := client.recv(1 << 20):
+                chunks.append(chunk)
+        server.join(timeout)
+    assert not failure, failure
+    return received[0], b"".join(chunks)

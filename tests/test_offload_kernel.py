@@ -25,6 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 
+import nettools
 import pytest
 
 import mqtun
@@ -149,43 +150,7 @@ def _wait_dad(ns2: NetNamespace) -> None:
 
 
 def tcp_exchange(ns2: NetNamespace, v6: bool, up: bytes, down: bytes) -> tuple[bytes, bytes]:
-    """Client (here) sends `up`, server (ns2) answers `down`; returns what each side got."""
-    family = socket.AF_INET6 if v6 else socket.AF_INET
-    server_addr = B6 if v6 else B4
-    with ns2.enter():
-        listener = socket.socket(family, socket.SOCK_STREAM)
-    received: list[bytes] = []
-    failure: list[BaseException] = []
-
-    def serve() -> None:
-        try:
-            conn, _ = listener.accept()
-            with conn:
-                conn.settimeout(TIMEOUT)
-                chunks = []
-                while chunk := conn.recv(1 << 20):
-                    chunks.append(chunk)
-                received.append(b"".join(chunks))
-                conn.sendall(down)
-        except BaseException as exc:
-            failure.append(exc)
-
-    with listener:
-        listener.bind((server_addr, 0))
-        listener.listen(1)
-        listener.settimeout(TIMEOUT)
-        port = listener.getsockname()[1]
-        server = threading.Thread(target=serve, daemon=True)
-        server.start()
-        with socket.create_connection((server_addr, port), timeout=TIMEOUT) as client:
-            client.sendall(up)
-            client.shutdown(socket.SHUT_WR)
-            chunks = []
-            while chunk := client.recv(1 << 20):
-                chunks.append(chunk)
-        server.join(TIMEOUT)
-    assert not failure, failure
-    return received[0], b"".join(chunks)
+    return nettools.tcp_exchange(ns2, B6 if v6 else B4, up, down, TIMEOUT)
 
 
 def udp_exchange(

@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import nettools
 import pytest
 
 from mqtun import Device
@@ -203,40 +204,7 @@ def stats(dev: Device, ns: NetNamespace | None = None) -> dict[str, int]:
 
 
 def tcp_exchange(ns2: NetNamespace, v6: bool, up: bytes, down: bytes) -> tuple[bytes, bytes]:
-    family = socket.AF_INET6 if v6 else socket.AF_INET
-    with ns2.enter():
-        listener = socket.socket(family, socket.SOCK_STREAM)
-    received: list[bytes] = []
-    failure: list[BaseException] = []
-
-    def serve() -> None:
-        try:
-            conn, _ = listener.accept()
-            with conn:
-                conn.settimeout(TIMEOUT)
-                chunks = []
-                while chunk := conn.recv(1 << 20):
-                    chunks.append(chunk)
-                received.append(b"".join(chunks))
-                conn.sendall(down)
-        except BaseException as exc:
-            failure.append(exc)
-
-    with listener:
-        listener.bind((B6 if v6 else B4, 0))
-        listener.listen(1)
-        listener.settimeout(TIMEOUT)
-        server = threading.Thread(target=serve, daemon=True)
-        server.start()
-        with socket.create_connection(listener.getsockname()[:2], timeout=TIMEOUT) as client:
-            client.sendall(up)
-            client.shutdown(socket.SHUT_WR)
-            chunks = []
-            while chunk := client.recv(1 << 20):
-                chunks.append(chunk)
-        server.join(TIMEOUT)
-    assert not failure, failure
-    return received[0], b"".join(chunks)
+    return nettools.tcp_exchange(ns2, B6 if v6 else B4, up, down, TIMEOUT)
 
 
 def reconcile(bridge: PathBridge, before: Snapshot, after: Snapshot) -> None:
