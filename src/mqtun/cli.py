@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from mqtun.apps.args import device_name as _name
 from mqtun.errors import InvalidArgumentError, MqtunError, PermissionDeniedError
 from mqtun.wireguard.command import add_wg_command
 
@@ -40,18 +41,6 @@ class _Parser(argparse.ArgumentParser):
         self.print_usage(sys.stderr)
         print(f"mqtun: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
-
-
-def _name(value: str) -> str:
-    from mqtun.device import validate_name
-
-    try:
-        if not value:
-            raise InvalidArgumentError("the device name is empty")
-        validate_name(value)
-    except InvalidArgumentError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return value
 
 
 def _new_name(value: str) -> str:

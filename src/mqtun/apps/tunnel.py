@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mqtun import _uapi
+from mqtun.apps.args import device_name
 from mqtun.apps.forward import negotiate_offloads
 from mqtun.apps.supervise import PoolSupervisor
 from mqtun.device import Device, validate_name
@@ -316,16 +317,6 @@ def _address(value: str) -> str:
         raise argparse.ArgumentTypeError(f"not an IP address: {value!r}") from None
 
 
-def _device_name(value: str) -> str:
-    try:
-        if not value:
-            raise InvalidArgumentError("the device name is empty")
-        validate_name(value)
-    except InvalidArgumentError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return value
-
-
 def add_parser(sub: Any) -> None:
     """Add `tunnel vxlan ...` to the `mqtun` command's subparsers."""
     p = sub.add_parser("tunnel", help="a TAP device whose queues are the ends of a UDP tunnel, "
@@ -341,7 +332,7 @@ def add_parser(sub: Any) -> None:
                    help="UDP port, local and remote (default 4789)")
     v.add_argument("--queues", type=_bounded("queue count", 1, _uapi.MAX_QUEUES), default=1,
                    help="TAP queues and workers (1..256)")
-    v.add_argument("--name", type=_device_name, default="vx%d", help="TAP name (default vx%%d)")
+    v.add_argument("--name", type=device_name, default="vx%d", help="TAP name (default vx%%d)")
     v.add_argument("--mtu", type=_bounded("the MTU", 68, 65535),
                    help="TAP MTU (default: the path MTU less 50, or 70 over IPv6)")
     v.add_argument("--cpus", help="pin workers to these CPUs, e.g. 0-3 or auto")
