@@ -227,6 +227,8 @@ def test_chart_and_table_from_a_full_synthetic_run(tmp_path: Path) -> None:
     row = {cells[0]: cells for cells in speed[1:]}
     assert "x c-1q" in row["mqtun-1q"][1] and "x c-2q" in row["mqtun-2q"][1]
     assert "x pytun-1q" in row["mqtun-1q-nooff"][1] and "x veth" in row["c-1q-nooff"][1]
+    assert "x mqtun-1q" in row["mqtun-1q-handler"][1] and "x pytun-2q" in row["compat-2q"][1]
+    assert "x mqtun-1q" in row["mqtun-1q-coalesce"][1]
     assert all(t.status in ("met", "missed") for t in targets(r))  # every target measured
     assert md.count("| met |") + md.count("| missed") == len(targets(r))
     write_chart(r, tmp_path / "chart.png")

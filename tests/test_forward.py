@@ -413,6 +413,74 @@ def test_coalescing_forward_keeps_streams_datagrams_and_order(
     assert rc == 0
 
 
+_DROP_PORT = 5003
+_MIDDLEBOX = f"""
+import struct
+
+def _keep(packet):
+    # IPv4 or IPv6, UDP to port {_DROP_PORT}: dropped; everything else passes
+    v = packet[0] >> 4
+    proto, off = (packet[9], (packet[0] & 15) * 4) if v == 4 else (packet[6], 40)
+    return not (proto == 17 and struct.unpack_from("!H", packet, off + 2)[0] == {_DROP_PORT})
+
+def one(packet):
+    return packet if _keep(packet) else None
+
+def batch(packets):
+    return [p for p in packets if _keep(p)]
+"""
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["per-packet", "batch"])
+def test_handler_on_the_command_line_is_a_middlebox(forward, make_netns, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     batch: bool) -> None:
+    """`--handler MODULE:NAME` (and `--handler-batch`): a user's module drops one UDP port;
+    TCP through split and coalesce arrives intact, UDP to another port arrives, the dropped
+    port's datagrams never do and are counted drops."""
+    (tmp_path / "mybox.py").write_text(_MIDDLEBOX)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}")
+    dev_a, dev_b = _names()
+    fp = forward("--handler", f"mybox:{'batch' if batch else 'one'}",
+                 *(["--handler-batch"] if batch else []), dev_a, dev_b)
+    fp.wait_ready(1)
+    ns_a, ns_b = make_netns(), make_netns()
+    _place(dev_a, ns_a, A_V4, A_V6)
+    _place(dev_b, ns_b, B_V4, B_V6)
+    tcp_transfer(ns_a, ns_b, B_V4, 2 << 20)
+    udp_transfer(ns_a, ns_b, B_V4, 200, gso=True)
+    time.sleep(0.3)
+    before = fp.qstat(1)[0][5]
+    with ns_b.enter():
+        sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sink.bind((B_V4, _DROP_PORT))
+        sink.setblocking(False)
+    try:
+        with ns_a.enter(), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for _ in range(50):
+                s.sendto(b"blocked", (B_V4, _DROP_PORT))
+        time.sleep(0.5)
+        with pytest.raises(BlockingIOError):
+            sink.recv(100)
+    finally:
+        sink.close()
+    assert fp.qstat(1)[0][5] - before == 50  # the drops are the blocked datagrams, exactly
+    rc, _took = fp.stop()
+    assert rc == 0, fp.err
+
+
+def test_a_handler_that_cannot_be_found_is_a_usage_error(netns) -> None:
+    for argv in (["--handler", "no_such_module_x:f", "a0", "b0"],
+                 ["--handler", "mqtun.apps.handlers:nope", "a0", "b0"],
+                 ["--handler", "mqtun.apps.handlers", "a0", "b0"],
+                 ["--handler-batch", "a0", "b0"]):
+        p = subprocess.run([sys.executable, "-m", "mqtun", "forward", *argv],
+                           capture_output=True, text=True, timeout=20, env=_same_mqtun_env())
+        assert p.returncode == 2, (argv, p.stderr)
+        assert "Traceback" not in p.stderr and "handler" in p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
 def test_tap_pair_forwards_ethernet(forward, make_netns) -> None:
     dev_a, dev_b = _names()
     fp = forward("--tap", "--queues", "2", dev_a, dev_b)

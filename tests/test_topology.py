@@ -52,7 +52,10 @@ def _tcp_echo(a: NetNamespace, b: NetNamespace) -> bytes:
 
 
 @pytest.mark.parametrize("spec", [ForwarderSpec("veth"), ForwarderSpec("mqtun", 2),
-                                  ForwarderSpec("pytun", 2, offload=False)],
+                                  ForwarderSpec("pytun", 2, offload=False),
+                                  ForwarderSpec("pytun", 1, offload=False, compat=True),
+                                  ForwarderSpec("mqtun", 2, handler_batch=True,
+                                                handler="mqtun.apps.handlers:identity_batch")],
                          ids=lambda s: s.label)
 def test_topology_connects_a_and_b_and_cleans_up(spec: ForwarderSpec) -> None:
     before = _topology_namespaces()
@@ -66,7 +69,7 @@ def test_topology_connects_a_and_b_and_cleans_up(spec: ForwarderSpec) -> None:
             assert len(pids) == 1 + spec.queues  # the parent and a worker per queue
         if spec.kind == "mqtun":
             samples = topo.queue_samples()
-            assert [s.queue for s in samples] == [0, 1]
+            assert [s.queue for s in samples] == list(range(spec.queues))
             assert sum(s.a2b_packets for s in samples) > 0
             assert sum(s.b2a_packets for s in samples) > 0
     assert _topology_namespaces() <= before

@@ -186,11 +186,20 @@ def _add_forward(sub: Any) -> None:
     p.add_argument("--user", help="after opening the queues, run as this user (drop root)")
     p.add_argument("--group", help="with --user: run as this group (default: the user's)")
     co = p.add_mutually_exclusive_group()
-    co.add_argument("--coalesce", dest="coalesce", action="store_true", default=False,
+    co.add_argument("--coalesce", dest="coalesce", action="store_true", default=None,
                     help="join a drain's TCP/UDP segments into TSO/USO super-packets where the "
-                         "other device takes them (measured slower in Python: off by default)")
+                         "other device takes them (default: with --handler yes; without, no: "
+                         "measured slower in Python)")
     co.add_argument("--no-coalesce", dest="coalesce", action="store_false",
-                    help="write every packet as read, zero-copy (the default)")
+                    help="write every packet as read or returned, one write each")
+    p.add_argument("--handler", metavar="MODULE:NAME",
+                   help="a middlebox: call NAME from MODULE with each wire packet (IP packet or "
+                        "Ethernet frame, no header, checksums complete) and write what it "
+                        "returns (a packet, packets, or None to drop) to the other device; "
+                        "e.g. mqtun.apps.handlers:identity")
+    p.add_argument("--handler-batch", action="store_true",
+                   help="with --handler: call it with the list of packets one drain held; it "
+                        "returns an iterable of packets")
 
     def run(args: argparse.Namespace) -> int:
         import signal
@@ -211,7 +220,9 @@ def _add_forward(sub: Any) -> None:
         fwd = Forwarder(ForwardConfig(args.dev_a, args.dev_b, args.queues, args.tap,
                                       args.offload, args.cpus, args.mode, args.batch,
                                       args.spin_us, user=args.user, group=args.group,
-                                      attach=args.attach, coalesce=args.coalesce),
+                                      attach=args.attach, coalesce=args.coalesce,
+                                      handler=args.handler,
+                                      handler_batch=args.handler_batch),
                               on_event=on_event)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: fwd.request_stop())

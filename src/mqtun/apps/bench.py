@@ -10,6 +10,11 @@ Configurations, all in one run so that the ratios compare like with like (`DESCR
                           the same virtio-net header and offloads: built here with `cc`
     mqtun-1q-nooff, ...   `mqtun forward --no-offload`; c-1q-nooff the C one without offloads
     pytun-1q, pytun-2q    python-pytun, one process per queue, select/read/write
+    compat-1q, compat-2q  that python-pytun program, unchanged, on `mqtun.compat.pytun`
+    mqtun-1q-coalesce     `mqtun forward --coalesce`: each drain's segments joined on write
+    mqtun-1q-handler      `mqtun forward --handler` with a pass-through handler: the handler
+                          sees wire packets (super-packets split, then coalesced on write)
+    mqtun-1q-batch        the same with `--handler-batch`: a list of packets per drain
 
 Workloads, each measured with a standard tool in A (client) and B (server):
 
@@ -82,6 +87,14 @@ CONFIGS: dict[str, ForwarderSpec] = {
     "c-1q-nooff": ForwarderSpec("c", 1, offload=False),
     "mqtun-2q-nooff": ForwarderSpec("mqtun", 2, offload=False),
     "pytun-2q": ForwarderSpec("pytun", 2, offload=False),
+    "compat-1q": ForwarderSpec("pytun", 1, offload=False, compat=True),
+    "compat-2q": ForwarderSpec("pytun", 2, offload=False, compat=True),
+    "mqtun-1q-coalesce": ForwarderSpec("mqtun", 1, offload=True, coalesce=True),
+    "mqtun-1q-handler": ForwarderSpec("mqtun", 1, offload=True,
+                                      handler="mqtun.apps.handlers:identity"),
+    "mqtun-1q-batch": ForwarderSpec("mqtun", 1, offload=True,
+                                    handler="mqtun.apps.handlers:identity_batch",
+                                    handler_batch=True),
 }
 DESCRIPTIONS = {
     "veth": "veth pair A-B, no userspace: the kernel's ceiling",
@@ -94,6 +107,12 @@ DESCRIPTIONS = {
     "c-1q-nooff": "C read/write forwarder, 1 queue, no offloads",
     "mqtun-2q-nooff": "mqtun forward --no-offload, 2 queues",
     "pytun-2q": "python-pytun select/read/write, 2 queues (processes)",
+    "compat-1q": "the python-pytun program on mqtun.compat.pytun, 1 queue",
+    "compat-2q": "the python-pytun program on mqtun.compat.pytun, 2 queues",
+    "mqtun-1q-coalesce": "mqtun forward --coalesce, 1 queue: each drain joined into TSO/USO",
+    "mqtun-1q-handler": "mqtun forward with a pass-through handler (wire packets: split, "
+                        "handler, coalesce), 1 queue",
+    "mqtun-1q-batch": "the same with a batch handler (a list per drain), 1 queue",
 }
 SHORT_CONFIGS = ("veth", "mqtun-1q", "c-1q", "pytun-1q")
 DEFAULT_REPEAT = 5
@@ -232,7 +251,7 @@ def plan(configs: Sequence[str], workloads: Sequence[str]) -> tuple[list[str], l
             notes.append(f"skipped {', '.join(gone)}: `{tool}` is not on PATH (Debian: "
                          f"apt-get install {PACKAGES[tool]})")
     run_cf = list(configs)
-    pytun = [c for c in run_cf if CONFIGS[c].kind == "pytun"]
+    pytun = [c for c in run_cf if CONFIGS[c].kind == "pytun" and not CONFIGS[c].compat]
     if pytun and not _have_module("pytun"):
         run_cf = [c for c in run_cf if c not in pytun]
         notes.append(f"skipped {', '.join(pytun)}: python-pytun is not installed (pip install "
@@ -601,11 +620,17 @@ def _fmt(v: float | None) -> str:
 def baseline(config: str, configs: Sequence[str]) -> str | None:
     """What a row is compared with, like for like: mqtun with offloads against the C forwarder
     with the same queues; mqtun without offloads against python-pytun with the same queues;
-    everything else (and those whose partner did not run) against veth."""
+    mqtun with a handler or coalescing against plain mqtun forward; the python-pytun program
+    on mqtun.compat against itself on python-pytun; everything else (and those whose partner
+    did not run) against veth."""
     spec = CONFIGS[config]
     partner = None
-    if spec.kind == "mqtun":
+    if spec.kind == "mqtun" and (spec.handler or spec.coalesce is not None):
+        partner = f"mqtun-{spec.queues}q"  # what the handler path or coalescing costs
+    elif spec.kind == "mqtun":
         partner = f"c-{spec.queues}q" if spec.offload else f"pytun-{spec.queues}q"
+    elif spec.compat:
+        partner = f"pytun-{spec.queues}q"  # the face against the library it stands in for
     if partner in configs:
         return partner
     return "veth" if "veth" in configs and config != "veth" else None
@@ -655,6 +680,18 @@ def targets(r: BenchResult) -> list[Target]:
         for wl in ("tcp4", "rr8", "udp16"):
             out.append(Target(f"{WORKLOADS[wl].title}, {two} / {one} >= 1.0",
                               r.ratio(two, one, wl), 1.0))
+    for q in (1, 2):
+        compat, pytun = f"compat-{q}q", f"pytun-{q}q"
+        for wl in WORKLOADS:
+            out.append(Target(f"{WORKLOADS[wl].title}, {compat} / {pytun} >= 1.0",
+                              r.ratio(compat, pytun, wl), 1.0))
+    # The data-plane issue: a pass-through handler against plain forward, and batch >= per packet.
+    for wl, goal in (("tcp1", 0.4), ("udp16", 0.8), ("rr1", 0.8)):
+        t = WORKLOADS[wl].title
+        out.append(Target(f"{t}, mqtun-1q-handler / mqtun-1q >= {goal}",
+                          r.ratio("mqtun-1q-handler", "mqtun-1q", wl), goal))
+        out.append(Target(f"{t}, mqtun-1q-batch / mqtun-1q-handler >= 1.0",
+                          r.ratio("mqtun-1q-batch", "mqtun-1q-handler", wl), 1.0))
     return out
 
 

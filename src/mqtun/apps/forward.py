@@ -8,7 +8,10 @@ from A is written to B whole and every other packet as read (zero-copy). With `c
 where B takes them: fewer, larger writes, datagram boundaries and in-flow order kept,
 nothing waited for. It is off by default because it measured slower here (the Python work
 per packet -- checksum completion and the GRO tables -- costs more than the kernel work the
-fewer writes save; docs/dataplane.md has the figures). Either device may be
+fewer writes save; docs/dataplane.md has the figures). With `handler` (`--handler
+MODULE:NAME`, see `mqtun.apps.handlers`) the forwarder is a middlebox: the handler sees wire
+packets (or, with `handler_batch`, each drain's list of them) and what it returns is written
+to the other device, coalesced by default. Either device may be
 moved to another namespace after start (queue fds stay valid); at the end each device is
 deleted wherever it lives then.
 
@@ -28,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mqtun import _uapi
+from mqtun.apps.handlers import resolve_handler
 from mqtun.apps.supervise import PoolSupervisor
 from mqtun.device import Device
 from mqtun.errors import InvalidArgumentError, MqtunError
@@ -63,7 +67,10 @@ class ForwardConfig:
     user: str | None = None  # drop to this user after opening the queues
     group: str | None = None  # and this group (default: the user's primary group)
     attach: bool = False  # serve existing devices (e.g. persistent, owner-set) and leave them
-    coalesce: bool = False  # join a drain's segments into TSO/USO writes (measured slower)
+    coalesce: bool | None = None  # join a drain's segments into TSO/USO writes (None: the
+    # runtime's default -- on with a handler, off without one, which measured faster)
+    handler: str | None = None  # MODULE:NAME, called with each wire packet (apps.handlers)
+    handler_batch: bool = False  # the handler takes the list one drain held
 
     def __post_init__(self) -> None:
         if self.dev_a == self.dev_b:
@@ -74,6 +81,10 @@ class ForwardConfig:
             raise InvalidArgumentError("a group to drop to needs a user too (--user)")
         if self.user is not None:
             resolve_user(self.user, self.group)  # an unknown user is refused before creating
+        if self.handler_batch and self.handler is None:
+            raise InvalidArgumentError("--handler-batch needs a handler (--handler MODULE:NAME)")
+        if self.handler is not None:
+            resolve_handler(self.handler)  # a bad name is refused before creating
 
 
 def negotiate_offloads(devices: list[Device]) -> int:
@@ -126,9 +137,11 @@ class Forwarder(PoolSupervisor):
                     d.link.up()
             if cfg.user is not None:
                 self.ids = drop_privileges(cfg.user, cfg.group)
+            handler = resolve_handler(cfg.handler) if cfg.handler is not None else None
             self.pool = WorkerPool.forward(
-                self.dev_a, self.dev_b, coalesce=cfg.coalesce, cpus=cfg.cpus, loop=loop,
-                name="forward", on_event=self.on_event,
+                self.dev_a, self.dev_b, handler, batch=cfg.handler_batch,
+                coalesce=cfg.coalesce, cpus=cfg.cpus, loop=loop, name="forward",
+                on_event=self.on_event,
             )
             self.pool.start()
         except BaseException:

@@ -1,13 +1,15 @@
 """The benchmark's peer: the same forwarder written with python-pytun, as its users write one.
 
-    python -m mqtun.apps.pytun_forward [--queues N] [--cpus auto|LIST] DEV_A DEV_B
+    python -m mqtun.apps.pytun_forward [--queues N] [--cpus auto|LIST] [--compat] DEV_A DEV_B
 
 Opens N queues on each of two TUN devices (IFF_MULTI_QUEUE when N > 1; python-pytun attaches
 another queue when a name is opened again), forks one process per queue pair, and moves every
 packet across with python-pytun's own API: select() on the two devices, one read(), one
 write(). Same contract as ``mqtun forward`` for the benchmark's sake: ``READY queues=N`` on
 stdout, SIGTERM ends it. python-pytun has no offload support, so there is no offload option.
-Needs python-pytun (the ``test`` extra).
+Needs python-pytun (the ``test`` extra). With ``--compat`` the very same program runs on
+`mqtun.compat.pytun`, as a python-pytun user who switched its one import line would: the
+benchmark's measure of that face's speed promise.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import select
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from mqtun import _uapi
 
@@ -37,10 +39,17 @@ class _TunTap(Protocol):
     def write(self, data: bytes, /) -> int: ...
 
 
-def _serve(a: _TunTap, b: _TunTap) -> None:
-    """One queue pair, forever: whichever device is readable, one packet to the other."""
-    import pytun  # type: ignore[import-not-found, import-untyped, unused-ignore]
+def _library(compat: bool) -> Any:
+    """python-pytun, or mqtun's face of it: the one import line a user changes."""
+    if compat:
+        import mqtun.compat.pytun as pytun
+    else:
+        import pytun  # type: ignore[import-not-found, import-untyped, no-redef, unused-ignore]
+    return pytun
 
+
+def _serve(pytun: Any, a: _TunTap, b: _TunTap) -> None:
+    """One queue pair, forever: whichever device is readable, one packet to the other."""
     peer = {a: b, b: a}
     while True:
         for dev in select.select([a, b], [], [])[0]:
@@ -55,8 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("dev_b")
     ap.add_argument("--queues", type=int, default=1)
     ap.add_argument("--cpus", help="pin worker i to the i-th CPU of this list, or auto")
+    ap.add_argument("--compat", action="store_true",
+                    help="run on mqtun.compat.pytun instead of python-pytun")
     args = ap.parse_args(argv)
-    import pytun  # type: ignore[import-not-found, import-untyped, unused-ignore]
+    pytun = _library(args.compat)
 
     from mqtun.runtime.workers import parse_cpus
 
@@ -77,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 if cpus:
                     os.sched_setaffinity(0, {cpus[i % len(cpus)]})
-                _serve(qa[i], qb[i])
+                _serve(pytun, qa[i], qb[i])
             finally:
                 os._exit(code)
         children.append(pid)

@@ -7,7 +7,8 @@ The forwarder is one of:
 - ``veth``: a veth pair straight from A to B, no F, no userspace: the kernel-only ceiling;
 - ``mqtun``: ``python -m mqtun forward`` run in F; once it prints ``READY queues=N`` its two
   devices are moved into A and B (the queue fds stay valid), as a container runtime would;
-- ``pytun``: the same with python-pytun, the peer library (`mqtun.apps.pytun_forward`);
+- ``pytun``: the same with python-pytun, the peer library (`mqtun.apps.pytun_forward`), or
+  with ``compat`` the very same program on `mqtun.compat.pytun`;
 - ``c``: the same with the bench's minimal C forwarder (``c_forward.c``, built by the bench;
   `ForwarderSpec.program` is the binary), offloads as mqtun forward negotiates them.
 
@@ -56,12 +57,21 @@ class ForwarderSpec:
     cpus: str | None = "auto"
     mode: str | None = None  # mqtun's I/O loop mode (None: its default)
     program: str | None = None  # kind "c": the built forwarder binary
+    handler: str | None = None  # kind "mqtun": `forward --handler MODULE:NAME`
+    handler_batch: bool = False  # kind "mqtun": `forward --handler-batch`
+    coalesce: bool | None = None  # kind "mqtun": `--coalesce`/`--no-coalesce` (None: default)
+    compat: bool = False  # kind "pytun": the same program on `mqtun.compat.pytun`
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise InvalidArgumentError(f"forwarder kind {self.kind!r}: use one of {KINDS}")
         if self.kind == "pytun" and self.offload:
             raise InvalidArgumentError("python-pytun has no offloads: use offload=False")
+        if self.kind != "mqtun" and (self.handler or self.handler_batch or self.coalesce
+                                     is not None):
+            raise InvalidArgumentError("handler and coalesce are options of kind mqtun")
+        if self.compat and self.kind != "pytun":
+            raise InvalidArgumentError("compat is an option of kind pytun")
 
     @property
     def label(self) -> str:
@@ -70,6 +80,9 @@ class ForwarderSpec:
             return "veth"
         tail = " no-offload" if self.kind in ("mqtun", "c") and not self.offload else ""
         tail += f" {self.mode}" if self.mode else ""
+        tail += (" batch-handler" if self.handler_batch else " handler") if self.handler else ""
+        tail += {None: "", True: " coalesce", False: " no-coalesce"}[self.coalesce]
+        tail += " on mqtun.compat" if self.compat else ""
         return f"{self.kind} {self.queues}q{tail}"
 
 
@@ -259,7 +272,11 @@ class Topology:
         if s.kind == "mqtun":
             return [sys.executable, "-m", "mqtun", "forward", "--queues", str(s.queues),
                     *([] if s.offload else ["--no-offload"]),
-                    *(["--mode", s.mode] if s.mode else []), *cpus, DEV_A, DEV_B]
+                    *(["--mode", s.mode] if s.mode else []),
+                    *(["--handler", s.handler] if s.handler else []),
+                    *(["--handler-batch"] if s.handler_batch else []),
+                    *({None: [], True: ["--coalesce"], False: ["--no-coalesce"]}[s.coalesce]),
+                    *cpus, DEV_A, DEV_B]
         if s.kind == "c":
             if not s.program:
                 raise InvalidArgumentError("the C forwarder needs its binary (program=)")
@@ -269,7 +286,7 @@ class Topology:
             return [s.program, DEV_A, DEV_B, str(s.queues), ladder,
                     "auto" if s.cpus else "none"]
         return [sys.executable, "-m", "mqtun.apps.pytun_forward", "--queues", str(s.queues),
-                *cpus, DEV_A, DEV_B]
+                *(["--compat"] if s.compat else []), *cpus, DEV_A, DEV_B]
 
     def _start_forwarder(self) -> None:
         assert self.f is not None
