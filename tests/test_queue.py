@@ -55,6 +55,28 @@ def test_read_timeouts_and_nonblocking() -> None:
         assert nb.queues[0].read_into(buf) == 0
 
 
+def test_a_read_that_must_not_wait_does_not_wait_on_a_blocking_fd() -> None:
+    """`read_into(timeout=0)` never blocks, even after the fd was set blocking (as
+    mqtun.compat's is): an empty queue answers 0 at once, a queued packet is read."""
+    import os
+
+    with _up(Device.create()) as dev:
+        q = dev.queues[0]
+        os.set_blocking(q.fd, True)
+        got: list[int] = []
+        t = threading.Thread(target=lambda: got.append(q.read_into(bytearray(2048), timeout=0)),
+                             daemon=True)
+        t.start()
+        t.join(2)
+        if t.is_alive():
+            q.close()  # wakes nothing stuck in read(2), but ends the test's device
+            pytest.fail("read_into(timeout=0) blocked on an empty queue")
+        assert got == [0]
+        dev.write(echo_request(ADDR_B, ADDR_A))
+        buf = bytearray(2048)
+        assert wait_for(lambda: q.read_into(buf, timeout=0) > 0, 5)
+
+
 def test_read_batch_drains_many_packets_in_one_call() -> None:
     with _up(Device.create()) as dev:
         q = dev.queues[0]

@@ -50,6 +50,7 @@ class _Default(enum.Enum):
 
 DEFAULT = _Default.DEFAULT  # "use the queue's own timeout"
 _POLL_IN = select.POLLIN | select.POLLERR | select.POLLHUP | select.POLLNVAL
+_rwf_nowait = True  # until a kernel refuses preadv2(RWF_NOWAIT) on a TUN fd (EOPNOTSUPP)
 _POLL_OUT = select.POLLOUT | select.POLLERR | select.POLLHUP | select.POLLNVAL
 _CLOSED_FD = -1  # what `fd` holds once closed: no syscall can reach a reused fd number
 
@@ -148,7 +149,8 @@ class Queue:
         while True:
             self._require_open("read")
             try:
-                n = os.readv(self.fd, [buffer])
+                # timeout 0 never waits, even on an fd someone set blocking (compat)
+                n = self._read_nowait(buffer) if wait == 0 else os.readv(self.fd, [buffer])
             except BlockingIOError:
                 if wait == 0 or not self._wait(_POLL_IN, deadline, "read"):
                     return 0
@@ -157,6 +159,21 @@ class Queue:
                 raise self._read_failed(exc) from None
             self._count_read(1, n)
             return n
+
+    def _read_nowait(self, buffer: BytesLike) -> int:
+        """One read(2) that never blocks: preadv2(RWF_NOWAIT), one syscall whatever the fd's
+        mode; where the kernel does not take that flag for this fd, a poll(0) first."""
+        global _rwf_nowait
+        if _rwf_nowait:
+            try:
+                return os.preadv(self.fd, [buffer], -1, os.RWF_NOWAIT)
+            except OSError as exc:
+                if exc.errno != errno.EOPNOTSUPP:
+                    raise
+                _rwf_nowait = False
+        if not self._poll(_POLL_IN, time.monotonic(), "read") & _POLL_IN:
+            raise BlockingIOError(errno.EAGAIN, "nothing queued")
+        return os.readv(self.fd, [buffer])
 
     def wait_readable(self, timeout: float | None = None) -> bool:
         """Wait until a packet can be read (True) or `timeout` seconds pass (False).

@@ -415,9 +415,10 @@ class TunTapDevice:
             if n == 0:
                 return os.read(q.fd, 0)  # the kernel still checks that the device exists
             buf = bytearray(n)
-            if os.get_blocking(q.fd):
+            got = q.read_into(buf, timeout=0)  # one syscall when a packet is queued
+            while not got and os.get_blocking(q.fd):  # a blocking fd: wait, wakeable by close
                 q.wait_readable()
-            got = q.read_into(buf, timeout=0)
+                got = q.read_into(buf, timeout=0)
         except OSError as exc:
             raise _error(exc) from exc
         if not got:
