@@ -12,6 +12,7 @@ Configurations, all in one run so that the ratios compare like with like (`DESCR
     pytun-1q, pytun-2q    python-pytun, one process per queue, select/read/write
     compat-1q, compat-2q  that python-pytun program, unchanged, on `mqtun.compat.pytun`
     mqtun-1q-coalesce     `mqtun forward --coalesce`: each drain's segments joined on write
+    mqtun-1q-epoll        `mqtun forward --mode epoll`: no spinning (the spin policy's baseline)
     mqtun-1q-handler      `mqtun forward --handler` with a pass-through handler: the handler
                           sees wire packets (super-packets split, then coalesced on write)
     mqtun-1q-batch        the same with `--handler-batch`: a list of packets per drain
@@ -90,6 +91,7 @@ CONFIGS: dict[str, ForwarderSpec] = {
     "compat-1q": ForwarderSpec("pytun", 1, offload=False, compat=True),
     "compat-2q": ForwarderSpec("pytun", 2, offload=False, compat=True),
     "mqtun-1q-coalesce": ForwarderSpec("mqtun", 1, offload=True, coalesce=True),
+    "mqtun-1q-epoll": ForwarderSpec("mqtun", 1, offload=True, mode="epoll"),
     "mqtun-1q-handler": ForwarderSpec("mqtun", 1, offload=True,
                                       handler="mqtun.apps.handlers:identity"),
     "mqtun-1q-batch": ForwarderSpec("mqtun", 1, offload=True,
@@ -110,6 +112,7 @@ DESCRIPTIONS = {
     "compat-1q": "the python-pytun program on mqtun.compat.pytun, 1 queue",
     "compat-2q": "the python-pytun program on mqtun.compat.pytun, 2 queues",
     "mqtun-1q-coalesce": "mqtun forward --coalesce, 1 queue: each drain joined into TSO/USO",
+    "mqtun-1q-epoll": "mqtun forward --mode epoll, 1 queue: sleeps at once, never spins",
     "mqtun-1q-handler": "mqtun forward with a pass-through handler (wire packets: split, "
                         "handler, coalesce), 1 queue",
     "mqtun-1q-batch": "the same with a batch handler (a list per drain), 1 queue",
@@ -620,13 +623,13 @@ def _fmt(v: float | None) -> str:
 def baseline(config: str, configs: Sequence[str]) -> str | None:
     """What a row is compared with, like for like: mqtun with offloads against the C forwarder
     with the same queues; mqtun without offloads against python-pytun with the same queues;
-    mqtun with a handler or coalescing against plain mqtun forward; the python-pytun program
-    on mqtun.compat against itself on python-pytun; everything else (and those whose partner
-    did not run) against veth."""
+    mqtun with a handler, coalescing or another loop mode against plain mqtun forward; the
+    python-pytun program on mqtun.compat against itself on python-pytun; everything else (and
+    those whose partner did not run) against veth."""
     spec = CONFIGS[config]
     partner = None
-    if spec.kind == "mqtun" and (spec.handler or spec.coalesce is not None):
-        partner = f"mqtun-{spec.queues}q"  # what the handler path or coalescing costs
+    if spec.kind == "mqtun" and (spec.handler or spec.coalesce is not None or spec.mode):
+        partner = f"mqtun-{spec.queues}q"  # what the handler path, coalescing or mode costs
     elif spec.kind == "mqtun":
         partner = f"c-{spec.queues}q" if spec.offload else f"pytun-{spec.queues}q"
     elif spec.compat:
