@@ -19,14 +19,13 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
-import struct
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from mqtun import _uapi
 from mqtun.errors import DeviceGoneError, InvalidArgumentError, MqtunError
 from mqtun.packet import ZERO_HEADER, VnetHeader, coalesce, decode, encode, split
-from mqtun.packet.headers import Buffer, MalformedPacket
+from mqtun.packet.headers import Buffer, MalformedPacket, tun_pi
 from mqtun.stats import DropReason, drop_reason
 
 if TYPE_CHECKING:
@@ -164,24 +163,10 @@ def enable_offloads(dev: Device, flags: int) -> Offloads:
 
 
 # ---- queue I/O ------------------------------------------------------------------------------
-_PI = struct.Struct(_uapi.TUN_PI_FORMAT)
-_ETHERTYPE_IPV4 = _uapi.ETH_P_IP.to_bytes(2, "big")
-_ETHERTYPE_IPV6 = _uapi.ETH_P_IPV6.to_bytes(2, "big")
-
-
 def _layout(queue: Queue) -> tuple[int, int, bool]:
     """(packet-info bytes, virtio-net header bytes, tap) of the queue's device."""
     dev = queue.device
     return (_uapi.TUN_PI_SIZE if dev.packet_info else 0), dev.vnet_hdr_size, dev.tap
-
-
-def _pi(packet: Buffer, tap: bool) -> bytes:
-    """A tun_pi for `packet`: flags 0 and the protocol (TUN: from the IP version)."""
-    if tap:
-        proto = bytes(packet[12:14]) if len(packet) >= 14 else b"\0\0"
-    else:
-        proto = _ETHERTYPE_IPV6 if len(packet) and packet[0] >> 4 == 6 else _ETHERTYPE_IPV4
-    return _PI.pack(0, proto)
 
 
 def _wire_count(hdr: VnetHeader, packet: Buffer) -> int:
@@ -279,7 +264,7 @@ def write_packet(
     else:
         parts = [encode(hdr, size, little_endian=little_endian), packet]
     if pi:
-        parts.insert(0, _pi(packet, tap))
+        parts.insert(0, tun_pi(packet, tap))
     try:
         return queue.writev(parts)
     except MqtunError as exc:

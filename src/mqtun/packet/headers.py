@@ -24,6 +24,7 @@ from mqtun._uapi import (
     IPPROTO_TCP,
     IPPROTO_UDP,
     IPV6_RH_TYPE_SRH,
+    TUN_PI_FORMAT,
 )
 from mqtun.errors import MqtunException
 
@@ -38,6 +39,7 @@ __all__ = [
     "flow_key",
     "parse",
     "parse_ethernet",
+    "tun_pi",
 ]
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
@@ -150,6 +152,19 @@ _U16 = struct.Struct("!H")
 _IPV4 = struct.Struct("!BBHHHBBH4s4s")
 _IPV6 = struct.Struct("!IHBB16s16s")
 _PORTS = struct.Struct("!HH")
+
+
+_PI = struct.Struct(TUN_PI_FORMAT)
+_PI_V4: Final = _PI.pack(0, ETH_P_IP.to_bytes(2, "big"))
+_PI_V6: Final = _PI.pack(0, ETH_P_IPV6.to_bytes(2, "big"))
+
+
+def tun_pi(packet: Buffer, ethernet: bool) -> bytes:
+    """The packet-info header (struct tun_pi, IFF_NO_PI off) to write before `packet`: flags 0
+    and the protocol -- an Ethernet frame's EtherType, else from the IP version."""
+    if ethernet:
+        return _PI.pack(0, bytes(packet[12:14]) if len(packet) >= ETH_HLEN else b"\0\0")
+    return _PI_V6 if len(packet) and packet[0] >> 4 == 6 else _PI_V4
 
 
 def parse_ethernet(buf: Buffer, offset: int = 0) -> tuple[int, int]:

@@ -54,7 +54,7 @@ from mqtun.errors import InvalidArgumentError
 from mqtun.packet import gso
 from mqtun.packet.checksum import complete_checksum, completed
 from mqtun.packet.gro import coalesce
-from mqtun.packet.headers import Buffer, MalformedPacket, parse_ethernet
+from mqtun.packet.headers import Buffer, MalformedPacket, parse_ethernet, tun_pi
 from mqtun.packet.vnet import ZERO_HEADER, VnetHeader, decode, encode
 from mqtun.stats import DropReason
 
@@ -73,8 +73,6 @@ __all__ = [
 ]
 
 _PI = struct.Struct(_uapi.TUN_PI_FORMAT)
-_PI_V4: Final = _PI.pack(0, _uapi.ETH_P_IP.to_bytes(2, "big"))
-_PI_V6: Final = _PI.pack(0, _uapi.ETH_P_IPV6.to_bytes(2, "big"))
 _ETH_V4: Final = _uapi.ETH_P_IP.to_bytes(2, "big")
 _ETH_V6: Final = _uapi.ETH_P_IPV6.to_bytes(2, "big")
 _TSO: Final = _uapi.TUN_F_TSO4 | _uapi.TUN_F_TSO6
@@ -501,13 +499,8 @@ class PacketPath:
         """The parts of one write: [PI] [virtio-net header] [Ethernet header] packet."""
         parts: list[Buffer] = []
         eth = self._eth
-        if self._pi_out:
-            if self._tap_out:
-                proto = bytes(data[12:14]) if not eth and len(data) >= _ETH else (
-                    _ETH_V6 if len(data) and data[0] >> 4 == 6 else _ETH_V4)  # fmt: skip
-                parts.append(_PI.pack(0, proto))
-            else:
-                parts.append(_PI_V6 if len(data) and data[0] >> 4 == 6 else _PI_V4)
+        if self._pi_out:  # a frame read as it is; a TUN packet given an Ethernet header later
+            parts.append(tun_pi(data, self._tap_out and not eth))
         if self._vnet_out:
             if hdr is ZERO_HEADER or hdr == ZERO_HEADER:
                 parts.append(self._zero)
