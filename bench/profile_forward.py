@@ -2,6 +2,7 @@
 
     python bench/profile_forward.py [--workload udp16] [--seconds 6] [--queues 1]
                                     [--no-offload] [--idle] [--top 15]
+                                    [--handler MODULE:NAME [--handler-batch]] [--coalesce]
 
 Builds the bench's topology (namespaces A and B, `mqtun forward` in F), runs the workload
 with the bench's own client, and samples every worker with `py-spy record --nonblocking`
@@ -106,11 +107,17 @@ def main() -> int:
     ap.add_argument("--no-offload", action="store_true")
     ap.add_argument("--idle", action="store_true", help="also samples that wait in the kernel")
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--handler", metavar="MODULE:NAME",
+                    help="profile `forward --handler` (e.g. mqtun.apps.handlers:identity)")
+    ap.add_argument("--handler-batch", action="store_true")
+    ap.add_argument("--coalesce", action="store_true", default=None)
     args = ap.parse_args()
     if not shutil.which("py-spy"):
         print("profile_forward: needs py-spy (pip install py-spy)", file=sys.stderr)
         return 2
-    spec = ForwarderSpec("mqtun", args.queues, offload=not args.no_offload)
+    spec = ForwarderSpec("mqtun", args.queues, offload=not args.no_offload,
+                         handler=args.handler, handler_batch=args.handler_batch,
+                         coalesce=args.coalesce)
     with tempfile.TemporaryDirectory(prefix="mqtun-prof-") as tmp, Topology(spec) as topo:
         assert topo.proc is not None
         workers = [p for p in topo.forwarder_pids() if p != topo.proc.pid]
