@@ -653,7 +653,7 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
             return 0
         answers: list[Packet] = []
         if same:  # no handler, nothing to convert or join: each buffer is written as read
-            sent = sbytes = 0
+            sent = sbytes = plain = wire_out = 0  # counted once a drain, not per packet
             try:
                 for b in bufs:
                     count = 1
@@ -663,18 +663,21 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
                             continue
                         count = sp.segments
                     else:
-                        wire_read(1)
+                        plain += 1
                     try:
                         sbytes += write(out_fd, b)
                     except OSError as exc:
                         _write_error(out, exc, count)
                     else:
                         sent += 1
-                        wire_written(count)
+                        wire_out += count
             finally:
+                if plain:
+                    wire_read(plain)
                 if sent:
                     wslots[WRITTEN_PACKETS] += sent
                     wslots[WRITTEN_BYTES] += sbytes - wh * sent
+                    wire_written(wire_out)
             return n
         if whole:  # no handler: super-packets pass whole, plain packets may be joined
             for b in bufs:
