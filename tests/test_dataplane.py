@@ -202,6 +202,29 @@ def test_tcp_through_a_middlebox_handler(make_netns: Callable[[], NetNamespace],
         assert qa.written_wire_packets > qa.written_packets  # B's segments joined for A
 
 
+@pytest.mark.parametrize("unchanged", [True, False], ids=["unchanged", "copied"])
+def test_super_packets_a_handler_returns_unchanged_are_written_whole(
+        make_netns: Callable[[], NetNamespace], unchanged: bool) -> None:  # fmt: skip
+    """A handler that returns every segment of a TSO read as it got them (the same objects):
+    the read is written whole, as the kernel made it; copies of them are new packets,
+    written as wire packets (coalescing is off here, so nothing else could join them)."""
+    up, down = os.urandom(1 << 20), os.urandom(1 << 20)
+
+    def handler(pkt: Any) -> object:
+        return pkt if unchanged else bytearray(pkt)  # (bytes(b) of a bytes is b itself)
+
+    with middlebox(make_netns, tap=False, offloads=OFFLOADS, b_offloads=OFFLOADS,
+                   handler=handler, coalesce=False) as (a, b, ns2, pool):
+        assert tcp_exchange(ns2, False, up, down) == (up, down)
+        time.sleep(0.2)  # the last ACKs
+        qa, qb = reconcile(a, b, ns2, pool)
+    assert qa.read_wire_packets > qa.read_packets  # A handed out super-packets
+    if unchanged:
+        assert qb.written_wire_packets > qb.written_packets  # ... written to B whole
+    else:
+        assert qb.written_wire_packets == qb.written_packets
+
+
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
 @pytest.mark.parametrize("b_pi", [False, True], ids=["b-plain", "b-pi"])
 def test_udp_through_a_middlebox_keeps_every_datagram(make_netns: Callable[[], NetNamespace],

@@ -439,7 +439,12 @@ def _absorb(
     n0 = g.n0
     end = start
     limit = min(len(packets), start + (max_size - g.size) // g.mss)
-    while end < limit and len(packets[end]) == n0:
+    # the run is of this flow only: addresses (and any options or extension headers) and ports
+    # as the first packet's -- interleaved flows of one size would make a run that fails at
+    # its first row, each array pass wasted (measured: 12 us a packet for 16 UDP flows)
+    a, b = g.l3 + (12 if g.v4 else 8), g.l4 + 4
+    flow = g.first[a:b]
+    while end < limit and len(packets[end]) == n0 and packets[end][a:b] == flow:
         end += 1
     k = end - start
     if k < _RUN_MIN or n0 & 1 or not g.is_open:

@@ -612,6 +612,8 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
     rh = src.header_size
     wh = out.header_size
     decode = path.decode
+    decode_original = path.decode_original
+    keep_plain = not path.coalesces  # an unchanged plain packet is written as read
     decode_super = path.decode_super
     encode = path.encode
     sent_item = path.sent
@@ -695,16 +697,37 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
                     run_handler(handler, sp, path, faults, answers,  # type: ignore[arg-type]
                                 sp.segments)
         else:
+            # wire packets to the handler; a read whose packets all come back unchanged (the
+            # same objects) is written as it was read (`decode_original`): no coalescing
             wire: list[Buffer] = []
+            reads: list[tuple[int, int, SuperPacket]] = []
             for b in bufs:
-                decode(b, wire)
+                first = len(wire)
+                original = decode_original(b, wire)
+                if original is not None:
+                    reads.append((first, len(wire), original))
             if batched:
                 if wire:
                     run_handler(handler, wire, path, faults, answers,  # type: ignore[arg-type]
                                 len(wire))
+                    if len(answers) == len(wire) and all(
+                            a is w for a, w in zip(answers, wire, strict=True)):
+                        answers = []
+                        for first, end, original in reads:
+                            if keep_plain or original.offload.gso_type:
+                                answers.append(original)
+                            else:
+                                answers.extend(wire[first:end])
             else:
-                for p in wire:
-                    run_handler(handler, p, path, faults, answers)  # type: ignore[arg-type]
+                for first, end, original in reads:
+                    start = len(answers)
+                    for j in range(first, end):
+                        run_handler(handler, wire[j], path, faults,  # type: ignore[arg-type]
+                                    answers)
+                    if (keep_plain or original.offload.gso_type) and len(
+                            answers) - start == end - first and all(
+                            answers[start + j] is wire[first + j] for j in range(end - first)):
+                        answers[start:] = [original]
         if answers:
             sent = sbytes = 0
             try:

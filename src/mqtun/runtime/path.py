@@ -266,6 +266,11 @@ class PacketPath:
         self._gro_udp = coalesce and bool(dest.vnet_hdr_size) and bool(dest.offloads & _USO)
         self._plain_out = not (self._pi_out or self._vnet_out or self._eth)
 
+    @property
+    def coalesces(self) -> bool:
+        """Whether wire packets written through this path are joined into super-packets."""
+        return self._gro_tcp or self._gro_udp
+
     # ---- read side ----------------------------------------------------------------------
     def decode(self, buf: Buffer, out: list[Buffer]) -> int:
         """Append the wire packets one read buffer holds to `out`; return how many.
@@ -273,45 +278,61 @@ class PacketPath:
         What cannot be delivered is counted (per wire packet) and not appended. In
         super-packet mode use `decode_super` instead.
         """
+        return self._decode(buf, out)[0]
+
+    def decode_original(self, buf: Buffer, out: list[Buffer]) -> SuperPacket | None:
+        """`decode`, and the read as it was: one `SuperPacket` (its offload as read) standing
+        for the wire packets appended, or None if none was. A shell writes it instead of them
+        when a handler returned every one of them unchanged (the same objects): a super-packet
+        is written whole as the kernel made it (what coalescing would rebuild, without the
+        work), and a single packet as read where the path does not coalesce."""
+        n, hdr, pkt = self._decode(buf, out)
+        return SuperPacket(pkt, hdr, n) if n else None
+
+    def _decode(self, buf: Buffer, out: list[Buffer]) -> tuple[int, VnetHeader, Buffer]:
+        """(wire packets appended, the read's offload, the read's packet) -- the packet and
+        offload as they can be written again (a checksum completed in place: no offload)."""
         n = len(buf)
         hs = self._hs_in
         if n <= hs:
-            return self._bad(1, "short read")
+            return self._bad(1, "short read"), ZERO_HEADER, buf
         if self._pi_in and _PI.unpack_from(buf)[0] & _uapi.TUN_PKT_STRIP:
-            return self._bad(1, "truncated by the kernel (read buffer too small)")
+            return self._bad(1, "truncated by the kernel (read buffer too small)"), ZERO_HEADER, buf
         if not hs:
             if n > self._fast_mtu and self._over_mtu(buf):
-                return self._too_big(1)
+                return self._too_big(1), ZERO_HEADER, buf
             out.append(buf if self.views or type(buf) is bytes else bytes(buf))
             self.counter.wire_read(1)
-            return 1
+            return 1, ZERO_HEADER, out[-1]
         view = memoryview(buf)
         hdr = ZERO_HEADER
         vh = self._pi_in
         if self._vnet_in and (view[vh] or view[vh + 1]):  # flags or gso_type: work to do
             hdr = decode(view[vh:], self._vnet_in, little_endian=self.source.vnet_le)
-        pkt = view[hs:]
+        pkt = original = view[hs:]
         if hdr.gso_type:
             try:
                 segs = gso.split(hdr, pkt, tap=self._tap_in, mtu=self._mtu_in)
             except MalformedPacket as exc:
-                return self._bad(gso.segment_count(hdr, pkt, tap=self._tap_in), exc.reason)
+                return self._bad(gso.segment_count(hdr, pkt, tap=self._tap_in), exc.reason), \
+                    hdr, pkt
             out.extend(segs)
             self.counter.wire_read(len(segs))
-            return len(segs)
+            return len(segs), hdr, original
         if hdr.flags & _uapi.VIRTIO_NET_HDR_F_NEEDS_CSUM:
             try:
                 if pkt.readonly or not self.views:
                     pkt = memoryview(completed(pkt, hdr.csum_start, hdr.csum_offset))
                 else:
                     complete_checksum(pkt, hdr.csum_start, hdr.csum_offset)
+                    hdr = ZERO_HEADER  # the read itself now holds the complete checksum
             except MalformedPacket as exc:
-                return self._bad(1, exc.reason)
+                return self._bad(1, exc.reason), hdr, pkt
         if len(pkt) > self._fast_mtu and self._over_mtu(pkt):
-            return self._too_big(1)
+            return self._too_big(1), hdr, pkt
         out.append(pkt.toreadonly() if self.views else pkt.tobytes())
         self.counter.wire_read(1)
-        return 1
+        return 1, hdr, original
 
     def decode_all(self, bufs: Iterable[Buffer]) -> list[Buffer]:
         """The wire packets of a whole drain, in order."""
@@ -429,14 +450,14 @@ class PacketPath:
         if t is SuperPacket:
             return p if self.super_packets else None  # type: ignore[return-value]
         if t is not bytes and t is not bytearray:
-            try:
-                mv = memoryview(p)  # type: ignore[arg-type]
+            try:  # a memoryview is kept as it is (the same object: see decode_original)
+                mv = p if isinstance(p, memoryview) else memoryview(p)  # type: ignore[arg-type]
+                if not mv.c_contiguous:
+                    return None
+                if mv.ndim != 1 or mv.itemsize != 1:
+                    mv = mv.cast("B")
             except (TypeError, ValueError):  # no buffer (str, int, None), or a released view
                 return None
-            if not mv.c_contiguous:
-                return None
-            if mv.ndim != 1 or mv.itemsize != 1:
-                mv = mv.cast("B")
             p = mv
         pkt: Buffer = p  # type: ignore[assignment]
         n = len(pkt)
