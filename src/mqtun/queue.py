@@ -145,14 +145,27 @@ class Queue:
         than the headers is counted as a packet of 0 payload bytes.
         """
         wait = self.timeout if isinstance(timeout, _Default) else timeout
+        if wait == 0:  # never waits, even on an fd someone set blocking (compat)
+            if self._closed:
+                raise self._closed_error("read")
+            try:
+                n = os.preadv(self.fd, [buffer], -1, os.RWF_NOWAIT) if _rwf_nowait else (
+                    self._read_nowait(buffer))  # fmt: skip
+            except BlockingIOError:
+                return 0
+            except OSError as exc:
+                if exc.errno != errno.EOPNOTSUPP:
+                    raise self._read_failed(exc) from None
+                n = self._read_nowait(buffer)  # learns that the kernel lacks RWF_NOWAIT
+            self._count_read(1, n)
+            return n
         deadline = None if wait is None else time.monotonic() + wait
         while True:
             self._require_open("read")
             try:
-                # timeout 0 never waits, even on an fd someone set blocking (compat)
-                n = self._read_nowait(buffer) if wait == 0 else os.readv(self.fd, [buffer])
+                n = os.readv(self.fd, [buffer])
             except BlockingIOError:
-                if wait == 0 or not self._wait(_POLL_IN, deadline, "read"):
+                if not self._wait(_POLL_IN, deadline, "read"):
                     return 0
                 continue
             except OSError as exc:
@@ -225,7 +238,9 @@ class Queue:
         read cut shorter than its headers (a small buffer) counts as 0 bytes, never less."""
         c = self.counters.slots
         c[READ_PACKETS] += packets
-        c[READ_BYTES] += max(0, nbytes - self.header_size * packets)
+        payload = nbytes - self.header_size * packets
+        if payload > 0:
+            c[READ_BYTES] += payload
 
     # ---- writing ----------------------------------------------------------------------------
     # One rule for EAGAIN (the socket's send buffer is full, see set_sndbuf) in write, writev
@@ -238,13 +253,20 @@ class Queue:
 
         A refused packet raises MqtunError after being counted as a write error and a drop.
         """
-        n = self._write_one(os.write, packet, self._write_deadline(), 0)
+        if self._closed:
+            raise self._closed_error("write")
+        try:
+            n = os.write(self.fd, packet)
+        except BlockingIOError:  # the send buffer is full: wait by the rule
+            n = self._write_one(os.write, packet, DEFAULT, 0)
+        except OSError as exc:
+            raise self._write_failed(exc) from None
         self._count_written(1, n - self.header_size)
         return n
 
     def writev(self, parts: Sequence[BytesLike]) -> int:
         """Inject one packet gathered from several buffers (e.g. a header and a payload)."""
-        n = self._write_one(os.writev, parts, self._write_deadline(), 0)
+        n = self._write_one(os.writev, parts, DEFAULT, 0)
         self._count_written(1, n - self.header_size)
         return n
 
@@ -283,13 +305,16 @@ class Queue:
         return None if self.timeout is None else time.monotonic() + self.timeout
 
     def _write_one(self, write: Callable[[int, Any], int], packet: Any,
-                   deadline: float | None, written: int) -> int:
-        """One packet through `write` (os.write or os.writev), EAGAIN handled by the rule."""
+                   deadline: float | _Default | None, written: int) -> int:
+        """One packet through `write` (os.write or os.writev), EAGAIN handled by the rule
+        (`deadline` DEFAULT: the queue's timeout from the first EAGAIN)."""
         while True:
             self._require_open("write")
             try:
                 return write(self.fd, packet)
             except BlockingIOError:
+                if isinstance(deadline, _Default):
+                    deadline = self._write_deadline()
                 if not self._wait(_POLL_OUT, deadline, "write"):
                     raise QueueFullError(
                         f"the send buffer of {self.device.known_name} stayed full "
@@ -303,7 +328,8 @@ class Queue:
     def _count_written(self, packets: int, nbytes: int) -> None:
         c = self.counters.slots
         c[WRITTEN_PACKETS] += packets
-        c[WRITTEN_BYTES] += max(0, nbytes)
+        if nbytes > 0:
+            c[WRITTEN_BYTES] += nbytes
 
     # ---- queue state (TUNSETQUEUE) ------------------------------------------------------------
     def disable(self) -> None:

@@ -307,11 +307,12 @@ class TunTapDevice:
     One queue (fd) of a tun/tap device, created or attached by one TUNSETIFF with `flags`.
     """
 
-    __slots__ = ("_device", "_name", "_queue")
+    __slots__ = ("_device", "_name", "_queue", "_scratch")
 
     def __init__(self, name: str = "", flags: int = IFF_TUN,
                  dev: str = _uapi.TUN_DEVICE_PATH) -> None:
         self._queue: Queue | None = None  # so that __del__ of a failed construction is safe
+        self._scratch: bytearray | None = None  # read()'s buffer, reused
         raw = _c_string(name, 1)
         flags = _c_int(flags)
         path = _c_string(dev, 3).decode()
@@ -410,25 +411,35 @@ class TunTapDevice:
         thread (then Error(EBADF)); on an fd set to O_NONBLOCK, Error(EAGAIN) if none is queued.
         """
         n = operator.index(size) & _ALL_ONES  # the "I" format masks, it does not check
-        q = self._live()
+        q = self._queue
+        if q is None or q.closed:
+            raise _errno_error(errno.EBADF)
         try:
             if n == 0:
                 return os.read(q.fd, 0)  # the kernel still checks that the device exists
-            buf = bytearray(n)
-            got = q.read_into(buf, timeout=0)  # one syscall when a packet is queued
+            # a scratch buffer kept between reads: zeroing a fresh 64 KiB one per packet cost
+            # more than the read itself; a second thread reading meanwhile makes its own
+            scratch, self._scratch = self._scratch, None
+            if scratch is None or len(scratch) != n:
+                scratch = bytearray(n)
+            got = q.read_into(scratch, timeout=0)  # one syscall when a packet is queued
             while not got and os.get_blocking(q.fd):  # a blocking fd: wait, wakeable by close
                 q.wait_readable()
-                got = q.read_into(buf, timeout=0)
+                got = q.read_into(scratch, timeout=0)
+            with memoryview(scratch) as view:
+                data = bytes(view[:got])
+            self._scratch = scratch
         except OSError as exc:
             raise _error(exc) from exc
         if not got:
             raise _errno_error(errno.EAGAIN)
-        del buf[got:]
-        return bytes(buf)
+        return data
 
     def write(self, data: str | bytes, /) -> int:
         """write(data) -> number of bytes written: one packet (a str is written as UTF-8)."""
-        if isinstance(data, str):
+        if type(data) is bytes:
+            payload = data
+        elif isinstance(data, str):
             payload = data.encode()
         elif isinstance(data, bytes):
             payload = data
@@ -440,7 +451,9 @@ class TunTapDevice:
                     f"a bytes-like object is required, not '{type(data).__name__}'") from None
             raise TypeError("write() argument 1 must be read-only bytes-like object, "
                             f"not {type(data).__name__}")
-        q = self._live()
+        q = self._queue
+        if q is None or q.closed:
+            raise _errno_error(errno.EBADF)
         try:
             return q.write(payload)
         except OSError as exc:
