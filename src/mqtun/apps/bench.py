@@ -15,6 +15,7 @@ Configurations, all in one run so that the ratios compare like with like (`DESCR
     mqtun-1q-epoll        `mqtun forward --mode epoll`: no spinning (the spin policy's baseline)
     mqtun-1q-handler      `mqtun forward --handler` with a pass-through handler: the handler
                           sees wire packets (super-packets split, then coalesced on write)
+    mqtun-1q-handler-nocoalesce  the same handler, `--no-coalesce`
     mqtun-1q-batch        the same with `--handler-batch`: a list of packets per drain
 
 Workloads, each measured with a standard tool in A (client) and B (server):
@@ -94,6 +95,8 @@ CONFIGS: dict[str, ForwarderSpec] = {
     "mqtun-1q-epoll": ForwarderSpec("mqtun", 1, offload=True, mode="epoll"),
     "mqtun-1q-handler": ForwarderSpec("mqtun", 1, offload=True,
                                       handler="mqtun.apps.handlers:identity"),
+    "mqtun-1q-handler-nocoalesce": ForwarderSpec("mqtun", 1, offload=True, coalesce=False,
+                                                 handler="mqtun.apps.handlers:identity"),
     "mqtun-1q-batch": ForwarderSpec("mqtun", 1, offload=True,
                                     handler="mqtun.apps.handlers:identity_batch",
                                     handler_batch=True),
@@ -115,6 +118,7 @@ DESCRIPTIONS = {
     "mqtun-1q-epoll": "mqtun forward --mode epoll, 1 queue: sleeps at once, never spins",
     "mqtun-1q-handler": "mqtun forward with a pass-through handler (wire packets: split, "
                         "handler, coalesce), 1 queue",
+    "mqtun-1q-handler-nocoalesce": "the same handler with --no-coalesce, 1 queue",
     "mqtun-1q-batch": "the same with a batch handler (a list per drain), 1 queue",
 }
 SHORT_CONFIGS = ("veth", "mqtun-1q", "c-1q", "pytun-1q")
