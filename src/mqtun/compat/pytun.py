@@ -401,8 +401,8 @@ class TunTapDevice:
     # ---- python-pytun's fd methods --------------------------------------------------------------
     def fileno(self) -> int:
         """The queue's fd; -1 once closed (python-pytun's loops test for that)."""
-        q = self._queue
-        return -1 if q is None or q.closed else q.fd
+        q = self._queue  # select() asks on every call: a closed queue's fd is already -1
+        return -1 if q is None else q.fd
 
     def read(self, size: int, /) -> bytes:
         """read(size) -> at most size bytes of one packet (the rest of it is dropped).
