@@ -141,6 +141,19 @@ def _place(dev: str, ns: NetNamespace, v4: str, v6: str | None) -> None:
     ns.run(["ip", "link", "set", dev, "up"])
 
 
+def _running(forward: Callable[..., ForwardProc], make_netns: Callable[[], NetNamespace],
+             *args: str, queues: int = 1, v6: bool = True,
+             ) -> tuple[ForwardProc, NetNamespace, NetNamespace]:
+    """`mqtun forward ARGS` serving, its devices moved into two new namespaces, addressed."""
+    dev_a, dev_b = _names()
+    fp = forward(*args, dev_a, dev_b)
+    fp.wait_ready(queues)
+    ns_a, ns_b = make_netns(), make_netns()
+    _place(dev_a, ns_a, A_V4, A_V6 if v6 else None)
+    _place(dev_b, ns_b, B_V4, B_V6 if v6 else None)
+    return fp, ns_a, ns_b
+
+
 def _link_stats(ns: NetNamespace, dev: str) -> dict[str, int]:
     with ns.enter(), IPRoute() as ipr:
         idx = ipr.link_lookup(ifname=dev)
@@ -440,13 +453,9 @@ def test_handler_on_the_command_line_is_a_middlebox(forward, make_netns, tmp_pat
     port's datagrams never do and are counted drops."""
     (tmp_path / "mybox.py").write_text(_MIDDLEBOX)
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}")
-    dev_a, dev_b = _names()
-    fp = forward("--handler", f"mybox:{'batch' if batch else 'one'}",
-                 *(["--handler-batch"] if batch else []), dev_a, dev_b)
-    fp.wait_ready(1)
-    ns_a, ns_b = make_netns(), make_netns()
-    _place(dev_a, ns_a, A_V4, A_V6)
-    _place(dev_b, ns_b, B_V4, B_V6)
+    fp, ns_a, ns_b = _running(forward, make_netns, "--handler",
+                              f"mybox:{'batch' if batch else 'one'}",
+                              *(["--handler-batch"] if batch else []))
     tcp_transfer(ns_a, ns_b, B_V4, 2 << 20)
     udp_transfer(ns_a, ns_b, B_V4, 200, gso=True)
     time.sleep(0.3)
@@ -482,12 +491,8 @@ def test_a_handler_that_cannot_be_found_is_a_usage_error(netns) -> None:
 
 
 def test_tap_pair_forwards_ethernet(forward, make_netns) -> None:
-    dev_a, dev_b = _names()
-    fp = forward("--tap", "--queues", "2", dev_a, dev_b)
-    fp.wait_ready(2)
-    ns_a, ns_b = make_netns(), make_netns()
-    _place(dev_a, ns_a, A_V4, None)
-    _place(dev_b, ns_b, B_V4, None)
+    fp, ns_a, ns_b = _running(forward, make_netns, "--tap", "--queues", "2", queues=2,
+                              v6=False)
     tcp_transfer(ns_a, ns_b, B_V4, 1 << 20)
     udp_transfer(ns_a, ns_b, B_V4, 400, gso=True)
     rc, took = fp.stop(signal.SIGINT)
