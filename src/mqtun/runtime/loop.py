@@ -719,12 +719,13 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
                             else:
                                 answers.extend(wire[first:end])
             else:
+                alone = len(reads) == 1  # nothing else in this drain it could be joined with
                 for first, end, original in reads:
                     start = len(answers)
                     for j in range(first, end):
                         run_handler(handler, wire[j], path, faults,  # type: ignore[arg-type]
                                     answers)
-                    if (keep_plain or original.offload.gso_type) and len(
+                    if (keep_plain or alone or original.offload.gso_type) and len(
                             answers) - start == end - first and all(
                             answers[start + j] is wire[first + j] for j in range(end - first)):
                         answers[start:] = [original]

@@ -503,7 +503,7 @@ class PacketPath:
             wire = self._to_tun(wire)
         if self._plain_out:
             return [Outgoing((p,), 1) for p in wire]
-        if self._gro_tcp or self._gro_udp:
+        if (self._gro_tcp or self._gro_udp) and len(wire) > 1:  # one packet joins nothing
             items = coalesce(wire, tap=self._tap_out and not self._eth, tcp=self._gro_tcp,
                              udp=self._gro_udp, verify=self.verify)  # fmt: skip
         else:
