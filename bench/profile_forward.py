@@ -111,13 +111,20 @@ def main() -> int:
                     help="profile `forward --handler` (e.g. mqtun.apps.handlers:identity)")
     ap.add_argument("--handler-batch", action="store_true")
     ap.add_argument("--coalesce", action="store_true", default=None)
+    ap.add_argument("--pytun", choices=("python-pytun", "compat"),
+                    help="profile the python-pytun forwarder instead, on that library or on "
+                         "mqtun.compat.pytun (no offloads)")
     args = ap.parse_args()
     if not shutil.which("py-spy"):
         print("profile_forward: needs py-spy (pip install py-spy)", file=sys.stderr)
         return 2
-    spec = ForwarderSpec("mqtun", args.queues, offload=not args.no_offload,
-                         handler=args.handler, handler_batch=args.handler_batch,
-                         coalesce=args.coalesce)
+    if args.pytun:
+        spec = ForwarderSpec("pytun", args.queues, offload=False,
+                             compat=args.pytun == "compat")
+    else:
+        spec = ForwarderSpec("mqtun", args.queues, offload=not args.no_offload,
+                             handler=args.handler, handler_batch=args.handler_batch,
+                             coalesce=args.coalesce)
     with tempfile.TemporaryDirectory(prefix="mqtun-prof-") as tmp, Topology(spec) as topo:
         assert topo.proc is not None
         workers = [p for p in topo.forwarder_pids() if p != topo.proc.pid]
