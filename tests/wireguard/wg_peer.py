@@ -14,8 +14,8 @@ import base64
 import contextlib
 import os
 import shutil
-import sys
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
