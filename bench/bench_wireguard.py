@@ -19,6 +19,11 @@ has medians of throughput, TCP retransmits and the receiver's out-of-order segme
 two WireGuard processes (their workers included), and the ratios the issue sets targets for:
 mqtun 2 queues >= 3x wireguard-go, 2 queues >= 1.5x 1 queue. Not a test: `--short` (one
 repetition of 1 s, tcp1, wggo-wggo and mqtun1-mqtun1) only checks that the bench works.
+
+`--profile CONFIG` instead sets up one configuration, runs the first workload for
+`--seconds` + 3 s and samples every process of each end with py-spy meanwhile (the main
+process and its workers; samples waiting in the kernel left out), printing where each end
+spends its time (bench/profile_forward.py's tables).
 """
 
 from __future__ import annotations
@@ -26,9 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +47,7 @@ sys.path.insert(0, str(ROOT / "tests" / "wireguard"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_tunnel import _cpu_seconds, _env  # noqa: E402
+from profile_forward import summarize  # noqa: E402
 from wg_peer import WireguardGo, mqtun_wg_command  # noqa: E402
 
 from mqtun.netns import NetNamespace  # noqa: E402
@@ -148,7 +157,10 @@ def run_one(s: Setup, workload: str, seconds: float) -> Run:
     pids = [e.pid for e in s.ends]
     cpu0 = sum(_cpu_seconds(p) for p in pids)
     ofo0 = _netstat(receiver, "TCPOFOQueue")
-    out = s.left.run(argv, check=False, timeout=seconds + 30)
+    try:
+        out = s.left.run(argv, check=False, timeout=seconds + 30)
+    except subprocess.TimeoutExpired:  # a stalled run is a zero, not the end of the bench
+        out = subprocess.CompletedProcess(argv, 1, "", "")
     ofo1 = _netstat(receiver, "TCPOFOQueue")
     cpu1 = sum(_cpu_seconds(p) for p in pids)
     try:
@@ -193,6 +205,50 @@ def table(setups: list[Setup], workloads: list[str], repeat: int, seconds: float
     return "\n".join(lines) + "\n"
 
 
+def _family(pid: int) -> list[int]:
+    """`pid` and its children (a multi-queue `mqtun wg`'s workers)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [pid, *(int(x) for x in f.read().split())]
+    except OSError:
+        return [pid]
+
+
+def profile(name: str, workload: str, seconds: float, top: int) -> int:
+    if not shutil.which("py-spy"):
+        print("bench_wireguard: --profile needs py-spy (pip install py-spy)", file=sys.stderr)
+        return 2
+    s = setup(name, 0)
+    try:
+        load = threading.Thread(target=run_one, args=(s, workload, seconds + 3), daemon=True)
+        load.start()
+        time.sleep(1.5)
+        with tempfile.TemporaryDirectory(prefix="mqtun-wgprof-") as tmp:
+            sides = [(label, _family(end.pid)) for label, end in zip(("left", "right"), s.ends,
+                                                                      strict=True)]
+            spies = []
+            for label, pids in sides:
+                for pid in pids:
+                    out = Path(tmp) / f"{label}-{pid}.txt"
+                    spies.append((out, subprocess.Popen(
+                        ["py-spy", "record", "--nonblocking", "-r", "250", "-f", "raw", "-d",
+                         str(max(1, round(seconds))), "-p", str(pid), "-o", str(out)],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
+            for _, spy in spies:
+                _, err = spy.communicate(timeout=seconds + 30)
+                if spy.returncode != 0:
+                    print(f"py-spy failed: {err.strip()[-300:]}", file=sys.stderr)
+            load.join(seconds + 40)
+            for label, pids in sides:
+                raw = "\n".join(p.read_text() for p in Path(tmp).glob(f"{label}-*.txt"))
+                print(f"== {name} {workload}: {label} end ({CONFIGS[name][label == 'right']}), "
+                      f"pids {pids}")
+                print(summarize(raw, top))
+    finally:
+        s.close()
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=3)
@@ -202,6 +258,8 @@ def main() -> int:
     ap.add_argument("--short", action="store_true",
                     help="1 repetition of 1 s, tcp1, wggo-wggo and mqtun1-mqtun1")
     ap.add_argument("--out", help="also write the table (markdown) here")
+    ap.add_argument("--profile", metavar="CONFIG", help="py-spy both ends of one configuration")
+    ap.add_argument("--top", type=int, default=15, help="rows of each --profile table")
     args = ap.parse_args()
     workloads = ["tcp1"] if args.short else args.workloads.split(",")
     configs = [BASELINE, "mqtun1-mqtun1"] if args.short else args.configs.split(",")
@@ -213,6 +271,10 @@ def main() -> int:
             ap.error(f"unknown configuration {c!r} (choose from {', '.join(CONFIGS)})")
     repeat, seconds = (1, 1.0) if args.short else (args.repeat, args.seconds)
     os.environ.update(_env())  # `mqtun wg` runs this checkout's source
+    if args.profile:
+        if args.profile not in CONFIGS:
+            ap.error(f"unknown configuration {args.profile!r}")
+        return profile(args.profile, workloads[0], args.seconds, args.top)
     load_before = _load()
     setups: list[Setup] = []
     try:

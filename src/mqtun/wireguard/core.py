@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from mqtun.wireguard import messages as m
@@ -357,26 +357,48 @@ class WireguardCore:
     # -- the TUN path ------------------------------------------------------------------
     def send(self, packet: bytes, now: float) -> Output:
         """One IP packet read from the TUN -> the datagrams that carry it (or a handshake)."""
-        dst = _ip_destination(packet)
+        return self.send_batch([packet], now)
+
+    def send_batch(self, packets: Sequence[bytes], now: float) -> Output:
+        """Packets with one destination (a super-packet's segments), routed once by the first:
+        the datagrams that carry them, or a handshake."""
+        dst = _ip_destination(packets[0]) if packets else None
         peer = self.allowed_ips.lookup(dst) if dst is not None else None
         if peer is None:
-            return self._drop(m.Drop(m.DropReason.NO_ROUTE))
-        return self.send_to(peer, packet, now)
+            self.drops[m.DropReason.NO_ROUTE.value] += len(packets)
+            return Output()
+        return self.send_many(peer, packets, now)
 
     def send_to(self, peer: Peer, packet: bytes, now: float) -> Output:
+        return self.send_many(peer, [packet], now)
+
+    def send_many(self, peer: Peer, packets: Sequence[bytes], now: float) -> Output:
+        """IP packets for `peer` (b"" is a keepalive) -> one transport datagram each, in order,
+        with the peer's timers and rekey check run once for the batch (a TSO super-packet's
+        segments arrive together). Without a usable session they are staged for the
+        handshake this starts."""
         if peer.endpoint is None:
-            return self._drop(m.Drop(m.DropReason.NO_ROUTE, "peer has no endpoint"))
+            self.drops[m.DropReason.NO_ROUTE.value] += len(packets)
+            return Output()
         current = peer.session.current
         if current is None or now - current.keypair.created >= REJECT_AFTER_TIME:
-            if packet:
-                peer.staged.append(packet)
+            peer.staged.extend(p for p in packets if p)
             return self.initiate(peer, now)
-        data = peer.session.encrypt(packet, now, mtu=self.mtu)
-        if isinstance(data, m.Drop):
-            return self._drop(data)
-        peer.tx_bytes += len(data)
-        out = Output([Datagram(data, peer.endpoint)])
-        if packet:
+        encrypt, mtu, to = peer.session.encrypt, self.mtu, peer.endpoint
+        datagrams = []
+        size = 0
+        for packet in packets:
+            data = encrypt(packet, now, mtu=mtu)
+            if isinstance(data, m.Drop):
+                self.drops[data.reason.value] += 1
+                continue
+            size += len(data)
+            datagrams.append(Datagram(data, to))
+        if not datagrams:
+            return Output()
+        peer.tx_bytes += size
+        out = Output(datagrams)
+        if any(packets):
             peer.timers.on_data_sent(now, jitter())
         peer.timers.on_authenticated_sent()
         peer.timers.on_authenticated_traversal(now)
@@ -389,10 +411,11 @@ class WireguardCore:
         return self.send_to(peer, b"", now)
 
     def _flush_staged(self, peer: Peer, now: float) -> Output:
-        out = Output()
-        while peer.staged:
-            out.extend(self.send_to(peer, peer.staged.popleft(), now))
-        return out
+        if not peer.staged:
+            return Output()
+        packets = list(peer.staged)
+        peer.staged.clear()
+        return self.send_many(peer, packets, now)
 
     # -- timers ------------------------------------------------------------------------
     def tick(self, now: float) -> Output:

@@ -36,9 +36,11 @@ from typing import Any
 
 from mqtun.errors import DeviceGoneError, MqtunError
 from mqtun.packet.checksum import numpy as load_numpy
+from mqtun.runtime.sockets import UdpEndpoint
 from mqtun.wireguard import messages as m
 from mqtun.wireguard.core import Output, Peer, WireguardCore, _ip_destination
-from mqtun.wireguard.endpoint import Endpoint, _plain, _wire
+from mqtun.wireguard.datapath import read_tun, receive_datagrams, send_datagrams, write_tun
+from mqtun.wireguard.endpoint import Endpoint
 from mqtun.wireguard.noise import Keypair, new_private_key
 from mqtun.wireguard.session import CounterBlocks, CounterTable, TransportKeys
 from mqtun.wireguard.timers import REJECT_AFTER_TIME, jitter
@@ -266,10 +268,10 @@ class MultiEndpoint(Endpoint):
         if kind == "datagram":  # a handshake message or cookie reply a worker received
             _, data, src, via = message
             self._emit(core.receive(data, src, now, via=via))
-        elif kind == "stage":  # a packet for a peer without a usable session
+        elif kind == "stage":  # packets for a peer without a usable session
             peer = core.peers.get(message[1])
             if peer is not None:
-                self._emit(core.send_to(peer, message[2], now))
+                self._emit(core.send_many(peer, message[2], now))
         elif kind == "handshake":
             peer = core.peers.get(message[1])
             if peer is not None:
@@ -337,6 +339,10 @@ class _Worker:
         self.table = parent.table
         self.queue = parent.device.queues[index]
         self.sock = parent.group[index]
+        self.offloaded = parent.offloaded
+        self.udp = UdpEndpoint(self.sock, gro=self.offloaded)
+        self.wire_cache: dict[tuple[str, int], tuple[str, int]] = {}
+        self.pending: list[bytes] = []  # decrypted packets of one wake-up, written together
         for i, sock in enumerate(parent.group):
             if i != index:
                 sock.close()
@@ -373,6 +379,9 @@ class _Worker:
                     self._from_workers()
                 if "udp" in ready:
                     self._from_udp()
+                if self.pending:
+                    packets, self.pending = self.pending, []
+                    write_tun(self.queue, packets, self.offloaded)
                 if "tun" in ready:
                     self._from_tun()
                 now = time.monotonic()
@@ -403,40 +412,34 @@ class _Worker:
             self.stats.clear()
 
     def _emit(self, out: Output) -> None:
-        for d in out.datagrams:
-            with contextlib.suppress(OSError):
-                self.sock.sendto(d.data, _wire(d.to))
-        for packet in out.packets:
-            with contextlib.suppress(MqtunError):
-                self.queue.write(packet)
+        """Send the datagrams now; the packets are written after this wake-up's reads."""
+        if out.datagrams:
+            send_datagrams(self.udp, out.datagrams, self.wire_cache)
+        if out.packets:
+            self.pending += out.packets
 
     def _from_tun(self) -> None:
         now = time.monotonic()
-        for packet in self.queue.read_batch(_BATCH):  # DeviceGoneError ends the worker
-            dst = _ip_destination(packet)
+        # DeviceGoneError ends the worker
+        for segments in read_tun(self.queue, self.offloaded, _BATCH):
+            dst = _ip_destination(segments[0])
             peer = self.core.allowed_ips.lookup(dst) if dst is not None else None
             if peer is None:
-                self.core.drops[m.DropReason.NO_ROUTE.value] += 1
+                self.core.drops[m.DropReason.NO_ROUTE.value] += len(segments)
                 continue
             current = peer.session.current
             if current is None or now - current.keypair.created >= REJECT_AFTER_TIME:
-                self._tell(("stage", peer.public_key, packet))
+                self._tell(("stage", peer.public_key, segments))
                 continue
             before = peer.tx_bytes
-            self._emit(self.core.send_to(peer, packet, now))
+            self._emit(self.core.send_many(peer, segments, now))
             stat = self._stat(peer)
             stat[1] += peer.tx_bytes - before
             stat[2] = True
 
     def _from_udp(self) -> None:
-        for _ in range(_BATCH):
-            try:
-                data, src = self.sock.recvfrom(65536)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                continue
-            self._datagram(data, _plain(src), self.index)
+        for data, src in receive_datagrams(self.udp, _BATCH):
+            self._datagram(data, src, self.index)
 
     def _datagram(self, data: bytes, src: tuple[str, int], via: int) -> None:
         """One datagram that reached worker `via`'s socket (this one, or passed on to us)."""
@@ -518,6 +521,7 @@ class _Worker:
                 self.sock.close()
                 self.sock = socket.socket(fileno=fds[0])
                 self.sock.setblocking(False)
+                self.udp = UdpEndpoint(self.sock, gro=self.offloaded)
                 sel.register(self.sock, selectors.EVENT_READ, "udp")
         return True
 
