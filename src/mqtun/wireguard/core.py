@@ -384,20 +384,13 @@ class WireguardCore:
         if current is None or now - current.keypair.created >= REJECT_AFTER_TIME:
             peer.staged.extend(p for p in packets if p)
             return self.initiate(peer, now)
-        encrypt, mtu, to = peer.session.encrypt, self.mtu, peer.endpoint
-        datagrams = []
-        size = 0
-        for packet in packets:
-            data = encrypt(packet, now, mtu=mtu)
-            if isinstance(data, m.Drop):
-                self.drops[data.reason.value] += 1
-                continue
-            size += len(data)
-            datagrams.append(Datagram(data, to))
-        if not datagrams:
+        sealed = peer.session.encrypt_many(packets, now, mtu=self.mtu)
+        if isinstance(sealed, m.Drop):
+            self.drops[sealed.reason.value] += len(packets)
             return Output()
-        peer.tx_bytes += size
-        out = Output(datagrams)
+        to = peer.endpoint
+        peer.tx_bytes += sum(map(len, sealed))
+        out = Output([Datagram(data, to) for data in sealed])
         if any(packets):
             peer.timers.on_data_sent(now, jitter())
         peer.timers.on_authenticated_sent()

@@ -6,15 +6,19 @@ message under it arrives: that message is the initiator's key confirmation).
 
 Send counters never collide between workers: a keypair hands out its counter space in disjoint
 blocks (`CounterBlocks.take`, one lock-protected add in-process; across worker processes the
-same add on a shared-memory word), each worker numbers its packets from its own block, and no
-two blocks overlap, so no (key, nonce) pair is ever used twice. The block is small (64) next to
-the receiver's 8128-counter window, so a slow worker's counters stay inside the peer's window.
+same add on a shared-memory word), each worker numbers a batch of packets from the block it
+takes for that batch, and no two blocks overlap, so no (key, nonce) pair is ever used twice.
+A block is taken when its batch is sent and never kept for later: a worker that stays idle
+while another sends thousands of packets does not come back with counters from far behind,
+which the peer's 8128-counter window would refuse as replays (a kept-back block of 64 once
+made every packet of an idle worker's flow a replay, and its TCP flow stall).
 (`CounterBlocks` serves threads; `SharedCounterBlocks` serves forked worker processes.)
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -120,8 +124,6 @@ class TransportKeys:
     keypair: Keypair
     counters: CounterBlocks = field(default_factory=CounterBlocks)
     window: ReplayWindow = field(default_factory=ReplayWindow)
-    _lease: range = range(0)
-    _lease_at: int = 0
     # the AEADs are keyed once per keypair, not once per packet
     sender: ChaCha20Poly1305 = field(init=False)
     receiver: ChaCha20Poly1305 = field(init=False)
@@ -130,13 +132,12 @@ class TransportKeys:
         self.sender = ChaCha20Poly1305(self.keypair.send_key)
         self.receiver = ChaCha20Poly1305(self.keypair.receive_key)
 
+    def next_counters(self, n: int) -> range:
+        """Counters for a batch of `n` packets about to be sent (a block of their own)."""
+        return self.counters.take(n)
+
     def next_counter(self) -> int:
-        """This worker's next counter (a fresh block from `counters` when its block is used up)."""
-        if self._lease_at >= len(self._lease):
-            self._lease, self._lease_at = self.counters.take(), 0
-        counter = self._lease[self._lease_at]
-        self._lease_at += 1
-        return counter
+        return self.counters.take(1).start
 
 
 def pad(packet: bytes, mtu: int | None = None) -> bytes:
@@ -189,15 +190,26 @@ class Session:
 
     def encrypt(self, packet: bytes, now: float, *, mtu: int | None = None) -> bytes | Drop:
         """One IP packet (b"" for a keepalive) -> a transport data message on `current`."""
+        out = self.encrypt_many([packet], now, mtu=mtu)
+        return out if isinstance(out, Drop) else out[0]
+
+    def encrypt_many(self, packets: Sequence[bytes], now: float, *,
+                     mtu: int | None = None) -> list[bytes] | Drop:
+        """IP packets -> their transport data messages on `current`, in order, numbered from
+        one block of counters taken for the batch (all of them refused if it reaches past
+        REJECT_AFTER_MESSAGES)."""
         keys = self.current
         if keys is None:
             return Drop(DropReason.NO_SESSION)
-        age = now - keys.keypair.created
-        counter = keys.next_counter()
-        if counter >= REJECT_AFTER_MESSAGES or age >= REJECT_AFTER_TIME:
+        if now - keys.keypair.created >= REJECT_AFTER_TIME:
             return Drop(DropReason.KEY_EXPIRED)
-        header = Transport.header(keys.keypair.remote_index, counter)
-        return header + keys.sender.encrypt(_nonce(counter), pad(packet, mtu), None)
+        counters = keys.next_counters(len(packets))
+        if counters.stop > REJECT_AFTER_MESSAGES:
+            return Drop(DropReason.KEY_EXPIRED)
+        seal, remote, header = keys.sender.encrypt, keys.keypair.remote_index, Transport.header
+        return [header(remote, c) + seal(_NONCE_PREFIX + c.to_bytes(8, "little"), pad(p, mtu),
+                                         None)
+                for c, p in zip(counters, packets, strict=True)]
 
     def decrypt(self, msg: Transport, now: float) -> tuple[bytes, TransportKeys] | Drop:
         """A transport message -> (plaintext, the keys that opened it), or why not.
