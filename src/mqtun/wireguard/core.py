@@ -34,6 +34,7 @@ from mqtun.wireguard.timers import (
 __all__ = ["Datagram", "Output", "Peer", "WireguardCore"]
 
 Address = tuple[str, int]
+_TRANSPORT_TYPE = m.TRANSPORT.to_bytes(4, "little")
 MAX_STAGED = 128
 # Under load: more handshake messages in one second than this. The interface then stays
 # under load for UNDER_LOAD_AFTER_TIME and answers initiations lacking a valid mac2 with a
@@ -256,7 +257,7 @@ class WireguardCore:
         if isinstance(msg, m.Drop):
             return self._drop(msg)
         if isinstance(msg, m.Transport):
-            return self._receive_transport(msg, len(data), src, now)
+            return self._receive_transports(msg.receiver, [bytes(data)], src, now)
         if isinstance(msg, m.CookieReply):
             return self._receive_cookie(msg, now)
         self._count_handshake(now)
@@ -316,38 +317,83 @@ class WireguardCore:
             return self._drop(m.Drop(m.DropReason.NO_COOKIE_EXPECTED))
         return Output()
 
-    def _receive_transport(self, msg: m.Transport, size: int, src: Address,
-                           now: float) -> Output:
-        peer = self._indexes.get(msg.receiver)
+    def receive_batch(self, datagrams: Sequence[tuple[bytes, Address]], now: float, *,
+                      via: int | None = None) -> Output:
+        """Datagrams read together (a GRO train, one drain of the socket), in order: each run
+        of transport messages from one source under one receiver index is opened in one go
+        (the keys found once, the timers run once); anything else goes through `receive`."""
+        out = Output()
+        i, n = 0, len(datagrams)
+        while i < n:
+            data, src = datagrams[i]
+            if len(data) < m.KEEPALIVE_SIZE or data[:4] != _TRANSPORT_TYPE:
+                out.extend(self.receive(data, src, now, via=via))
+                i += 1
+                continue
+            index = data[4:8]
+            j = i + 1
+            while j < n:
+                d, s = datagrams[j]
+                if s != src or d[4:8] != index or d[:4] != _TRANSPORT_TYPE \
+                        or len(d) < m.KEEPALIVE_SIZE:
+                    break
+                j += 1
+            out.extend(self._receive_transports(int.from_bytes(index, "little"),
+                                                [d for d, _ in datagrams[i:j]], src, now))
+            i = j
+        return out
+
+    def _receive_transports(self, receiver: int, messages: list[bytes], src: Address,
+                            now: float) -> Output:
+        """Transport messages from `src` under one receiver index (whole datagrams)."""
+        peer = self._indexes.get(receiver)
         if peer is None:
-            return self._drop(m.Drop(m.DropReason.UNKNOWN_INDEX))
+            self.drops[m.DropReason.UNKNOWN_INDEX.value] += len(messages)
+            return Output()
         was_next = peer.session.next
-        result = peer.session.decrypt(msg, now)
-        if isinstance(result, m.Drop):
-            return self._drop(result)
-        plain, keys = result
+        opened = peer.session.open_many(receiver, messages, now)
+        if isinstance(opened, m.Drop):
+            self.drops[opened.reason.value] += len(messages)
+            return Output()
+        keys, plains, refused = opened
+        for drop in refused:
+            self.drops[drop.reason.value] += 1
+        if not plains:
+            return Output()
         out = Output()
         if was_next is keys:  # key confirmation of the handshake we answered
             self._handshake_done(peer, now)
             out.extend(self._flush_staged(peer, now))
         peer.endpoint = src  # roaming: the last authenticated source is where the peer is
-        peer.rx_bytes += size
+        # (the datagrams' sizes: every opened one is its plaintext plus header and tag)
+        peer.rx_bytes += sum(map(len, plains)) + len(plains) * m.KEEPALIVE_SIZE
         peer.timers.on_authenticated_received()
         peer.timers.on_authenticated_traversal(now)
         if needs_rekey_receiving(keys.keypair.is_initiator, now - keys.keypair.created,
                                  peer.timers.sent_last_minute_handshake):
             peer.timers.sent_last_minute_handshake = True
             out.extend(self.initiate(peer, now))
-        if not plain:  # keepalive
-            return out
-        peer.timers.on_data_received(now)
-        parsed = _ip_source_and_length(plain)
-        if parsed is None or parsed[1] > len(plain):
-            return self._merge_drop(out, m.Drop(m.DropReason.BAD_LENGTH, "not an IP packet"))
-        source, length = parsed
-        if not self.allowed_ips.allows(peer, source):
-            return self._merge_drop(out, m.Drop(m.DropReason.NOT_ALLOWED_SOURCE))
-        out.packets.append(plain[:length])
+        packets = out.packets
+        allowed: dict[bytes, bool] = {}
+        data_seen = False
+        for plain in plains:
+            if not plain:  # keepalive
+                continue
+            data_seen = True
+            parsed = _ip_source_and_length(plain)
+            if parsed is None or parsed[1] > len(plain):
+                self.drops[m.DropReason.BAD_LENGTH.value] += 1
+                continue
+            source, length = parsed
+            ok = allowed.get(source)
+            if ok is None:
+                ok = allowed[source] = self.allowed_ips.allows(peer, source)
+            if not ok:
+                self.drops[m.DropReason.NOT_ALLOWED_SOURCE.value] += 1
+                continue
+            packets.append(plain if length == len(plain) else plain[:length])
+        if data_seen:
+            peer.timers.on_data_received(now)
         return out
 
     def _merge_drop(self, out: Output, drop: m.Drop) -> Output:

@@ -216,9 +216,7 @@ class Endpoint:
                     if key.data is None:
                         datagrams = receive_datagrams(self.udp, _BATCH)
                         if core is not None:
-                            now = time.monotonic()
-                            for data, src in datagrams:
-                                self._emit(core.receive(data, src, now))
+                            self._emit(core.receive_batch(datagrams, time.monotonic()))
                             self._flush()
                     else:  # DeviceGoneError ends the loop
                         reads = read_tun(key.data, self.offloaded, _BATCH)

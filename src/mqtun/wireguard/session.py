@@ -42,8 +42,6 @@ PADDING_MULTIPLE = 16
 _NONCE_PREFIX = bytes(4)
 
 
-def _nonce(counter: int) -> bytes:
-    return _NONCE_PREFIX + counter.to_bytes(8, "little")
 COUNTER_BLOCK = 64
 
 
@@ -212,24 +210,51 @@ class Session:
                 for c, p in zip(counters, packets, strict=True)]
 
     def decrypt(self, msg: Transport, now: float) -> tuple[bytes, TransportKeys] | Drop:
-        """A transport message -> (plaintext, the keys that opened it), or why not.
+        """A transport message -> (plaintext, the keys that opened it), or why not."""
+        header = Transport.header(msg.receiver, msg.counter)
+        opened = self.open_many(msg.receiver, [header + bytes(msg.packet)], now)
+        if isinstance(opened, Drop):
+            return opened
+        keys, plains, refused = opened
+        return refused[0] if refused else (plains[0], keys)
+
+    def open_many(self, receiver: int, messages: Sequence[bytes], now: float
+                  ) -> tuple[TransportKeys, list[bytes], list[Drop]] | Drop:
+        """Transport messages under one receiver index (whole datagrams, header included) ->
+        (the keys, the plaintexts of those that opened, in order, one Drop per refused one);
+        a Drop for all of them when the index or its keys are not usable.
 
         The window is consulted before decrypting (cheap refusal of replays) and updated only
-        after the tag verified, so a forged counter can never move it.
+        after the tag verified, so a forged counter can never move it. The first message that
+        opens under `next` confirms it (the initiator now sends on this keypair).
         """
-        keys = self.by_index(msg.receiver)
+        keys = self.by_index(receiver)
         if keys is None:
             return Drop(DropReason.UNKNOWN_INDEX)
         if now - keys.keypair.created >= REJECT_AFTER_TIME:
             return Drop(DropReason.KEY_EXPIRED)
-        if not keys.window.check(msg.counter, REJECT_AFTER_MESSAGES):
-            return Drop(DropReason.REPLAY)
-        try:
-            plain = keys.receiver.decrypt(_nonce(msg.counter), msg.packet, None)
-        except crypto.InvalidTag:
-            return Drop(DropReason.DECRYPT_FAILED)
-        if not keys.window.accept(msg.counter, REJECT_AFTER_MESSAGES):
-            return Drop(DropReason.REPLAY)
-        if keys is self.next:  # key confirmation: the initiator now sends on this keypair
+        window, opener = keys.window, keys.receiver.decrypt
+        check, accept, limit = window.check, window.accept, REJECT_AFTER_MESSAGES
+        plains: list[bytes] = []
+        refused: list[Drop] = []
+        for data in messages:
+            counter = int.from_bytes(data[8:16], "little")
+            if not check(counter, limit):
+                refused.append(_REPLAY)
+                continue
+            try:
+                plain = opener(_NONCE_PREFIX + data[8:16], memoryview(data)[16:], None)
+            except crypto.InvalidTag:
+                refused.append(_DECRYPT_FAILED)
+                continue
+            if not accept(counter, limit):
+                refused.append(_REPLAY)
+                continue
+            plains.append(plain)
+        if plains and keys is self.next:
             self.previous, self.current, self.next = self.current, keys, None
-        return plain, keys
+        return keys, plains, refused
+
+
+_REPLAY = Drop(DropReason.REPLAY)
+_DECRYPT_FAILED = Drop(DropReason.DECRYPT_FAILED)

@@ -438,43 +438,60 @@ class _Worker:
             stat[2] = True
 
     def _from_udp(self) -> None:
-        for data, src in receive_datagrams(self.udp, _BATCH):
-            self._datagram(data, src, self.index)
+        self._datagrams(receive_datagrams(self.udp, _BATCH), self.index)
 
     def _datagram(self, data: bytes, src: tuple[str, int], via: int) -> None:
-        """One datagram that reached worker `via`'s socket (this one, or passed on to us)."""
-        if data[:1] != b"\x04" or len(data) < 8:
-            self._tell(("datagram", data, src, self.index))
+        self._datagrams([(data, src)], via)
+
+    def _datagrams(self, batch: list[tuple[bytes, tuple[str, int]]], via: int) -> None:
+        """Datagrams that reached worker `via`'s socket (this one, or passed on to us), in
+        order: transport messages under our indexes are opened in runs, handshakes go to the
+        main process, another worker's transport messages to that worker."""
+        mine: list[tuple[bytes, tuple[str, int]]] = []
+        for data, src in batch:
+            if data[:1] != b"\x04" or len(data) < 8:
+                self._open(mine, via)
+                self._tell(("datagram", data, src, self.index))
+                continue
+            index = int.from_bytes(data[4:8], "little")
+            owner = index % self.n
+            if owner != self.index:
+                _send(self.others[owner], ("transport", data, src, via), lossy=True)
+                continue
+            if index not in self.core._indexes:
+                self._open(mine, via)
+                # perhaps under a keypair whose announcement is still on its way: hold it
+                held = self.held.setdefault(index, [])
+                if len(held) < _HOLD and len(self.held) < 64:
+                    held.append((time.monotonic(), data, src, via))
+                else:
+                    self.core.drops[m.DropReason.UNKNOWN_INDEX.value] += 1
+                continue
+            mine.append((data, src))
+        self._open(mine, via)
+
+    def _open(self, mine: list[tuple[bytes, tuple[str, int]]], via: int) -> None:
+        """Open a run of transport messages under indexes we own (and empty the list)."""
+        if not mine:
             return
-        owner = int.from_bytes(data[4:8], "little") % self.n
-        if owner != self.index:
-            _send(self.others[owner], ("transport", data, src, via), lossy=True)
-            return
-        index = int.from_bytes(data[4:8], "little")
-        peer = self.core._indexes.get(index)
-        if peer is None:
-            # perhaps under a keypair whose announcement is still on its way: hold it briefly
-            held = self.held.setdefault(index, [])
-            if len(held) < _HOLD and len(self.held) < 64:
-                held.append((time.monotonic(), data, src, via))
-            else:
-                self.core.drops[m.DropReason.UNKNOWN_INDEX.value] += 1
-            return
-        pending = peer.session.next
-        before = (peer.rx_bytes, peer.endpoint)
-        out = self.core.receive(data, src, time.monotonic())
-        if peer.rx_bytes == before[0]:
-            return  # refused: counted in this worker's drops
+        indexes = self.core._indexes
+        peers = {indexes[int.from_bytes(d[4:8], "little")] for d, _ in mine}
+        before = {p: (p.rx_bytes, p.endpoint, p.session.next) for p in peers}
+        out = self.core.receive_batch(mine, time.monotonic())
+        mine.clear()
         self._emit(out)
-        stat = self._stat(peer)
-        stat[0] += peer.rx_bytes - before[0]
-        stat[4] = True
-        stat[6] = via  # whose socket this peer's datagrams reach: its next index is theirs
-        stat[3] = stat[3] or bool(out.packets)
-        if peer.endpoint != before[1]:
-            stat[5] = peer.endpoint
-        if pending is not None and peer.session.current is pending:
-            self._tell(("confirmed", peer.public_key, pending.keypair.local_index))
+        for peer, (rx, endpoint, pending) in before.items():
+            if peer.rx_bytes == rx:
+                continue  # all refused: counted in this worker's drops
+            stat = self._stat(peer)
+            stat[0] += peer.rx_bytes - rx
+            stat[4] = True
+            stat[6] = via  # whose socket this peer's datagrams reach: its next index is theirs
+            stat[3] = stat[3] or bool(out.packets)
+            if peer.endpoint != endpoint:
+                stat[5] = peer.endpoint
+            if pending is not None and peer.session.current is pending:
+                self._tell(("confirmed", peer.public_key, pending.keypair.local_index))
 
     def _from_workers(self) -> None:
         for other in self.others.values():
