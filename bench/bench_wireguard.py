@@ -10,7 +10,8 @@ through the userspace socket); iperf3 runs from the left namespace to the right 
 - ``wggo-wggo``: wireguard-go on both ends (the baseline);
 - ``mqtun1-mqtun1`` / ``mqtun2-mqtun2``: `mqtun wg` with 1 or 2 queues (worker processes) on
   both ends;
-- ``mqtun1-wggo``: `mqtun wg` (1 queue) on the left, wireguard-go on the right.
+- ``mqtun1-wggo``: `mqtun wg` (1 queue) on the left, wireguard-go on the right;
+- ``nooff1-nooff1`` (only if asked for): `mqtun wg --no-offload` on both ends.
 
 All configurations are set up once and the runs are interleaved (every configuration and
 workload once, then again, `--repeat` times), so a busy machine slows them alike. The table
@@ -62,19 +63,24 @@ CONFIGS = {  # name: (left implementation, right implementation)
     "mqtun1-mqtun1": ("mqtun1", "mqtun1"),
     "mqtun2-mqtun2": ("mqtun2", "mqtun2"),
     "mqtun1-wggo": ("mqtun1", "wggo"),
+    "nooff1-nooff1": ("nooff1", "nooff1"),  # (not by default) `mqtun wg --no-offload`
 }
+DEFAULT_CONFIGS = ("wggo-wggo", "mqtun1-mqtun1", "mqtun2-mqtun2", "mqtun1-wggo")
 BASELINE = "wggo-wggo"
 TARGETS = (  # (label, numerator config, denominator config, floor)
     ("mqtun 2q vs wireguard-go", "mqtun2-mqtun2", "wggo-wggo", 3.0),
     ("mqtun 2q vs mqtun 1q", "mqtun2-mqtun2", "mqtun1-mqtun1", 1.5),
     ("mqtun 1q vs wireguard-go", "mqtun1-mqtun1", "wggo-wggo", None),
     ("mqtun 1q -> wireguard-go vs wireguard-go", "mqtun1-wggo", "wggo-wggo", None),
+    ("mqtun 1q vs mqtun 1q without offloads", "mqtun1-mqtun1", "nooff1-nooff1", None),
 )
 
 
 def _command(impl: str) -> list[str]:
     if impl == "wggo":
         return ["wireguard-go", "-f"]
+    if impl.startswith("nooff"):
+        return mqtun_wg_command("--no-offload", "--queues", impl.removeprefix("nooff"))
     return mqtun_wg_command("--queues", impl.removeprefix("mqtun"))
 
 
@@ -254,7 +260,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--workloads", default="tcp1,tcp4")
-    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                    help=f"comma-separated, of {', '.join(CONFIGS)}")
     ap.add_argument("--short", action="store_true",
                     help="1 repetition of 1 s, tcp1, wggo-wggo and mqtun1-mqtun1")
     ap.add_argument("--out", help="also write the table (markdown) here")

@@ -205,8 +205,9 @@ class Session:
         if counters.stop > REJECT_AFTER_MESSAGES:
             return Drop(DropReason.KEY_EXPIRED)
         seal, remote, header = keys.sender.encrypt, keys.keypair.remote_index, Transport.header
-        return [header(remote, c) + seal(_NONCE_PREFIX + c.to_bytes(8, "little"), pad(p, mtu),
-                                         None)
+        # (a full-size packet, the common case, needs no padding: pad() only when it does)
+        return [header(remote, c) + seal(_NONCE_PREFIX + c.to_bytes(8, "little"),
+                                         p if len(p) == mtu else pad(p, mtu), None)
                 for c, p in zip(counters, packets, strict=True)]
 
     def decrypt(self, msg: Transport, now: float) -> tuple[bytes, TransportKeys] | Drop:
