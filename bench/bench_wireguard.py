@@ -17,7 +17,9 @@ All configurations are set up once and the runs are interleaved (every configura
 workload once, then again, `--repeat` times), so a busy machine slows them alike. The table
 has medians of throughput, TCP retransmits and the receiver's out-of-order segments
 (TcpExtTCPOFOQueue: how much the tunnel reordered the flow), the CPU seconds per second of the
-two WireGuard processes (their workers included), and the ratios the issue sets targets for:
+two WireGuard processes (their workers included) and the throughput per CPU-second (on a
+shared machine, what each implementation makes of the CPU it got), and the ratios the issue
+sets targets for:
 mqtun 2 queues >= 3x wireguard-go, 2 queues >= 1.5x 1 queue. Not a test: `--short` (one
 repetition of 1 s, tcp1, wggo-wggo and mqtun1-mqtun1) only checks that the bench works.
 
@@ -188,8 +190,8 @@ def table(setups: list[Setup], workloads: list[str], repeat: int, seconds: float
     med: dict[tuple[str, str], float] = {}
     lines = [f"iperf3 TCP through WireGuard over a veth, medians of {repeat} interleaved runs "
              f"of {seconds:g} s (load average {loads[0]} before, {loads[1]} after)", "",
-             "| config | workload | Mbit/s | retransmits | out-of-order | cpu (both ends) |",
-             "|---|---|---|---|---|---|"]
+             "| config | workload | Mbit/s | retransmits | out-of-order | cpu (both ends) "
+             "| Mbit/s per cpu |", "|---|---|---|---|---|---|---|"]
     for s in setups:
         for w in workloads:
             runs = s.runs.get(w, [])
@@ -199,7 +201,8 @@ def table(setups: list[Setup], workloads: list[str], repeat: int, seconds: float
             lines.append(f"| {s.name} | {w} | {med[(s.name, w)]:.0f} | "
                          f"{statistics.median(r.retransmits for r in runs):.0f} | "
                          f"{statistics.median(r.ofo for r in runs):.0f} | "
-                         f"{statistics.median(r.cpu for r in runs):.2f} |")
+                         f"{statistics.median(r.cpu for r in runs):.2f} | "
+                         f"{statistics.median(r.gbps * 1000 / max(r.cpu, 1e-3) for r in runs):.0f} |")
     lines += ["", "| ratio | workload | value | target | met |", "|---|---|---|---|---|"]
     for label, num, den, floor in TARGETS:
         for w in workloads:
