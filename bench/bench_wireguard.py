@@ -180,6 +180,11 @@ def run_one(s: Setup, workload: str, seconds: float) -> Run:
     return Run(bps / 1e9, retransmits, ofo1 - ofo0, (cpu1 - cpu0) / seconds)
 
 
+def _per_cpu(run: Run) -> float:
+    """Mbit/s per CPU-second of the two WireGuard processes."""
+    return run.gbps * 1000 / max(run.cpu, 1e-3)
+
+
 def _load() -> str:
     with open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])
@@ -202,7 +207,7 @@ def table(setups: list[Setup], workloads: list[str], repeat: int, seconds: float
                          f"{statistics.median(r.retransmits for r in runs):.0f} | "
                          f"{statistics.median(r.ofo for r in runs):.0f} | "
                          f"{statistics.median(r.cpu for r in runs):.2f} | "
-                         f"{statistics.median(r.gbps * 1000 / max(r.cpu, 1e-3) for r in runs):.0f} |")
+                         f"{statistics.median(_per_cpu(r) for r in runs):.0f} |")
     lines += ["", "| ratio | workload | value | target | met |", "|---|---|---|---|---|"]
     for label, num, den, floor in TARGETS:
         for w in workloads:
