@@ -52,6 +52,9 @@ _BATCH = 64
 _TICK = 0.1
 _MAX_MESSAGE = 1 << 17
 _CONTROL_TIMEOUT = 2.0
+# datagrams per message to another worker: _FORWARD of _WIRE_SIZE bytes, or one bigger one,
+# stay within _MAX_MESSAGE
+_FORWARD, _WIRE_SIZE = 64, 1500
 _HOLD, _HOLD_TIME = 16, 1.0  # transport messages held for a keypair not announced yet
 
 
@@ -448,6 +451,7 @@ class _Worker:
         order: transport messages under our indexes are opened in runs, handshakes go to the
         main process, another worker's transport messages to that worker."""
         mine: list[tuple[bytes, tuple[str, int]]] = []
+        theirs: dict[int, list[tuple[bytes, tuple[str, int]]]] = {}
         for data, src in batch:
             if data[:1] != b"\x04" or len(data) < 8:
                 self._open(mine, via)
@@ -455,8 +459,12 @@ class _Worker:
                 continue
             index = int.from_bytes(data[4:8], "little")
             owner = index % self.n
-            if owner != self.index:
-                _send(self.others[owner], ("transport", data, src, via), lossy=True)
+            if owner != self.index:  # passed on in runs of at most _FORWARD wire-size ones
+                run = theirs.setdefault(owner, [])
+                if len(run) >= _FORWARD or (run and len(data) > _WIRE_SIZE):
+                    _send(self.others[owner], ("transports", run, via), lossy=True)
+                    run = theirs[owner] = []
+                run.append((data, src))
                 continue
             if index not in self.core._indexes:
                 self._open(mine, via)
@@ -469,6 +477,9 @@ class _Worker:
                 continue
             mine.append((data, src))
         self._open(mine, via)
+        for owner, run in theirs.items():
+            if run:
+                _send(self.others[owner], ("transports", run, via), lossy=True)
 
     def _open(self, mine: list[tuple[bytes, tuple[str, int]]], via: int) -> None:
         """Open a run of transport messages under indexes we own (and empty the list)."""
@@ -502,8 +513,8 @@ class _Worker:
                     break
                 if got is None:
                     break
-                _, data, src, via = got[0]
-                self._datagram(data, src, via)
+                _, run, via = got[0]
+                self._datagrams(run, via)
 
     def _from_main(self, sel: selectors.BaseSelector) -> bool:
         for _ in range(_BATCH):
