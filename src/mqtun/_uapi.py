@@ -441,6 +441,7 @@ VXLAN_PORT: Final = 4789  # IANA; the kernel's IANA_VXLAN_UDP_PORT
 VXLAN_HLEN: Final = 8
 SOL_UDP: Final = 17
 UDP_SEGMENT: Final = 103  # setsockopt: UDP GSO segment size (include/uapi/linux/udp.h)
+SO_SNDBUFFORCE: Final = 32  # asm-generic/socket.h: SO_SNDBUF past wmem_max (CAP_NET_ADMIN)
 SO_RCVBUFFORCE: Final = 33  # asm-generic/socket.h: SO_RCVBUF past rmem_max (CAP_NET_ADMIN)
 # === end packet ================================================================================
 

@@ -3,6 +3,7 @@ configuring both, UDP through the tunnel both ways, and wireguard-go's lifecycle
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -16,7 +17,8 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-from wg_peer import SOCKET_DIR, WireguardGo, b64, need_wireguard_go
+from pyroute2.ethtool.ioctl import IoctlEthtool  # type: ignore[import-untyped]
+from wg_peer import SOCKET_DIR, WireguardGo, b64, mqtun_wg_command, need_wireguard_go
 
 from mqtun.link import find_link
 from mqtun.netns import NetNamespace
@@ -78,11 +80,11 @@ class MqtunWg:
             os.unlink(self.socket)
 
 
-@pytest.fixture(params=[(), ("--queues", "2")], ids=["1-queue", "2-workers"])
-def pair(netns: NetNamespace, make_netns: Callable[[], NetNamespace], tmp_path: object,
-         request: pytest.FixtureRequest) -> Iterator[tuple[MqtunWg, WireguardGo]]:
-    need_wireguard_go()
-    theirs_ns = make_netns()
+@contextlib.contextmanager
+def _tunnel(netns: NetNamespace, theirs_ns: NetNamespace, tmp_path: object, extra: tuple[str, ...],
+            theirs: list[str]) -> Iterator[tuple[MqtunWg, WireguardGo]]:
+    """`mqtun wg` (with `extra` arguments) here, the peer (`theirs`: wireguard-go's command or
+    another `mqtun wg`) in `theirs_ns`, configured for each other over a veth."""
     subprocess.run(["ip", "link", "add", "wgv0", "type", "veth", "peer", "name", "wgv1",
                     "netns", theirs_ns.name], check=True, timeout=10)
     subprocess.run(["ip", "address", "add", f"{OUR_UNDERLAY}/24", "dev", "wgv0"], check=True)
@@ -92,8 +94,8 @@ def pair(netns: NetNamespace, make_netns: Callable[[], NetNamespace], tmp_path: 
     key_file = f"{tmp_path}/ours"
     with open(key_file, "w") as f:
         f.write(b64(OUR_KEY) + "\n")
-    extra = request.param  # extra `mqtun wg` arguments: every test runs single and multi-worker
-    with WireguardGo(theirs_ns, THEIR_KEY, THEIR_PORT) as wg, MqtunWg(netns, *extra) as ours:
+    with WireguardGo(theirs_ns, THEIR_KEY, THEIR_PORT, command=theirs) as wg, \
+            MqtunWg(netns, *extra) as ours:
         wg.address(f"{THEIR_TUNNEL}/24")
         wg.add_peer(public_key(OUR_KEY), allowed_ips=f"{OUR_TUNNEL}/32",
                     endpoint=f"{OUR_UNDERLAY}:{OUR_PORT}")
@@ -103,6 +105,26 @@ def pair(netns: NetNamespace, make_netns: Callable[[], NetNamespace], tmp_path: 
         netns.run(["ip", "address", "add", f"{OUR_TUNNEL}/24", "dev", ours.name])
         netns.run(["ip", "link", "set", ours.name, "up"])
         yield ours, wg
+
+
+@pytest.fixture(params=[(), ("--queues", "2"), ("--no-offload",)],
+                ids=["1-queue", "2-workers", "no-offload"])
+def pair(netns: NetNamespace, make_netns: Callable[[], NetNamespace], tmp_path: object,
+         request: pytest.FixtureRequest) -> Iterator[tuple[MqtunWg, WireguardGo]]:
+    """mqtun wg and wireguard-go; every test runs single, multi-worker and without offloads."""
+    need_wireguard_go()
+    with _tunnel(netns, make_netns(), tmp_path, request.param, ["wireguard-go", "-f"]) as p:
+        yield p
+
+
+@pytest.fixture(params=[(), ("--queues", "2")], ids=["1-queue", "2-workers"])
+def mqtun_pair(netns: NetNamespace, make_netns: Callable[[], NetNamespace], tmp_path: object,
+               request: pytest.FixtureRequest) -> Iterator[tuple[MqtunWg, WireguardGo]]:
+    """mqtun wg on both ends (the same arguments), offloads on."""
+    need_wireguard_go()
+    with _tunnel(netns, make_netns(), tmp_path, request.param,
+                 mqtun_wg_command(*request.param)) as p:
+        yield p
 
 
 def _udp_exchange(client_ns: NetNamespace | None, client_addr: str, server_ns: NetNamespace,
@@ -198,6 +220,81 @@ def test_tcp_both_ways(pair: tuple[MqtunWg, WireguardGo], netns: NetNamespace) -
     _udp_exchange(None, OUR_TUNNEL, wg.ns, THEIR_TUNNEL)  # handshake done
     _tcp_transfer(None, wg.ns, THEIR_TUNNEL)              # mqtun -> wireguard-go
     _tcp_transfer(wg.ns, netns, OUR_TUNNEL)               # wireguard-go -> mqtun
+
+
+def _transfer_figures(ns: NetNamespace, ifname: str) -> tuple[int, int]:
+    """(rx bytes, tx bytes) of the interface's one peer, as `wg show` reports them."""
+    fields = ns.run(["wg", "show", ifname, "transfer"]).stdout.split()
+    return int(fields[1]), int(fields[2])
+
+
+def _tun_reads(ns: NetNamespace, ifname: str) -> tuple[int, int]:
+    """(packets, bytes) the kernel handed to the TUN's reader (its tx counters; `ip netns
+    exec` mounts the namespace's own /sys)."""
+    base = f"/sys/class/net/{ifname}/statistics"
+    out = ns.run(["cat", f"{base}/tx_packets", f"{base}/tx_bytes"]).stdout.split()
+    return int(out[0]), int(out[1])
+
+
+def _receive_buffer_drops(ns: NetNamespace) -> int:
+    """Datagrams the namespace's UDP sockets dropped for a full receive buffer."""
+    lines = [line.split() for line in ns.run(["cat", "/proc/net/snmp"]).stdout.splitlines()
+             if line.startswith("Udp:")]
+    return int(dict(zip(lines[0], lines[1], strict=True))["RcvbufErrors"])
+
+
+def _counters_reconcile(ours: MqtunWg, netns: NetNamespace, theirs: WireguardGo) -> None:
+    """What each side sent is what the other received, byte for byte once quiet, unless the
+    receiver's socket dropped datagrams (wireguard-go's small buffer overflows under TCP):
+    then the sender counted more."""
+    def reconciled() -> bool:
+        rx, tx = _transfer_figures(netns, ours.name)
+        stats = theirs.peer_stats(public_key(OUR_KEY))
+        sent_ok = tx == stats.rx_bytes or (tx > stats.rx_bytes and
+                                           _receive_buffer_drops(theirs.ns) > 0)
+        got_ok = rx == stats.tx_bytes or (rx < stats.tx_bytes and
+                                          _receive_buffer_drops(netns) > 0)
+        return sent_ok and got_ok
+    assert _wait(reconciled, timeout=10), (_transfer_figures(netns, ours.name),
+                                           theirs.peer_stats(public_key(OUR_KEY)),
+                                           _receive_buffer_drops(netns),
+                                           _receive_buffer_drops(theirs.ns))
+
+
+def test_offloads_on_tcp_intact_and_counters_reconcile(
+        pair: tuple[MqtunWg, WireguardGo], netns: NetNamespace,
+        request: pytest.FixtureRequest) -> None:
+    """With offloads (the default) the TUN has TSO/USO and the kernel hands it super-packets
+    (more than one MTU per read on average), TCP is intact both ways against wireguard-go and
+    both sides count the same bytes; --no-offload turns all of it off."""
+    ours, wg = pair
+    offloaded = "--no-offload" not in request.node.callspec.params["pair"]
+    ethtool = IoctlEthtool(ours.name)  # (this test runs inside `netns`)
+    try:
+        features = ethtool.get_features()
+        for feature in ("tx-tcp-segmentation", "tx-tcp6-segmentation", "tx-udp-segmentation"):
+            assert bool(features[feature]) == offloaded, feature
+    finally:
+        ethtool.close()
+    _udp_exchange(None, OUR_TUNNEL, wg.ns, THEIR_TUNNEL)
+    packets0, bytes0 = _tun_reads(netns, ours.name)
+    _tcp_transfer(None, wg.ns, THEIR_TUNNEL, size=4 << 20)
+    packets1, bytes1 = _tun_reads(netns, ours.name)
+    if offloaded:
+        assert bytes1 - bytes0 > 1420 * (packets1 - packets0)  # super-packets were read
+    _tcp_transfer(wg.ns, netns, OUR_TUNNEL, size=4 << 20)
+    _counters_reconcile(ours, netns, wg)
+
+
+def test_mqtun_to_mqtun_tcp_both_ways(mqtun_pair: tuple[MqtunWg, WireguardGo],
+                                      netns: NetNamespace) -> None:
+    """mqtun wg on both ends (one queue each, or two workers each), offloads on: GSO trains
+    meet a GRO socket, TCP intact both ways, the two ends' counters reconcile."""
+    ours, theirs = mqtun_pair
+    _udp_exchange(None, OUR_TUNNEL, theirs.ns, THEIR_TUNNEL)
+    _tcp_transfer(None, theirs.ns, THEIR_TUNNEL, size=4 << 20)
+    _tcp_transfer(theirs.ns, netns, OUR_TUNNEL, size=4 << 20)
+    _counters_reconcile(ours, netns, theirs)
 
 
 @pytest.mark.parametrize("pair", [("--queues", "2")], indirect=True)

@@ -90,7 +90,6 @@ def test_limits() -> None:
     assert b.decrypt(wire, REJECT_AFTER_TIME + 1) == m.Drop(m.DropReason.KEY_EXPIRED)
     assert a.current is not None
     a.current.counters._next = REJECT_AFTER_MESSAGES  # as if that many had been sent
-    a.current._lease = range(0)
     assert a.encrypt(b"x", 1.0) == m.Drop(m.DropReason.KEY_EXPIRED)
     too_high = m.Transport(kb.local_index, REJECT_AFTER_MESSAGES, wire.packet)
     assert b.decrypt(too_high, 1.0) == m.Drop(m.DropReason.REPLAY)
@@ -114,6 +113,42 @@ def test_workers_never_share_a_counter() -> None:
     every = [c for d in drawn for c in d]
     assert len(every) == 20000 and len(set(every)) == 20000
     assert all(d == sorted(d) for d in drawn)  # each worker's own counters increase
+
+
+def test_an_idle_worker_stays_inside_the_window() -> None:
+    """Two workers share a keypair's counters; one sends a packet, the other thousands, then
+    the first sends again: the peer takes it (an idle worker once kept a block of counters
+    from far behind, every packet it sent then was a replay and its TCP flow stalled)."""
+    ka, kb = _pair()
+    blocks = CounterBlocks()
+    busy, idle, peer = Session(), Session(), Session()
+    busy.install(ka, blocks)
+    idle.install(ka, blocks)
+    peer.install(kb)
+    first = idle.encrypt(b"first", 1.0)
+    assert isinstance(first, bytes) and not isinstance(peer.decrypt(_parse(first), 1.0), m.Drop)
+    for _ in range(10000):
+        data = busy.encrypt(b"x", 1.0)
+        assert isinstance(data, bytes)
+        assert not isinstance(peer.decrypt(_parse(data), 1.0), m.Drop)
+    later = idle.encrypt(b"later", 1.0)
+    assert isinstance(later, bytes)
+    opened = peer.decrypt(_parse(later), 1.0)
+    assert not isinstance(opened, m.Drop) and opened[0].startswith(b"later")
+
+
+def test_a_batch_is_numbered_from_one_block() -> None:
+    ka, kb = _pair()
+    a, b = Session(), Session()
+    a.install(ka)
+    b.install(kb)
+    sealed = a.encrypt_many([b"p%d" % i for i in range(45)], 1.0)
+    assert isinstance(sealed, list) and len(sealed) == 45
+    counters = [_parse(d).counter for d in sealed]
+    assert counters == list(range(45))
+    for i, d in enumerate(sealed):
+        opened = b.decrypt(_parse(d), 1.0)
+        assert not isinstance(opened, m.Drop) and opened[0].startswith(b"p%d" % i)
 
 
 def test_padding() -> None:

@@ -3,7 +3,9 @@
 `WireguardGo` starts `wireguard-go -f NAME` inside a namespace (a unique NAME: the socket
 directory /var/run/wireguard is shared by every namespace on the machine), configures it with
 `wg set` from key files, gives its interface an address, and on exit kills the process it
-started and removes its socket, whether the test passed or not.
+started and removes its socket, whether the test passed or not. `command` runs another
+implementation of the same contract instead (`mqtun wg --foreground`: `mqtun_wg_command`);
+bench/bench_wireguard.py drives both through this class.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-
-import pytest
 
 from mqtun.netns import NetNamespace
 
@@ -29,7 +31,15 @@ def b64(key: bytes) -> str:
     return base64.b64encode(key).decode()
 
 
+def mqtun_wg_command(*extra: str) -> list[str]:
+    """`mqtun wg` in the foreground (with `extra` arguments, e.g. --queues 2): the command
+    that `WireguardGo(command=...)` runs instead of wireguard-go."""
+    return [sys.executable, "-m", "mqtun", "wg", "--foreground", *extra]
+
+
 def need_wireguard_go() -> None:
+    import pytest
+
     if shutil.which("wireguard-go") is None or shutil.which("wg") is None:
         pytest.skip("wireguard-go and wireguard-tools are not installed "
                     "(scripts/install-test-deps.sh installs them)")
@@ -47,8 +57,10 @@ class PeerStats:
 class WireguardGo:
     """wireguard-go running in `ns`, with interface `name` (killed and cleaned up on exit)."""
 
-    def __init__(self, ns: NetNamespace, private_key: bytes, listen_port: int) -> None:
+    def __init__(self, ns: NetNamespace, private_key: bytes, listen_port: int, *,
+                 command: Sequence[str] = ("wireguard-go", "-f")) -> None:
         self.ns = ns
+        self.command = list(command)
         self.name = f"wgmq{uuid.uuid4().hex[:8]}"
         self.private_key = private_key
         self.listen_port = listen_port
@@ -68,13 +80,13 @@ class WireguardGo:
         self.close()
 
     def _start(self) -> None:
-        self._proc = self.ns.popen(["wireguard-go", "-f", self.name], stdout=subprocess.DEVNULL,
+        self._proc = self.ns.popen([*self.command, self.name], stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, env={**os.environ, "LOG_LEVEL": "error"})
         deadline = time.monotonic() + 10
         while not os.path.exists(self.socket):
             if self._proc.poll() is not None or time.monotonic() > deadline:
                 err = self._proc.stderr.read().decode() if self._proc.stderr else ""
-                raise RuntimeError(f"wireguard-go did not start: {err.strip()}")
+                raise RuntimeError(f"{self.command[0]} did not start: {err.strip()}")
             time.sleep(0.02)
         key_file = self._file("private", b64(self.private_key))
         self.wg("set", self.name, "private-key", key_file, "listen-port", str(self.listen_port))
@@ -111,6 +123,11 @@ class WireguardGo:
                 return PeerStats(fields[2], fields[3], int(fields[4]), int(fields[5]),
                                  int(fields[6]))
         raise AssertionError(f"wireguard-go has no peer {b64(public_key)}")
+
+    @property
+    def pid(self) -> int:
+        """The implementation's process (`ip netns exec` execs it: the same pid)."""
+        return self._proc.pid if self._proc is not None else 0
 
     def close(self) -> None:
         if self._proc is not None and self._proc.poll() is None:

@@ -164,16 +164,19 @@ class UdpEndpoint:
         self.sock.close()
 
     def send(self, dest: tuple[str, int] | tuple[str, int, int, int],
-             datagrams: Sequence[Sequence[Buffer]], sizes: Sequence[int]) -> tuple[int, int]:
+             datagrams: Sequence[Sequence[Buffer]], sizes: Sequence[int], *,
+             family: int | None = None) -> tuple[int, int]:
         """Send datagrams (each a list of buffers gathered into one payload, `sizes` their
-        lengths) to `dest`, equal-size runs in one UDP_SEGMENT sendmsg each.
+        lengths) to `dest`, equal-size runs in one UDP_SEGMENT sendmsg each. `family`: the
+        destination's, when it is not the socket's (IPv4-mapped on a dual-stack socket: the
+        IPv4 size limit holds).
 
         Returns (datagrams sent, errno of the first failed send or 0); a failed run's datagrams
         are not sent, the next runs are still tried."""
         sent = 0
         first_err = 0
         sendmsg = self._sendmsg
-        for start, count, size in gso_runs(sizes, self.family):
+        for start, count, size in gso_runs(sizes, family or self.family):
             parts = [b for d in datagrams[start : start + count] for b in d]
             anc = [(_uapi.SOL_UDP, _uapi.UDP_SEGMENT, _SEGMENT.pack(size))] if count > 1 else []
             try:

@@ -31,6 +31,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="stay in the foreground (default: detach once the socket is up)")
     p.add_argument("--queues", type=int, default=1, metavar="N",
                    help="TUN queues (default 1)")
+    p.add_argument("--no-offload", action="store_true",
+                   help="no TUN offloads, UDP GSO or GRO: one packet per read, send and write")
     p.add_argument("ifname", help="the interface to create, e.g. wg0")
     p.set_defaults(run=run_wg)
 
@@ -45,15 +47,16 @@ def run_wg(args: argparse.Namespace) -> int:
     if not 1 <= args.queues <= 256:
         raise MqtunError(22, f"--queues must be 1..256, not {args.queues}", op="wg")
     if args.foreground or os.environ.get("WG_PROCESS_FOREGROUND") == "1":
-        return _serve(args.ifname, args.queues)
-    return _detach(args.ifname, args.queues)
+        return _serve(args.ifname, args.queues, offloads=not args.no_offload)
+    return _detach(args.ifname, args.queues, offloads=not args.no_offload)
 
 
-def _serve(ifname: str, queues: int) -> int:
+def _serve(ifname: str, queues: int, *, offloads: bool) -> int:
     from mqtun.wireguard.endpoint import Endpoint
     from mqtun.wireguard.workers import MultiEndpoint
 
-    endpoint = MultiEndpoint(ifname, queues=queues) if queues > 1 else Endpoint(ifname)
+    endpoint = (MultiEndpoint(ifname, queues=queues, offloads=offloads) if queues > 1
+                else Endpoint(ifname, offloads=offloads))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -61,11 +64,12 @@ def _serve(ifname: str, queues: int) -> int:
     return 0
 
 
-def _detach(ifname: str, queues: int) -> int:
+def _detach(ifname: str, queues: int, *, offloads: bool) -> int:
     from mqtun.wireguard.control import socket_path
 
     child = subprocess.Popen(
-        [sys.executable, "-m", "mqtun", "wg", "--foreground", "--queues", str(queues), ifname],
+        [sys.executable, "-m", "mqtun", "wg", "--foreground", "--queues", str(queues),
+         *([] if offloads else ["--no-offload"]), ifname],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         start_new_session=True)
     deadline = time.monotonic() + _START_TIMEOUT

@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from mqtun.wireguard import messages as m
@@ -34,6 +34,7 @@ from mqtun.wireguard.timers import (
 __all__ = ["Datagram", "Output", "Peer", "WireguardCore"]
 
 Address = tuple[str, int]
+_TRANSPORT_TYPE = m.TRANSPORT.to_bytes(4, "little")
 MAX_STAGED = 128
 # Under load: more handshake messages in one second than this. The interface then stays
 # under load for UNDER_LOAD_AFTER_TIME and answers initiations lacking a valid mac2 with a
@@ -256,7 +257,7 @@ class WireguardCore:
         if isinstance(msg, m.Drop):
             return self._drop(msg)
         if isinstance(msg, m.Transport):
-            return self._receive_transport(msg, len(data), src, now)
+            return self._receive_transports(msg.receiver, [bytes(data)], src, now)
         if isinstance(msg, m.CookieReply):
             return self._receive_cookie(msg, now)
         self._count_handshake(now)
@@ -316,38 +317,83 @@ class WireguardCore:
             return self._drop(m.Drop(m.DropReason.NO_COOKIE_EXPECTED))
         return Output()
 
-    def _receive_transport(self, msg: m.Transport, size: int, src: Address,
-                           now: float) -> Output:
-        peer = self._indexes.get(msg.receiver)
+    def receive_batch(self, datagrams: Sequence[tuple[bytes, Address]], now: float, *,
+                      via: int | None = None) -> Output:
+        """Datagrams read together (a GRO train, one drain of the socket), in order: each run
+        of transport messages from one source under one receiver index is opened in one go
+        (the keys found once, the timers run once); anything else goes through `receive`."""
+        out = Output()
+        i, n = 0, len(datagrams)
+        while i < n:
+            data, src = datagrams[i]
+            if len(data) < m.KEEPALIVE_SIZE or data[:4] != _TRANSPORT_TYPE:
+                out.extend(self.receive(data, src, now, via=via))
+                i += 1
+                continue
+            index = data[4:8]
+            j = i + 1
+            while j < n:
+                d, s = datagrams[j]
+                if s != src or d[4:8] != index or d[:4] != _TRANSPORT_TYPE \
+                        or len(d) < m.KEEPALIVE_SIZE:
+                    break
+                j += 1
+            out.extend(self._receive_transports(int.from_bytes(index, "little"),
+                                                [d for d, _ in datagrams[i:j]], src, now))
+            i = j
+        return out
+
+    def _receive_transports(self, receiver: int, messages: list[bytes], src: Address,
+                            now: float) -> Output:
+        """Transport messages from `src` under one receiver index (whole datagrams)."""
+        peer = self._indexes.get(receiver)
         if peer is None:
-            return self._drop(m.Drop(m.DropReason.UNKNOWN_INDEX))
+            self.drops[m.DropReason.UNKNOWN_INDEX.value] += len(messages)
+            return Output()
         was_next = peer.session.next
-        result = peer.session.decrypt(msg, now)
-        if isinstance(result, m.Drop):
-            return self._drop(result)
-        plain, keys = result
+        opened = peer.session.open_many(receiver, messages, now)
+        if isinstance(opened, m.Drop):
+            self.drops[opened.reason.value] += len(messages)
+            return Output()
+        keys, plains, refused = opened
+        for drop in refused:
+            self.drops[drop.reason.value] += 1
+        if not plains:
+            return Output()
         out = Output()
         if was_next is keys:  # key confirmation of the handshake we answered
             self._handshake_done(peer, now)
             out.extend(self._flush_staged(peer, now))
         peer.endpoint = src  # roaming: the last authenticated source is where the peer is
-        peer.rx_bytes += size
+        # (the datagrams' sizes: every opened one is its plaintext plus header and tag)
+        peer.rx_bytes += sum(map(len, plains)) + len(plains) * m.KEEPALIVE_SIZE
         peer.timers.on_authenticated_received()
         peer.timers.on_authenticated_traversal(now)
         if needs_rekey_receiving(keys.keypair.is_initiator, now - keys.keypair.created,
                                  peer.timers.sent_last_minute_handshake):
             peer.timers.sent_last_minute_handshake = True
             out.extend(self.initiate(peer, now))
-        if not plain:  # keepalive
-            return out
-        peer.timers.on_data_received(now)
-        parsed = _ip_source_and_length(plain)
-        if parsed is None or parsed[1] > len(plain):
-            return self._merge_drop(out, m.Drop(m.DropReason.BAD_LENGTH, "not an IP packet"))
-        source, length = parsed
-        if not self.allowed_ips.allows(peer, source):
-            return self._merge_drop(out, m.Drop(m.DropReason.NOT_ALLOWED_SOURCE))
-        out.packets.append(plain[:length])
+        packets = out.packets
+        allowed: dict[bytes, bool] = {}
+        data_seen = False
+        for plain in plains:
+            if not plain:  # keepalive
+                continue
+            data_seen = True
+            parsed = _ip_source_and_length(plain)
+            if parsed is None or parsed[1] > len(plain):
+                self.drops[m.DropReason.BAD_LENGTH.value] += 1
+                continue
+            source, length = parsed
+            ok = allowed.get(source)
+            if ok is None:
+                ok = allowed[source] = self.allowed_ips.allows(peer, source)
+            if not ok:
+                self.drops[m.DropReason.NOT_ALLOWED_SOURCE.value] += 1
+                continue
+            packets.append(plain if length == len(plain) else plain[:length])
+        if data_seen:
+            peer.timers.on_data_received(now)
         return out
 
     def _merge_drop(self, out: Output, drop: m.Drop) -> Output:
@@ -357,26 +403,41 @@ class WireguardCore:
     # -- the TUN path ------------------------------------------------------------------
     def send(self, packet: bytes, now: float) -> Output:
         """One IP packet read from the TUN -> the datagrams that carry it (or a handshake)."""
-        dst = _ip_destination(packet)
+        return self.send_batch([packet], now)
+
+    def send_batch(self, packets: Sequence[bytes], now: float) -> Output:
+        """Packets with one destination (a super-packet's segments), routed once by the first:
+        the datagrams that carry them, or a handshake."""
+        dst = _ip_destination(packets[0]) if packets else None
         peer = self.allowed_ips.lookup(dst) if dst is not None else None
         if peer is None:
-            return self._drop(m.Drop(m.DropReason.NO_ROUTE))
-        return self.send_to(peer, packet, now)
+            self.drops[m.DropReason.NO_ROUTE.value] += len(packets)
+            return Output()
+        return self.send_many(peer, packets, now)
 
     def send_to(self, peer: Peer, packet: bytes, now: float) -> Output:
+        return self.send_many(peer, [packet], now)
+
+    def send_many(self, peer: Peer, packets: Sequence[bytes], now: float) -> Output:
+        """IP packets for `peer` (b"" is a keepalive) -> one transport datagram each, in order,
+        with the peer's timers and rekey check run once for the batch (a TSO super-packet's
+        segments arrive together). Without a usable session they are staged for the
+        handshake this starts."""
         if peer.endpoint is None:
-            return self._drop(m.Drop(m.DropReason.NO_ROUTE, "peer has no endpoint"))
+            self.drops[m.DropReason.NO_ROUTE.value] += len(packets)
+            return Output()
         current = peer.session.current
         if current is None or now - current.keypair.created >= REJECT_AFTER_TIME:
-            if packet:
-                peer.staged.append(packet)
+            peer.staged.extend(p for p in packets if p)
             return self.initiate(peer, now)
-        data = peer.session.encrypt(packet, now, mtu=self.mtu)
-        if isinstance(data, m.Drop):
-            return self._drop(data)
-        peer.tx_bytes += len(data)
-        out = Output([Datagram(data, peer.endpoint)])
-        if packet:
+        sealed = peer.session.encrypt_many(packets, now, mtu=self.mtu)
+        if isinstance(sealed, m.Drop):
+            self.drops[sealed.reason.value] += len(packets)
+            return Output()
+        to = peer.endpoint
+        peer.tx_bytes += sum(map(len, sealed))
+        out = Output([Datagram(data, to) for data in sealed])
+        if any(packets):
             peer.timers.on_data_sent(now, jitter())
         peer.timers.on_authenticated_sent()
         peer.timers.on_authenticated_traversal(now)
@@ -389,10 +450,11 @@ class WireguardCore:
         return self.send_to(peer, b"", now)
 
     def _flush_staged(self, peer: Peer, now: float) -> Output:
-        out = Output()
-        while peer.staged:
-            out.extend(self.send_to(peer, peer.staged.popleft(), now))
-        return out
+        if not peer.staged:
+            return Output()
+        packets = list(peer.staged)
+        peer.staged.clear()
+        return self.send_many(peer, packets, now)
 
     # -- timers ------------------------------------------------------------------------
     def tick(self, now: float) -> Output:

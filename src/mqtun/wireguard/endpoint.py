@@ -7,24 +7,35 @@ through one selector loop over the TUN queues and the UDP socket; the configurat
 runs in a thread and changes the core under the same lock. The UDP socket is dual-stack
 (IPv6 with IPv4-mapped addresses) and rebinds when `listen_port` changes.
 
-Single process: with --queues N the N queues are drained by the one loop (correct, not yet
-parallel; per-queue worker processes with shared sessions are the next step).
+Offloads (the default): the TUN has a virtio-net header and TSO/USO, the socket UDP_GRO, so
+a super-packet is read, split and sent as one UDP GSO train, and a train of datagrams is
+decrypted and written as one coalesced super-packet (`mqtun.wireguard.datapath`).
+
+Single process: with --queues N the N queues are drained by the one loop (`MultiEndpoint`,
+mqtun.wireguard.workers, runs one worker process per queue instead).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import selectors
 import socket
 import threading
 import time
-from collections.abc import Iterator
 
 from mqtun.device import Device
 from mqtun.errors import DeviceGoneError, MqtunError
+from mqtun.runtime.sockets import UdpEndpoint
 from mqtun.wireguard.control import ControlSocket
 from mqtun.wireguard.core import Output, Peer, WireguardCore
+from mqtun.wireguard.datapath import (
+    TUN_OFFLOADS,
+    read_tun,
+    receive_datagrams,
+    send_datagrams,
+    tune_socket,
+    write_tun,
+)
 from mqtun.wireguard.uapi import DeviceConfig, PeerConfig, SetResult, apply_set, format_get
 
 __all__ = ["DEFAULT_MTU", "Endpoint"]
@@ -34,30 +45,21 @@ _BATCH = 64
 _TICK = 0.1
 
 
-def _plain(address: tuple[str, int]) -> tuple[str, int]:
-    """An IPv4-mapped IPv6 source (dual-stack socket) as the IPv4 address it is."""
-    host, port = address[0], address[1]
-    if host.startswith("::ffff:") and "." in host:
-        return host[7:], port
-    return host, port
-
-
-def _wire(address: tuple[str, int]) -> tuple[str, int]:
-    host, port = address
-    if ipaddress.ip_address(host).version == 4:
-        return f"::ffff:{host}", port
-    return host, port
-
-
 class Endpoint:
     """One WireGuard interface served by this process."""
 
-    def __init__(self, ifname: str, *, queues: int = 1, mtu: int = DEFAULT_MTU) -> None:
+    def __init__(self, ifname: str, *, queues: int = 1, mtu: int = DEFAULT_MTU,
+                 offloads: bool = True) -> None:
         self.config = DeviceConfig()
         self.core: WireguardCore | None = None
         self.lock = threading.RLock()
-        self.device = Device.create(ifname, queues, blocking=False)
+        self.offloaded = offloads
+        self.device = Device.create(ifname, queues, blocking=False, vnet_hdr=offloads,
+                                    offloads=int(TUN_OFFLOADS) if offloads else 0)
         self.ifname = self.device.name
+        self._udp: UdpEndpoint | None = None
+        self._wire_cache: dict[tuple[str, int], tuple[str, int]] = {}
+        self._pending: list[bytes] = []  # decrypted packets of one batch, written together
         try:
             self.device.link.set_mtu(mtu)
             self.mtu = mtu
@@ -148,6 +150,7 @@ class Endpoint:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             if reuse_port:  # a group of sockets on one port, one per worker
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            tune_socket(sock, gro=self.offloaded)
             sock.bind(("::", port))
         except OSError as exc:
             with contextlib.suppress(UnboundLocalError):
@@ -160,23 +163,24 @@ class Endpoint:
     def _port(self) -> int:
         return int(self.sock.getsockname()[1])
 
-    def _emit(self, out: Output) -> None:
-        for d in out.datagrams:
-            with contextlib.suppress(OSError):  # unreachable peers must not stop the loop
-                self.sock.sendto(d.data, _wire(d.to))
-        for packet in out.packets:
-            with contextlib.suppress(MqtunError):
-                self.device.queues[0].write(packet)
+    @property
+    def udp(self) -> UdpEndpoint:
+        """The current socket (rebound by `listen_port`) as a UdpEndpoint (GSO sends, GRO reads)."""
+        if self._udp is None or self._udp.sock is not self.sock:
+            self._udp = UdpEndpoint(self.sock, gro=self.offloaded)
+        return self._udp
 
-    def _datagrams(self) -> Iterator[tuple[bytes, tuple[str, int]]]:
-        for _ in range(_BATCH):
-            try:
-                data, src = self.sock.recvfrom(65536)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:  # an ICMP error queued on the socket: skip it
-                continue
-            yield data, _plain(src)
+    def _emit(self, out: Output) -> None:
+        """Send the datagrams now; the packets wait for `_flush` (the end of the batch)."""
+        if out.datagrams:
+            send_datagrams(self.udp, out.datagrams, self._wire_cache)
+        if out.packets:
+            self._pending += out.packets
+
+    def _flush(self) -> None:
+        if self._pending:
+            packets, self._pending = self._pending, []
+            write_tun(self.device.queues[0], packets, self.offloaded)
 
     def run(self, stop: threading.Event) -> None:
         """Serve until `stop` is set or the interface disappears (DeviceGoneError ends it)."""
@@ -210,20 +214,23 @@ class Endpoint:
                 with self.lock:
                     core = self.core
                     if key.data is None:
-                        for data, src in self._datagrams():
-                            if core is not None:
-                                self._emit(core.receive(data, src, time.monotonic()))
-                    else:
-                        packets = key.data.read_batch(_BATCH)  # DeviceGoneError ends the loop
+                        datagrams = receive_datagrams(self.udp, _BATCH)
                         if core is not None:
-                            for packet in packets:
-                                self._emit(core.send(packet, time.monotonic()))
+                            self._emit(core.receive_batch(datagrams, time.monotonic()))
+                            self._flush()
+                    else:  # DeviceGoneError ends the loop
+                        reads = read_tun(key.data, self.offloaded, _BATCH)
+                        if core is not None:
+                            now = time.monotonic()
+                            for segments in reads:
+                                self._emit(core.send_batch(segments, now))
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + _TICK
                 with self.lock:
                     if self.core is not None:
                         self._emit(self.core.tick(now))
+                        self._flush()
         sel.close()
 
     def close(self) -> None:

@@ -6,15 +6,19 @@ message under it arrives: that message is the initiator's key confirmation).
 
 Send counters never collide between workers: a keypair hands out its counter space in disjoint
 blocks (`CounterBlocks.take`, one lock-protected add in-process; across worker processes the
-same add on a shared-memory word), each worker numbers its packets from its own block, and no
-two blocks overlap, so no (key, nonce) pair is ever used twice. The block is small (64) next to
-the receiver's 8128-counter window, so a slow worker's counters stay inside the peer's window.
+same add on a shared-memory word), each worker numbers a batch of packets from the block it
+takes for that batch, and no two blocks overlap, so no (key, nonce) pair is ever used twice.
+A block is taken when its batch is sent and never kept for later: a worker that stays idle
+while another sends thousands of packets does not come back with counters from far behind,
+which the peer's 8128-counter window would refuse as replays (a kept-back block of 64 once
+made every packet of an idle worker's flow a replay, and its TCP flow stall).
 (`CounterBlocks` serves threads; `SharedCounterBlocks` serves forked worker processes.)
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -38,8 +42,6 @@ PADDING_MULTIPLE = 16
 _NONCE_PREFIX = bytes(4)
 
 
-def _nonce(counter: int) -> bytes:
-    return _NONCE_PREFIX + counter.to_bytes(8, "little")
 COUNTER_BLOCK = 64
 
 
@@ -120,8 +122,6 @@ class TransportKeys:
     keypair: Keypair
     counters: CounterBlocks = field(default_factory=CounterBlocks)
     window: ReplayWindow = field(default_factory=ReplayWindow)
-    _lease: range = range(0)
-    _lease_at: int = 0
     # the AEADs are keyed once per keypair, not once per packet
     sender: ChaCha20Poly1305 = field(init=False)
     receiver: ChaCha20Poly1305 = field(init=False)
@@ -130,13 +130,12 @@ class TransportKeys:
         self.sender = ChaCha20Poly1305(self.keypair.send_key)
         self.receiver = ChaCha20Poly1305(self.keypair.receive_key)
 
+    def next_counters(self, n: int) -> range:
+        """Counters for a batch of `n` packets about to be sent (a block of their own)."""
+        return self.counters.take(n)
+
     def next_counter(self) -> int:
-        """This worker's next counter (a fresh block from `counters` when its block is used up)."""
-        if self._lease_at >= len(self._lease):
-            self._lease, self._lease_at = self.counters.take(), 0
-        counter = self._lease[self._lease_at]
-        self._lease_at += 1
-        return counter
+        return self.counters.take(1).start
 
 
 def pad(packet: bytes, mtu: int | None = None) -> bytes:
@@ -189,35 +188,74 @@ class Session:
 
     def encrypt(self, packet: bytes, now: float, *, mtu: int | None = None) -> bytes | Drop:
         """One IP packet (b"" for a keepalive) -> a transport data message on `current`."""
+        out = self.encrypt_many([packet], now, mtu=mtu)
+        return out if isinstance(out, Drop) else out[0]
+
+    def encrypt_many(self, packets: Sequence[bytes], now: float, *,
+                     mtu: int | None = None) -> list[bytes] | Drop:
+        """IP packets -> their transport data messages on `current`, in order, numbered from
+        one block of counters taken for the batch (all of them refused if it reaches past
+        REJECT_AFTER_MESSAGES)."""
         keys = self.current
         if keys is None:
             return Drop(DropReason.NO_SESSION)
-        age = now - keys.keypair.created
-        counter = keys.next_counter()
-        if counter >= REJECT_AFTER_MESSAGES or age >= REJECT_AFTER_TIME:
+        if now - keys.keypair.created >= REJECT_AFTER_TIME:
             return Drop(DropReason.KEY_EXPIRED)
-        header = Transport.header(keys.keypair.remote_index, counter)
-        return header + keys.sender.encrypt(_nonce(counter), pad(packet, mtu), None)
+        counters = keys.next_counters(len(packets))
+        if counters.stop > REJECT_AFTER_MESSAGES:
+            return Drop(DropReason.KEY_EXPIRED)
+        seal, remote, header = keys.sender.encrypt, keys.keypair.remote_index, Transport.header
+        # (a full-size packet, the common case, needs no padding: pad() only when it does)
+        return [header(remote, c) + seal(_NONCE_PREFIX + c.to_bytes(8, "little"),
+                                         p if len(p) == mtu else pad(p, mtu), None)
+                for c, p in zip(counters, packets, strict=True)]
 
     def decrypt(self, msg: Transport, now: float) -> tuple[bytes, TransportKeys] | Drop:
-        """A transport message -> (plaintext, the keys that opened it), or why not.
+        """A transport message -> (plaintext, the keys that opened it), or why not."""
+        header = Transport.header(msg.receiver, msg.counter)
+        opened = self.open_many(msg.receiver, [header + bytes(msg.packet)], now)
+        if isinstance(opened, Drop):
+            return opened
+        keys, plains, refused = opened
+        return refused[0] if refused else (plains[0], keys)
+
+    def open_many(self, receiver: int, messages: Sequence[bytes], now: float
+                  ) -> tuple[TransportKeys, list[bytes], list[Drop]] | Drop:
+        """Transport messages under one receiver index (whole datagrams, header included) ->
+        (the keys, the plaintexts of those that opened, in order, one Drop per refused one);
+        a Drop for all of them when the index or its keys are not usable.
 
         The window is consulted before decrypting (cheap refusal of replays) and updated only
-        after the tag verified, so a forged counter can never move it.
+        after the tag verified, so a forged counter can never move it. The first message that
+        opens under `next` confirms it (the initiator now sends on this keypair).
         """
-        keys = self.by_index(msg.receiver)
+        keys = self.by_index(receiver)
         if keys is None:
             return Drop(DropReason.UNKNOWN_INDEX)
         if now - keys.keypair.created >= REJECT_AFTER_TIME:
             return Drop(DropReason.KEY_EXPIRED)
-        if not keys.window.check(msg.counter, REJECT_AFTER_MESSAGES):
-            return Drop(DropReason.REPLAY)
-        try:
-            plain = keys.receiver.decrypt(_nonce(msg.counter), msg.packet, None)
-        except crypto.InvalidTag:
-            return Drop(DropReason.DECRYPT_FAILED)
-        if not keys.window.accept(msg.counter, REJECT_AFTER_MESSAGES):
-            return Drop(DropReason.REPLAY)
-        if keys is self.next:  # key confirmation: the initiator now sends on this keypair
+        window, opener = keys.window, keys.receiver.decrypt
+        check, accept, limit = window.check, window.accept, REJECT_AFTER_MESSAGES
+        plains: list[bytes] = []
+        refused: list[Drop] = []
+        for data in messages:
+            counter = int.from_bytes(data[8:16], "little")
+            if not check(counter, limit):
+                refused.append(_REPLAY)
+                continue
+            try:
+                plain = opener(_NONCE_PREFIX + data[8:16], memoryview(data)[16:], None)
+            except crypto.InvalidTag:
+                refused.append(_DECRYPT_FAILED)
+                continue
+            if not accept(counter, limit):
+                refused.append(_REPLAY)
+                continue
+            plains.append(plain)
+        if plains and keys is self.next:
             self.previous, self.current, self.next = self.current, keys, None
-        return plain, keys
+        return keys, plains, refused
+
+
+_REPLAY = Drop(DropReason.REPLAY)
+_DECRYPT_FAILED = Drop(DropReason.DECRYPT_FAILED)

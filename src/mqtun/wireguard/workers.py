@@ -36,9 +36,11 @@ from typing import Any
 
 from mqtun.errors import DeviceGoneError, MqtunError
 from mqtun.packet.checksum import numpy as load_numpy
+from mqtun.runtime.sockets import UdpEndpoint
 from mqtun.wireguard import messages as m
 from mqtun.wireguard.core import Output, Peer, WireguardCore, _ip_destination
-from mqtun.wireguard.endpoint import Endpoint, _plain, _wire
+from mqtun.wireguard.datapath import read_tun, receive_datagrams, send_datagrams, write_tun
+from mqtun.wireguard.endpoint import Endpoint
 from mqtun.wireguard.noise import Keypair, new_private_key
 from mqtun.wireguard.session import CounterBlocks, CounterTable, TransportKeys
 from mqtun.wireguard.timers import REJECT_AFTER_TIME, jitter
@@ -50,6 +52,9 @@ _BATCH = 64
 _TICK = 0.1
 _MAX_MESSAGE = 1 << 17
 _CONTROL_TIMEOUT = 2.0
+# datagrams per message to another worker: _FORWARD of _WIRE_SIZE bytes, or one bigger one,
+# stay within _MAX_MESSAGE
+_FORWARD, _WIRE_SIZE = 64, 1500
 _HOLD, _HOLD_TIME = 16, 1.0  # transport messages held for a keypair not announced yet
 
 
@@ -266,10 +271,10 @@ class MultiEndpoint(Endpoint):
         if kind == "datagram":  # a handshake message or cookie reply a worker received
             _, data, src, via = message
             self._emit(core.receive(data, src, now, via=via))
-        elif kind == "stage":  # a packet for a peer without a usable session
+        elif kind == "stage":  # packets for a peer without a usable session
             peer = core.peers.get(message[1])
             if peer is not None:
-                self._emit(core.send_to(peer, message[2], now))
+                self._emit(core.send_many(peer, message[2], now))
         elif kind == "handshake":
             peer = core.peers.get(message[1])
             if peer is not None:
@@ -337,6 +342,10 @@ class _Worker:
         self.table = parent.table
         self.queue = parent.device.queues[index]
         self.sock = parent.group[index]
+        self.offloaded = parent.offloaded
+        self.udp = UdpEndpoint(self.sock, gro=self.offloaded)
+        self.wire_cache: dict[tuple[str, int], tuple[str, int]] = {}
+        self.pending: list[bytes] = []  # decrypted packets of one wake-up, written together
         for i, sock in enumerate(parent.group):
             if i != index:
                 sock.close()
@@ -373,6 +382,9 @@ class _Worker:
                     self._from_workers()
                 if "udp" in ready:
                     self._from_udp()
+                if self.pending:
+                    packets, self.pending = self.pending, []
+                    write_tun(self.queue, packets, self.offloaded)
                 if "tun" in ready:
                     self._from_tun()
                 now = time.monotonic()
@@ -403,75 +415,94 @@ class _Worker:
             self.stats.clear()
 
     def _emit(self, out: Output) -> None:
-        for d in out.datagrams:
-            with contextlib.suppress(OSError):
-                self.sock.sendto(d.data, _wire(d.to))
-        for packet in out.packets:
-            with contextlib.suppress(MqtunError):
-                self.queue.write(packet)
+        """Send the datagrams now; the packets are written after this wake-up's reads."""
+        if out.datagrams:
+            send_datagrams(self.udp, out.datagrams, self.wire_cache)
+        if out.packets:
+            self.pending += out.packets
 
     def _from_tun(self) -> None:
         now = time.monotonic()
-        for packet in self.queue.read_batch(_BATCH):  # DeviceGoneError ends the worker
-            dst = _ip_destination(packet)
+        # DeviceGoneError ends the worker
+        for segments in read_tun(self.queue, self.offloaded, _BATCH):
+            dst = _ip_destination(segments[0])
             peer = self.core.allowed_ips.lookup(dst) if dst is not None else None
             if peer is None:
-                self.core.drops[m.DropReason.NO_ROUTE.value] += 1
+                self.core.drops[m.DropReason.NO_ROUTE.value] += len(segments)
                 continue
             current = peer.session.current
             if current is None or now - current.keypair.created >= REJECT_AFTER_TIME:
-                self._tell(("stage", peer.public_key, packet))
+                self._tell(("stage", peer.public_key, segments))
                 continue
             before = peer.tx_bytes
-            self._emit(self.core.send_to(peer, packet, now))
+            self._emit(self.core.send_many(peer, segments, now))
             stat = self._stat(peer)
             stat[1] += peer.tx_bytes - before
             stat[2] = True
 
     def _from_udp(self) -> None:
-        for _ in range(_BATCH):
-            try:
-                data, src = self.sock.recvfrom(65536)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                continue
-            self._datagram(data, _plain(src), self.index)
+        self._datagrams(receive_datagrams(self.udp, _BATCH), self.index)
 
     def _datagram(self, data: bytes, src: tuple[str, int], via: int) -> None:
-        """One datagram that reached worker `via`'s socket (this one, or passed on to us)."""
-        if data[:1] != b"\x04" or len(data) < 8:
-            self._tell(("datagram", data, src, self.index))
+        self._datagrams([(data, src)], via)
+
+    def _datagrams(self, batch: list[tuple[bytes, tuple[str, int]]], via: int) -> None:
+        """Datagrams that reached worker `via`'s socket (this one, or passed on to us), in
+        order: transport messages under our indexes are opened in runs, handshakes go to the
+        main process, another worker's transport messages to that worker."""
+        mine: list[tuple[bytes, tuple[str, int]]] = []
+        theirs: dict[int, list[tuple[bytes, tuple[str, int]]]] = {}
+        for data, src in batch:
+            if data[:1] != b"\x04" or len(data) < 8:
+                self._open(mine, via)
+                self._tell(("datagram", data, src, self.index))
+                continue
+            index = int.from_bytes(data[4:8], "little")
+            owner = index % self.n
+            if owner != self.index:  # passed on in runs of at most _FORWARD wire-size ones
+                run = theirs.setdefault(owner, [])
+                if len(run) >= _FORWARD or (run and len(data) > _WIRE_SIZE):
+                    _send(self.others[owner], ("transports", run, via), lossy=True)
+                    run = theirs[owner] = []
+                run.append((data, src))
+                continue
+            if index not in self.core._indexes:
+                self._open(mine, via)
+                # perhaps under a keypair whose announcement is still on its way: hold it
+                held = self.held.setdefault(index, [])
+                if len(held) < _HOLD and len(self.held) < 64:
+                    held.append((time.monotonic(), data, src, via))
+                else:
+                    self.core.drops[m.DropReason.UNKNOWN_INDEX.value] += 1
+                continue
+            mine.append((data, src))
+        self._open(mine, via)
+        for owner, run in theirs.items():
+            if run:
+                _send(self.others[owner], ("transports", run, via), lossy=True)
+
+    def _open(self, mine: list[tuple[bytes, tuple[str, int]]], via: int) -> None:
+        """Open a run of transport messages under indexes we own (and empty the list)."""
+        if not mine:
             return
-        owner = int.from_bytes(data[4:8], "little") % self.n
-        if owner != self.index:
-            _send(self.others[owner], ("transport", data, src, via), lossy=True)
-            return
-        index = int.from_bytes(data[4:8], "little")
-        peer = self.core._indexes.get(index)
-        if peer is None:
-            # perhaps under a keypair whose announcement is still on its way: hold it briefly
-            held = self.held.setdefault(index, [])
-            if len(held) < _HOLD and len(self.held) < 64:
-                held.append((time.monotonic(), data, src, via))
-            else:
-                self.core.drops[m.DropReason.UNKNOWN_INDEX.value] += 1
-            return
-        pending = peer.session.next
-        before = (peer.rx_bytes, peer.endpoint)
-        out = self.core.receive(data, src, time.monotonic())
-        if peer.rx_bytes == before[0]:
-            return  # refused: counted in this worker's drops
+        indexes = self.core._indexes
+        peers = {indexes[int.from_bytes(d[4:8], "little")] for d, _ in mine}
+        before = {p: (p.rx_bytes, p.endpoint, p.session.next) for p in peers}
+        out = self.core.receive_batch(mine, time.monotonic())
+        mine.clear()
         self._emit(out)
-        stat = self._stat(peer)
-        stat[0] += peer.rx_bytes - before[0]
-        stat[4] = True
-        stat[6] = via  # whose socket this peer's datagrams reach: its next index is theirs
-        stat[3] = stat[3] or bool(out.packets)
-        if peer.endpoint != before[1]:
-            stat[5] = peer.endpoint
-        if pending is not None and peer.session.current is pending:
-            self._tell(("confirmed", peer.public_key, pending.keypair.local_index))
+        for peer, (rx, endpoint, pending) in before.items():
+            if peer.rx_bytes == rx:
+                continue  # all refused: counted in this worker's drops
+            stat = self._stat(peer)
+            stat[0] += peer.rx_bytes - rx
+            stat[4] = True
+            stat[6] = via  # whose socket this peer's datagrams reach: its next index is theirs
+            stat[3] = stat[3] or bool(out.packets)
+            if peer.endpoint != endpoint:
+                stat[5] = peer.endpoint
+            if pending is not None and peer.session.current is pending:
+                self._tell(("confirmed", peer.public_key, pending.keypair.local_index))
 
     def _from_workers(self) -> None:
         for other in self.others.values():
@@ -482,8 +513,8 @@ class _Worker:
                     break
                 if got is None:
                     break
-                _, data, src, via = got[0]
-                self._datagram(data, src, via)
+                _, run, via = got[0]
+                self._datagrams(run, via)
 
     def _from_main(self, sel: selectors.BaseSelector) -> bool:
         for _ in range(_BATCH):
@@ -518,6 +549,7 @@ class _Worker:
                 self.sock.close()
                 self.sock = socket.socket(fileno=fds[0])
                 self.sock.setblocking(False)
+                self.udp = UdpEndpoint(self.sock, gro=self.offloaded)
                 sel.register(self.sock, selectors.EVENT_READ, "udp")
         return True
 

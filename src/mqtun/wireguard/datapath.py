@@ -1,0 +1,158 @@
+"""The data-path I/O of a WireGuard endpoint: one TUN queue and one UDP socket, with offloads.
+
+Shared by the single-process `Endpoint` and each worker of `MultiEndpoint`, so both move
+packets the same way:
+
+- TUN -> wire: a queue with a virtio-net header and TSO/USO hands out super-packets of up to
+  64 KB; `read_tun` splits each once (`mqtun.packet.split`, which also completes a partial
+  checksum), so every wire packet is encrypted on its own and the segments of one read share
+  their route. `send_datagrams` sends the encrypted datagrams of one destination with UDP GSO
+  (`UdpEndpoint.send`: a run of equal sizes in one sendmsg).
+- wire -> TUN: the socket reads with UDP_GRO, so one read may hold a train of datagrams (a
+  peer's UDP GSO send, or the kernel's GRO), cut at the segment size the cmsg gives
+  (`receive_datagrams`); the packets they decrypt to are joined by `write_tun` into
+  super-packets (`mqtun.packet.coalesce`) and written with their virtio-net header, one TUN
+  write for a whole run of a flow.
+
+Without offloads (`offloaded=False`: a queue without a virtio-net header) the same functions
+read, send and write one packet at a time. Nothing here knows WireGuard: the datagrams and
+packets are bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from mqtun import _uapi
+from mqtun.errors import MqtunError
+from mqtun.offload import Offloads, read_packets, write_packet
+from mqtun.packet import ZERO_HEADER, MalformedPacket, coalesce, split
+from mqtun.runtime.sockets import UdpEndpoint
+from mqtun.stats import DropReason
+
+if TYPE_CHECKING:
+    from mqtun.queue import Queue
+    from mqtun.wireguard.core import Datagram
+
+__all__ = ["TUN_OFFLOADS", "plain_address", "read_tun", "receive_datagrams", "send_datagrams",
+           "tune_socket", "wire_address", "write_tun"]
+
+TUN_OFFLOADS = Offloads.CSUM | Offloads.TSO4 | Offloads.TSO6 | Offloads.USO
+SOCKET_BUFFER = 4 << 20  # a burst of a few thousand datagrams waits here, not in a drop
+
+
+def tune_socket(sock: socket.socket, *, gro: bool) -> None:
+    """Big socket buffers (best effort: FORCE needs CAP_NET_ADMIN) and, if asked, UDP_GRO."""
+    for force, plain in ((_uapi.SO_RCVBUFFORCE, socket.SO_RCVBUF),
+                         (_uapi.SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+        except OSError:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
+    if gro:
+        sock.setsockopt(_uapi.SOL_UDP, _uapi.UDP_GRO, 1)
+
+
+def read_tun(queue: Queue, offloaded: bool, batch: int) -> list[list[bytes]]:
+    """Up to `batch` reads of `queue`, each as the wire packets it stands for (one packet, or
+    a super-packet's segments). A super-packet that cannot be split is an OFFLOAD drop.
+    DeviceGoneError (the interface was deleted) goes to the caller."""
+    if not offloaded:
+        return [[p] for p in queue.read_batch(batch)]
+    out = []
+    for hdr, packet in read_packets(queue, batch):
+        if not (hdr.flags or hdr.gso_type):
+            out.append([packet.tobytes()])
+            continue
+        try:
+            out.append(split(hdr, packet))
+        except MalformedPacket:
+            queue.counters.drop(DropReason.OFFLOAD)
+    return out
+
+
+def _family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host and not host.startswith("::ffff:") else socket.AF_INET
+
+
+def plain_address(address: tuple[str, int]) -> tuple[str, int]:
+    """An IPv4-mapped IPv6 source (dual-stack socket) as the IPv4 address it is."""
+    host, port = address[0], address[1]
+    if host.startswith("::ffff:") and "." in host:
+        return host[7:], port
+    return host, port
+
+
+def wire_address(address: tuple[str, int]) -> tuple[str, int]:
+    """A peer's address as the dual-stack socket takes it (IPv4 as IPv4-mapped)."""
+    host, port = address
+    return (host, port) if ":" in host else (f"::ffff:{host}", port)
+
+
+def send_datagrams(udp: UdpEndpoint, datagrams: Sequence[Datagram],
+                   wire: dict[tuple[str, int], tuple[str, int]]) -> None:
+    """Send `datagrams` in order, consecutive ones to one destination together (UDP GSO for
+    equal sizes). `wire` caches each destination's socket address (IPv4 as IPv4-mapped on the
+    dual-stack socket). A refused send is not retried: the peer's retransmission covers it."""
+    i, n = 0, len(datagrams)
+    while i < n:
+        to = datagrams[i].to
+        j = i + 1
+        while j < n and datagrams[j].to == to:
+            j += 1
+        dest = wire.get(to)
+        if dest is None:
+            dest = wire[to] = wire_address(to)
+        group = datagrams[i:j]
+        if len(group) == 1:
+            with contextlib.suppress(OSError):
+                udp.sock.sendto(group[0].data, dest)
+        else:
+            udp.send(dest, [[d.data] for d in group], [len(d.data) for d in group],
+                     family=_family(dest[0]))
+        i = j
+
+
+def receive_datagrams(udp: UdpEndpoint, batch: int) -> list[tuple[bytes, tuple[str, int]]]:
+    """Up to `batch` reads of the socket as (datagram, source), a GRO train cut in its
+    datagrams. An ICMP error queued on the socket is skipped."""
+    out: list[tuple[bytes, tuple[str, int]]] = []
+    for _ in range(batch):
+        try:
+            got = udp.recv()
+        except MqtunError:
+            continue
+        if got is None:
+            break
+        data, seg, source = got
+        src = plain_address(source)
+        if seg <= 0 or len(data) <= seg:
+            out.append((data, src))
+        else:
+            out += [(data[k:k + seg], src) for k in range(0, len(data), seg)]
+    return out
+
+
+def write_tun(queue: Queue, packets: list[bytes], offloaded: bool) -> None:
+    """Write authenticated IP packets to `queue`: with offloads, same-flow runs joined into
+    super-packets first. A refused write is counted by the queue and skipped (a deleted
+    device is noticed by the next read)."""
+    if not packets:
+        return
+    if not offloaded:
+        for packet in packets:
+            with contextlib.suppress(MqtunError):
+                queue.write(packet)
+        return
+    # verify=False: every packet here opened under ChaCha20-Poly1305, whose tag already proves
+    # it is what the peer sent (the kernel's WireGuard marks its decrypted packets
+    # CHECKSUM_UNNECESSARY for the same reason); re-verifying each TCP checksum would only
+    # repeat that in Python.
+    items = coalesce(packets, verify=False) if len(packets) > 1 else [(ZERO_HEADER, packets[0])]
+    for hdr, data in items:
+        with contextlib.suppress(MqtunError):
+            write_packet(queue, hdr, data)
