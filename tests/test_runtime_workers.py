@@ -126,10 +126,13 @@ def flows() -> Iterator[Callable[[int], Flows]]:
         f.close()
 
 
-def _wait_events(pool: WorkerPool, kinds: set[str], timeout: float = 5.0) -> list[str]:
+def _wait_events(pool: WorkerPool, kinds: set[str], timeout: float = 5.0,
+                 times: int = 1) -> list[str]:
+    """The pool's events until each of `kinds` came `times` times (or `timeout`): workers
+    find things out each on its own read, not together."""
     deadline = time.monotonic() + timeout
     got: list[str] = []
-    while time.monotonic() < deadline and not kinds <= set(got):
+    while time.monotonic() < deadline and any(got.count(k) < times for k in kinds):
         got += [e.kind for e in pool.poll(0.05)]
     return got
 
@@ -276,10 +279,7 @@ def test_device_deleted_workers_report_gone(device, pools) -> None:
     pool = WorkerPool.serve(dev, make_handler=_make)
     pools.append(pool.start())
     subprocess.run(["ip", "link", "del", dev.name], check=True, timeout=10)
-    kinds = _wait_events(pool, {"gone"})
-    deadline = time.monotonic() + 5.0  # each worker finds out on its own read: not together
-    while kinds.count("gone") < 2 and time.monotonic() < deadline:
-        kinds += [e.kind for e in pool.poll(0.05)]
+    kinds = _wait_events(pool, {"gone"}, times=2)
     assert kinds.count("gone") == 2 and "restarted" not in kinds
     assert pool.gone and all(w.state == EntryState.GONE for w in pool.workers)
 
@@ -405,7 +405,7 @@ def test_a_detached_queue_is_quiet_never_gone(device, pools, flows) -> None:
     assert 1 in {w.pop() for w in flows(32).round(rounds=1).values()}
     # a deleted device is always "gone", for every worker
     subprocess.run(["ip", "link", "del", dev.name], check=True, timeout=10)
-    assert _wait_events(pool, {"gone"}).count("gone") == 2
+    assert _wait_events(pool, {"gone"}, times=2).count("gone") == 2
 
 
 def test_pool_supervises_pidfds_numbered_past_1024(device, pools, flows) -> None:
