@@ -18,6 +18,7 @@ win. Anything that does not parse, or a header that asks for something impossibl
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from typing import Any, Final
 
 from mqtun._uapi import (
@@ -53,7 +54,7 @@ from mqtun.packet.checksum import (
 from mqtun.packet.headers import Buffer, MalformedPacket, Parsed, parse, parse_ethernet
 from mqtun.packet.vnet import VnetHeader
 
-__all__ = ["segment_count", "split"]
+__all__ = ["Train", "segment_count", "split", "split_train"]
 
 _M: Final = 0xFFFF
 _U16 = struct.Struct("!H")
@@ -100,7 +101,68 @@ def split(
         return _split_tunnel(hdr, mv, tap, max_segments, mtu)
     p = parse(mv, tap=tap, use_ip_length=False)
     _check_kind(gso & ~VIRTIO_NET_HDR_GSO_ECN, p)
-    return _segment(mv, p, _fit(hdr.gso_size, p, mtu, 0), max_segments)
+    rows, pieces = _segment(mv, p, _fit(hdr.gso_size, p, mtu, 0), max_segments)
+    return _split_rows(rows) + pieces if rows is not None else pieces
+
+
+@dataclass(frozen=True, slots=True)
+class Train:
+    """`count` packets of `size` bytes back to back in `body`, then a shorter `tail` (empty if
+    none): a split in the form UDP GSO sends it (one UDP_SEGMENT sendmsg per run, no list of
+    per-segment objects, no join)."""
+
+    body: Buffer
+    size: int
+    count: int
+    tail: Buffer
+
+    def __len__(self) -> int:
+        return self.count + (1 if len(self.tail) else 0)
+
+    def packets(self) -> list[bytes]:
+        """Each packet as bytes (for tests and for callers that want split()'s form)."""
+        body = bytes(self.body)
+        out = [body[k : k + self.size] for k in range(0, self.count * self.size, self.size)]
+        return out + [bytes(self.tail)] if len(self.tail) else out
+
+
+def split_train(
+    hdr: VnetHeader,
+    packet: Buffer,
+    *,
+    tap: bool = False,
+    prefix: bytes = b"",
+    max_segments: int = GSO_MAX_SEGS,
+    mtu: int | None = None,
+) -> Train:
+    """What split() returns, each packet behind `prefix` (e.g. a tunnel header), as a Train:
+    the full-size segments are built in one pass into one buffer (numpy), ready for a
+    UDP_SEGMENT send. The same checks, refusals and fields as split(); a packet without GSO
+    is a train of one."""
+    mv = _as_bytes_view(packet)
+    gso = hdr.gso_type
+    if gso == VIRTIO_NET_HDR_GSO_NONE or gso & VIRTIO_NET_HDR_GSO_UDP_TUNNEL:
+        pieces = [b"".join((prefix, s)) for s in split(hdr, mv, tap=tap,
+                                                        max_segments=max_segments, mtu=mtu)]
+        return _train_of(pieces)
+    if hdr.gso_size <= 0:
+        raise MalformedPacket("zero-gso-size")
+    p = parse(mv, tap=tap, use_ip_length=False)
+    _check_kind(gso & ~VIRTIO_NET_HDR_GSO_ECN, p)
+    rows, pieces = _segment(mv, p, _fit(hdr.gso_size, p, mtu, 0), max_segments, prefix)
+    if rows is None:
+        return _train_of(pieces)
+    (tail,) = pieces or (b"",)
+    count, size = rows.shape
+    return Train(rows.reshape(-1), size, count, tail)
+
+
+def _train_of(pieces: list[bytes]) -> Train:
+    """Pieces of one size but maybe the last, as a Train (their full ones joined)."""
+    size = len(pieces[0])
+    if len(pieces) > 1 and len(pieces[-1]) != size:
+        return Train(b"".join(pieces[:-1]), size, len(pieces) - 1, pieces[-1])
+    return Train(b"".join(pieces) if len(pieces) > 1 else pieces[0], size, len(pieces), b"")
 
 
 def _fit(mss: int, p: Parsed, mtu: int | None, outer: int) -> int:
@@ -156,8 +218,12 @@ def _check_kind(base: int, p: Parsed) -> None:
         raise MalformedPacket("gso-fragment", "an IP fragment cannot be segmented")
 
 
-def _segment(mv: memoryview, p: Parsed, mss: int, max_segments: int) -> list[bytes]:
-    """Cut the super-packet described by `p` (offsets into `mv`) into `mss`-byte segments."""
+def _segment(mv: memoryview, p: Parsed, mss: int, max_segments: int,
+             prefix: bytes = b"") -> tuple[Any, list[bytes]]:  # fmt: skip
+    """Cut the super-packet described by `p` (offsets into `mv`) into `mss`-byte segments,
+    each behind `prefix`: (the first full ones as rows of a numpy array, or None; the rest as
+    bytes). Many full segments go the vectorized way, the short last one and few segments
+    the per-segment loop."""
     hlen = p.payload_off
     plen = p.end - hlen
     nseg = -(-plen // mss) if plen else 1
@@ -170,6 +236,8 @@ def _segment(mv: memoryview, p: Parsed, mss: int, max_segments: int) -> list[byt
         raise MalformedPacket("oversized-segment", f"a {biggest}-byte IP packet")
     head = bytearray(mv[:hlen])
     payload = mv[hlen : p.end]
+    pre = len(prefix)
+    rows = None
     out: list[bytes] = []
     append = out.append
     join = b"".join
@@ -212,10 +280,10 @@ def _segment(mv: memoryview, p: Parsed, mss: int, max_segments: int) -> list[byt
             first_flags = flags0 & ~(TCPHDR_FIN | TCPHDR_PSH)
             last_flags = flags0 & ~TCPHDR_CWR
         if sums_array is not None:
-            out = _tcp_rows(np, sums_array, head, payload, nfull, mss, l3, l4, v4, ip_hl + thl,
-                            ip_id0, ip_base, seq0, base, (first_flags, mid_flags,
-                            last_flags if nfull == nseg else mid_flags))  # fmt: skip
-            append = out.append
+            rows = _tcp_rows(np, sums_array, prefix + head, payload, nfull, mss, l3 + pre,
+                             l4 + pre, v4, ip_hl + thl, ip_id0, ip_base, seq0, base,
+                             (first_flags, mid_flags,
+                              last_flags if nfull == nseg else mid_flags))  # fmt: skip
             first = nfull
         pack32 = _U32.pack_into
         a = first * mss
@@ -248,17 +316,16 @@ def _segment(mv: memoryview, p: Parsed, mss: int, max_segments: int) -> list[byt
                 pack16(head, l3 + 10, _M - r if r else 0)
             else:
                 pack16(head, l3 + 4, ip_hl + thl + seglen)
-            append(join((head, chunk)))
+            append(join((prefix, head, chunk)))
             a = b
-        return out
+        return rows, out
 
     # UDP (USO): the header's length and checksum change per segment
     head[l4 + 4 : l4 + 8] = b"\0\0\0\0"
     base = residue(head[l4:hlen]) + pseudo
     if sums_array is not None:
-        out = _udp_rows(np, sums_array, head, payload, nfull, mss, l3, l4, v4, ip_hl, ip_id0,
-                        ip_base, base)  # fmt: skip
-        append = out.append
+        rows = _udp_rows(np, sums_array, prefix + head, payload, nfull, mss, l3 + pre, l4 + pre,
+                         v4, ip_hl, ip_id0, ip_base, base)  # fmt: skip
         first = nfull
     a = first * mss
     for i in range(first, nseg):
@@ -286,9 +353,9 @@ def _segment(mv: memoryview, p: Parsed, mss: int, max_segments: int) -> list[byt
             pack16(head, l3 + 10, _M - r if r else 0)
         else:
             pack16(head, l3 + 4, ip_hl + ulen)
-        append(join((head, chunk)))
+        append(join((prefix, head, chunk)))
         a = b
-    return out
+    return rows, out
 
 
 # ---- the full-size segments in one pass (numpy) -------------------------------------------
@@ -336,16 +403,17 @@ def _ipv4_columns(np: Any, rows: Any, n: int, l3: int, ip_id0: int, ip_base: int
     _column16(np, rows, l3 + 10, (np.uint64(_BIG - ip_base - tot) - ids) % np.uint64(_M))
 
 
-def _split_rows(rows: Any, n: int) -> list[bytes]:
+def _split_rows(rows: Any) -> list[bytes]:
     big = rows.tobytes()
-    size = len(big) // n
+    size = rows.shape[1]
     return [big[k : k + size] for k in range(0, len(big), size)]
 
 
 def _tcp_rows(np: Any, sums: Any, head: bytearray, payload: memoryview, nfull: int, mss: int,
               l3: int, l4: int, v4: bool, ip_len: int, ip_id0: int, ip_base: int, seq0: int,
-              base: int, flags: tuple[int, int, int]) -> list[bytes]:  # fmt: skip
-    """The `nfull` full TCP segments (see _segment: the same fields, the same sums)."""
+              base: int, flags: tuple[int, int, int]) -> Any:  # fmt: skip
+    """The `nfull` full TCP segments (see _segment: the same fields, the same sums), as the
+    rows of an array (`head` is the row's template up to the payload, offsets into it)."""
     first_flags, mid_flags, last_flags = flags
     tot = ip_len + mss
     tmpl = bytearray(head)
@@ -364,13 +432,13 @@ def _tcp_rows(np: Any, sums: Any, head: bytearray, payload: memoryview, nfull: i
     _column16(np, rows, l4 + 16, csum)
     if v4:
         _ipv4_columns(np, rows, nfull, l3, ip_id0, ip_base, tot)
-    return _split_rows(rows, nfull)
+    return rows
 
 
 def _udp_rows(np: Any, sums: Any, head: bytearray, payload: memoryview, nfull: int, mss: int,
               l3: int, l4: int, v4: bool, ip_len: int, ip_id0: int, ip_base: int,
-              base: int) -> list[bytes]:  # fmt: skip
-    """The `nfull` full UDP datagrams (see _segment)."""
+              base: int) -> Any:  # fmt: skip
+    """The `nfull` full UDP datagrams (see _segment), as the rows of an array."""
     ulen = UDP_HLEN + mss
     tmpl = bytearray(head)
     _U16.pack_into(tmpl, l4 + 4, ulen)
@@ -381,7 +449,7 @@ def _udp_rows(np: Any, sums: Any, head: bytearray, payload: memoryview, nfull: i
     _column16(np, rows, l4 + 6, r)
     if v4:
         _ipv4_columns(np, rows, nfull, l3, ip_id0, ip_base, ip_len + ulen)
-    return _split_rows(rows, nfull)
+    return rows
 
 
 def _split_tunnel(
@@ -432,9 +500,10 @@ def _split_tunnel(
     inner_mv = mv[inner_nh:]
     inner = parse(inner_mv, use_ip_length=False)
     _check_kind(inner_kind, inner)
-    segments = _segment(
+    rows, pieces = _segment(
         inner_mv, inner, _fit(hdr.gso_size, inner, mtu, inner_nh - outer.l3_off), max_segments
     )
+    segments = _split_rows(rows) + pieces if rows is not None else pieces
 
     l3 = outer.l3_off
     prefix = bytearray(mv[:inner_nh])

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from mqtun import _uapi
 from mqtun.errors import InvalidArgumentError, MqtunError, kernel_error
 from mqtun.packet import ZERO_HEADER, MalformedPacket, VnetHeader, coalesce, decode, encode, split
+from mqtun.packet.gso import Train, split_train
 from mqtun.packet.headers import Buffer
 from mqtun.runtime.loop import Route, _read_error, _write_error
 from mqtun.stats import (
@@ -184,6 +185,37 @@ class UdpEndpoint:
             sent += count
         return sent, first_err
 
+    def send_train(self, dest: tuple[str, int] | tuple[str, int, int, int], train: Train
+                   ) -> tuple[int, int]:
+        """Send a Train's datagrams (its body's equal-size ones, then its tail) to `dest`: as
+        many per UDP_SEGMENT sendmsg as one IP packet holds, slices of the one buffer.
+
+        Returns (datagrams sent, errno of the first failed send or 0), as send() does."""
+        size, count, tail = train.size, train.count, train.tail
+        per = max(1, min(_uapi.UDP_MAX_SEGMENTS, _MAX_UDP_PAYLOAD[self.family] // size))
+        body = memoryview(train.body)
+        anc = [(_uapi.SOL_UDP, _uapi.UDP_SEGMENT, _SEGMENT.pack(size))]
+        sendmsg = self._sendmsg
+        sent = first_err = 0
+        tail_left = len(tail) > 0
+        i = 0
+        while i < count or tail_left:
+            k = min(per, count - i)
+            parts: list[Buffer] = [body[i * size : (i + k) * size]] if k else []
+            n = k
+            if tail_left and i + k == count and k < per:
+                parts.append(tail)  # a shorter last datagram may end a UDP_SEGMENT send
+                tail_left = False
+                n += 1
+            try:
+                sendmsg(parts, anc if n > 1 else [], 0, dest)
+            except OSError as exc:
+                first_err = first_err or (exc.errno or errno.EIO)
+            else:
+                sent += n
+            i += k
+        return sent, first_err
+
     def recv(self) -> tuple[bytes, int, tuple[str, int]] | None:
         """One read: (data, segment size or 0, source (address, port)), None if nothing is
         queued. With UDP_GRO the data may hold many datagrams (see packet.vxlan.datagrams)."""
@@ -273,8 +305,9 @@ class TunnelCodec(Protocol):
 
     header_len: int  # bytes in front of each frame in a datagram
 
-    def encapsulate(self, frame: memoryview) -> Buffer:
-        """The bytes to put in front of a wire frame (it is gathered after them)."""
+    def encapsulate(self, frame: memoryview) -> bytes:
+        """The bytes to put in front of a wire frame (it is gathered after them); for a
+        super-frame, asked once and put in front of each of its segments."""
 
     def source_port(self, frame: memoryview) -> int | None:
         """The outer UDP source port for the frame's flow (None: the endpoint's own)."""
@@ -398,8 +431,11 @@ class SocketLoop:
                 if hsize:
                     hdr = decode(data, hsize)
                     frame = memoryview(data)[hsize:]
-                    segments = split(hdr, frame, tap=tap) if hdr.flags or hdr.gso_type \
-                        else [frame]
+                    if hdr.gso_type:  # a super-frame: its segments in one buffer, sent now
+                        self._send_train(frame, split_train(
+                            hdr, frame, tap=tap, prefix=self.codec.encapsulate(frame)))
+                        continue
+                    segments = split(hdr, frame, tap=tap) if hdr.flags else [frame]
                 else:
                     segments = [memoryview(data)]
             except MalformedPacket:
@@ -410,6 +446,37 @@ class SocketLoop:
             self._send_queued()
         return n
 
+    def _too_big(self, frame: Buffer) -> None:
+        """Tell the sender of a frame that does not fit the path, as the kernel's tunnels do."""
+        reply = self.codec.too_big_reply(memoryview(frame), self.inner_mtu)
+        if reply is not None:
+            self._write(self.zero, reply)
+
+    def _send_train(self, frame: memoryview, train: Train) -> None:
+        """Send a super-frame's segments (behind the tunnel header): after what is queued, so
+        a flow's frames leave in order; segments too big for the path dropped and counted."""
+        c = self.counters
+        head, limit = self.codec.header_len, self.route.max_frame
+        body_fits = train.size - head <= limit
+        tail_fits = len(train.tail) - head <= limit
+        if not (body_fits and tail_fits):
+            c.drop(DropReason.TOO_BIG, (0 if body_fits else train.count) + (not tail_fits))
+            big = memoryview(train.tail) if body_fits else memoryview(train.body)[:train.size]
+            self._too_big(big[head:])
+            train = Train(train.body if body_fits else b"", train.size,
+                          train.count if body_fits else 0, train.tail if tail_fits else b"")
+            if not len(train):
+                return
+        if self._out:
+            self._send_queued()
+        ep = self.route.endpoint
+        if self.ports is not None:
+            ep = self.ports.get(self.codec.source_port(frame))
+        sent, err = ep.send_train(self.peer, train)
+        if err:
+            c.slots[WRITE_ERRORS] += 1
+            c.drop(drop_reason(err), len(train) - sent)
+
     def _queue(self, segments: list[Any]) -> None:
         """Encapsulate a frame's segments for sending, by outer source port (a drain's
         datagrams of one flow go out together, equal sizes in one UDP GSO send)."""
@@ -418,10 +485,7 @@ class SocketLoop:
         if len(segments[0]) > limit or len(segments[-1]) > limit:
             fit = [s for s in segments if len(s) <= limit]
             c.drop(DropReason.TOO_BIG, len(segments) - len(fit))
-            big = segments[0] if len(segments[0]) > limit else segments[-1]
-            reply = codec.too_big_reply(big, self.inner_mtu)
-            if reply is not None:  # tell the sender, as the kernel's tunnels do
-                self._write(self.zero, reply)
+            self._too_big(segments[0] if len(segments[0]) > limit else segments[-1])
             if not fit:
                 return
             segments = fit
