@@ -14,6 +14,7 @@ of the worker's samples (on-CPU only unless --idle). Root only; not a test.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,13 @@ from profile_forward import _user_system, summarize  # noqa: E402
 def _workers(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(x) for x in f.read().split()]
+
+
+def _tap_frames(s: bench_tunnel.Setup) -> tuple[int, int]:
+    """(frames the workers read from the TAP, frames they wrote to it) so far."""
+    out = s.left.run(["ip", "-s", "-j", "link", "show", "vx0"], check=False).stdout
+    st = json.loads(out)[0]["stats64"]
+    return int(st["tx"]["packets"]), int(st["rx"]["packets"])
 
 
 def main() -> int:
@@ -64,6 +72,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="mqtun-prof-") as tmp:
             outs = [Path(tmp) / f"{pid}.txt" for pid in workers]
             t0, cpu0 = time.monotonic(), [_user_system(pid) for pid in workers]
+            frames0 = _tap_frames(s)
             spies = [subprocess.Popen(["py-spy", "record", "--nonblocking", "-r", "250", "-f",
                                        "raw", "-d", str(max(1, round(args.seconds))), "-p",
                                        str(pid), "-o", str(out),
@@ -78,6 +87,7 @@ def main() -> int:
                           file=sys.stderr)
             wall = time.monotonic() - t0
             cpu1 = [_user_system(pid) for pid in workers]
+            frames1 = _tap_frames(s)
             raw = "\n".join(o.read_text() for o in outs if o.exists())
         thread.join(run_for + 30)
     finally:
@@ -86,8 +96,6 @@ def main() -> int:
     system = sum(b[1] - a[1] for a, b in zip(cpu0, cpu1, strict=True))
     gbps = 0.0
     try:
-        import json
-
         gbps = json.loads(result.get("out", ""))["end"]["sum_received"]["bits_per_second"] / 1e9
     except (ValueError, KeyError):
         pass
@@ -96,6 +104,12 @@ def main() -> int:
           f"{gbps:.2f} Gbit/s, workers {workers}")
     print(f"worker CPU while sampled: user {100 * user / wall:.0f}% + system "
           f"{100 * system / wall:.0f}% of one core (py-spy's own reads included)")
+    read, written = (b - a for a, b in zip(frames0, frames1, strict=True))
+    frames = written if args.reverse else read
+    if frames:
+        print(f"per TAP frame {'written' if args.reverse else 'read'} ({frames} frames, "
+              f"{read} read, {written} written): user {1e6 * user / frames:.1f} us + "
+              f"system {1e6 * system / frames:.1f} us of worker CPU")
     print(summarize(raw, args.top), end="")
     return 0
 
