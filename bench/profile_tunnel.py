@@ -14,6 +14,7 @@ of the worker's samples (on-CPU only unless --idle). Root only; not a test.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import subprocess
@@ -25,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_tunnel  # noqa: E402
-from profile_forward import _user_system, summarize  # noqa: E402
+import bench_tunnel
+from profile_forward import _user_system, summarize
 
 
 def _workers(pid: int) -> list[int]:
@@ -95,10 +96,8 @@ def main() -> int:
     user = sum(b[0] - a[0] for a, b in zip(cpu0, cpu1, strict=True))
     system = sum(b[1] - a[1] for a, b in zip(cpu0, cpu1, strict=True))
     gbps = 0.0
-    try:
+    with contextlib.suppress(ValueError, KeyError):
         gbps = json.loads(result.get("out", ""))["end"]["sum_received"]["bits_per_second"] / 1e9
-    except (ValueError, KeyError):
-        pass
     way = "socket -> TAP (iperf3 -R)" if args.reverse else "TAP -> socket"
     print(f"mqtun tunnel vxlan --queues {args.queues}, {args.flows} TCP flow(s), {way}: "
           f"{gbps:.2f} Gbit/s, workers {workers}")

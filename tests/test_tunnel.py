@@ -366,6 +366,40 @@ def test_concurrent_flows_arrive_in_order(make_netns: Callable[[], NetNamespace]
     assert sum(r.drops for r in tp.qstat(2)) == 0
 
 
+def test_socket_buffer_overflow_is_counted(make_netns: Callable[[], NetNamespace],
+                                          tunnel: Callable[..., TunnelProc]) -> None:
+    """A stopped worker's socket fills up; the datagrams the kernel then drops are counted
+    (socket-overflow, from SO_RXQ_OVFL) once the worker reads again: every datagram sent is
+    either read (here: counted vxlan-short) or counted dropped."""
+    lab = make_lab(make_netns(), v6=False)
+    tp, _dev = _start(lab, tunnel, 1)
+    with open(f"/proc/{tp.proc.pid}/task/{tp.proc.pid}/children") as f:
+        (worker,) = (int(x) for x in f.read().split())
+    sent = 100_000  # more than the 8 MB buffer holds: each costs far over 160 bytes of it
+    with lab.b.enter(), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((lab.remote, 0))
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            for _ in range(sent):
+                s.sendto(b"", (lab.local, 4789))
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        time.sleep(0.2)
+        s.sendto(b"", (lab.local, 4789))  # queued after the drops: it carries their count
+
+    def counted() -> dict[str, int]:
+        (row,) = tp.qstat(1)
+        return row.reasons
+
+    deadline = time.monotonic() + 10
+    while sum(counted().values()) != sent + 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    reasons = counted()
+    assert set(reasons) == {"vxlan-short", "socket-overflow"}, reasons
+    assert reasons["vxlan-short"] + reasons["socket-overflow"] == sent + 1
+    assert tp.proc.poll() is None
+
+
 def test_a_crashed_worker_is_restarted_on_its_queue_and_socket(
         make_netns: Callable[[], NetNamespace], tunnel: Callable[..., TunnelProc]) -> None:
     """A worker killed mid-run: the pool restarts it on the same TAP queue and the same socket

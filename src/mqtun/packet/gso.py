@@ -123,7 +123,7 @@ class Train:
         """Each packet as bytes (for tests and for callers that want split()'s form)."""
         body = bytes(self.body)
         out = [body[k : k + self.size] for k in range(0, self.count * self.size, self.size)]
-        return out + [bytes(self.tail)] if len(self.tail) else out
+        return [*out, bytes(self.tail)] if len(self.tail) else out
 
 
 def split_train(
@@ -417,9 +417,9 @@ def _words(np: Any, rows: Any, *offsets: int) -> Any:
     return rows.view(">u2")
 
 
-def _tcp_rows(np: Any, sums: Any, head: bytearray, payload: memoryview, nfull: int, mss: int,
-              l3: int, l4: int, v4: bool, ip_len: int, ip_id0: int, ip_base: int, seq0: int,
-              base: int, flags: tuple[int, int, int]) -> Any:  # fmt: skip
+def _tcp_rows(np: Any, sums: Any, head: bytes | bytearray, payload: memoryview, nfull: int,
+              mss: int, l3: int, l4: int, v4: bool, ip_len: int, ip_id0: int, ip_base: int,
+              seq0: int, base: int, flags: tuple[int, int, int]) -> Any:  # fmt: skip
     """The `nfull` full TCP segments (see _segment: the same fields, the same sums), as the
     rows of an array (`head` is the row's template up to the payload, offsets into it)."""
     first_flags, mid_flags, last_flags = flags
@@ -465,8 +465,8 @@ def _ipv4_columns(np: Any, rows: Any, words: Any, index: Any, l3: int, ip_id0: i
         _column16(np, rows, l3 + 10, csum)
 
 
-def _udp_rows(np: Any, sums: Any, head: bytearray, payload: memoryview, nfull: int, mss: int,
-              l3: int, l4: int, v4: bool, ip_len: int, ip_id0: int, ip_base: int,
+def _udp_rows(np: Any, sums: Any, head: bytes | bytearray, payload: memoryview, nfull: int,
+              mss: int, l3: int, l4: int, v4: bool, ip_len: int, ip_id0: int, ip_base: int,
               base: int) -> Any:  # fmt: skip
     """The `nfull` full UDP datagrams (see _segment), as the rows of an array."""
     ulen = UDP_HLEN + mss

@@ -9,7 +9,8 @@ flow's hash in the outer source port, as VXLAN does, keeps every inner flow on o
   (and one shorter last one) goes out in one sendmsg with a UDP_SEGMENT cmsg, the payload
   gathered from the caller's buffers (a header and a frame each, no join).
 - `UdpEndpoint.recv` reads with UDP_GRO on: one read may hold many datagrams of the segment
-  size the cmsg gives.
+  size the cmsg gives. With SO_RXQ_OVFL on, a read also says how many datagrams the kernel
+  has dropped so far for want of room in the receive buffer (`UdpEndpoint.overflows`).
 - `SourcePorts` gives a sending socket per outer source port (bound lazily in the same
   reuseport way, a bounded number per worker), so datagrams can leave from the port a flow
   hash picks; a port that cannot be bound falls back to the endpoint's own.
@@ -73,7 +74,8 @@ __all__ = [
 
 _SEGMENT = struct.Struct("=H")
 _GRO = struct.Struct("=i")
-_GRO_ANC = socket.CMSG_SPACE(_GRO.size)
+_OVFL = struct.Struct("=I")
+_ANC_SPACE = socket.CMSG_SPACE(_GRO.size) + socket.CMSG_SPACE(_OVFL.size)
 _RECV_SIZE = 65536 + 64
 _MAX_UDP_PAYLOAD: dict[int, int] = {socket.AF_INET: 65535 - 20 - 8, socket.AF_INET6: 65535 - 8}
 
@@ -118,6 +120,7 @@ class UdpEndpoint:
     def __init__(self, sock: socket.socket, *, gro: bool) -> None:
         self.sock = sock
         self.gro = gro
+        self.overflows = 0  # datagrams the kernel dropped, the receive buffer full (SO_RXQ_OVFL)
         self.family = sock.family
         self._sendmsg = sock.sendmsg
         self._recvmsg = sock.recvmsg
@@ -138,6 +141,7 @@ class UdpEndpoint:
                     sock.setsockopt(socket.SOL_SOCKET, _uapi.SO_RCVBUFFORCE, rcvbuf)
             if gro:
                 sock.setsockopt(_uapi.SOL_UDP, _uapi.UDP_GRO, 1)
+            sock.setsockopt(socket.SOL_SOCKET, _uapi.SO_RXQ_OVFL, 1)
             sock.bind(_sockaddr(address, port))
         except OSError as exc:
             sock.close()
@@ -218,9 +222,13 @@ class UdpEndpoint:
 
     def recv(self) -> tuple[bytes, int, tuple[str, int]] | None:
         """One read: (data, segment size or 0, source (address, port)), None if nothing is
-        queued. With UDP_GRO the data may hold many datagrams (see packet.vxlan.datagrams)."""
+        queued. With UDP_GRO the data may hold many datagrams (see packet.vxlan.datagrams).
+
+        The SO_RXQ_OVFL cmsg (the socket's drop count when this datagram was queued, present
+        once it is not 0) updates `overflows`: drops are seen with the next datagram queued
+        after them."""
         try:
-            data, anc, _flags, addr = self._recvmsg(_RECV_SIZE, _GRO_ANC, socket.MSG_DONTWAIT)
+            data, anc, _flags, addr = self._recvmsg(_RECV_SIZE, _ANC_SPACE, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return None
         except OSError as exc:
@@ -229,6 +237,11 @@ class UdpEndpoint:
         for level, kind, value in anc:
             if level == _uapi.SOL_UDP and kind == _uapi.UDP_GRO and len(value) >= _GRO.size:
                 seg = _GRO.unpack_from(value)[0]
+            elif (level == socket.SOL_SOCKET and kind == _uapi.SO_RXQ_OVFL
+                  and len(value) >= _OVFL.size):
+                # a 32-bit count that wraps: the change since the last one seen, added
+                seen = _OVFL.unpack_from(value)[0]
+                self.overflows += (seen - self.overflows) & 0xFFFFFFFF
         return data, seg, (addr[0], addr[1])
 
 
@@ -369,6 +382,9 @@ class SocketLoop:
         self.inner_mtu = route.max_frame - (_uapi.ETH_HLEN if self.tap else 0)
         self.rx_limit = route.mtu + ((_uapi.ETH_HLEN + 2 * _uapi.VLAN_HLEN) if self.tap else 0)
         self._out: dict[int | None, tuple[list[Any], list[int]]] = {}
+        # drops the socket's SO_RXQ_OVFL count already stands for (a restarted worker's
+        # endpoint starts where the queue's counter is: the count is the socket's, not ours)
+        route.endpoint.overflows = self._overflows = self._counted_overflows()
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
@@ -471,7 +487,9 @@ class SocketLoop:
             self._send_queued()
         ep = self.route.endpoint
         if self.ports is not None:
-            ep = self.ports.get(self.codec.source_port(frame))
+            port = self.codec.source_port(frame)
+            if port is not None:
+                ep = self.ports.get(port)
         sent, err = ep.send_train(self.peer, train)
         if err:
             c.slots[WRITE_ERRORS] += 1
@@ -545,7 +563,14 @@ class SocketLoop:
                 else:
                     pending.append(d[head:])
         self._flush(pending)
+        if self.route.endpoint.overflows != self._overflows:
+            ov = self.route.endpoint.overflows
+            c.drop(DropReason.SOCKET_OVERFLOW, ov - self._overflows)
+            self._overflows = ov
         return n
+
+    def _counted_overflows(self) -> int:
+        return int(self.counters.snapshot().dropped.get(DropReason.SOCKET_OVERFLOW.label, 0))
 
     def _flush(self, frames: list[memoryview]) -> None:
         if not frames:
