@@ -576,7 +576,9 @@ class SocketLoop:
         if not frames:
             return
         hsize, codec = self.hsize, self.codec
-        for hdr, data in coalesce(frames, tap=self.tap):
+        # a lone frame (an ACK, mostly) has nothing to join: coalesce would hand it back as is
+        pairs = coalesce(frames, tap=self.tap) if len(frames) > 1 else [(ZERO_HEADER, frames[0])]
+        for hdr, data in pairs:
             if not (hdr.flags or hdr.gso_type):
                 hdr = codec.receive_header(memoryview(data), 0, 0)
             self._write(encode(hdr, hsize) if hdr.flags or hdr.gso_type else self.zero, data)
