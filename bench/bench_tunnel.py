@@ -1,6 +1,7 @@
 """TCP through `mqtun tunnel vxlan` against the kernel's VXLAN on both ends (the ceiling).
 
     sudo python3 bench/bench_tunnel.py [--repeat 5] [--seconds 5] [--short] [--out FILE]
+                                       [--compare OLD_TREE]
 
 Each configuration is a pair of namespaces joined by a veth underlay, with VXLAN 42 between
 them; iperf3 runs from the left namespace to the right one (and back with -R, "rev"):
@@ -15,6 +16,9 @@ medians and the ratios the project set targets for: 4 flows over 2 queues >= 0.5
 flow >= 0.3x kernel, 2 queues >= 1.3x 1 queue on 4 flows. The CPU column is the tunnel
 process's (all workers) CPU time per second of the run. Not a test: the suite never runs it;
 `--short` (1 repetition of 1 s, forward direction only) checks that the bench works.
+`--compare OLD_TREE` adds ``old-1q`` / ``old-2q``: the same tunnel from another source tree (a
+directory holding src/mqtun, e.g. `git archive main | tar -x -C /tmp/old`), interleaved with
+the rest, and the new/old ratios: a before/after that holds on a shared machine.
 """
 
 from __future__ import annotations
@@ -70,9 +74,9 @@ class Setup:
             ns.delete()
 
 
-def _env() -> dict[str, str]:
+def _env(src: Path = SRC) -> dict[str, str]:
     path = os.environ.get("PYTHONPATH", "")
-    return {**os.environ, "PYTHONPATH": f"{SRC}:{path}" if path else str(SRC)}
+    return {**os.environ, "PYTHONPATH": f"{src}:{path}" if path else str(src)}
 
 
 def _vxlan(ns: NetNamespace, local: str, remote: str, underlay: str, inner: str) -> None:
@@ -82,7 +86,7 @@ def _vxlan(ns: NetNamespace, local: str, remote: str, underlay: str, inner: str)
     ns.run(["ip", "link", "set", "vk0", "up"])
 
 
-def setup(name: str, index: int) -> Setup:
+def setup(name: str, index: int, src: Path = SRC) -> Setup:
     left, right = NetNamespace.create(prefix="bt-l-"), NetNamespace.create(prefix="bt-r-")
     net = 30 + index
     a, b = f"198.18.{net}.1", f"198.18.{net}.2"
@@ -98,11 +102,11 @@ def setup(name: str, index: int) -> Setup:
         if name == "kernel":
             _vxlan(left, a, b, "ul", ia)
         else:
-            queues = name.removeprefix("mqtun-").removesuffix("q")
+            queues = name.split("-", 1)[1].removesuffix("q")
             s.tunnel = left.popen(
                 [sys.executable, "-m", "mqtun", "tunnel", "vxlan", "--local", a, "--remote", b,
                  "--vni", VNI, "--queues", queues, "--name", "vx0"],
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env())
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(src))
             assert s.tunnel.stdout is not None
             line = s.tunnel.stdout.readline().strip()
             if not line.startswith("READY"):
@@ -163,6 +167,7 @@ def main() -> int:
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--short", action="store_true", help="1 repetition of 1 s, tcp1 and tcp4")
     ap.add_argument("--out", help="also write the table (markdown) here")
+    ap.add_argument("--compare", metavar="OLD_TREE", help="also old-1q/old-2q from this tree")
     args = ap.parse_args()
     workloads = ["tcp1", "tcp4"] if args.short else args.workloads.split(",")
     for w in workloads:
@@ -173,8 +178,12 @@ def main() -> int:
         load_before = f.read().split()[0]
     setups: list[Setup] = []
     try:
-        for i, name in enumerate(CONFIGS):
-            setups.append(setup(name, i))
+        configs = [(name, SRC) for name in CONFIGS]
+        if args.compare:
+            old = Path(args.compare).resolve() / "src"
+            configs += [("old-1q", old), ("old-2q", old)]
+        for i, (name, src) in enumerate(configs):
+            setups.append(setup(name, i, src))
         for r in range(repeat):
             for s in setups:
                 for w in workloads:
@@ -206,6 +215,13 @@ def main() -> int:
             ratio = med[num] / med[den]
             met = "yes" if ratio >= floor else "no"
             lines.append(f"| {label} | {ratio:.3f} | {floor} | {met} |")
+    if args.compare:
+        lines += ["", "| new / old | " + " | ".join(workloads) + " |",
+                  "|---|" + "---|" * len(workloads)]
+        for q in ("1q", "2q"):
+            cells = [f"{med[(f'mqtun-{q}', w)] / med[(f'old-{q}', w)]:.3f}"
+                     if med[(f"old-{q}", w)] > 0 else "-" for w in workloads]
+            lines.append(f"| {q} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     print(table, end="")
     if args.out:

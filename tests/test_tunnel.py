@@ -366,6 +366,58 @@ def test_concurrent_flows_arrive_in_order(make_netns: Callable[[], NetNamespace]
     assert sum(r.drops for r in tp.qstat(2)) == 0
 
 
+def _udp_drops(port: int) -> int:
+    """The kernel's drop count of the UDP sockets bound to `port` in this namespace (the last
+    column of /proc/net/udp): the oracle for what SO_RXQ_OVFL reports."""
+    total = 0
+    with open("/proc/net/udp") as f:
+        for line in f.read().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                total += int(fields[-1])
+    return total
+
+
+def test_socket_buffer_overflow_is_counted(make_netns: Callable[[], NetNamespace],
+                                          tunnel: Callable[..., TunnelProc]) -> None:
+    """A stopped worker's socket fills up; the datagrams the kernel then drops are counted
+    (socket-overflow, from SO_RXQ_OVFL) once the worker reads again, as many as the kernel
+    itself counts for the socket (the peer's own VXLAN traffic, if any came meanwhile,
+    included); what fitted is read (here: counted vxlan-short)."""
+    lab = make_lab(make_netns(), v6=False)
+    tp, _dev = _start(lab, tunnel, 1)
+    with open(f"/proc/{tp.proc.pid}/task/{tp.proc.pid}/children") as f:
+        (worker,) = (int(x) for x in f.read().split())
+    sent = 100_000  # more than the 8 MB buffer holds: each costs far over 160 bytes of it
+
+    def counted() -> dict[str, int]:
+        (row,) = tp.qstat(1)
+        return row.reasons
+
+    with lab.b.enter(), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((lab.remote, 0))
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            for _ in range(sent):
+                s.sendto(b"", (lab.local, 4789))
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        # one more datagram, again until one is queued after the drops (the worker may not
+        # have made room yet): it carries their count
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            s.sendto(b"", (lab.local, 4789))
+            sent += 1
+            time.sleep(0.2)
+            reasons = counted()
+            if "socket-overflow" in reasons and sum(reasons.values()) >= sent:
+                break
+    assert set(reasons) == {"vxlan-short", "socket-overflow"}, reasons
+    assert 0 < reasons["vxlan-short"] < sent
+    assert reasons["socket-overflow"] == _udp_drops(4789) >= sent - reasons["vxlan-short"]
+    assert tp.proc.poll() is None
+
+
 def test_a_crashed_worker_is_restarted_on_its_queue_and_socket(
         make_netns: Callable[[], NetNamespace], tunnel: Callable[..., TunnelProc]) -> None:
     """A worker killed mid-run: the pool restarts it on the same TAP queue and the same socket

@@ -75,3 +75,28 @@ def test_source_ports_and_errors() -> None:
     finally:
         taken.close()
         main.close()
+
+
+def test_receive_buffer_overflows_are_counted() -> None:
+    """A socket nobody reads with a tiny receive buffer: what does not fit is dropped by the
+    kernel, and the next datagram queued after the drops says how many (SO_RXQ_OVFL)."""
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    receiver = UdpEndpoint.bind("127.0.0.1", 4789, gro=False)
+    receiver.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the kernel's minimum
+    sender = UdpEndpoint.bind("127.0.0.1", 0, reuseport=False, gro=False)
+    try:
+        sent = 200
+        for i in range(sent):
+            sender.sock.sendto(b"%d" % i, ("127.0.0.1", 4789))
+        got = 0
+        while receiver.recv() is not None:
+            got += 1
+        assert 0 < got < sent  # some fitted, the rest were dropped
+        assert receiver.overflows == 0  # queued before any drop: nothing to say yet
+        sender.sock.sendto(b"after", ("127.0.0.1", 4789))
+        r = receiver.recv()
+        assert r is not None and r[0] == b"after"
+        assert receiver.overflows == sent - got
+    finally:
+        receiver.close()
+        sender.close()

@@ -452,6 +452,7 @@ IP_MTU: Final = 14  # getsockopt on a connected socket: the path MTU (include/ua
 IPV6_MTU: Final = 24  # include/uapi/linux/in6.h
 SO_ATTACH_REUSEPORT_EBPF: Final = 52  # asm-generic/socket.h
 SO_DETACH_REUSEPORT_BPF: Final = 68
+SO_RXQ_OVFL: Final = 40  # asm-generic/socket.h: a cmsg (u32) with the socket's drops so far
 VXLAN_HF_VNI: Final = 0x08000000  # the I flag, first 32-bit word (include/net/vxlan.h)
 VXLAN_VNI_MAX: Final = 0xFFFFFF
 VXLAN_OVERHEAD_IPV4: Final = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14

@@ -45,6 +45,7 @@ class DropReason(enum.IntEnum):
     VXLAN_WRONG_VNI = 13  # VXLAN datagram of another network (VNI)
     VXLAN_TRUNCATED = 14  # VXLAN datagram whose inner frame is shorter than an Ethernet header
     WRONG_SOURCE = 15  # a tunnel datagram from another address than the configured remote
+    SOCKET_OVERFLOW = 16  # a datagram the kernel dropped, the socket's receive buffer full
 
     @property
     def label(self) -> str:

@@ -21,6 +21,7 @@ from mqtun._uapi import (
     VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV6,
 )
 from mqtun.packet import REASONS, MalformedPacket, VnetHeader, parse, pseudo_header_sum, split
+from mqtun.packet.gso import split_train
 
 pytestmark = pytest.mark.usefixtures("both_sums")  # numpy and pure-Python sums
 
@@ -124,6 +125,32 @@ def test_udp_split_matches_scapy(
             assert pkt[pb.IP].id == (ip_id0 + i) % 0x10000
         got += bytes(u.payload)
     assert got == payload
+
+
+@given(shapes, st.integers(0, 12000), st.data(), st.booleans(), st.binary(max_size=9))
+def test_split_train_is_split_behind_a_prefix(
+    shape: pb.Shape, plen: int, data: st.DataObject, is_udp: bool, prefix: bytes
+) -> None:
+    """split_train (one buffer of equal rows and a tail, for UDP GSO) gives split()'s packets,
+    each behind the prefix; an odd prefix or size takes the byte-column path."""
+    mss = data.draw(st.integers(max(1, -(-plen // 48)), 3000), label="mss")
+    payload = os.urandom(plen)
+    if is_udp:
+        raw = pb.udp(shape, payload)
+        super_packet, l4 = seeded(raw, shape, 6)
+        hdr = VnetHeader(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_UDP_L4, 0, mss, l4, 6)
+    else:
+        raw = pb.tcp(shape, payload, flags="AP")
+        super_packet, l4 = seeded(raw, shape, 16)
+        gso = VIRTIO_NET_HDR_GSO_TCPV6 if shape.v6 else VIRTIO_NET_HDR_GSO_TCPV4
+        hdr = VnetHeader(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso, 0, mss, l4, 16)
+    want = [prefix + s for s in split(hdr, super_packet, tap=shape.tap)]
+    train = split_train(hdr, super_packet, tap=shape.tap, prefix=prefix)
+    assert train.packets() == want and len(train) == len(want)
+    assert len(bytes(train.body)) == train.count * train.size
+    assert not train.tail or len(train.tail) < train.size
+    plain = split_train(VnetHeader(0, 0, 0, 0, 0, 0), raw, tap=shape.tap, prefix=prefix)
+    assert plain.packets() == [prefix + raw] and len(plain) == 1
 
 
 @given(shapes, st.binary(max_size=3000), st.booleans())

@@ -250,11 +250,14 @@ def piece_sums_array(data: Buffer, size: int, count: int, *, big_endian: bool = 
     if np is None:
         return None
     # 32-bit little-endian words: w0 + w1 * 65536 = w0 + w1 (mod 0xFFFF), and half as many
-    # values to add as with 16-bit words
+    # values to add as with 16-bit words; a size that is not a multiple of 4 (an MSS of 1398)
+    # adds 16-bit words into 32-bit sums, which cannot overflow below 128 KB a piece and adds
+    # faster than into 64-bit ones
     if size & 3:
         words = np.frombuffer(data, dtype="<u2", count=size * count // 2)
-    else:
-        words = np.frombuffer(data, dtype="<u4", count=size * count // 4)
+        sums = words.reshape(count, -1).sum(axis=1, dtype=np.uint32)
+        return sums << np.uint64(8) if big_endian else sums.astype(np.uint64)
+    words = np.frombuffer(data, dtype="<u4", count=size * count // 4)
     sums = words.reshape(count, -1).sum(axis=1, dtype=np.uint64)
     return sums << np.uint64(8) if big_endian else sums
 

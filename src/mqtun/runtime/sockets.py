@@ -9,7 +9,8 @@ flow's hash in the outer source port, as VXLAN does, keeps every inner flow on o
   (and one shorter last one) goes out in one sendmsg with a UDP_SEGMENT cmsg, the payload
   gathered from the caller's buffers (a header and a frame each, no join).
 - `UdpEndpoint.recv` reads with UDP_GRO on: one read may hold many datagrams of the segment
-  size the cmsg gives.
+  size the cmsg gives. With SO_RXQ_OVFL on, a read also says how many datagrams the kernel
+  has dropped so far for want of room in the receive buffer (`UdpEndpoint.overflows`).
 - `SourcePorts` gives a sending socket per outer source port (bound lazily in the same
   reuseport way, a bounded number per worker), so datagrams can leave from the port a flow
   hash picks; a port that cannot be bound falls back to the endpoint's own.
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from mqtun import _uapi
 from mqtun.errors import InvalidArgumentError, MqtunError, kernel_error
 from mqtun.packet import ZERO_HEADER, MalformedPacket, VnetHeader, coalesce, decode, encode, split
+from mqtun.packet.gso import Train, split_train
 from mqtun.packet.headers import Buffer
 from mqtun.runtime.loop import Route, _read_error, _write_error
 from mqtun.stats import (
@@ -72,7 +74,8 @@ __all__ = [
 
 _SEGMENT = struct.Struct("=H")
 _GRO = struct.Struct("=i")
-_GRO_ANC = socket.CMSG_SPACE(_GRO.size)
+_OVFL = struct.Struct("=I")
+_ANC_SPACE = socket.CMSG_SPACE(_GRO.size) + socket.CMSG_SPACE(_OVFL.size)
 _RECV_SIZE = 65536 + 64
 _MAX_UDP_PAYLOAD: dict[int, int] = {socket.AF_INET: 65535 - 20 - 8, socket.AF_INET6: 65535 - 8}
 
@@ -117,6 +120,7 @@ class UdpEndpoint:
     def __init__(self, sock: socket.socket, *, gro: bool) -> None:
         self.sock = sock
         self.gro = gro
+        self.overflows = 0  # datagrams the kernel dropped, the receive buffer full (SO_RXQ_OVFL)
         self.family = sock.family
         self._sendmsg = sock.sendmsg
         self._recvmsg = sock.recvmsg
@@ -137,6 +141,7 @@ class UdpEndpoint:
                     sock.setsockopt(socket.SOL_SOCKET, _uapi.SO_RCVBUFFORCE, rcvbuf)
             if gro:
                 sock.setsockopt(_uapi.SOL_UDP, _uapi.UDP_GRO, 1)
+            sock.setsockopt(socket.SOL_SOCKET, _uapi.SO_RXQ_OVFL, 1)
             sock.bind(_sockaddr(address, port))
         except OSError as exc:
             sock.close()
@@ -187,11 +192,46 @@ class UdpEndpoint:
             sent += count
         return sent, first_err
 
+    def send_train(self, dest: tuple[str, int] | tuple[str, int, int, int], train: Train
+                   ) -> tuple[int, int]:
+        """Send a Train's datagrams (its body's equal-size ones, then its tail) to `dest`: as
+        many per UDP_SEGMENT sendmsg as one IP packet holds, slices of the one buffer.
+
+        Returns (datagrams sent, errno of the first failed send or 0), as send() does."""
+        size, count, tail = train.size, train.count, train.tail
+        per = max(1, min(_uapi.UDP_MAX_SEGMENTS, _MAX_UDP_PAYLOAD[self.family] // size))
+        body = memoryview(train.body)
+        anc = [(_uapi.SOL_UDP, _uapi.UDP_SEGMENT, _SEGMENT.pack(size))]
+        sendmsg = self._sendmsg
+        sent = first_err = 0
+        tail_left = len(tail) > 0
+        i = 0
+        while i < count or tail_left:
+            k = min(per, count - i)
+            parts: list[Buffer] = [body[i * size : (i + k) * size]] if k else []
+            n = k
+            if tail_left and i + k == count and k < per:
+                parts.append(tail)  # a shorter last datagram may end a UDP_SEGMENT send
+                tail_left = False
+                n += 1
+            try:
+                sendmsg(parts, anc if n > 1 else [], 0, dest)
+            except OSError as exc:
+                first_err = first_err or (exc.errno or errno.EIO)
+            else:
+                sent += n
+            i += k
+        return sent, first_err
+
     def recv(self) -> tuple[bytes, int, tuple[str, int]] | None:
         """One read: (data, segment size or 0, source (address, port)), None if nothing is
-        queued. With UDP_GRO the data may hold many datagrams (see packet.vxlan.datagrams)."""
+        queued. With UDP_GRO the data may hold many datagrams (see packet.vxlan.datagrams).
+
+        The SO_RXQ_OVFL cmsg (the socket's drop count when this datagram was queued, present
+        once it is not 0) updates `overflows`: drops are seen with the next datagram queued
+        after them."""
         try:
-            data, anc, _flags, addr = self._recvmsg(_RECV_SIZE, _GRO_ANC, socket.MSG_DONTWAIT)
+            data, anc, _flags, addr = self._recvmsg(_RECV_SIZE, _ANC_SPACE, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return None
         except OSError as exc:
@@ -200,6 +240,11 @@ class UdpEndpoint:
         for level, kind, value in anc:
             if level == _uapi.SOL_UDP and kind == _uapi.UDP_GRO and len(value) >= _GRO.size:
                 seg = _GRO.unpack_from(value)[0]
+            elif (level == socket.SOL_SOCKET and kind == _uapi.SO_RXQ_OVFL
+                  and len(value) >= _OVFL.size):
+                # a 32-bit count that wraps: the change since the last one seen, added
+                seen = _OVFL.unpack_from(value)[0]
+                self.overflows += (seen - self.overflows) & 0xFFFFFFFF
         return data, seg, (addr[0], addr[1])
 
 
@@ -276,8 +321,9 @@ class TunnelCodec(Protocol):
 
     header_len: int  # bytes in front of each frame in a datagram
 
-    def encapsulate(self, frame: memoryview) -> Buffer:
-        """The bytes to put in front of a wire frame (it is gathered after them)."""
+    def encapsulate(self, frame: memoryview) -> bytes:
+        """The bytes to put in front of a wire frame (it is gathered after them); for a
+        super-frame, asked once and put in front of each of its segments."""
 
     def source_port(self, frame: memoryview) -> int | None:
         """The outer UDP source port for the frame's flow (None: the endpoint's own)."""
@@ -339,6 +385,9 @@ class SocketLoop:
         self.inner_mtu = route.max_frame - (_uapi.ETH_HLEN if self.tap else 0)
         self.rx_limit = route.mtu + ((_uapi.ETH_HLEN + 2 * _uapi.VLAN_HLEN) if self.tap else 0)
         self._out: dict[int | None, tuple[list[Any], list[int]]] = {}
+        # drops the socket's SO_RXQ_OVFL count already stands for (a restarted worker's
+        # endpoint starts where the queue's counter is: the count is the socket's, not ours)
+        route.endpoint.overflows = self._overflows = self._counted_overflows()
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
@@ -401,8 +450,11 @@ class SocketLoop:
                 if hsize:
                     hdr = decode(data, hsize)
                     frame = memoryview(data)[hsize:]
-                    segments = split(hdr, frame, tap=tap) if hdr.flags or hdr.gso_type \
-                        else [frame]
+                    if hdr.gso_type:  # a super-frame: its segments in one buffer, sent now
+                        self._send_train(frame, split_train(
+                            hdr, frame, tap=tap, prefix=self.codec.encapsulate(frame)))
+                        continue
+                    segments = split(hdr, frame, tap=tap) if hdr.flags else [frame]
                 else:
                     segments = [memoryview(data)]
             except MalformedPacket:
@@ -413,6 +465,39 @@ class SocketLoop:
             self._send_queued()
         return n
 
+    def _too_big(self, frame: Buffer) -> None:
+        """Tell the sender of a frame that does not fit the path, as the kernel's tunnels do."""
+        reply = self.codec.too_big_reply(memoryview(frame), self.inner_mtu)
+        if reply is not None:
+            self._write(self.zero, reply)
+
+    def _send_train(self, frame: memoryview, train: Train) -> None:
+        """Send a super-frame's segments (behind the tunnel header): after what is queued, so
+        a flow's frames leave in order; segments too big for the path dropped and counted."""
+        c = self.counters
+        head, limit = self.codec.header_len, self.route.max_frame
+        body_fits = train.size - head <= limit
+        tail_fits = len(train.tail) - head <= limit
+        if not (body_fits and tail_fits):
+            c.drop(DropReason.TOO_BIG, (0 if body_fits else train.count) + (not tail_fits))
+            big = memoryview(train.tail) if body_fits else memoryview(train.body)[:train.size]
+            self._too_big(big[head:])
+            train = Train(train.body if body_fits else b"", train.size,
+                          train.count if body_fits else 0, train.tail if tail_fits else b"")
+            if not len(train):
+                return
+        if self._out:
+            self._send_queued()
+        ep = self.route.endpoint
+        if self.ports is not None:
+            port = self.codec.source_port(frame)
+            if port is not None:
+                ep = self.ports.get(port)
+        sent, err = ep.send_train(self.peer, train)
+        if err:
+            c.slots[WRITE_ERRORS] += 1
+            c.drop(drop_reason(err), len(train) - sent)
+
     def _queue(self, segments: list[Any]) -> None:
         """Encapsulate a frame's segments for sending, by outer source port (a drain's
         datagrams of one flow go out together, equal sizes in one UDP GSO send)."""
@@ -421,10 +506,7 @@ class SocketLoop:
         if len(segments[0]) > limit or len(segments[-1]) > limit:
             fit = [s for s in segments if len(s) <= limit]
             c.drop(DropReason.TOO_BIG, len(segments) - len(fit))
-            big = segments[0] if len(segments[0]) > limit else segments[-1]
-            reply = codec.too_big_reply(big, self.inner_mtu)
-            if reply is not None:  # tell the sender, as the kernel's tunnels do
-                self._write(self.zero, reply)
+            self._too_big(segments[0] if len(segments[0]) > limit else segments[-1])
             if not fit:
                 return
             segments = fit
@@ -484,13 +566,22 @@ class SocketLoop:
                 else:
                     pending.append(d[head:])
         self._flush(pending)
+        if self.route.endpoint.overflows != self._overflows:
+            ov = self.route.endpoint.overflows
+            c.drop(DropReason.SOCKET_OVERFLOW, ov - self._overflows)
+            self._overflows = ov
         return n
+
+    def _counted_overflows(self) -> int:
+        return int(self.counters.snapshot().dropped.get(DropReason.SOCKET_OVERFLOW.label, 0))
 
     def _flush(self, frames: list[memoryview]) -> None:
         if not frames:
             return
         hsize, codec = self.hsize, self.codec
-        for hdr, data in coalesce(frames, tap=self.tap):
+        # a lone frame (an ACK, mostly) has nothing to join: coalesce would hand it back as is
+        pairs = coalesce(frames, tap=self.tap) if len(frames) > 1 else [(ZERO_HEADER, frames[0])]
+        for hdr, data in pairs:
             if not (hdr.flags or hdr.gso_type):
                 hdr = codec.receive_header(memoryview(data), 0, 0)
             self._write(encode(hdr, hsize) if hdr.flags or hdr.gso_type else self.zero, data)
