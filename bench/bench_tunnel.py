@@ -143,6 +143,14 @@ def _cpu_seconds(pid: int) -> float:
     return total
 
 
+def emit(table: str, out: str | None) -> None:
+    """The report: printed, and written to `out` too when given."""
+    print(table, end="")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(table)
+
+
 def run_one(s: Setup, workload: str, seconds: float) -> tuple[float, float]:
     """(Gbit/s, tunnel CPU seconds per second) of one iperf3 run."""
     flows, reverse = WORKLOADS[workload]
@@ -222,11 +230,7 @@ def main() -> int:
             cells = [f"{med[(f'mqtun-{q}', w)] / med[(f'old-{q}', w)]:.3f}"
                      if med[(f"old-{q}", w)] > 0 else "-" for w in workloads]
             lines.append(f"| {q} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines) + "\n"
-    print(table, end="")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table)
+    emit("\n".join(lines) + "\n", args.out)
     return 0
 
 

@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests" / "wireguard"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_tunnel import _cpu_seconds, _env  # noqa: E402
+from bench_tunnel import _cpu_seconds, _env, emit  # noqa: E402
 from profile_forward import summarize  # noqa: E402
 from wg_peer import WireguardGo, mqtun_wg_command  # noqa: E402
 
@@ -306,11 +306,7 @@ def main() -> int:
     finally:
         for s in setups:
             s.close()
-    text = table(setups, workloads, repeat, seconds, (load_before, _load()))
-    print(text, end="")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    emit(table(setups, workloads, repeat, seconds, (load_before, _load())), args.out)
     return 0
 
 
