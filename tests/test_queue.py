@@ -433,13 +433,15 @@ def test_a_disabled_queue_never_looks_like_a_deleted_device() -> None:
 
 
 # ---- EAGAIN: one rule for write, writev and write_batch (issue 11) -----------------------------
-@pytest.fixture
-def full_send_buffer() -> Iterator[tuple[Device, bytes, Callable[[], None]]]:
+@pytest.fixture(params=[False], ids=["plain"])
+def full_send_buffer(request: pytest.FixtureRequest,
+                     ) -> Iterator[tuple[Device, bytes, Callable[[], None]]]:
     """A TAP whose frames are forwarded by a bridge to a port with a nearly stopped qdisc:
-    the frames stay charged to the queue's socket, so a small send buffer fills (EAGAIN)."""
+    the frames stay charged to the queue's socket, so a small send buffer fills (EAGAIN).
+    Parametrized indirectly with True: the TAP has a virtio-net header."""
     import subprocess
 
-    dev = Device.create("fb%d", tap=True, blocking=False)
+    dev = Device.create("fb%d", tap=True, blocking=False, vnet_hdr=request.param)
     name = dev.name
     with IPRoute() as ipr:
         ipr.link("add", ifname="fbbr", kind="bridge")
@@ -504,6 +506,45 @@ def test_eagain_is_not_a_drop_and_does_not_recurse(
     assert bexc.value.written == 0
     s = q.stats
     assert (s.written_packets, s.write_errors, s.dropped) == (written, 0, {}), s
+
+
+@pytest.mark.parametrize("full_send_buffer", [True], ids=["vnet"], indirect=True)
+def test_a_full_send_buffer_is_no_drop_for_the_offload_writers(
+    full_send_buffer: tuple[Device, bytes, Callable[[], None]],
+) -> None:
+    """write_packet of a super-frame, and write_split, on a full send buffer: QueueFullError
+    with how many were written, and not one of its wire packets counted as dropped."""
+    from scapy.layers.inet import TCP
+    from scapy.layers.l2 import Ether
+    from scapy.packet import Raw
+
+    from mqtun.offload import write_packet, write_split
+    from mqtun.packet import ZERO_HEADER, coalesce
+
+    dev, frame, _unblock = full_send_buffer
+    q = dev.queues[0]
+    for _ in range(1000):
+        try:
+            write_packet(q, ZERO_HEADER, frame)
+        except QueueFullError:
+            break
+    else:
+        pytest.fail("the send buffer never filled")
+    segs = [bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:09")
+                  / IP(src=ADDR_A, dst=ADDR_B, id=i, flags="DF")
+                  / TCP(sport=4000, dport=5000, seq=1 + 1000 * i, flags="A")
+                  / Raw(b"s" * 1000)) for i in range(3)]
+    ((hdr, sp),) = coalesce(segs, tap=True)
+    assert hdr.gso_type
+    before = q.stats
+    with pytest.raises(QueueFullError):
+        write_packet(q, hdr, sp)
+    with pytest.raises(QueueFullError) as exc:
+        write_split(q, hdr, sp)
+    assert exc.value.written == 0
+    s = q.stats
+    assert (s.dropped, s.write_errors, s.written_packets) == (
+        {}, 0, before.written_packets), s
 
 
 def test_a_blocking_write_waits_for_room(

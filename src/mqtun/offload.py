@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from mqtun import _uapi
-from mqtun.errors import DeviceGoneError, InvalidArgumentError, MqtunError
+from mqtun.errors import DeviceGoneError, InvalidArgumentError, MqtunError, QueueFullError
 from mqtun.packet import ZERO_HEADER, VnetHeader, coalesce, decode, encode, split
 from mqtun.packet.headers import Buffer, MalformedPacket, tun_pi
 from mqtun.stats import DropReason, drop_reason
@@ -267,6 +267,8 @@ def write_packet(
         parts.insert(0, tun_pi(packet, tap))
     try:
         return queue.writev(parts)
+    except QueueFullError:
+        raise  # not a drop (the queue's EAGAIN rule): the packet is still the caller's
     except MqtunError as exc:
         extra = _wire_count(hdr, packet) - 1  # Queue.writev counted one
         if extra:
@@ -278,13 +280,18 @@ def _write_all(queue: Queue, items: Sequence[tuple[VnetHeader, Buffer]],
                little_endian: bool | None) -> int:
     """Write every item, each failure counted (by write_packet); the first failure is raised
     after the others were tried. A deleted device or a closed queue stops at once, the items
-    left counted as drops too. Returns how many were written."""
+    left counted as drops too. A send buffer that stays full stops at once too, nothing
+    counted: QueueFullError says how many were written, the rest are still the caller's.
+    Returns how many were written."""
     written = 0
     first: MqtunError | None = None
     for i, (hdr, data) in enumerate(items):
         try:
             write_packet(queue, hdr, data, little_endian=little_endian)
             written += 1
+        except QueueFullError as exc:
+            exc.written = written
+            raise
         except MqtunError as exc:
             if isinstance(exc, DeviceGoneError) or exc.errno == errno.EBADF:
                 left = sum(_wire_count(h, d) for h, d in items[i + 1 :])
