@@ -55,11 +55,17 @@ def test_read_timeouts_and_nonblocking() -> None:
         assert nb.queues[0].read_into(buf) == 0
 
 
-def test_a_read_that_must_not_wait_does_not_wait_on_a_blocking_fd() -> None:
+@pytest.mark.parametrize("rwf_nowait", [True, False], ids=["preadv2", "poll-first"])
+def test_a_read_that_must_not_wait_does_not_wait_on_a_blocking_fd(
+        monkeypatch: pytest.MonkeyPatch, rwf_nowait: bool) -> None:
     """`read_into(timeout=0)` never blocks, even after the fd was set blocking (as
-    mqtun.compat's is): an empty queue answers 0 at once, a queued packet is read."""
+    mqtun.compat's is): an empty queue answers 0 at once, a queued packet is read. Both
+    ways: preadv2(RWF_NOWAIT), and poll first (a kernel that refuses that flag)."""
     import os
 
+    import mqtun.queue
+
+    monkeypatch.setattr(mqtun.queue, "_rwf_nowait", rwf_nowait)
     with _up(Device.create()) as dev:
         q = dev.queues[0]
         os.set_blocking(q.fd, True)

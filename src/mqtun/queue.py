@@ -149,14 +149,11 @@ class Queue:
             if self._closed:
                 raise self._closed_error("read")
             try:
-                n = os.preadv(self.fd, [buffer], -1, os.RWF_NOWAIT) if _rwf_nowait else (
-                    self._read_nowait(buffer))  # fmt: skip
+                n = self._read_nowait(buffer)
             except BlockingIOError:
                 return 0
             except OSError as exc:
-                if exc.errno != errno.EOPNOTSUPP:
-                    raise self._read_failed(exc) from None
-                n = self._read_nowait(buffer)  # learns that the kernel lacks RWF_NOWAIT
+                raise self._read_failed(exc) from None
             self._count_read(1, n)
             return n
         deadline = None if wait is None else time.monotonic() + wait
@@ -253,14 +250,7 @@ class Queue:
 
         A refused packet raises MqtunError after being counted as a write error and a drop.
         """
-        if self._closed:
-            raise self._closed_error("write")
-        try:
-            n = os.write(self.fd, packet)
-        except BlockingIOError:  # the send buffer is full: wait by the rule
-            n = self._write_one(os.write, packet, DEFAULT, 0)
-        except OSError as exc:
-            raise self._write_failed(exc) from None
+        n = self._write_one(os.write, packet, DEFAULT, 0)
         self._count_written(1, n - self.header_size)
         return n
 
