@@ -592,6 +592,15 @@ def _write_error(q: Queue, exc: OSError, packets: int = 1) -> None:
     _raise_if_fatal(_failure(q, exc, "write"))
 
 
+def _the_same(answers: list[Packet], start: int, wire: list[Buffer], first: int,
+              end: int) -> bool:
+    """Whether answers[start:] are wire[first:end], the very objects: a handler that returned
+    them unchanged."""
+    n = end - first
+    return len(answers) - start == n and all(
+        answers[start + j] is wire[first + j] for j in range(n))
+
+
 # ---- drainers: one closure per route, locals bound for speed -------------------------------
 def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[], int]:
     """One drain of a route: read up to `batch` buffers, decode them into wire packets (or
@@ -706,28 +715,28 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
                 original = decode_original(b, wire)
                 if original is not None:
                     reads.append((first, len(wire), original))
+            # ... where nothing could be joined to it anyway: a super-packet, or any read when
+            # the path does not coalesce or the drain holds no other read
+            as_read = keep_plain or len(reads) == 1
             if batched:
                 if wire:
                     run_handler(handler, wire, path, faults, answers,  # type: ignore[arg-type]
                                 len(wire))
-                    if len(answers) == len(wire) and all(
-                            a is w for a, w in zip(answers, wire, strict=True)):
+                    if _the_same(answers, 0, wire, 0, len(wire)):
                         answers = []
                         for first, end, original in reads:
-                            if keep_plain or original.offload.gso_type:
+                            if as_read or original.offload.gso_type:
                                 answers.append(original)
                             else:
                                 answers.extend(wire[first:end])
             else:
-                alone = len(reads) == 1  # nothing else in this drain it could be joined with
                 for first, end, original in reads:
                     start = len(answers)
                     for j in range(first, end):
                         run_handler(handler, wire[j], path, faults,  # type: ignore[arg-type]
                                     answers)
-                    if (keep_plain or alone or original.offload.gso_type) and len(
-                            answers) - start == end - first and all(
-                            answers[start + j] is wire[first + j] for j in range(end - first)):
+                    if (as_read or original.offload.gso_type) and _the_same(
+                            answers, start, wire, first, end):
                         answers[start:] = [original]
         if answers:
             sent = sbytes = 0
