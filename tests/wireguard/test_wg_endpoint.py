@@ -18,7 +18,14 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from pyroute2.ethtool.ioctl import IoctlEthtool  # type: ignore[import-untyped]
-from wg_peer import SOCKET_DIR, WireguardGo, b64, mqtun_wg_command, need_wireguard_go
+from wg_peer import (
+    SOCKET_DIR,
+    WireguardGo,
+    b64,
+    mqtun_wg_command,
+    need_wireguard_go,
+    underlay,
+)
 
 from mqtun.link import find_link
 from mqtun.netns import NetNamespace
@@ -85,12 +92,7 @@ def _tunnel(netns: NetNamespace, theirs_ns: NetNamespace, tmp_path: object, extr
             theirs: list[str]) -> Iterator[tuple[MqtunWg, WireguardGo]]:
     """`mqtun wg` (with `extra` arguments) here, the peer (`theirs`: wireguard-go's command or
     another `mqtun wg`) in `theirs_ns`, configured for each other over a veth."""
-    subprocess.run(["ip", "link", "add", "wgv0", "type", "veth", "peer", "name", "wgv1",
-                    "netns", theirs_ns.name], check=True, timeout=10)
-    subprocess.run(["ip", "address", "add", f"{OUR_UNDERLAY}/24", "dev", "wgv0"], check=True)
-    subprocess.run(["ip", "link", "set", "wgv0", "up"], check=True)
-    theirs_ns.run(["ip", "address", "add", f"{THEIR_UNDERLAY}/24", "dev", "wgv1"])
-    theirs_ns.run(["ip", "link", "set", "wgv1", "up"])
+    underlay(theirs_ns, "wgv0", "wgv1", OUR_UNDERLAY, THEIR_UNDERLAY)
     key_file = f"{tmp_path}/ours"
     with open(key_file, "w") as f:
         f.write(b64(OUR_KEY) + "\n")
@@ -380,12 +382,7 @@ def test_wg_quick_up_and_down(netns: NetNamespace, make_netns: Callable[[], NetN
     runs this tree's mqtun), traffic to wireguard-go, then wg-quick down."""
     need_wireguard_go()
     theirs_ns = make_netns()
-    subprocess.run(["ip", "link", "add", "wgq0", "type", "veth", "peer", "name", "wgq1",
-                    "netns", theirs_ns.name], check=True, timeout=10)
-    subprocess.run(["ip", "address", "add", f"{OUR_UNDERLAY}/24", "dev", "wgq0"], check=True)
-    subprocess.run(["ip", "link", "set", "wgq0", "up"], check=True)
-    theirs_ns.run(["ip", "address", "add", f"{THEIR_UNDERLAY}/24", "dev", "wgq1"])
-    theirs_ns.run(["ip", "link", "set", "wgq1", "up"])
+    underlay(theirs_ns, "wgq0", "wgq1", OUR_UNDERLAY, THEIR_UNDERLAY)
     wrapper = f"{tmp_path}/mqtun-wg"
     with open(wrapper, "w") as f:
         f.write(f'#!/bin/sh\nexec {sys.executable} -m mqtun wg "$@"\n')

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
-from wg_peer import WireguardGo, need_wireguard_go
+from wg_peer import WireguardGo, need_wireguard_go, underlay
 
 from mqtun.netns import NetNamespace
 from mqtun.wireguard import messages
@@ -73,12 +73,7 @@ def lab(netns: NetNamespace, make_netns: Callable[[], NetNamespace]) -> Iterator
         tuple[Ours, WireguardGo]]:
     need_wireguard_go()
     theirs_ns = make_netns()
-    subprocess.run(["ip", "link", "add", "wgu0", "type", "veth", "peer", "name", "wgu1",
-                    "netns", theirs_ns.name], check=True, timeout=10)
-    subprocess.run(["ip", "address", "add", f"{OUR_UNDERLAY}/24", "dev", "wgu0"], check=True)
-    subprocess.run(["ip", "link", "set", "wgu0", "up"], check=True)
-    theirs_ns.run(["ip", "address", "add", f"{THEIR_UNDERLAY}/24", "dev", "wgu1"])
-    theirs_ns.run(["ip", "link", "set", "wgu1", "up"])
+    underlay(theirs_ns, "wgu0", "wgu1", OUR_UNDERLAY, THEIR_UNDERLAY)
     with WireguardGo(theirs_ns, THEIR_KEY, THEIR_PORT) as wg, \
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         wg.address(f"{THEIR_TUNNEL}/24")

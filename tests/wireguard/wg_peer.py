@@ -37,6 +37,19 @@ def mqtun_wg_command(*extra: str) -> list[str]:
     return [sys.executable, "-m", "mqtun", "wg", "--foreground", *extra]
 
 
+def underlay(theirs: NetNamespace, ours: str, their_end: str, our_address: str,
+             their_address: str) -> None:
+    """A veth from the caller's namespace (`ours`, `our_address`/24) to `theirs`
+    (`their_end`, `their_address`/24), both ends up: the path the tunnel's datagrams take."""
+    subprocess.run(["ip", "link", "add", ours, "type", "veth", "peer", "name", their_end,
+                    "netns", theirs.name], check=True, timeout=10)
+    subprocess.run(["ip", "address", "add", f"{our_address}/24", "dev", ours], check=True,
+                   timeout=10)
+    subprocess.run(["ip", "link", "set", ours, "up"], check=True, timeout=10)
+    theirs.run(["ip", "address", "add", f"{their_address}/24", "dev", their_end])
+    theirs.run(["ip", "link", "set", their_end, "up"])
+
+
 def need_wireguard_go() -> None:
     import pytest
 

@@ -37,8 +37,8 @@ if TYPE_CHECKING:
     from mqtun.queue import Queue
     from mqtun.wireguard.core import Datagram
 
-__all__ = ["TUN_OFFLOADS", "plain_address", "read_tun", "receive_datagrams", "send_datagrams",
-           "tune_socket", "wire_address", "write_tun"]
+__all__ = ["TUN_OFFLOADS", "Outbox", "plain_address", "read_tun", "receive_datagrams",
+           "send_datagrams", "tune_socket", "wire_address", "write_tun"]
 
 TUN_OFFLOADS = Offloads.CSUM | Offloads.TSO4 | Offloads.TSO6 | Offloads.USO
 SOCKET_BUFFER = 4 << 20  # a burst of a few thousand datagrams waits here, not in a drop
@@ -156,3 +156,26 @@ def write_tun(queue: Queue, packets: list[bytes], offloaded: bool) -> None:
     for hdr, data in items:
         with contextlib.suppress(MqtunError):
             write_packet(queue, hdr, data)
+
+
+class Outbox:
+    """What one data path sends, in order: datagrams go out at once (`send_datagrams`, each
+    destination's socket address cached), the packets they decrypt to wait for `flush`, so
+    that a whole batch's packets are joined into super-packets by one `write_tun`."""
+
+    def __init__(self, offloaded: bool) -> None:
+        self.offloaded = offloaded
+        self.wire: dict[tuple[str, int], tuple[str, int]] = {}
+        self.pending: list[bytes] = []
+
+    def emit(self, udp: UdpEndpoint, datagrams: Sequence[Datagram],
+             packets: list[bytes]) -> None:
+        if datagrams:
+            send_datagrams(udp, datagrams, self.wire)
+        if packets:
+            self.pending += packets
+
+    def flush(self, queue: Queue) -> None:
+        if self.pending:
+            packets, self.pending = self.pending, []
+            write_tun(queue, packets, self.offloaded)

@@ -30,11 +30,10 @@ from mqtun.wireguard.control import ControlSocket
 from mqtun.wireguard.core import Output, Peer, WireguardCore
 from mqtun.wireguard.datapath import (
     TUN_OFFLOADS,
+    Outbox,
     read_tun,
     receive_datagrams,
-    send_datagrams,
     tune_socket,
-    write_tun,
 )
 from mqtun.wireguard.uapi import DeviceConfig, PeerConfig, SetResult, apply_set, format_get
 
@@ -58,8 +57,7 @@ class Endpoint:
                                     offloads=int(TUN_OFFLOADS) if offloads else 0)
         self.ifname = self.device.name
         self._udp: UdpEndpoint | None = None
-        self._wire_cache: dict[tuple[str, int], tuple[str, int]] = {}
-        self._pending: list[bytes] = []  # decrypted packets of one batch, written together
+        self._outbox = Outbox(offloads)  # a batch's decrypted packets, written together
         try:
             self.device.link.set_mtu(mtu)
             self.mtu = mtu
@@ -172,15 +170,10 @@ class Endpoint:
 
     def _emit(self, out: Output) -> None:
         """Send the datagrams now; the packets wait for `_flush` (the end of the batch)."""
-        if out.datagrams:
-            send_datagrams(self.udp, out.datagrams, self._wire_cache)
-        if out.packets:
-            self._pending += out.packets
+        self._outbox.emit(self.udp, out.datagrams, out.packets)
 
     def _flush(self) -> None:
-        if self._pending:
-            packets, self._pending = self._pending, []
-            write_tun(self.device.queues[0], packets, self.offloaded)
+        self._outbox.flush(self.device.queues[0])
 
     def run(self, stop: threading.Event) -> None:
         """Serve until `stop` is set or the interface disappears (DeviceGoneError ends it)."""

@@ -39,7 +39,7 @@ from mqtun.packet.checksum import numpy as load_numpy
 from mqtun.runtime.sockets import UdpEndpoint
 from mqtun.wireguard import messages as m
 from mqtun.wireguard.core import Output, Peer, WireguardCore, _ip_destination
-from mqtun.wireguard.datapath import read_tun, receive_datagrams, send_datagrams, write_tun
+from mqtun.wireguard.datapath import Outbox, read_tun, receive_datagrams
 from mqtun.wireguard.endpoint import Endpoint
 from mqtun.wireguard.noise import Keypair, new_private_key
 from mqtun.wireguard.session import CounterBlocks, CounterTable, TransportKeys
@@ -344,8 +344,7 @@ class _Worker:
         self.sock = parent.group[index]
         self.offloaded = parent.offloaded
         self.udp = UdpEndpoint(self.sock, gro=self.offloaded)
-        self.wire_cache: dict[tuple[str, int], tuple[str, int]] = {}
-        self.pending: list[bytes] = []  # decrypted packets of one wake-up, written together
+        self.outbox = Outbox(self.offloaded)  # a wake-up's decrypted packets, written together
         for i, sock in enumerate(parent.group):
             if i != index:
                 sock.close()
@@ -382,9 +381,7 @@ class _Worker:
                     self._from_workers()
                 if "udp" in ready:
                     self._from_udp()
-                if self.pending:
-                    packets, self.pending = self.pending, []
-                    write_tun(self.queue, packets, self.offloaded)
+                self.outbox.flush(self.queue)
                 if "tun" in ready:
                     self._from_tun()
                 now = time.monotonic()
@@ -416,10 +413,7 @@ class _Worker:
 
     def _emit(self, out: Output) -> None:
         """Send the datagrams now; the packets are written after this wake-up's reads."""
-        if out.datagrams:
-            send_datagrams(self.udp, out.datagrams, self.wire_cache)
-        if out.packets:
-            self.pending += out.packets
+        self.outbox.emit(self.udp, out.datagrams, out.packets)
 
     def _from_tun(self) -> None:
         now = time.monotonic()
