@@ -202,7 +202,6 @@ def _add_forward(sub: Any) -> None:
                         "returns an iterable of packets")
 
     def run(args: argparse.Namespace) -> int:
-        import signal
 
         from mqtun.apps.forward import ForwardConfig, Forwarder
         from mqtun.runtime.workers import WorkerEvent, parse_cpus
@@ -224,14 +223,8 @@ def _add_forward(sub: Any) -> None:
                                       handler=args.handler,
                                       handler_batch=args.handler_batch),
                               on_event=on_event)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: fwd.request_stop())
-        signal.signal(signal.SIGUSR1, lambda *_: fwd.request_stats())
         try:
-            fwd.open()
-            print(f"READY queues={fwd.queue_count}", flush=True)
-            fwd.run(on_stats=lambda lines: print("\n".join(lines), file=sys.stderr,
-                                                 flush=True))
+            fwd.run_command(lambda: f"READY queues={fwd.queue_count}")
         except PermissionDeniedError as exc:
             if args.attach and exc.op == "up":  # the one step of --attach that needs a cap
                 raise PermissionDeniedError(

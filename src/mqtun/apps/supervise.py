@@ -2,10 +2,14 @@
 
 Signal handlers only set flags (request_stop, request_stats); `run()` polls the pool, prints
 per-queue statistics when asked, and turns a vanished device into one DeviceGoneError.
+`run_command` is the command-line contract both commands keep (signals, the READY line,
+QSTAT lines on stderr): the one place it is printed.
 """
 
 from __future__ import annotations
 
+import signal
+import sys
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -27,6 +31,20 @@ class PoolSupervisor:
 
     def qstat_lines(self) -> list[str]:
         raise NotImplementedError
+
+    def open(self) -> None:
+        raise NotImplementedError
+
+    def run_command(self, ready: Callable[[], str]) -> None:
+        """As a command: SIGTERM/SIGINT stop it, SIGUSR1 prints the QSTAT lines on stderr,
+        `ready()` is printed on stdout once open; then supervise until stopped. The caller
+        closes, whatever happened."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.request_stop())
+        signal.signal(signal.SIGUSR1, lambda *_: self.request_stats())
+        self.open()
+        print(ready(), flush=True)
+        self.run(on_stats=lambda lines: print("\n".join(lines), file=sys.stderr, flush=True))
 
     def request_stop(self) -> None:
         """Safe in a signal handler."""

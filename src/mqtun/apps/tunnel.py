@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ipaddress
-import signal
 import socket
 import sys
 from collections.abc import Callable
@@ -354,13 +353,8 @@ def _run_vxlan(args: argparse.Namespace) -> int:
     tun = VxlanTunnel(TunnelConfig(args.local, args.remote, args.vni, args.port, args.queues,
                                    args.name, args.mtu, args.cpus, steering=args.steering),
                       on_event=report)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: tun.request_stop())
-    signal.signal(signal.SIGUSR1, lambda *_: tun.request_stats())
     try:
-        tun.open()
-        print(f"READY queues={tun.queue_count} dev={tun.name}", flush=True)
-        tun.run(on_stats=lambda lines: print("\n".join(lines), file=sys.stderr, flush=True))
+        tun.run_command(lambda: f"READY queues={tun.queue_count} dev={tun.name}")
     finally:
         tun.close()
     return 0
