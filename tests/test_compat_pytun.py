@@ -13,6 +13,7 @@ in a read at a moment that depends on timers.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import select
@@ -483,6 +484,46 @@ def test_close_from_another_thread_wakes_a_blocked_read(tun: compat.TunTapDevice
     assert not thread.is_alive(), "close() did not wake the blocked read"
     assert outcome == [9], "the woken read raises Error(EBADF), like any read after close"
     assert tun.fileno() == -1
+
+
+def test_two_threads_reading_one_device_each_get_whole_packets(
+        tun: compat.TunTapDevice) -> None:
+    """read() keeps one buffer between calls: a second thread reading meanwhile must not
+    share it, or one thread's packet is overwritten while it is being copied out."""
+    tun.addr = "198.18.0.1"
+    tun.dstaddr = "198.18.0.2"
+    tun.up()
+    count, size = 2000, 1200
+    got: list[list[bytes]] = [[], []]
+    stop = time.monotonic() + 2 * WAIT  # the readers' bound, even if sending fails
+
+    def reader(out: list[bytes]) -> None:
+        while time.monotonic() < stop and len(got[0]) + len(got[1]) < count:
+            if select.select([tun], [], [], 0.05)[0]:
+                with contextlib.suppress(compat.Error):  # the other thread took it
+                    out.append(tun.read(2048))
+
+    os.set_blocking(tun.fileno(), False)  # two readers, one packet: the loser gets EAGAIN
+    threads = [threading.Thread(target=reader, args=(out,), daemon=True) for out in got]
+    for thread in threads:
+        thread.start()
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for i in range(count):
+                s.sendto(i.to_bytes(4, "big") * (size // 4), ("198.18.0.2", 40050))
+                if i % 50 == 49:
+                    time.sleep(0.002)  # stay under the device's transmit queue
+    finally:
+        for thread in threads:
+            thread.join(3 * WAIT)
+    packets = [p for p in got[0] + got[1] if len(p) >= 28 and p[9] == 17]
+    assert len(packets) > count // 2 and got[0] and got[1], "both threads read"
+    seen = set()
+    for pkt in packets:
+        payload = pkt[28:]
+        assert len(payload) == size and payload == payload[:4] * (size // 4), "a whole packet"
+        seen.add(payload[:4])
+    assert len(seen) == len(packets), "no packet was read twice"
 
 
 def test_ipv6_addresses_and_packets(tun: compat.TunTapDevice) -> None:
