@@ -110,7 +110,9 @@ def main() -> int:
     ap.add_argument("--handler", metavar="MODULE:NAME",
                     help="profile `forward --handler` (e.g. mqtun.apps.handlers:identity)")
     ap.add_argument("--handler-batch", action="store_true")
-    ap.add_argument("--coalesce", action="store_true", default=None)
+    co = ap.add_mutually_exclusive_group()
+    co.add_argument("--coalesce", dest="coalesce", action="store_true", default=None)
+    co.add_argument("--no-coalesce", dest="coalesce", action="store_false")
     ap.add_argument("--pytun", choices=("python-pytun", "compat"),
                     help="profile the python-pytun forwarder instead, on that library or on "
                          "mqtun.compat.pytun (no offloads)")

@@ -187,9 +187,9 @@ def _add_forward(sub: Any) -> None:
     p.add_argument("--group", help="with --user: run as this group (default: the user's)")
     co = p.add_mutually_exclusive_group()
     co.add_argument("--coalesce", dest="coalesce", action="store_true", default=None,
-                    help="join a drain's TCP/UDP segments into TSO/USO super-packets where the "
-                         "other device takes them (default: with --handler yes; without, no: "
-                         "measured slower in Python)")
+                    help="join a drain's TCP segments and UDP datagrams into TSO/USO super-packets "
+                         "where the other device takes them (default: with --handler TCP "
+                         "segments only; without, nothing: both measured faster)")
     co.add_argument("--no-coalesce", dest="coalesce", action="store_false",
                     help="write every packet as read or returned, one write each")
     p.add_argument("--handler", metavar="MODULE:NAME",

@@ -367,6 +367,32 @@ def test_coalescing_keeps_flow_order_and_only_where_the_destination_takes_it() -
     assert len(no.encode(list(mixed))) == len(mixed)
 
 
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("tap", [False, True], ids=["tun", "tap"])
+def test_coalescing_tcp_only_joins_the_segments_and_passes_the_datagrams(tap: bool,
+                                                                         v6: bool) -> None:
+    """coalesce="tcp" (a handler route's default): TCP segments are joined, UDP datagrams
+    pass one by one even where the destination takes USO, and `may_join` says which is which."""
+    shape = pb.Shape(tap=tap, v6=v6)
+    a = tcp_stream(shape, [1000] * 6, sport=1)
+    b = udp_stream(shape, [500] * 6, sport=2)
+    mixed = [p for pair in zip(a, b, strict=True) for p in pair]
+    src = Layout(tap=tap, mtu=9000)
+    dst = Layout(tap=tap, vnet_hdr_size=10, offloads=OFFLOADS, mtu=9000)
+    path = PacketPath(src, dst, coalesce="tcp")
+    assert path.coalesces
+    assert all(path.may_join(p) for p in a) and not any(path.may_join(p) for p in b)
+    items = path.encode(list(mixed))
+    assert len(items) == 1 + len(b)  # one TSO packet, each datagram on its own
+    out = written(dst, items)
+    assert [p for p in out if p in a] == a and [p for p in out if p in b] == b
+    both = PacketPath(src, dst, coalesce=True)
+    assert all(both.may_join(p) for p in mixed)
+    assert len(both.encode(list(mixed))) == 2
+    neither = PacketPath(src, dst, coalesce=False)
+    assert not neither.coalesces and not any(neither.may_join(p) for p in mixed)
+
+
 def test_sent_and_failed_count_every_wire_packet() -> None:
     segs = tcp_stream(pb.Shape(), [1000] * 5)
     path = PacketPath(Layout(), Layout(vnet_hdr_size=10, offloads=OFFLOADS))

@@ -42,6 +42,7 @@ import collections
 import contextlib
 import errno
 import logging
+import operator
 import os
 import select
 import time
@@ -55,7 +56,7 @@ from mqtun import _uapi
 from mqtun.errors import DeviceGoneError, InvalidArgumentError, MqtunError, kernel_error
 from mqtun.packet.headers import Buffer
 from mqtun.packet.vnet import ZERO_HEADER
-from mqtun.runtime.path import Layout, Packet, PacketPath, PathCounter, SuperPacket
+from mqtun.runtime.path import Coalesce, Layout, Packet, PacketPath, PathCounter, SuperPacket
 from mqtun.stats import (
     READ_BYTES,
     READ_ERRORS,
@@ -214,6 +215,9 @@ def run_handler(handler: Callable[[Any], object], packet: object, path: PacketPa
     """
     try:
         res = handler(packet)
+        if res is packet and count == 1 and type(res) is not list:  # handed in, unchanged
+            out.append(res)  # type: ignore[arg-type]
+            return 1
         if res is not None and not isinstance(res, _WHOLE) and isinstance(res, Iterable):
             res = list(res)  # a generator runs the handler's code: it may raise
     except Exception as exc:
@@ -223,6 +227,10 @@ def run_handler(handler: Callable[[Any], object], packet: object, path: PacketPa
     if res is None or ((type(res) is list or type(res) is tuple) and not res):
         path.counter.drop(DropReason.FILTERED, count)
         return 0
+    if (type(packet) is list and (type(res) is list or type(res) is tuple) and len(res) == len(
+            packet) and all(map(operator.is_, res, packet))):  # a batch handed back unchanged
+        out.extend(res)
+        return len(res)
     counter = path.counter
     before = len(out)
     judge = counter if isinstance(counter, _RouteCounter) else None
@@ -281,8 +289,9 @@ class Route:
     `super_packets` each read whole as a `SuperPacket`; with `batch` it gets the list of wire
     packets one drain held and returns an iterable of packets. What it returns is validated
     (`run_handler`), converted for the writing device (PI, virtio-net header, TAP to TUN) and,
-    with `coalesce` (the default), joined into TSO/USO super-packets where that device takes
-    them: only what one drain holds, datagram boundaries and in-flow order kept. Without a
+    with `coalesce` (the default; "tcp": TCP segments only), joined into TSO/USO
+    super-packets where that device takes them: only what one drain holds, datagram
+    boundaries and in-flow order kept. Without a
     handler, super-packets pass whole.
 
     `layouts` (source, destination) default to what the queues' devices report
@@ -296,7 +305,7 @@ class Route:
     handler: Callable[[Any], object] | None = None
     batch: bool = False
     super_packets: bool = False
-    coalesce: bool = True
+    coalesce: Coalesce = True
     layouts: tuple[Layout, Layout] | None = None
     ethernet: tuple[bytes, bytes] | None = None
 
@@ -313,7 +322,7 @@ class Route:
 
     @staticmethod
     def check(source: Layout, dest: Layout, *, batch: bool = False,
-              super_packets: bool = False, coalesce: bool = True,
+              super_packets: bool = False, coalesce: Coalesce = True,
               ethernet: tuple[bytes, bytes] | None = None) -> None:
         """Refuse (InvalidArgumentError) a route between layouts the path cannot convert."""
         PacketPath(source, dest, super_packets=super_packets, coalesce=coalesce,
@@ -597,6 +606,8 @@ def _the_same(answers: list[Packet], start: int, wire: list[Buffer], first: int,
     """Whether answers[start:] are wire[first:end], the very objects: a handler that returned
     them unchanged."""
     n = end - first
+    if n == 1:  # a read of one packet, most reads of small packets
+        return len(answers) - start == 1 and answers[start] is wire[first]
     return len(answers) - start == n and all(
         answers[start + j] is wire[first + j] for j in range(n))
 
@@ -623,6 +634,7 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
     decode = path.decode
     decode_original = path.decode_original
     keep_plain = not path.coalesces  # an unchanged plain packet is written as read
+    may_join = path.may_join  # ... and one the path would not join (UDP with "tcp")
     decode_super = path.decode_super
     encode = path.encode
     sent_item = path.sent
@@ -634,7 +646,8 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
     join = route.coalesce and bool(path.dest.vnet_hdr_size) and bool(
         path.dest.offloads & _JOINABLE) and bool(path.source.vnet_hdr_size)
     # ... and where there is nothing to convert either, buffers go out as they came in
-    same = whole and not join and path.source == path.dest and route.ethernet is None
+    as_it_came = path.source == path.dest and route.ethernet is None  # a read fits `out`
+    same = whole and not join and as_it_came
     vnet_in = bool(path.source.vnet_hdr_size)
     write = os.write
     wire_read = counter.wire_read
@@ -709,35 +722,62 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
             # wire packets to the handler; a read whose packets all come back unchanged (the
             # same objects) is written as it was read (`decode_original`): no coalescing
             wire: list[Buffer] = []
-            reads: list[tuple[int, int, SuperPacket]] = []
+            reads: list[tuple[int, int, SuperPacket, bytes]] = []
             for b in bufs:
                 first = len(wire)
                 original = decode_original(b, wire)
                 if original is not None:
-                    reads.append((first, len(wire), original))
-            # ... where nothing could be joined to it anyway: a super-packet, or any read when
-            # the path does not coalesce or the drain holds no other read
+                    reads.append((first, len(wire), original, b))
+            # ... where nothing could be joined to it anyway: a super-packet, a packet the path
+            # does not join, or any read when the path does not coalesce or the drain holds
+            # no other read
             as_read = keep_plain or len(reads) == 1
+            # and when every read of the drain is written as read, between devices of one
+            # layout, the buffers themselves go out (bytes: decoding did not change them)
+            raw = as_it_came
             if batched:
                 if wire:
                     run_handler(handler, wire, path, faults, answers,  # type: ignore[arg-type]
                                 len(wire))
                     if _the_same(answers, 0, wire, 0, len(wire)):
                         answers = []
-                        for first, end, original in reads:
-                            if as_read or original.offload.gso_type:
+                        for first, end, original, _ in reads:
+                            if as_read or original.offload.gso_type or not may_join(
+                                    wire[first]):
                                 answers.append(original)
                             else:
                                 answers.extend(wire[first:end])
+                                raw = False
+                    else:
+                        raw = False
             else:
-                for first, end, original in reads:
+                for first, end, original, _ in reads:
                     start = len(answers)
                     for j in range(first, end):
                         run_handler(handler, wire[j], path, faults,  # type: ignore[arg-type]
                                     answers)
-                    if (as_read or original.offload.gso_type) and _the_same(
-                            answers, start, wire, first, end):
+                    if (as_read or original.offload.gso_type or not may_join(wire[first])) and (
+                            _the_same(answers, start, wire, first, end)):
                         answers[start:] = [original]
+                    else:
+                        raw = False
+            if raw and answers:
+                sent = sbytes = wire_out = 0  # counted once a drain, as the plain path does
+                try:
+                    for _, _, original, b in reads:
+                        try:
+                            sbytes += write(out_fd, b)
+                        except OSError as exc:
+                            _write_error(out, exc, original.segments)
+                        else:
+                            sent += 1
+                            wire_out += original.segments
+                finally:
+                    if sent:
+                        wslots[WRITTEN_PACKETS] += sent
+                        wslots[WRITTEN_BYTES] += sbytes - wh * sent
+                        wire_written(wire_out)
+                return n
         if answers:
             sent = sbytes = 0
             try:

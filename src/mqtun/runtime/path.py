@@ -47,7 +47,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, NamedTuple, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Final, Literal, NamedTuple, Protocol, TypeAlias
 
 from mqtun import _uapi
 from mqtun.errors import InvalidArgumentError
@@ -80,6 +80,8 @@ _USO: Final = _uapi.TUN_F_USO4 | _uapi.TUN_F_USO6
 _TUNNEL_GSO: Final = _uapi.TUN_F_UDP_TUNNEL_GSO
 _MIN_IP: Final = 20  # the smallest IPv4 header; an IPv6 one is 40
 _ETH: Final = _uapi.ETH_HLEN
+# What a path joins on write: True TCP and UDP, "tcp" TCP segments only, False nothing
+Coalesce: TypeAlias = bool | Literal["tcp"]
 _SINGLE: Final = (bytes, bytearray, memoryview)
 
 # MalformedPacket reasons that are not about bytes that do not parse: too big for the MTU or
@@ -215,8 +217,8 @@ class PacketPath:
     (a frame that is not IP is REFUSED), TUN to TAP adds one, which needs `ethernet=(source
     MAC, destination MAC)`; without it the pair is refused here. `coalesce` (default on) joins
     a drain's TCP and UDP segments into super-packets where `dest` takes them (a virtio-net
-    header and TSO / USO in its offloads); `verify` checks each joined segment's checksum
-    first (the kernel trusts what it is given).
+    header and TSO / USO in its offloads), `"tcp"` only its TCP segments; `verify` checks
+    each joined segment's checksum first (the kernel trusts what it is given).
     """
 
     def __init__(
@@ -226,7 +228,7 @@ class PacketPath:
         *,
         counter: PathCounter | None = None,
         super_packets: bool = False,
-        coalesce: bool = True,
+        coalesce: Coalesce = True,
         verify: bool = True,
         views: bool = True,
         ethernet: tuple[bytes, bytes] | None = None,
@@ -262,14 +264,30 @@ class PacketPath:
         self._le_out = dest.vnet_le
         self._zero = encode(ZERO_HEADER, dest.vnet_hdr_size, little_endian=dest.vnet_le) if (
             dest.vnet_hdr_size) else b""  # fmt: skip
-        self._gro_tcp = coalesce and bool(dest.vnet_hdr_size) and bool(dest.offloads & _TSO)
-        self._gro_udp = coalesce and bool(dest.vnet_hdr_size) and bool(dest.offloads & _USO)
+        self._gro_tcp = bool(coalesce) and bool(dest.vnet_hdr_size) and bool(dest.offloads & _TSO)
+        self._gro_udp = coalesce is True and bool(dest.vnet_hdr_size) and bool(
+            dest.offloads & _USO)
+        self._l3_in = _ETH if source.tap else 0  # where a wire packet's IP header starts
         self._plain_out = not (self._pi_out or self._vnet_out or self._eth)
 
     @property
     def coalesces(self) -> bool:
         """Whether wire packets written through this path are joined into super-packets."""
         return self._gro_tcp or self._gro_udp
+
+    def may_join(self, packet: Buffer) -> bool:
+        """Whether coalescing could join this wire packet (read from `source`) with others:
+        any packet when UDP is joined too, else only a TCP segment (IPv4 or IPv6)."""
+        if self._gro_udp:
+            return True
+        if not self._gro_tcp:
+            return False
+        l3 = self._l3_in
+        if len(packet) < l3 + 40:
+            return False
+        version = packet[l3] >> 4
+        return (packet[l3 + 9] if version == 4 else packet[l3 + 6] if version == 6 else 0) == (
+            _uapi.IPPROTO_TCP)
 
     # ---- read side ----------------------------------------------------------------------
     def decode(self, buf: Buffer, out: list[Buffer]) -> int:
