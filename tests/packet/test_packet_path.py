@@ -382,6 +382,8 @@ def test_coalescing_tcp_only_joins_the_segments_and_passes_the_datagrams(tap: bo
     path = PacketPath(src, dst, coalesce="tcp")
     assert path.coalesces
     assert all(path.may_join(p) for p in a) and not any(path.may_join(p) for p in b)
+    small = tcp_stream(shape, [100, 0])  # a request/response segment, an ACK
+    assert not any(path.may_join(p) for p in small), "small segments are written as read"
     items = path.encode(list(mixed))
     assert len(items) == 1 + len(b)  # one TSO packet, each datagram on its own
     out = written(dst, items)

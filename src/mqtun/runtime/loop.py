@@ -608,8 +608,9 @@ def _the_same(answers: list[Packet], start: int, wire: list[Buffer], first: int,
     n = end - first
     if n == 1:  # a read of one packet, most reads of small packets
         return len(answers) - start == 1 and answers[start] is wire[first]
-    return len(answers) - start == n and all(
-        answers[start + j] is wire[first + j] for j in range(n))
+    return len(answers) - start == n and all(map(
+        operator.is_, answers[start:] if start else answers, wire[first:end] if first or (
+            end != len(wire)) else wire))
 
 
 # ---- drainers: one closure per route, locals bound for speed -------------------------------

@@ -81,6 +81,7 @@ _TUNNEL_GSO: Final = _uapi.TUN_F_UDP_TUNNEL_GSO
 _MIN_IP: Final = 20  # the smallest IPv4 header; an IPv6 one is 40
 _ETH: Final = _uapi.ETH_HLEN
 # What a path joins on write: True TCP and UDP, "tcp" TCP segments only, False nothing
+_JOIN_MIN: Final = 512  # IP bytes: a smaller unchanged TCP segment is not worth a GRO pass
 Coalesce: TypeAlias = bool | Literal["tcp"]
 _SINGLE: Final = (bytes, bytearray, memoryview)
 
@@ -276,14 +277,17 @@ class PacketPath:
         return self._gro_tcp or self._gro_udp
 
     def may_join(self, packet: Buffer) -> bool:
-        """Whether coalescing could join this wire packet (read from `source`) with others:
-        any packet when UDP is joined too, else only a TCP segment (IPv4 or IPv6)."""
+        """Whether coalescing should try to join this unchanged wire packet (read from
+        `source`) with others: any packet when UDP is joined too, else a TCP segment (IPv4 or
+        IPv6) of at least _JOIN_MIN bytes. ACKs and request/response segments are written as
+        read: the GRO pass over them measured slower than their writes (8 connections of
+        request/response through a handler 0.43x plain forward, against 0.61x unjoined)."""
         if self._gro_udp:
             return True
         if not self._gro_tcp:
             return False
         l3 = self._l3_in
-        if len(packet) < l3 + 40:
+        if len(packet) < l3 + _JOIN_MIN:
             return False
         version = packet[l3] >> 4
         return (packet[l3 + 9] if version == 4 else packet[l3 + 6] if version == 6 else 0) == (
