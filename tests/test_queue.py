@@ -553,6 +553,36 @@ def test_a_full_send_buffer_is_no_drop_for_the_offload_writers(
         {}, 0, before.written_packets), s
 
 
+def test_a_worker_counts_what_a_full_send_buffer_refuses_as_queue_full(
+    full_send_buffer: tuple[Device, bytes, Callable[[], None]],
+) -> None:
+    """A worker cannot keep a packet the kernel could not take (EAGAIN): it is dropped as
+    `queue-full`, not as a generic write error (the kernel counts no rx_dropped for it)."""
+    from mqtun.runtime.loop import IOLoop, LoopConfig, Route
+
+    dev, frame, _unblock = full_send_buffer
+    q = dev.queues[0]
+    _fill(q, frame)
+    before = q.stats.written_packets
+    loop = IOLoop([Route(q, handler=lambda pkt: pkt)], LoopConfig(mode="epoll"))
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    try:  # frames into the bridge's other port reach the TAP; its worker answers each one
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
+            raw.bind(("fbv1", 0))
+            broadcast = bytes.fromhex("ffffffffffff" "020000000007" "88b5") + b"q" * 100
+            for _ in range(20):
+                raw.send(broadcast)
+        assert wait_for(lambda: q.stats.dropped.get("queue-full", 0) >= 20, timeout=5), (
+            q.stats)
+    finally:
+        loop.stop()
+        thread.join(5)
+        loop.close()
+    s = q.stats
+    assert set(s.dropped) == {"queue-full"} and s.written_packets == before, s
+
+
 def test_a_blocking_write_waits_for_room(
     full_send_buffer: tuple[Device, bytes, Callable[[], None]],
 ) -> None:

@@ -46,6 +46,7 @@ class DropReason(enum.IntEnum):
     VXLAN_TRUNCATED = 14  # VXLAN datagram whose inner frame is shorter than an Ethernet header
     WRONG_SOURCE = 15  # a tunnel datagram from another address than the configured remote
     SOCKET_OVERFLOW = 16  # a datagram the kernel dropped, the socket's receive buffer full
+    QUEUE_FULL = 17  # the device's send buffer was full (EAGAIN) and a worker cannot keep it
 
     @property
     def label(self) -> str:
@@ -60,6 +61,8 @@ DROP_FOR_ERRNO: Mapping[int, DropReason] = {
     errno.EBUSY: DropReason.NO_PEER,  # a detached queue of a NAPI device
     errno.EBADF: DropReason.NO_PEER,  # the queue is closed
     errno.EBADFD: DropReason.DEVICE_GONE,  # the device was deleted
+    # the send buffer is full (Device.set_sndbuf): the kernel counts no rx_dropped for it
+    errno.EAGAIN: DropReason.QUEUE_FULL,
 }
 
 
