@@ -92,3 +92,14 @@ def test_fuzz_queue_reads_decode_and_split_or_are_refused(
         assert err.reason
     else:
         assert len(raw) >= size and all(isinstance(s, bytes) for s in segs)
+
+
+@given(st.sampled_from([10, 12, 20, 24]), st.sampled_from([None, True, False]),
+       st.integers(0, 8), st.binary(min_size=24, max_size=24))
+def test_a_layouts_decoder_reads_what_decode_reads(size: int, little_endian: bool | None,
+                                                   offset: int, raw: bytes) -> None:
+    from mqtun.packet.vnet import decoder
+
+    buf = bytes(offset) + raw
+    assert decoder(size, little_endian=little_endian)(memoryview(buf), offset) == decode(
+        buf[offset:], size, little_endian=little_endian)

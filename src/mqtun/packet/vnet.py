@@ -12,6 +12,7 @@ TUNSETVNETLE (little) or TUNSETVNETBE (big) was set. `little_endian=None` means 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from functools import cache
 from typing import NamedTuple
 
@@ -30,7 +31,7 @@ from mqtun._uapi import (
 from mqtun.errors import InvalidArgumentError
 from mqtun.packet.headers import Buffer, MalformedPacket
 
-__all__ = ["ZERO_HEADER", "VnetHeader", "decode", "encode", "split_frame"]
+__all__ = ["ZERO_HEADER", "VnetHeader", "decode", "decoder", "encode", "split_frame"]
 
 
 class VnetHeader(NamedTuple):
@@ -111,6 +112,19 @@ def decode(
     if len(buf) < size:
         raise MalformedPacket("short-vnet-header", f"{len(buf)} bytes, the queue uses {size}")
     return VnetHeader(*st.unpack_from(buf))
+
+
+def decoder(size: int = VIRTIO_NET_HDR_SIZE, *, little_endian: bool | None = None,
+            ) -> Callable[[Buffer, int], VnetHeader]:
+    """`decode` for one queue's layout, chosen once: read(buf, offset) -> the header at
+    `offset`, for a caller that already checked `buf` holds `size` bytes from there (a packet
+    path decodes one header per read, where the layout lookup and the slice cost as much)."""
+    unpack_from = _struct(size, little_endian)[0].unpack_from
+
+    def read(buf: Buffer, offset: int) -> VnetHeader:
+        return VnetHeader(*unpack_from(buf, offset))  # fields past the layout default to 0
+
+    return read
 
 
 def split_frame(

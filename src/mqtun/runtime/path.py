@@ -55,7 +55,7 @@ from mqtun.packet import gso
 from mqtun.packet.checksum import complete_checksum, completed
 from mqtun.packet.gro import coalesce
 from mqtun.packet.headers import Buffer, MalformedPacket, parse_ethernet, tun_pi
-from mqtun.packet.vnet import ZERO_HEADER, VnetHeader, decode, encode
+from mqtun.packet.vnet import ZERO_HEADER, VnetHeader, decoder, encode
 from mqtun.stats import DropReason
 
 if TYPE_CHECKING:
@@ -254,6 +254,8 @@ class PacketPath:
         self._pi_in = _uapi.TUN_PI_SIZE if source.packet_info else 0
         self._vnet_in = source.vnet_hdr_size
         self._hs_in = self._pi_in + self._vnet_in
+        self._read_vnet = decoder(source.vnet_hdr_size or _uapi.VIRTIO_NET_HDR_SIZE,
+                                  little_endian=source.vnet_le)
         self._tap_in = source.tap
         self._mtu_in = source.mtu
         self._fast_mtu = source.mtu + (_ETH if source.tap else 0)  # no parse below this
@@ -330,7 +332,7 @@ class PacketPath:
         hdr = ZERO_HEADER
         vh = self._pi_in
         if self._vnet_in and (view[vh] or view[vh + 1]):  # flags or gso_type: work to do
-            hdr = decode(view[vh:], self._vnet_in, little_endian=self.source.vnet_le)
+            hdr = self._read_vnet(view, vh)  # n > hs: the whole header is there
         pkt = original = view[hs:]
         if hdr.gso_type:
             try:
@@ -352,7 +354,7 @@ class PacketPath:
                 return self._bad(1, exc.reason), hdr, pkt
         if len(pkt) > self._fast_mtu and self._over_mtu(pkt):
             return self._too_big(1), hdr, pkt
-        out.append(pkt.toreadonly() if self.views else pkt.tobytes())
+        out.append((pkt if pkt.readonly else pkt.toreadonly()) if self.views else pkt.tobytes())
         self.counter.wire_read(1)
         return 1, hdr, original
 
@@ -378,7 +380,7 @@ class PacketPath:
         if self._vnet_in:
             vh = self._pi_in
             if view[vh] or view[vh + 1]:
-                hdr = decode(view[vh:], self._vnet_in, little_endian=self.source.vnet_le)
+                hdr = self._read_vnet(view, vh)
         pkt: Buffer = view[hs:].toreadonly() if hs and self.views else (
             buf if not hs else view[hs:].tobytes())  # fmt: skip
         count = gso.segment_count(hdr, pkt, tap=self._tap_in)
