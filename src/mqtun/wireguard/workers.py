@@ -426,7 +426,7 @@ class _Worker:
                 continue
             current = peer.session.current
             if current is None or now - current.keypair.created >= REJECT_AFTER_TIME:
-                self._tell(("stage", peer.public_key, segments))
+                self._tell(("stage", peer.public_key, [bytes(s) for s in segments]))
                 continue
             before = peer.tx_bytes
             self._emit(self.core.send_many(peer, segments, now))
