@@ -95,14 +95,6 @@ class Peer:
         return f"Peer({self.public_key.hex()[:8]}…, endpoint={self.endpoint})"
 
 
-def _ip_source_and_length(packet: bytes) -> tuple[bytes, int] | None:
-    if len(packet) >= 20 and packet[0] >> 4 == 4:
-        return packet[12:16], int.from_bytes(packet[2:4], "big")
-    if len(packet) >= 40 and packet[0] >> 4 == 6:
-        return packet[8:24], 40 + int.from_bytes(packet[4:6], "big")
-    return None
-
-
 def _ip_destination(packet: Buffer) -> Buffer | None:
     if len(packet) >= 20 and packet[0] >> 4 == 4:
         return packet[16:20]
@@ -342,15 +334,14 @@ class WireguardCore:
                 out.extend(self.receive(data, src, now, via=via))
                 i += 1
                 continue
-            index = data[4:8]
+            head = data[:8]  # the type and the receiver index
             j = i + 1
             while j < n:
                 d, s = datagrams[j]
-                if s != src or d[4:8] != index or d[:4] != _TRANSPORT_TYPE \
-                        or len(d) < m.KEEPALIVE_SIZE:
+                if d[:8] != head or s != src or len(d) < m.KEEPALIVE_SIZE:
                     break
                 j += 1
-            out.extend(self._receive_transports(int.from_bytes(index, "little"),
+            out.extend(self._receive_transports(int.from_bytes(head[4:], "little"),
                                                 [d for d, _ in datagrams[i:j]], src, now))
             i = j
         return out
@@ -389,21 +380,28 @@ class WireguardCore:
         allowed: dict[bytes, bool] = {}
         data_seen = False
         for plain in plains:
-            if not plain:  # keepalive
+            n = len(plain)
+            if not n:  # keepalive
                 continue
             data_seen = True
-            parsed = _ip_source_and_length(plain)
-            if parsed is None or parsed[1] > len(plain):
+            # the IP source and length (inline: this runs for every packet received)
+            version = plain[0] >> 4
+            if version == 4 and n >= 20:
+                source, length = plain[12:16], (plain[2] << 8) | plain[3]
+            elif version == 6 and n >= 40:
+                source, length = plain[8:24], 40 + ((plain[4] << 8) | plain[5])
+            else:
+                length = n + 1
+            if length > n:
                 self.drops[m.DropReason.BAD_LENGTH.value] += 1
                 continue
-            source, length = parsed
             ok = allowed.get(source)
             if ok is None:
                 ok = allowed[source] = self.allowed_ips.allows(peer, source)
             if not ok:
                 self.drops[m.DropReason.NOT_ALLOWED_SOURCE.value] += 1
                 continue
-            packets.append(plain if length == len(plain) else plain[:length])
+            packets.append(plain if length == n else plain[:length])
         if data_seen:
             peer.timers.on_data_received(now)
         return out
