@@ -185,6 +185,27 @@ def test_a_run_opens_once_and_a_forgery_in_it_moves_nothing() -> None:
     assert all(not window.check(c, REJECT_AFTER_MESSAGES) for c in range(16))
 
 
+def test_a_batch_is_sealed_as_gso_trains() -> None:
+    """seal_many: equal messages, then one shorter, make one train; a longer one, or any after
+    the shorter, starts the next; every message opens in order from its train."""
+    ka, kb = _pair()
+    a, b = Session(), Session()
+    a.install(ka)
+    b.install(kb)
+    sizes = [1420] * 5 + [700, 1420, 1420, 100, 100, 300]
+    packets = [bytes([i]) * n for i, n in enumerate(sizes)]
+    trains = a.seal_many(packets, 1.0, mtu=1420)
+    assert not isinstance(trains, m.Drop)
+    # (1420 needs no padding, 700 -> 704, 100 -> 112, 300 -> 304; each message 32 more)
+    assert [(len(t), seg) for t, seg in trains] == [
+        (5 * 1452 + 736, 1452), (2 * 1452 + 144, 1452), (144, 144), (336, 336)]
+    wire = [bytes(t[k:k + seg]) for t, seg in trains for k in range(0, len(t), seg)]
+    assert [m.parse(d).counter for d in wire] == list(range(11))  # type: ignore[union-attr]
+    opened = b.open_many(kb.local_index, wire, 1.0)
+    assert not isinstance(opened, m.Drop) and not opened[2]
+    assert [p[:n] for p, n in zip(opened[1], sizes, strict=True)] == packets
+
+
 def test_padding() -> None:
     assert len(pad(b"x" * 17)) == 32 and pad(b"") == b""
     assert len(pad(b"x" * 1419, mtu=1420)) == 1420
