@@ -21,8 +21,10 @@ has medians of throughput, TCP retransmits and the receiver's out-of-order segme
 two WireGuard processes (their workers included) and the throughput per CPU-second (on a
 shared machine, what each implementation makes of the CPU it got), the whole machine's busy
 CPU during the run (from /proc/stat: every process, iperf3 and softirq included, in cores of
-`os.cpu_count()`; its softirq part beside it: when this nears the core count, the machine,
-not the tunnel, is the limit), and the ratios the issue sets targets for:
+`os.cpu_count()`; its softirq part, and the part not charged to the two ends: iperf3, softirq
+outside them, and anything else running -- a run where this is high was disturbed; when the
+busy figure nears the core count, the machine, not the tunnel, is the limit), and the ratios
+the issue sets targets for:
 mqtun 2 queues >= 3x wireguard-go, 2 queues >= 1.5x 1 queue. Not a test: `--short` (one
 repetition of 1 s, tcp1, wggo-wggo and mqtun1-mqtun1) only checks that the bench works.
 
@@ -227,8 +229,8 @@ def table(setups: list[Setup], workloads: list[str], repeat: int, seconds: float
     lines = [f"iperf3 TCP through WireGuard over a veth, medians of {repeat} interleaved runs "
              f"of {seconds:g} s (load average {loads[0]} before, {loads[1]} after)", "",
              "| config | workload | Mbit/s | retransmits | out-of-order | cpu (both ends) "
-             f"| Mbit/s per cpu | machine busy (of {os.cpu_count()} cores) | of it softirq |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"| Mbit/s per cpu | machine busy (of {os.cpu_count()} cores) | of it softirq "
+             "| of it not the ends |", "|---|---|---|---|---|---|---|---|---|---|"]
     for s in setups:
         for w in workloads:
             runs = s.runs.get(w, [])
@@ -241,7 +243,8 @@ def table(setups: list[Setup], workloads: list[str], repeat: int, seconds: float
                          f"{statistics.median(r.cpu for r in runs):.2f} | "
                          f"{statistics.median(_per_cpu(r) for r in runs):.0f} | "
                          f"{statistics.median(r.busy for r in runs):.2f} | "
-                         f"{statistics.median(r.softirq for r in runs):.2f} |")
+                         f"{statistics.median(r.softirq for r in runs):.2f} | "
+                         f"{statistics.median(r.busy - r.cpu for r in runs):.2f} |")
     lines += ["", "| ratio | workload | value | target | met |", "|---|---|---|---|---|"]
     for label, num, den, floor in TARGETS:
         for w in workloads:
@@ -344,7 +347,8 @@ def main() -> int:
                     s.runs.setdefault(w, []).append(run)
                     print(f"run {r + 1}/{repeat} {s.name:13} {w:8} {run.gbps * 1000:6.0f} Mbit/s"
                           f" retr {run.retransmits:5} ofo {run.ofo:5} cpu {run.cpu:4.2f}"
-                          f" busy {run.busy:4.2f} softirq {run.softirq:4.2f}",
+                          f" busy {run.busy:4.2f} softirq {run.softirq:4.2f}"
+                          f" not-the-ends {run.busy - run.cpu:4.2f}",
                           file=sys.stderr, flush=True)
     finally:
         for s in setups:
