@@ -28,8 +28,9 @@ the issue sets targets for:
 mqtun 2 queues >= 3x wireguard-go, 2 queues >= 1.5x 1 queue. Not a test: `--short` (one
 repetition of 1 s, tcp1, wggo-wggo and mqtun1-mqtun1) only checks that the bench works.
 
-`--compare OLD_TREE` adds ``old1-old1`` / ``old2-old2``: `mqtun wg` from another source tree
-(e.g. the commit before a change), interleaved with the rest, and the new/old ratios.
+`--compare OLD_TREE` adds ``old1-old1`` / ``old2-old2`` (and ``old1-wggo`` with
+``mqtun1-wggo``): `mqtun wg` from another source tree (e.g. the commit before a change),
+interleaved with the rest, and the new/old ratios.
 
 `--profile CONFIG` instead sets up one configuration, runs the first workload for
 `--seconds` + 3 s and samples every process of each end with py-spy meanwhile (the main
@@ -76,6 +77,7 @@ CONFIGS = {  # name: (left implementation, right implementation)
     "nooff1-nooff1": ("nooff1", "nooff1"),  # (not by default) `mqtun wg --no-offload`
     "old1-old1": ("old1", "old1"),  # (--compare OLD_TREE) `mqtun wg` from OLD_TREE
     "old2-old2": ("old2", "old2"),
+    "old1-wggo": ("old1", "wggo"),
 }
 DEFAULT_CONFIGS = ("wggo-wggo", "mqtun1-mqtun1", "mqtun2-mqtun2", "mqtun1-wggo")
 BASELINE = "wggo-wggo"
@@ -88,6 +90,7 @@ TARGETS = (  # (label, numerator config, denominator config, floor)
     ("mqtun 1q vs old tree 1q", "mqtun1-mqtun1", "old1-old1", None),
     ("mqtun 2q vs old tree 2q", "mqtun2-mqtun2", "old2-old2", None),
     ("old tree 2q vs wireguard-go", "old2-old2", "wggo-wggo", None),
+    ("mqtun 1q -> wireguard-go vs old tree's", "mqtun1-wggo", "old1-wggo", None),
 )
 OLD_TREE: Path | None = None  # --compare
 
@@ -326,7 +329,9 @@ def main() -> int:
             ap.error(f"unknown configuration {c!r} (choose from {', '.join(CONFIGS)})")
     if args.compare:
         OLD_TREE = Path(args.compare).resolve()
-        configs += [c for c in ("old1-old1", "old2-old2") if c not in configs]
+        if not any(c.startswith("old") for c in configs):  # (else: just the ones named)
+            configs += ["old1-old1", "old2-old2", *(["old1-wggo"] if "mqtun1-wggo" in configs
+                                                   else [])]
     elif any(c.startswith("old") for c in configs):
         ap.error("the old1-old1/old2-old2 configurations need --compare OLD_TREE")
     repeat, seconds = (1, 1.0) if args.short else (args.repeat, args.seconds)
