@@ -2,6 +2,7 @@
 
     sudo python3 bench/bench_wireguard.py [--repeat 3] [--seconds 3] [--workloads tcp1,tcp4]
                                           [--configs ...] [--short] [--out FILE]
+                                          [--compare OLD_TREE]
 
 Each configuration is a pair of namespaces joined by a veth underlay (198.18.N.1/.2) with a
 WireGuard tunnel between them (198.19.N.1/.2, one peer each side, `wg set` configuring both
@@ -18,10 +19,18 @@ workload once, then again, `--repeat` times), so a busy machine slows them alike
 has medians of throughput, TCP retransmits and the receiver's out-of-order segments
 (TcpExtTCPOFOQueue: how much the tunnel reordered the flow), the CPU seconds per second of the
 two WireGuard processes (their workers included) and the throughput per CPU-second (on a
-shared machine, what each implementation makes of the CPU it got), and the ratios the issue
-sets targets for:
+shared machine, what each implementation makes of the CPU it got), the whole machine's busy
+CPU during the run (from /proc/stat: every process, iperf3 and softirq included, in cores of
+`os.cpu_count()`; its softirq part, and the part not charged to the two ends: iperf3, softirq
+outside them, and anything else running -- a run where this is high was disturbed; when the
+busy figure nears the core count, the machine, not the tunnel, is the limit), and the ratios
+the issue sets targets for:
 mqtun 2 queues >= 3x wireguard-go, 2 queues >= 1.5x 1 queue. Not a test: `--short` (one
 repetition of 1 s, tcp1, wggo-wggo and mqtun1-mqtun1) only checks that the bench works.
+
+`--compare OLD_TREE` adds ``old1-old1`` / ``old2-old2`` (and ``old1-wggo`` with
+``mqtun1-wggo``): `mqtun wg` from another source tree (e.g. the commit before a change),
+interleaved with the rest, and the new/old ratios.
 
 `--profile CONFIG` instead sets up one configuration, runs the first workload for
 `--seconds` + 3 s and samples every process of each end with py-spy meanwhile (the main
@@ -66,6 +75,9 @@ CONFIGS = {  # name: (left implementation, right implementation)
     "mqtun2-mqtun2": ("mqtun2", "mqtun2"),
     "mqtun1-wggo": ("mqtun1", "wggo"),
     "nooff1-nooff1": ("nooff1", "nooff1"),  # (not by default) `mqtun wg --no-offload`
+    "old1-old1": ("old1", "old1"),  # (--compare OLD_TREE) `mqtun wg` from OLD_TREE
+    "old2-old2": ("old2", "old2"),
+    "old1-wggo": ("old1", "wggo"),
 }
 DEFAULT_CONFIGS = ("wggo-wggo", "mqtun1-mqtun1", "mqtun2-mqtun2", "mqtun1-wggo")
 BASELINE = "wggo-wggo"
@@ -75,7 +87,12 @@ TARGETS = (  # (label, numerator config, denominator config, floor)
     ("mqtun 1q vs wireguard-go", "mqtun1-mqtun1", "wggo-wggo", None),
     ("mqtun 1q -> wireguard-go vs wireguard-go", "mqtun1-wggo", "wggo-wggo", None),
     ("mqtun 1q vs mqtun 1q without offloads", "mqtun1-mqtun1", "nooff1-nooff1", None),
+    ("mqtun 1q vs old tree 1q", "mqtun1-mqtun1", "old1-old1", None),
+    ("mqtun 2q vs old tree 2q", "mqtun2-mqtun2", "old2-old2", None),
+    ("old tree 2q vs wireguard-go", "old2-old2", "wggo-wggo", None),
+    ("mqtun 1q -> wireguard-go vs old tree's", "mqtun1-wggo", "old1-wggo", None),
 )
+OLD_TREE: Path | None = None  # --compare
 
 
 def _command(impl: str) -> list[str]:
@@ -83,6 +100,10 @@ def _command(impl: str) -> list[str]:
         return ["wireguard-go", "-f"]
     if impl.startswith("nooff"):
         return mqtun_wg_command("--no-offload", "--queues", impl.removeprefix("nooff"))
+    if impl.startswith("old"):
+        assert OLD_TREE is not None
+        return ["env", f"PYTHONPATH={OLD_TREE / 'src'}",
+                *mqtun_wg_command("--queues", impl.removeprefix("old"))]
     return mqtun_wg_command("--queues", impl.removeprefix("mqtun"))
 
 
@@ -92,6 +113,8 @@ class Run:
     retransmits: int
     ofo: int
     cpu: float
+    busy: float = 0.0  # the machine's busy cores (every process and softirq)
+    softirq: float = 0.0
 
 
 @dataclass
@@ -156,6 +179,15 @@ def _netstat(ns: NetNamespace, name: str) -> int:
     return 0
 
 
+def _machine_ticks() -> tuple[int, int, int]:
+    """(busy, softirq, total) clock ticks of all CPUs since boot (/proc/stat's cpu line;
+    idle and iowait are the not-busy ones; guest time is already in user)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return user + nice + system + irq + softirq + steal, softirq, sum(fields)
+
+
 def run_one(s: Setup, workload: str, seconds: float) -> Run:
     flows, reverse = WORKLOADS[workload]
     argv = ["iperf3", "-c", s.server, "-t", str(seconds), "-P", str(flows), "-J"]
@@ -165,10 +197,12 @@ def run_one(s: Setup, workload: str, seconds: float) -> Run:
     pids = [e.pid for e in s.ends]
     cpu0 = sum(_cpu_seconds(p) for p in pids)
     ofo0 = _netstat(receiver, "TCPOFOQueue")
+    busy0, soft0, total0 = _machine_ticks()
     try:
         out = s.left.run(argv, check=False, timeout=seconds + 30)
     except subprocess.TimeoutExpired:  # a stalled run is a zero, not the end of the bench
         out = subprocess.CompletedProcess(argv, 1, "", "")
+    busy1, soft1, total1 = _machine_ticks()
     ofo1 = _netstat(receiver, "TCPOFOQueue")
     cpu1 = sum(_cpu_seconds(p) for p in pids)
     try:
@@ -177,7 +211,9 @@ def run_one(s: Setup, workload: str, seconds: float) -> Run:
         retransmits = int(end["sum_sent"].get("retransmits", 0))
     except (ValueError, KeyError):
         bps, retransmits = 0.0, 0
-    return Run(bps / 1e9, retransmits, ofo1 - ofo0, (cpu1 - cpu0) / seconds)
+    cores = (os.cpu_count() or 1) / max(total1 - total0, 1)  # ticks -> cores busy
+    return Run(bps / 1e9, retransmits, ofo1 - ofo0, (cpu1 - cpu0) / seconds,
+               (busy1 - busy0) * cores, (soft1 - soft0) * cores)
 
 
 def _per_cpu(run: Run) -> float:
@@ -196,7 +232,8 @@ def table(setups: list[Setup], workloads: list[str], repeat: int, seconds: float
     lines = [f"iperf3 TCP through WireGuard over a veth, medians of {repeat} interleaved runs "
              f"of {seconds:g} s (load average {loads[0]} before, {loads[1]} after)", "",
              "| config | workload | Mbit/s | retransmits | out-of-order | cpu (both ends) "
-             "| Mbit/s per cpu |", "|---|---|---|---|---|---|---|"]
+             f"| Mbit/s per cpu | machine busy (of {os.cpu_count()} cores) | of it softirq "
+             "| of it not the ends |", "|---|---|---|---|---|---|---|---|---|---|"]
     for s in setups:
         for w in workloads:
             runs = s.runs.get(w, [])
@@ -207,7 +244,10 @@ def table(setups: list[Setup], workloads: list[str], repeat: int, seconds: float
                          f"{statistics.median(r.retransmits for r in runs):.0f} | "
                          f"{statistics.median(r.ofo for r in runs):.0f} | "
                          f"{statistics.median(r.cpu for r in runs):.2f} | "
-                         f"{statistics.median(_per_cpu(r) for r in runs):.0f} |")
+                         f"{statistics.median(_per_cpu(r) for r in runs):.0f} | "
+                         f"{statistics.median(r.busy for r in runs):.2f} | "
+                         f"{statistics.median(r.softirq for r in runs):.2f} | "
+                         f"{statistics.median(r.busy - r.cpu for r in runs):.2f} |")
     lines += ["", "| ratio | workload | value | target | met |", "|---|---|---|---|---|"]
     for label, num, den, floor in TARGETS:
         for w in workloads:
@@ -275,7 +315,10 @@ def main() -> int:
     ap.add_argument("--out", help="also write the table (markdown) here")
     ap.add_argument("--profile", metavar="CONFIG", help="py-spy both ends of one configuration")
     ap.add_argument("--top", type=int, default=15, help="rows of each --profile table")
+    ap.add_argument("--compare", metavar="OLD_TREE",
+                    help="also old1-old1/old2-old2: `mqtun wg` from this source tree")
     args = ap.parse_args()
+    global OLD_TREE
     workloads = ["tcp1"] if args.short else args.workloads.split(",")
     configs = [BASELINE, "mqtun1-mqtun1"] if args.short else args.configs.split(",")
     for w in workloads:
@@ -284,6 +327,13 @@ def main() -> int:
     for c in configs:
         if c not in CONFIGS:
             ap.error(f"unknown configuration {c!r} (choose from {', '.join(CONFIGS)})")
+    if args.compare:
+        OLD_TREE = Path(args.compare).resolve()
+        if not any(c.startswith("old") for c in configs):  # (else: just the ones named)
+            configs += ["old1-old1", "old2-old2", *(["old1-wggo"] if "mqtun1-wggo" in configs
+                                                   else [])]
+    elif any(c.startswith("old") for c in configs):
+        ap.error("the old1-old1/old2-old2 configurations need --compare OLD_TREE")
     repeat, seconds = (1, 1.0) if args.short else (args.repeat, args.seconds)
     os.environ.update(_env())  # `mqtun wg` runs this checkout's source
     if args.profile:
@@ -301,7 +351,9 @@ def main() -> int:
                     run = run_one(s, w, seconds)
                     s.runs.setdefault(w, []).append(run)
                     print(f"run {r + 1}/{repeat} {s.name:13} {w:8} {run.gbps * 1000:6.0f} Mbit/s"
-                          f" retr {run.retransmits:5} ofo {run.ofo:5} cpu {run.cpu:4.2f}",
+                          f" retr {run.retransmits:5} ofo {run.ofo:5} cpu {run.cpu:4.2f}"
+                          f" busy {run.busy:4.2f} softirq {run.softirq:4.2f}"
+                          f" not-the-ends {run.busy - run.cpu:4.2f}",
                           file=sys.stderr, flush=True)
     finally:
         for s in setups:

@@ -44,9 +44,10 @@ def _deliver(out: Output, cores: dict[tuple[str, int], WireguardCore],
         hops += 1
         datagram, src = queue.pop(0)
         core = cores[datagram.to]
-        result = core.receive(datagram.data, src, now)
-        packets += result.packets
-        queue += [(d, datagram.to) for d in result.datagrams]
+        for piece in datagram.pieces():  # (a GSO train: each of its datagrams)
+            result = core.receive(piece, src, now)
+            packets += result.packets
+            queue += [(d, datagram.to) for d in result.datagrams]
     return packets
 
 
@@ -123,10 +124,10 @@ def test_cookie_under_load() -> None:
     b.peers[public_key(A_KEY)].endpoint = A_ADDR
     a.peers[public_key(B_KEY)].endpoint = B_ADDR
     first = a.initiate(a.peers[public_key(B_KEY)], 0.0)
-    reply = b.receive(first.datagrams[0].data, A_ADDR, 0.0)
+    reply = b.receive(bytes(first.datagrams[0].data), A_ADDR, 0.0)
     assert [d.data[0] for d in reply.datagrams] == [m.COOKIE_REPLY]
     assert b.drops["under_load_no_cookie"] == 1
-    assert a.receive(reply.datagrams[0].data, B_ADDR, 0.0).datagrams == []
+    assert a.receive(bytes(reply.datagrams[0].data), B_ADDR, 0.0).datagrams == []
     retry = a.initiate(a.peers[public_key(B_KEY)], 6.0)  # after REKEY_TIMEOUT
     got = _deliver(retry, cores, A_ADDR, 6.0)
     assert got == [] and a.peers[public_key(B_KEY)].session.current is not None
@@ -136,7 +137,7 @@ def test_cookie_under_load() -> None:
 def test_a_handshake_flood_turns_cookies_on_by_itself() -> None:
     a, b = _cores()
     b.peers[public_key(A_KEY)].endpoint = A_ADDR
-    flood = a.initiate(a.peers[public_key(B_KEY)], 0.0).datagrams[0].data
+    flood = bytes(a.initiate(a.peers[public_key(B_KEY)], 0.0).datagrams[0].data)
     kinds = [d.data[0] for i in range(200)
              for d in b.receive(flood, A_ADDR, 0.001 * i).datagrams]
     assert kinds[0] == m.RESPONSE                       # the first one is served
@@ -150,11 +151,11 @@ def test_under_load_a_cookie_does_not_buy_unlimited_handshakes() -> None:
     b.under_load = True
     peer = a.peers[public_key(B_KEY)]
     first = a.initiate(peer, 0.0)
-    reply = b.receive(first.datagrams[0].data, A_ADDR, 0.0)
-    assert a.receive(reply.datagrams[0].data, B_ADDR, 0.0).datagrams == []
+    reply = b.receive(bytes(first.datagrams[0].data), A_ADDR, 0.0)
+    assert a.receive(bytes(reply.datagrams[0].data), B_ADDR, 0.0).datagrams == []
     answered = 0
     for i in range(20):  # 20 fresh initiations with a valid mac2 within 50 ms
-        data = a.initiate(peer, 6.0 + i * 0.0025, force=True).datagrams[0].data
+        data = bytes(a.initiate(peer, 6.0 + i * 0.0025, force=True).datagrams[0].data)
         out = b.receive(data, A_ADDR, 6.0 + i * 0.0025)
         answered += sum(d.data[0] == m.RESPONSE for d in out.datagrams)
     assert b.drops["handshake_rate_limited"] >= 14 and answered <= 6
@@ -181,7 +182,7 @@ def test_no_datagram_raises_or_reaches_the_tun(data: bytes) -> None:
     assert b.receive(data, A_ADDR, 1.0).packets == []
     assert sum(b.drops.values()) >= 1
     out = b.send(data, 1.0)  # nor does any TUN packet crash the send side
-    assert all(isinstance(d.data, bytes) for d in out.datagrams)
+    assert all(isinstance(p, bytes) for d in out.datagrams for p in d.pieces())
 
 
 def test_a_batch_is_sent_and_opened_like_its_packets_one_by_one() -> None:
@@ -193,15 +194,18 @@ def test_a_batch_is_sent_and_opened_like_its_packets_one_by_one() -> None:
     assert _deliver(a.send(_udp("198.19.0.1", "198.19.0.2"), 0.0), cores, A_ADDR, 0.0)
     segments = [_udp("198.19.0.1", "198.19.0.2", b"seg%02d" % i * 50) for i in range(45)]
     out = a.send_batch(segments, 0.5)
-    assert len(out.datagrams) == 45 and {d.to for d in out.datagrams} == {B_ADDR}
-    counters = [m.parse(d.data).counter for d in out.datagrams]  # type: ignore[union-attr]
+    # one GSO train: 45 datagrams of one size in one buffer
+    assert [(d.to, d.segment) for d in out.datagrams] == [(B_ADDR, 320)]
+    wire = out.datagrams[0].pieces()
+    assert len(wire) == 45 and b"".join(wire) == bytes(out.datagrams[0].data)
+    counters = [m.parse(d).counter for d in wire]  # type: ignore[union-attr]
     assert counters == list(range(counters[0], counters[0] + 45))
-    train = [(d.data, A_ADDR) for d in out.datagrams]
+    train = [(d, A_ADDR) for d in wire]
     forged = bytearray(train[3][0])
     forged[-1] ^= 1
     spoofed = a.send_to(a.peers[public_key(B_KEY)], _udp("198.19.0.9", "198.19.0.2"), 0.5)
     batch = [*train[:3], (bytes(forged), A_ADDR), train[1], *train[3:],
-             (spoofed.datagrams[0].data, A_ADDR), (b"\x01" + bytes(147), A_ADDR)]
+             (bytes(spoofed.datagrams[0].data), A_ADDR), (b"\x01" + bytes(147), A_ADDR)]
     got = b.receive_batch(batch, 0.6)
     assert got.packets == segments
     assert b.drops == {"decrypt_failed": 1, "replay": 1, "source_not_allowed": 1,

@@ -52,6 +52,11 @@ def test_a_train_goes_out_in_one_gso_send_and_comes_back_cut() -> None:
         out = receive_datagrams(receiver, 64)
         assert [d for d, _ in out] == train
         assert {src for _, src in out} == {("127.0.0.1", sender.port)}
+        # the sealer's form: the datagrams in one buffer (Datagram.segment), one send
+        send_datagrams(sender, [Datagram(memoryview(b"".join(train)), to, 1452)], {})
+        assert select.select([receiver.sock], [], [], 5)[0]
+        got = receiver.recv()
+        assert got is not None and got[1] == 1452 and got[0] == b"".join(train)
     finally:
         sender.close()
         receiver.close()

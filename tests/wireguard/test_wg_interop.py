@@ -43,8 +43,9 @@ class Ours:
 
     def emit(self, out: Output) -> list[bytes]:
         for d in out.datagrams:
-            self.sock.sendto(d.data, d.to)
-            self.sent.append(d.data)
+            for piece in d.pieces():  # (a GSO train: each of its datagrams)
+                self.sock.sendto(piece, d.to)
+                self.sent.append(piece)
         return out.packets
 
     def pump(self, until: Callable[[list[bytes]], bool], timeout: float = 10.0) -> list[bytes]:

@@ -24,6 +24,11 @@ class Model:
         self.last = max(self.last, counter)
         return True
 
+    def check(self, counter: int, limit: int) -> bool:
+        if counter >= limit or counter in self.seen:
+            return False
+        return counter > self.last or self.last - counter <= WINDOW_SIZE
+
 
 # counters clustered around a moving point, with jumps past the window and back
 _steps = st.lists(st.one_of(st.integers(-WINDOW_SIZE - 70, 200),
@@ -59,3 +64,36 @@ def test_check_does_not_mark() -> None:
     w = ReplayWindow()
     assert w.check(5, LIMIT) and w.check(5, LIMIT)
     assert w.last == 0 and w.accept(5, LIMIT) and not w.check(5, LIMIT)
+
+
+_runs = st.lists(st.tuples(st.integers(-WINDOW_SIZE - 70, 3 * WINDOW_SIZE),
+                           st.integers(0, 3 * WINDOW_SIZE), st.booleans()), max_size=60)
+
+
+@given(_runs)
+def test_a_run_is_taken_as_its_counters_one_by_one(runs: list[tuple[int, int, bool]]) -> None:
+    """accept_run(first, count) leaves the window as `count` accepts would (runs longer than
+    the ring and jumps included), and refuses, changing nothing, a run that is not all new."""
+    window, model = ReplayWindow(), Model()
+    base = 0
+    for step, count, single in runs:
+        first = max(0, base + step)
+        if single:
+            assert window.accept(first, LIMIT) == model.accept(first, LIMIT)
+        else:
+            fresh = count > 0 and first > model.last
+            before = (window.last, list(window._ring))
+            assert window.accept_run(first, count, LIMIT) == fresh
+            if fresh:
+                assert all(model.accept(c, LIMIT) for c in range(first, first + count))
+            else:
+                assert (window.last, window._ring) == before
+        base = max(base, model.last)
+        for probe in range(max(0, model.last - WINDOW_SIZE - 3), model.last + 3, 7):
+            assert window.check(probe, LIMIT) == model.check(probe, LIMIT), probe
+
+
+def test_a_run_past_the_limit_is_refused() -> None:
+    w = ReplayWindow()
+    assert not w.accept_run(LIMIT - 2, 3, LIMIT) and w.last == 0
+    assert w.accept_run(LIMIT - 3, 3, LIMIT) and not w.accept(LIMIT - 1, LIMIT)

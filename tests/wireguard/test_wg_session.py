@@ -151,6 +151,61 @@ def test_a_batch_is_numbered_from_one_block() -> None:
         assert not isinstance(opened, m.Drop) and opened[0].startswith(b"p%d" % i)
 
 
+def test_a_run_opens_once_and_a_forgery_in_it_moves_nothing() -> None:
+    """A batch in order is taken by the window at once: replayed whole, in part or inside
+    itself it is refused; a forged message in it is refused and its counter stays free for
+    the genuine one; a keepalive in it is no forgery."""
+    ka, kb = _pair()
+    a, b = Session(), Session()
+    a.install(ka)
+    b.install(kb)
+    sealed = a.encrypt_many([b"p%d" % i for i in range(10)] + [b""], 1.0)
+    assert isinstance(sealed, list)
+    first = b.open_many(kb.local_index, [sealed[0]], 1.0)  # counter 0: the window's start
+    assert not isinstance(first, m.Drop) and len(first[1]) == 1
+    run = sealed[1:]
+    forged = run[4][:20] + bytes([run[4][20] ^ 1]) + run[4][21:]
+    opened = b.open_many(kb.local_index, [*run[:4], forged, *run[5:]], 1.0)
+    assert not isinstance(opened, m.Drop)
+    _, plains, refused = opened
+    assert [p[:2] for p in plains] == [b"p1", b"p2", b"p3", b"p4", b"p6", b"p7", b"p8", b"p9",
+                                       b""]
+    assert refused == [m.Drop(m.DropReason.DECRYPT_FAILED)]
+    again = b.open_many(kb.local_index, run, 1.0)  # the genuine 5th gets in, the rest not
+    assert not isinstance(again, m.Drop)
+    assert [p[:2] for p in again[1]] == [b"p5"] and len(again[2]) == 9
+    more = a.encrypt_many([b"q%d" % i for i in range(5)], 1.0)
+    assert isinstance(more, list)
+    doubled = b.open_many(kb.local_index, more[:3] + more[2:], 1.0)  # a replay inside the run
+    assert not isinstance(doubled, m.Drop)
+    assert [p[:2] for p in doubled[1]] == [b"q0", b"q1", b"q2", b"q3", b"q4"]
+    assert doubled[2] == [m.Drop(m.DropReason.REPLAY)]
+    window = b.current.window if b.current is not None else None
+    assert window is not None and window.last == 15
+    assert all(not window.check(c, REJECT_AFTER_MESSAGES) for c in range(16))
+
+
+def test_a_batch_is_sealed_as_gso_trains() -> None:
+    """seal_many: equal messages, then one shorter, make one train; a longer one, or any after
+    the shorter, starts the next; every message opens in order from its train."""
+    ka, kb = _pair()
+    a, b = Session(), Session()
+    a.install(ka)
+    b.install(kb)
+    sizes = [1420] * 5 + [700, 1420, 1420, 100, 100, 300]
+    packets = [bytes([i]) * n for i, n in enumerate(sizes)]
+    trains = a.seal_many(packets, 1.0, mtu=1420)
+    assert not isinstance(trains, m.Drop)
+    # (1420 needs no padding, 700 -> 704, 100 -> 112, 300 -> 304; each message 32 more)
+    assert [(len(t), seg) for t, seg in trains] == [
+        (5 * 1452 + 736, 1452), (2 * 1452 + 144, 1452), (144, 144), (336, 336)]
+    wire = [bytes(t[k:k + seg]) for t, seg in trains for k in range(0, len(t), seg)]
+    assert [m.parse(d).counter for d in wire] == list(range(11))  # type: ignore[union-attr]
+    opened = b.open_many(kb.local_index, wire, 1.0)
+    assert not isinstance(opened, m.Drop) and not opened[2]
+    assert [p[:n] for p, n in zip(opened[1], sizes, strict=True)] == packets
+
+
 def test_padding() -> None:
     assert len(pad(b"x" * 17)) == 32 and pad(b"") == b""
     assert len(pad(b"x" * 1419, mtu=1420)) == 1420

@@ -192,14 +192,16 @@ class UdpEndpoint:
             sent += count
         return sent, first_err
 
-    def send_train(self, dest: tuple[str, int] | tuple[str, int, int, int], train: Train
-                   ) -> tuple[int, int]:
+    def send_train(self, dest: tuple[str, int] | tuple[str, int, int, int], train: Train, *,
+                   family: int | None = None) -> tuple[int, int]:
         """Send a Train's datagrams (its body's equal-size ones, then its tail) to `dest`: as
         many per UDP_SEGMENT sendmsg as one IP packet holds, slices of the one buffer.
+        `family`: the destination's, as for send().
 
         Returns (datagrams sent, errno of the first failed send or 0), as send() does."""
         size, count, tail = train.size, train.count, train.tail
-        per = max(1, min(_uapi.UDP_MAX_SEGMENTS, _MAX_UDP_PAYLOAD[self.family] // size))
+        limit = _MAX_UDP_PAYLOAD[family or self.family]
+        per = max(1, min(_uapi.UDP_MAX_SEGMENTS, limit // size))
         body = memoryview(train.body)
         anc = [(_uapi.SOL_UDP, _uapi.UDP_SEGMENT, _SEGMENT.pack(size))]
         sendmsg = self._sendmsg

@@ -60,7 +60,7 @@ class AllowedIPs(Generic[P]):
                     yield ipaddress.ip_network((addr, plen)) if version == 4 else \
                         ipaddress.IPv6Network((addr, plen))
 
-    def lookup(self, address: bytes | str) -> P | None:
+    def lookup(self, address: bytes | bytearray | memoryview | str) -> P | None:
         """The peer for a packed (4 or 16 bytes) or textual address, by longest prefix."""
         if isinstance(address, str):
             packed = ipaddress.ip_address(address).packed

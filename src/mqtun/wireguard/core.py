@@ -15,7 +15,9 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
+from mqtun.packet.headers import Buffer
 from mqtun.wireguard import messages as m
 from mqtun.wireguard.allowed_ips import AllowedIPs
 from mqtun.wireguard.cookie import source_bytes
@@ -48,10 +50,20 @@ RATE_PER_SOURCE = 20.0
 RATE_BURST = 5.0
 
 
-@dataclass(frozen=True, slots=True)
-class Datagram:
-    data: bytes
+class Datagram(NamedTuple):
+    """One datagram for `to`, or with `segment` a UDP GSO train of them: `data` is then
+    datagrams of `segment` bytes back to back, the last maybe shorter (`pieces`)."""
+
+    data: Buffer
     to: Address
+    segment: int = 0
+
+    def pieces(self) -> list[bytes]:
+        """Each datagram on its own."""
+        seg, data = self.segment, self.data
+        if not seg or len(data) <= seg:
+            return [bytes(data)]
+        return [bytes(data[k:k + seg]) for k in range(0, len(data), seg)]
 
 
 @dataclass(slots=True)
@@ -83,15 +95,7 @@ class Peer:
         return f"Peer({self.public_key.hex()[:8]}…, endpoint={self.endpoint})"
 
 
-def _ip_source_and_length(packet: bytes) -> tuple[bytes, int] | None:
-    if len(packet) >= 20 and packet[0] >> 4 == 4:
-        return packet[12:16], int.from_bytes(packet[2:4], "big")
-    if len(packet) >= 40 and packet[0] >> 4 == 6:
-        return packet[8:24], 40 + int.from_bytes(packet[4:6], "big")
-    return None
-
-
-def _ip_destination(packet: bytes) -> bytes | None:
+def _ip_destination(packet: Buffer) -> Buffer | None:
     if len(packet) >= 20 and packet[0] >> 4 == 4:
         return packet[16:20]
     if len(packet) >= 40 and packet[0] >> 4 == 6:
@@ -330,15 +334,14 @@ class WireguardCore:
                 out.extend(self.receive(data, src, now, via=via))
                 i += 1
                 continue
-            index = data[4:8]
+            head = data[:8]  # the type and the receiver index
             j = i + 1
             while j < n:
                 d, s = datagrams[j]
-                if s != src or d[4:8] != index or d[:4] != _TRANSPORT_TYPE \
-                        or len(d) < m.KEEPALIVE_SIZE:
+                if d[:8] != head or s != src or len(d) < m.KEEPALIVE_SIZE:
                     break
                 j += 1
-            out.extend(self._receive_transports(int.from_bytes(index, "little"),
+            out.extend(self._receive_transports(int.from_bytes(head[4:], "little"),
                                                 [d for d, _ in datagrams[i:j]], src, now))
             i = j
         return out
@@ -377,21 +380,28 @@ class WireguardCore:
         allowed: dict[bytes, bool] = {}
         data_seen = False
         for plain in plains:
-            if not plain:  # keepalive
+            n = len(plain)
+            if not n:  # keepalive
                 continue
             data_seen = True
-            parsed = _ip_source_and_length(plain)
-            if parsed is None or parsed[1] > len(plain):
+            # the IP source and length (inline: this runs for every packet received)
+            version = plain[0] >> 4
+            if version == 4 and n >= 20:
+                source, length = plain[12:16], (plain[2] << 8) | plain[3]
+            elif version == 6 and n >= 40:
+                source, length = plain[8:24], 40 + ((plain[4] << 8) | plain[5])
+            else:
+                length = n + 1
+            if length > n:
                 self.drops[m.DropReason.BAD_LENGTH.value] += 1
                 continue
-            source, length = parsed
             ok = allowed.get(source)
             if ok is None:
                 ok = allowed[source] = self.allowed_ips.allows(peer, source)
             if not ok:
                 self.drops[m.DropReason.NOT_ALLOWED_SOURCE.value] += 1
                 continue
-            packets.append(plain if length == len(plain) else plain[:length])
+            packets.append(plain if length == n else plain[:length])
         if data_seen:
             peer.timers.on_data_received(now)
         return out
@@ -405,7 +415,7 @@ class WireguardCore:
         """One IP packet read from the TUN -> the datagrams that carry it (or a handshake)."""
         return self.send_batch([packet], now)
 
-    def send_batch(self, packets: Sequence[bytes], now: float) -> Output:
+    def send_batch(self, packets: Sequence[Buffer], now: float) -> Output:
         """Packets with one destination (a super-packet's segments), routed once by the first:
         the datagrams that carry them, or a handshake."""
         dst = _ip_destination(packets[0]) if packets else None
@@ -418,25 +428,25 @@ class WireguardCore:
     def send_to(self, peer: Peer, packet: bytes, now: float) -> Output:
         return self.send_many(peer, [packet], now)
 
-    def send_many(self, peer: Peer, packets: Sequence[bytes], now: float) -> Output:
-        """IP packets for `peer` (b"" is a keepalive) -> one transport datagram each, in order,
-        with the peer's timers and rekey check run once for the batch (a TSO super-packet's
-        segments arrive together). Without a usable session they are staged for the
-        handshake this starts."""
+    def send_many(self, peer: Peer, packets: Sequence[Buffer], now: float) -> Output:
+        """IP packets for `peer` (b"" is a keepalive) -> their transport datagrams, in order
+        (as GSO trains: `Datagram.segment`), with the peer's timers and rekey check run once
+        for the batch (a TSO super-packet's segments arrive together). Without a usable
+        session they are staged for the handshake this starts."""
         if peer.endpoint is None:
             self.drops[m.DropReason.NO_ROUTE.value] += len(packets)
             return Output()
         current = peer.session.current
         if current is None or now - current.keypair.created >= REJECT_AFTER_TIME:
-            peer.staged.extend(p for p in packets if p)
+            peer.staged.extend(bytes(p) for p in packets if p)
             return self.initiate(peer, now)
-        sealed = peer.session.encrypt_many(packets, now, mtu=self.mtu)
+        sealed = peer.session.seal_many(packets, now, mtu=self.mtu)
         if isinstance(sealed, m.Drop):
             self.drops[sealed.reason.value] += len(packets)
             return Output()
         to = peer.endpoint
-        peer.tx_bytes += sum(map(len, sealed))
-        out = Output([Datagram(data, to) for data in sealed])
+        peer.tx_bytes += sum(len(train) for train, _ in sealed)
+        out = Output([Datagram(train, to, segment) for train, segment in sealed])
         if any(packets):
             peer.timers.on_data_sent(now, jitter())
         peer.timers.on_authenticated_sent()

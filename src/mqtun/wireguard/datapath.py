@@ -4,10 +4,11 @@ Shared by the single-process `Endpoint` and each worker of `MultiEndpoint`, so b
 packets the same way:
 
 - TUN -> wire: a queue with a virtio-net header and TSO/USO hands out super-packets of up to
-  64 KB; `read_tun` splits each once (`mqtun.packet.split`, which also completes a partial
-  checksum), so every wire packet is encrypted on its own and the segments of one read share
-  their route. `send_datagrams` sends the encrypted datagrams of one destination with UDP GSO
-  (`UdpEndpoint.send`: a run of equal sizes in one sendmsg).
+  64 KB; `read_tun` splits each once (`mqtun.packet.split_train`, which also completes a
+  partial checksum, into one buffer), so every wire packet is encrypted on its own and the
+  segments of one read share their route. They are sealed into one buffer too
+  (`Session.seal_many`), which `send_datagrams` sends with UDP GSO (`UdpEndpoint.send_train`:
+  up to 64 datagrams in one sendmsg).
 - wire -> TUN: the socket reads with UDP_GRO, so one read may hold a train of datagrams (a
   peer's UDP GSO send, or the kernel's GRO), cut at the segment size the cmsg gives
   (`receive_datagrams`); the packets they decrypt to are joined by `write_tun` into
@@ -29,7 +30,9 @@ from typing import TYPE_CHECKING
 from mqtun import _uapi
 from mqtun.errors import MqtunError
 from mqtun.offload import Offloads, read_packets, write_packet
-from mqtun.packet import ZERO_HEADER, MalformedPacket, coalesce, split
+from mqtun.packet import ZERO_HEADER, MalformedPacket, coalesce
+from mqtun.packet.gso import Train, split_train
+from mqtun.packet.headers import Buffer
 from mqtun.runtime.sockets import UdpEndpoint
 from mqtun.stats import DropReason
 
@@ -57,21 +60,28 @@ def tune_socket(sock: socket.socket, *, gro: bool) -> None:
         sock.setsockopt(_uapi.SOL_UDP, _uapi.UDP_GRO, 1)
 
 
-def read_tun(queue: Queue, offloaded: bool, batch: int) -> list[list[bytes]]:
+def read_tun(queue: Queue, offloaded: bool, batch: int) -> list[Sequence[Buffer]]:
     """Up to `batch` reads of `queue`, each as the wire packets it stands for (one packet, or
-    a super-packet's segments). A super-packet that cannot be split is an OFFLOAD drop.
-    DeviceGoneError (the interface was deleted) goes to the caller."""
+    a super-packet's segments: views of the one buffer `split_train` cut them into, no copy
+    each). A super-packet that cannot be split is an OFFLOAD drop. DeviceGoneError (the
+    interface was deleted) goes to the caller."""
     if not offloaded:
         return [[p] for p in queue.read_batch(batch)]
-    out = []
+    out: list[Sequence[Buffer]] = []
     for hdr, packet in read_packets(queue, batch):
         if not (hdr.flags or hdr.gso_type):
             out.append([packet.tobytes()])
             continue
         try:
-            out.append(split(hdr, packet))
+            train = split_train(hdr, packet)
         except MalformedPacket:
             queue.counters.drop(DropReason.OFFLOAD)
+            continue
+        body, size = memoryview(train.body).cast("B"), train.size
+        segments: list[Buffer] = [body[k:k + size] for k in range(0, train.count * size, size)]
+        if len(train.tail):
+            segments.append(train.tail)
+        out.append(segments)
     return out
 
 
@@ -95,22 +105,32 @@ def wire_address(address: tuple[str, int]) -> tuple[str, int]:
 
 def send_datagrams(udp: UdpEndpoint, datagrams: Sequence[Datagram],
                    wire: dict[tuple[str, int], tuple[str, int]]) -> None:
-    """Send `datagrams` in order, consecutive ones to one destination together (UDP GSO for
-    equal sizes). `wire` caches each destination's socket address (IPv4 as IPv4-mapped on the
+    """Send `datagrams` in order: a GSO train (`Datagram.segment`) in UDP_SEGMENT sends of
+    its one buffer, consecutive single ones to one destination together (UDP GSO for equal
+    sizes). `wire` caches each destination's socket address (IPv4 as IPv4-mapped on the
     dual-stack socket). A refused send is not retried: the peer's retransmission covers it."""
     i, n = 0, len(datagrams)
     while i < n:
         to = datagrams[i].to
-        j = i + 1
-        while j < n and datagrams[j].to == to:
-            j += 1
         dest = wire.get(to)
         if dest is None:
             dest = wire[to] = wire_address(to)
+        data, seg = datagrams[i].data, datagrams[i].segment
+        if seg and len(data) > seg:
+            count = len(data) // seg
+            view = memoryview(data)
+            udp.send_train(dest, Train(view[:count * seg], seg, count, view[count * seg:]),
+                           family=_family(dest[0]))
+            i += 1
+            continue
+        j = i + 1
+        while j < n and datagrams[j].to == to and not (
+                datagrams[j].segment and len(datagrams[j].data) > datagrams[j].segment):
+            j += 1
         group = datagrams[i:j]
         if len(group) == 1:
             with contextlib.suppress(OSError):
-                udp.sock.sendto(group[0].data, dest)
+                udp.sock.sendto(data, dest)
         else:
             udp.send(dest, [[d.data] for d in group], [len(d.data) for d in group],
                      family=_family(dest[0]))

@@ -21,6 +21,7 @@ __all__ = [
     "RESPONSE",
     "RESPONSE_SIZE",
     "TRANSPORT",
+    "TRANSPORT_HEADER",
     "TRANSPORT_HEADER_SIZE",
     "CookieReply",
     "Drop",
@@ -43,6 +44,7 @@ _INITIATION = struct.Struct("<II32s48s28s16s16s")
 _RESPONSE = struct.Struct("<III32s16s16s16s")
 _COOKIE_REPLY = struct.Struct("<II24s32s")
 _TRANSPORT = struct.Struct("<IIQ")
+TRANSPORT_HEADER = _TRANSPORT  # (type, receiver, counter): packed in place by the sealer
 assert _INITIATION.size == INITIATION_SIZE and _RESPONSE.size == RESPONSE_SIZE
 assert _COOKIE_REPLY.size == COOKIE_REPLY_SIZE and _TRANSPORT.size == TRANSPORT_HEADER_SIZE
 

@@ -18,13 +18,22 @@ made every packet of an idle worker's flow a replay, and its TCP flow stall).
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from mqtun.packet.headers import Buffer
 from mqtun.wireguard import crypto
-from mqtun.wireguard.messages import Drop, DropReason, Transport
+from mqtun.wireguard.messages import (
+    KEEPALIVE_SIZE,
+    TRANSPORT,
+    TRANSPORT_HEADER,
+    TRANSPORT_HEADER_SIZE,
+    Drop,
+    DropReason,
+    Transport,
+)
 from mqtun.wireguard.noise import Keypair
 from mqtun.wireguard.replay import ReplayWindow
 from mqtun.wireguard.timers import REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME
@@ -40,6 +49,9 @@ __all__ = [
 
 PADDING_MULTIPLE = 16
 _NONCE_PREFIX = bytes(4)
+_HEADER_SIZE = TRANSPORT_HEADER_SIZE
+_OVERHEAD = KEEPALIVE_SIZE  # header and tag: a message is its padded packet and this
+_MESSAGE_ROOM = _OVERHEAD + PADDING_MULTIPLE - 1
 
 
 COUNTER_BLOCK = 64
@@ -125,10 +137,13 @@ class TransportKeys:
     # the AEADs are keyed once per keypair, not once per packet
     sender: ChaCha20Poly1305 = field(init=False)
     receiver: ChaCha20Poly1305 = field(init=False)
+    # seal_into(nonce, plaintext, aad, out): encrypt with the tag into `out` (16 bytes longer)
+    seal_into: Callable[[bytes, Buffer, None, memoryview], int] = field(init=False)
 
     def __post_init__(self) -> None:
         self.sender = ChaCha20Poly1305(self.keypair.send_key)
         self.receiver = ChaCha20Poly1305(self.keypair.receive_key)
+        self.seal_into = _sealer(self.sender)
 
     def next_counters(self, n: int) -> range:
         """Counters for a batch of `n` packets about to be sent (a block of their own)."""
@@ -138,12 +153,23 @@ class TransportKeys:
         return self.counters.take(1).start
 
 
-def pad(packet: bytes, mtu: int | None = None) -> bytes:
+def _sealer(aead: ChaCha20Poly1305) -> Callable[[bytes, Buffer, None, memoryview], int]:
+    if hasattr(aead, "encrypt_into"):
+        return aead.encrypt_into
+
+    def seal_into(nonce: bytes, plaintext: Buffer, aad: None, out: memoryview) -> int:
+        out[:] = aead.encrypt(nonce, bytes(plaintext), aad)  # (cryptography < encrypt_into)
+        return len(out)
+
+    return seal_into
+
+
+def pad(packet: Buffer, mtu: int | None = None) -> bytes:
     """Zero-pad to a multiple of 16 (not past the MTU), hiding exact lengths."""
     size = -len(packet) % PADDING_MULTIPLE
     if mtu is not None:
         size = max(0, min(size, mtu - len(packet)))
-    return packet + bytes(size)
+    return bytes(packet) + bytes(size)
 
 
 class Session:
@@ -191,11 +217,24 @@ class Session:
         out = self.encrypt_many([packet], now, mtu=mtu)
         return out if isinstance(out, Drop) else out[0]
 
-    def encrypt_many(self, packets: Sequence[bytes], now: float, *,
+    def encrypt_many(self, packets: Sequence[Buffer], now: float, *,
                      mtu: int | None = None) -> list[bytes] | Drop:
+        """IP packets -> their transport data messages on `current`, one bytes each, in
+        order (`seal_many`, cut)."""
+        sealed = self.seal_many(packets, now, mtu=mtu)
+        if isinstance(sealed, Drop):
+            return sealed
+        return [bytes(train[k:k + segment]) for train, segment in sealed
+                for k in range(0, len(train), segment)]
+
+    def seal_many(self, packets: Sequence[Buffer], now: float, *,
+                  mtu: int | None = None) -> list[tuple[memoryview, int]] | Drop:
         """IP packets -> their transport data messages on `current`, in order, numbered from
         one block of counters taken for the batch (all of them refused if it reaches past
-        REJECT_AFTER_MESSAGES)."""
+        REJECT_AFTER_MESSAGES), as UDP GSO trains: (buffer, segment size) pairs, each buffer
+        messages of `segment` bytes back to back, the last maybe shorter. A super-packet's
+        segments (all full but the last) are one train, sealed in place into one buffer: no
+        per-message bytes object, header concatenation or list for the send."""
         keys = self.current
         if keys is None:
             return Drop(DropReason.NO_SESSION)
@@ -204,11 +243,32 @@ class Session:
         counters = keys.next_counters(len(packets))
         if counters.stop > REJECT_AFTER_MESSAGES:
             return Drop(DropReason.KEY_EXPIRED)
-        seal, remote, header = keys.sender.encrypt, keys.keypair.remote_index, Transport.header
-        # (a full-size packet, the common case, needs no padding: pad() only when it does)
-        return [header(remote, c) + seal(_NONCE_PREFIX + c.to_bytes(8, "little"),
-                                         p if len(p) == mtu else pad(p, mtu), None)
-                for c, p in zip(counters, packets, strict=True)]
+        # room for each message: header, tag and at most 15 bytes of padding
+        buf = bytearray(sum(map(len, packets)) + _MESSAGE_ROOM * len(packets))
+        view = memoryview(buf)
+        remote, seal_into = keys.keypair.remote_index, keys.seal_into
+        pack_into = TRANSPORT_HEADER.pack_into
+        trains: list[tuple[memoryview, int]] = []
+        start = off = segment = 0
+        short = False  # the train got its shorter last message: the next one starts anew
+        for c, p in zip(counters, packets, strict=True):
+            # (a full-size packet, the common case, needs no padding: pad() only when it does)
+            if len(p) != mtu:
+                p = pad(p, mtu)
+            size = len(p) + _OVERHEAD
+            if segment and (short or size > segment):
+                trains.append((view[start:off], segment))
+                start, segment, short = off, 0, False
+            if not segment:
+                segment = size
+            elif size < segment:
+                short = True
+            pack_into(buf, off, TRANSPORT, remote, c)
+            seal_into(_NONCE_PREFIX + c.to_bytes(8, "little"), p, None,
+                      view[off + _HEADER_SIZE:off + size])
+            off += size
+        trains.append((view[start:off], segment))
+        return trains
 
     def decrypt(self, msg: Transport, now: float) -> tuple[bytes, TransportKeys] | Drop:
         """A transport message -> (plaintext, the keys that opened it), or why not."""
@@ -235,27 +295,52 @@ class Session:
         if now - keys.keypair.created >= REJECT_AFTER_TIME:
             return Drop(DropReason.KEY_EXPIRED)
         window, opener = keys.window, keys.receiver.decrypt
-        check, accept, limit = window.check, window.accept, REJECT_AFTER_MESSAGES
+        limit = REJECT_AFTER_MESSAGES
         plains: list[bytes] = []
         refused: list[Drop] = []
-        for data in messages:
-            counter = int.from_bytes(data[8:16], "little")
-            if not check(counter, limit):
-                refused.append(_REPLAY)
-                continue
-            try:
-                plain = opener(_NONCE_PREFIX + data[8:16], memoryview(data)[16:], None)
-            except crypto.InvalidTag:
-                refused.append(_DECRYPT_FAILED)
-                continue
-            if not accept(counter, limit):
-                refused.append(_REPLAY)
-                continue
-            plains.append(plain)
+        counters = [_from_bytes(data[8:16], "little") for data in messages]
+        n = len(counters)
+        if n > 1 and counters[0] > window.last and counters[-1] < limit \
+                and counters == list(range(counters[0], counters[0] + n)):
+            # a run in order, every counter new (the peer's batch): the window needs no look
+            # before the decryption and takes the run at once after it; a message that fails
+            # to open is left out of what the window takes
+            opened: list[bytes | None] = []
+            for data in messages:
+                try:
+                    opened.append(opener(_NONCE_PREFIX + data[8:16], memoryview(data)[16:], None))
+                except crypto.InvalidTag:
+                    opened.append(None)
+            if None not in opened and window.accept_run(counters[0], n, limit):
+                plains = opened  # type: ignore[assignment]  # (no None in it)
+            else:
+                for counter, plain in zip(counters, opened, strict=True):
+                    if plain is None:
+                        refused.append(_DECRYPT_FAILED)
+                    elif window.accept(counter, limit):
+                        plains.append(plain)
+                    else:
+                        refused.append(_REPLAY)
+        else:
+            check, accept = window.check, window.accept
+            for counter, data in zip(counters, messages, strict=True):
+                if not check(counter, limit):
+                    refused.append(_REPLAY)
+                    continue
+                try:
+                    plain = opener(_NONCE_PREFIX + data[8:16], memoryview(data)[16:], None)
+                except crypto.InvalidTag:
+                    refused.append(_DECRYPT_FAILED)
+                    continue
+                if not accept(counter, limit):
+                    refused.append(_REPLAY)
+                    continue
+                plains.append(plain)
         if plains and keys is self.next:
             self.previous, self.current, self.next = self.current, keys, None
         return keys, plains, refused
 
 
+_from_bytes = int.from_bytes
 _REPLAY = Drop(DropReason.REPLAY)
 _DECRYPT_FAILED = Drop(DropReason.DECRYPT_FAILED)

@@ -426,7 +426,7 @@ class _Worker:
                 continue
             current = peer.session.current
             if current is None or now - current.keypair.created >= REJECT_AFTER_TIME:
-                self._tell(("stage", peer.public_key, segments))
+                self._tell(("stage", peer.public_key, [bytes(s) for s in segments]))
                 continue
             before = peer.tx_bytes
             self._emit(self.core.send_many(peer, segments, now))
@@ -446,7 +446,12 @@ class _Worker:
         main process, another worker's transport messages to that worker."""
         mine: list[tuple[bytes, tuple[str, int]]] = []
         theirs: dict[int, list[tuple[bytes, tuple[str, int]]]] = {}
+        last = b""  # type and index of the last one taken as ours: the next of a run is too
         for data, src in batch:
+            if data[:8] == last:
+                mine.append((data, src))
+                continue
+            last = b""
             if data[:1] != b"\x04" or len(data) < 8:
                 self._open(mine, via)
                 self._tell(("datagram", data, src, self.index))
@@ -470,6 +475,7 @@ class _Worker:
                     self.core.drops[m.DropReason.UNKNOWN_INDEX.value] += 1
                 continue
             mine.append((data, src))
+            last = data[:8]
         self._open(mine, via)
         for owner, run in theirs.items():
             if run:
@@ -480,7 +486,7 @@ class _Worker:
         if not mine:
             return
         indexes = self.core._indexes
-        peers = {indexes[int.from_bytes(d[4:8], "little")] for d, _ in mine}
+        peers = {indexes[int.from_bytes(i, "little")] for i in {d[4:8] for d, _ in mine}}
         before = {p: (p.rx_bytes, p.endpoint, p.session.next) for p in peers}
         out = self.core.receive_batch(mine, time.monotonic())
         mine.clear()
