@@ -608,9 +608,7 @@ def _the_same(answers: list[Packet], start: int, wire: list[Buffer], first: int,
     n = end - first
     if n == 1:  # a read of one packet, most reads of small packets
         return len(answers) - start == 1 and answers[start] is wire[first]
-    return len(answers) - start == n and all(map(
-        operator.is_, answers[start:] if start else answers, wire[first:end] if first or (
-            end != len(wire)) else wire))
+    return len(answers) - start == n and all(map(operator.is_, answers[start:], wire[first:end]))
 
 
 # ---- drainers: one closure per route, locals bound for speed -------------------------------
@@ -656,6 +654,15 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
     supers = route.super_packets
     batched = route.batch
 
+    def count_written(sent: int, sbytes: int, wire_out: int) -> None:
+        """A drain's writes, counted once: `sent` buffers of `sbytes` bytes with their
+        headers, holding `wire_out` wire packets."""
+        if sent:
+            wslots[WRITTEN_PACKETS] += sent
+            wslots[WRITTEN_BYTES] += sbytes - wh * sent
+        if wire_out:
+            wire_written(wire_out)
+
     def drain() -> int:
         bufs: list[bytes] = []
         n = nbytes = 0
@@ -699,10 +706,7 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
             finally:
                 if plain:
                     wire_read(plain)
-                if sent:
-                    wslots[WRITTEN_PACKETS] += sent
-                    wslots[WRITTEN_BYTES] += sbytes - wh * sent
-                    wire_written(wire_out)
+                count_written(sent, sbytes, wire_out)
             return n
         if whole:  # no handler: super-packets pass whole, plain packets may be joined
             for b in bufs:
@@ -732,7 +736,9 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
             # ... where nothing could be joined to it anyway: a super-packet, a packet the path
             # does not join, or any read when the path does not coalesce or the drain holds
             # no other read
-            as_read = keep_plain or len(reads) == 1
+            alone = keep_plain or len(reads) == 1
+            as_read = [alone or original.offload.gso_type or not may_join(wire[first])
+                       for first, _, original, _ in reads]
             # and when every read of the drain is written as read, between devices of one
             # layout, the buffers themselves go out (bytes: decoding did not change them)
             raw = as_it_came
@@ -742,9 +748,9 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
                                 len(wire))
                     if _the_same(answers, 0, wire, 0, len(wire)):
                         answers = []
-                        for first, end, original, _ in reads:
-                            if as_read or original.offload.gso_type or not may_join(
-                                    wire[first]):
+                        for (first, end, original, _), whole_read in zip(
+                                reads, as_read, strict=True):
+                            if whole_read:
                                 answers.append(original)
                             else:
                                 answers.extend(wire[first:end])
@@ -752,13 +758,12 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
                     else:
                         raw = False
             else:
-                for first, end, original, _ in reads:
+                for (first, end, original, _), whole_read in zip(reads, as_read, strict=True):
                     start = len(answers)
                     for j in range(first, end):
                         run_handler(handler, wire[j], path, faults,  # type: ignore[arg-type]
                                     answers)
-                    if (as_read or original.offload.gso_type or not may_join(wire[first])) and (
-                            _the_same(answers, start, wire, first, end)):
+                    if whole_read and _the_same(answers, start, wire, first, end):
                         answers[start:] = [original]
                     else:
                         raw = False
@@ -774,10 +779,7 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
                             sent += 1
                             wire_out += original.segments
                 finally:
-                    if sent:
-                        wslots[WRITTEN_PACKETS] += sent
-                        wslots[WRITTEN_BYTES] += sbytes - wh * sent
-                        wire_written(wire_out)
+                    count_written(sent, sbytes, wire_out)
                 return n
         if answers:
             sent = sbytes = 0
@@ -791,9 +793,7 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
                         sent += 1
                         sent_item(item)
             finally:
-                if sent:
-                    wslots[WRITTEN_PACKETS] += sent
-                    wslots[WRITTEN_BYTES] += sbytes - wh * sent
+                count_written(sent, sbytes, 0)  # (each item's wire packets: sent_item)
         return n
 
     return drain

@@ -80,8 +80,8 @@ _USO: Final = _uapi.TUN_F_USO4 | _uapi.TUN_F_USO6
 _TUNNEL_GSO: Final = _uapi.TUN_F_UDP_TUNNEL_GSO
 _MIN_IP: Final = 20  # the smallest IPv4 header; an IPv6 one is 40
 _ETH: Final = _uapi.ETH_HLEN
-# What a path joins on write: True TCP and UDP, "tcp" TCP segments only, False nothing
 _JOIN_MIN: Final = 512  # IP bytes: a smaller unchanged TCP segment is not worth a GRO pass
+# What a path joins on write: True TCP and UDP, "tcp" TCP segments only, False nothing
 Coalesce: TypeAlias = bool | Literal["tcp"]
 _SINGLE: Final = (bytes, bytearray, memoryview)
 
@@ -309,7 +309,7 @@ class PacketPath:
         for the wire packets appended, or None if none was. A shell writes it instead of them
         when a handler returned every one of them unchanged (the same objects): a super-packet
         is written whole as the kernel made it (what coalescing would rebuild, without the
-        work), and a single packet as read where the path does not coalesce."""
+        work), and a single packet as read where the path would not join it (`may_join`)."""
         n, hdr, pkt = self._decode(buf, out)
         return SuperPacket(pkt, hdr, n) if n else None
 
