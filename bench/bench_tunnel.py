@@ -8,13 +8,17 @@ them; iperf3 runs from the left namespace to the right one (and back with -R, "r
 
 - ``kernel``: the kernel's vxlan device on both ends;
 - ``mqtun-1q`` / ``mqtun-2q``: `mqtun tunnel vxlan` with 1 or 2 queues on the left, the kernel's
-  vxlan device on the right.
+  vxlan device on the right;
+- ``c-1q`` / ``c-2q`` (with `--c`): bench/c_vxlan.c in mqtun's place, the same design (a TAP
+  queue and a UDP socket per thread, TSO split into one UDP GSO train, UDP GRO reads) in C with
+  nothing else: what that design reaches on this machine when the user-space work costs little.
 
 All configurations are set up once and the runs are interleaved (every configuration and
 workload once, then again, `--repeat` times), so a busy machine slows them alike; the table has
 medians and the ratios the project set targets for: 4 flows over 2 queues >= 0.5x kernel, 1
-flow >= 0.3x kernel, 2 queues >= 1.3x 1 queue on 4 flows. The CPU column is the tunnel
-process's (all workers) CPU time per second of the run. Not a test: the suite never runs it;
+flow >= 0.3x kernel, 2 queues >= 1.3x 1 queue on 4 flows (and with `--c`, mqtun against the C
+reference). The CPU column is the tunnel process's (all workers) CPU time per second of the
+run. Not a test: the suite never runs it;
 `--short` (1 repetition of 1 s, forward direction only) checks that the bench works.
 `--compare OLD_TREE` adds ``old-1q`` / ``old-2q``: the same tunnel from another source tree (a
 directory holding src/mqtun, e.g. `git archive main | tar -x -C /tmp/old`), interleaved with
@@ -30,6 +34,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,10 +48,19 @@ VNI = "42"
 WORKLOADS = {"tcp1": (1, False), "tcp4": (4, False), "tcp1-rev": (1, True),
              "tcp4-rev": (4, True)}
 CONFIGS = ("kernel", "mqtun-1q", "mqtun-2q")
+C_CONFIGS = ("c-1q", "c-2q")
+C_SOURCE = Path(__file__).resolve().parent / "c_vxlan.c"
 TARGETS = (  # (name, numerator, denominator, floor)
     ("4 flows, 2 queues vs kernel", ("mqtun-2q", "tcp4"), ("kernel", "tcp4"), 0.5),
     ("1 flow vs kernel", ("mqtun-2q", "tcp1"), ("kernel", "tcp1"), 0.3),
     ("2 queues vs 1 queue, 4 flows", ("mqtun-2q", "tcp4"), ("mqtun-1q", "tcp4"), 1.3),
+)
+C_RATIOS = (  # (name, numerator, denominator): no target, the design's reach in C
+    ("C reference, 4 flows, 2 queues vs kernel", ("c-2q", "tcp4"), ("kernel", "tcp4")),
+    ("C reference, 1 flow vs kernel", ("c-2q", "tcp1"), ("kernel", "tcp1")),
+    ("mqtun vs C, 4 flows, 2 queues", ("mqtun-2q", "tcp4"), ("c-2q", "tcp4")),
+    ("mqtun vs C, 1 flow, 2 queues", ("mqtun-2q", "tcp1"), ("c-2q", "tcp1")),
+    ("mqtun vs C, 1 flow, 1 queue", ("mqtun-1q", "tcp1"), ("c-1q", "tcp1")),
 )
 
 
@@ -86,7 +100,15 @@ def _vxlan(ns: NetNamespace, local: str, remote: str, underlay: str, inner: str)
     ns.run(["ip", "link", "set", "vk0", "up"])
 
 
-def setup(name: str, index: int, src: Path = SRC) -> Setup:
+def build_c(directory: Path) -> Path:
+    """c_vxlan.c compiled into `directory` (cc -O2 -pthread)."""
+    binary = directory / "c_vxlan"
+    subprocess.run([os.environ.get("CC", "cc"), "-O2", "-pthread", "-o", str(binary),
+                    str(C_SOURCE)], check=True, timeout=120)
+    return binary
+
+
+def setup(name: str, index: int, src: Path = SRC, c_binary: Path | None = None) -> Setup:
     left, right = NetNamespace.create(prefix="bt-l-"), NetNamespace.create(prefix="bt-r-")
     net = 30 + index
     a, b = f"198.18.{net}.1", f"198.18.{net}.2"
@@ -101,6 +123,18 @@ def setup(name: str, index: int, src: Path = SRC) -> Setup:
         _vxlan(right, b, a, "ur", ib)
         if name == "kernel":
             _vxlan(left, a, b, "ul", ia)
+        elif name.startswith("c-"):
+            assert c_binary is not None
+            queues = name.split("-", 1)[1].removesuffix("q")
+            s.tunnel = left.popen([str(c_binary), "vx0", a, b, VNI, queues],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            assert s.tunnel.stdout is not None
+            line = s.tunnel.stdout.readline().strip()
+            if not line.startswith("READY"):
+                raise RuntimeError(f"{name}: the C tunnel did not start ({line!r})")
+            # the MTU mqtun picks: the underlay's less the VXLAN overhead
+            left.run(["ip", "link", "set", "vx0", "mtu", "1450", "up"])
+            left.run(["ip", "addr", "add", f"{ia}/24", "dev", "vx0"])
         else:
             queues = name.split("-", 1)[1].removesuffix("q")
             s.tunnel = left.popen(
@@ -176,6 +210,8 @@ def main() -> int:
     ap.add_argument("--short", action="store_true", help="1 repetition of 1 s, tcp1 and tcp4")
     ap.add_argument("--out", help="also write the table (markdown) here")
     ap.add_argument("--compare", metavar="OLD_TREE", help="also old-1q/old-2q from this tree")
+    ap.add_argument("--c", action="store_true", help="also c-1q/c-2q: the C reference tunnel")
+    ap.add_argument("--configs", help="only these configurations (comma list)")
     args = ap.parse_args()
     workloads = ["tcp1", "tcp4"] if args.short else args.workloads.split(",")
     for w in workloads:
@@ -185,13 +221,21 @@ def main() -> int:
     with open("/proc/loadavg") as f:
         load_before = f.read().split()[0]
     setups: list[Setup] = []
+    tmp = tempfile.TemporaryDirectory(prefix="bench-tunnel-")
     try:
         configs = [(name, SRC) for name in CONFIGS]
+        c_binary = None
+        if args.c:
+            c_binary = build_c(Path(tmp.name))
+            configs += [(name, SRC) for name in C_CONFIGS]
         if args.compare:
             old = Path(args.compare).resolve() / "src"
             configs += [("old-1q", old), ("old-2q", old)]
+        if args.configs:
+            keep = args.configs.split(",")
+            configs = [c for c in configs if c[0] in keep]
         for i, (name, src) in enumerate(configs):
-            setups.append(setup(name, i, src))
+            setups.append(setup(name, i, src, c_binary))
         for r in range(repeat):
             for s in setups:
                 for w in workloads:
@@ -203,6 +247,7 @@ def main() -> int:
     finally:
         for s in setups:
             s.close()
+        tmp.cleanup()
     with open("/proc/loadavg") as f:
         load_after = f.read().split()[0]
     med = {(s.name, w): statistics.median(v) for s in setups for w, v in s.results.items()}
@@ -223,6 +268,9 @@ def main() -> int:
             ratio = med[num] / med[den]
             met = "yes" if ratio >= floor else "no"
             lines.append(f"| {label} | {ratio:.3f} | {floor} | {met} |")
+    for label, num, den in C_RATIOS:
+        if num in med and den in med and med[den] > 0:
+            lines.append(f"| {label} | {med[num] / med[den]:.3f} | - | - |")
     if args.compare:
         lines += ["", "| new / old | " + " | ".join(workloads) + " |",
                   "|---|" + "---|" * len(workloads)]
