@@ -69,6 +69,7 @@ __all__ = [
     "gso_runs",
     "path_mtu",
     "reuseport_group",
+    "segments_per_send",
     "socket_program",
 ]
 
@@ -98,12 +99,11 @@ def gso_runs(sizes: Sequence[int], family: int = socket.AF_INET,
     """How datagrams of `sizes` (in order) go out in UDP_SEGMENT sends: (first index, count,
     segment size) per sendmsg. A run is equal sizes, optionally ended by one shorter datagram,
     at most `max_segments` long and at most one IP packet's worth of payload."""
-    limit = _MAX_UDP_PAYLOAD[family]
     runs = []
     i, n = 0, len(sizes)
     while i < n:
         size = sizes[i]
-        most = max(1, min(max_segments, limit // max(size, 1)))
+        most = max(1, min(max_segments, segments_per_send(size, family)))
         j = i + 1
         while j < n and j - i < most and sizes[j] == size:
             j += 1
@@ -112,6 +112,12 @@ def gso_runs(sizes: Sequence[int], family: int = socket.AF_INET,
         runs.append((i, j - i, size))
         i = j
     return runs
+
+
+def segments_per_send(size: int, family: int = socket.AF_INET) -> int:
+    """How many datagrams of `size` bytes one UDP_SEGMENT sendmsg can carry (one IP packet's
+    worth of payload, at most UDP_MAX_SEGMENTS)."""
+    return max(1, min(_uapi.UDP_MAX_SEGMENTS, _MAX_UDP_PAYLOAD[family] // max(size, 1)))
 
 
 class UdpEndpoint:
@@ -200,8 +206,7 @@ class UdpEndpoint:
 
         Returns (datagrams sent, errno of the first failed send or 0), as send() does."""
         size, count, tail = train.size, train.count, train.tail
-        limit = _MAX_UDP_PAYLOAD[family or self.family]
-        per = max(1, min(_uapi.UDP_MAX_SEGMENTS, limit // size))
+        per = segments_per_send(size, family or self.family)
         body = memoryview(train.body)
         anc = [(_uapi.SOL_UDP, _uapi.UDP_SEGMENT, _SEGMENT.pack(size))]
         sendmsg = self._sendmsg
