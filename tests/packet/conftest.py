@@ -1,6 +1,6 @@
-"""The checksum, split and coalesce tests run twice (their modules ask for `both_sums`): with
-the vectorized sums (numpy, when installed) and with the pure-Python ones, so that both paths
-meet the same oracle."""
+"""The checksum, split and coalesce tests run three times (their modules ask for `both_sums`):
+with the C loop (mqtun.packet._accel, when built) and numpy, with numpy alone, and with the
+pure-Python code, so that every path meets the same oracle."""
 
 from __future__ import annotations
 
@@ -10,20 +10,25 @@ from typing import Any
 
 import pytest
 
+from mqtun.packet import accel
+
 # mqtun.packet's own `checksum` attribute is the function, not the module
 checksum: Any = importlib.import_module("mqtun.packet.checksum")
 
 
-@pytest.fixture(params=["numpy", "python"])
+@pytest.fixture(params=["c", "numpy", "python"])
 def both_sums(request: pytest.FixtureRequest) -> Iterator[str]:
-    if request.param == "numpy" and checksum.numpy() is None:
+    if request.param == "c" and not accel.available():
+        pytest.skip("mqtun.packet._accel is not built here (no C compiler at install)")
+    if request.param != "python" and checksum.numpy() is None:
         pytest.skip("numpy cannot be imported here")
-    saved = checksum.VECTORIZE
-    checksum.VECTORIZE = request.param == "numpy"
+    saved = checksum.VECTORIZE, accel.ACCELERATE
+    checksum.VECTORIZE = request.param != "python"
+    accel.ACCELERATE = request.param == "c"
     try:
         yield request.param
     finally:
-        checksum.VECTORIZE = saved
+        checksum.VECTORIZE, accel.ACCELERATE = saved
 
 
 # The packet tests are sans-IO: no device, no namespace, no root. These two override the

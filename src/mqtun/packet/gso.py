@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from mqtun._uapi import (
     GSO_MAX_SEGS,
@@ -42,6 +42,7 @@ from mqtun._uapi import (
     VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV6,
     VXLAN_HLEN,
 )
+from mqtun.packet import accel
 from mqtun.packet.checksum import (
     completed,
     congruent,
@@ -153,8 +154,7 @@ def split_train(
     if rows is None:
         return _train_of(pieces)
     (tail,) = pieces or (b"",)
-    count, size = rows.shape
-    return Train(rows.reshape(-1), size, count, tail)
+    return Train(rows.body, rows.size, rows.segments, tail)
 
 
 def _train_of(pieces: list[bytes]) -> Train:
@@ -218,12 +218,22 @@ def _check_kind(base: int, p: Parsed) -> None:
         raise MalformedPacket("gso-fragment", "an IP fragment cannot be segmented")
 
 
+class Rows(NamedTuple):
+    """`segments` packets of `size` bytes back to back in `body` (a numpy array's bytes or
+    the C loop's bytearray)."""
+
+    body: Buffer
+    segments: int
+    size: int
+
+
 def _segment(mv: memoryview, p: Parsed, mss: int, max_segments: int,
-             prefix: bytes = b"") -> tuple[Any, list[bytes]]:  # fmt: skip
+             prefix: bytes = b"") -> tuple[Rows | None, list[bytes]]:  # fmt: skip
     """Cut the super-packet described by `p` (offsets into `mv`) into `mss`-byte segments,
-    each behind `prefix`: (the first full ones as rows of a numpy array, or None; the rest as
-    bytes). Many full segments go the vectorized way, the short last one and few segments
-    the per-segment loop."""
+    each behind `prefix`: (the first full ones as Rows, or None; the rest as bytes). Full TCP
+    segments go to the C loop where it is built (mqtun.packet.accel), else many full segments
+    go the vectorized way (numpy); the short last one and few segments the per-segment
+    loop."""
     hlen = p.payload_off
     plen = p.end - hlen
     nseg = -(-plen // mss) if plen else 1
@@ -243,12 +253,14 @@ def _segment(mv: memoryview, p: Parsed, mss: int, max_segments: int,
     join = b"".join
     pack16 = _U16.pack_into
     pack16x2 = _U16X2.pack_into
+    nfull = plen // mss
+    c_rows = accel.tcp_rows() if p.proto == IPPROTO_TCP and nfull >= 2 else None
 
     if v4:
         ip_id0 = (head[l3 + 4] << 8) | head[l3 + 5]
         head[l3 + 2 : l3 + 6] = b"\0\0\0\0"
         head[l3 + 10 : l3 + 12] = b"\0\0"
-        ip_base = residue(head[l3:l4])
+        ip_base = residue(head[l3:l4]) if c_rows is None else 0
         ip_hl = l4 - l3
     else:
         ip_id0 = ip_base = 0
@@ -257,9 +269,8 @@ def _segment(mv: memoryview, p: Parsed, mss: int, max_segments: int,
     last = nseg - 1
 
     # Full segments reuse one fold plan (see checksum.fold_plan); the short last one does not.
-    nfull = plen // mss
     plan = fold_plan(mss + (mss & 1))
-    np = vector() if nfull >= _VECTOR_ROWS else None
+    np = vector() if nfull >= _VECTOR_ROWS and c_rows is None else None
     sums_array = piece_sums_array(payload, mss, nfull) if np is not None else None
     sums = None
     frombytes = int.from_bytes
@@ -272,18 +283,26 @@ def _segment(mv: memoryview, p: Parsed, mss: int, max_segments: int,
         head[l4 + 4 : l4 + 8] = b"\0\0\0\0"
         head[l4 + 13] = 0
         head[l4 + 16 : l4 + 18] = b"\0\0"
-        base = residue(head[l4:hlen]) + pseudo + thl
         mid_flags = flags0 & ~(TCPHDR_CWR | TCPHDR_FIN | TCPHDR_PSH)
         if nseg == 1:
             first_flags = last_flags = flags0
         else:
             first_flags = flags0 & ~(TCPHDR_FIN | TCPHDR_PSH)
             last_flags = flags0 & ~TCPHDR_CWR
+        flags3 = (first_flags, mid_flags, last_flags if nfull == nseg else mid_flags)
+        if c_rows is not None:  # every segment, the short last one too, in one C call
+            tmpl = _full_segment_template(prefix + head, l3 + pre, l4 + pre, v4,
+                                          ip_hl + thl + mss, mid_flags)
+            size = len(tmpl) + mss
+            body = memoryview(c_rows(tmpl, payload, mss, l3 + pre, l4 + pre, v4, ip_id0, seq0,
+                                     first_flags, mid_flags, last_flags, pseudo % _M))
+            tail = body[nfull * size :]
+            return Rows(body[: nfull * size], nfull, size), [bytes(tail)] if tail else []
+        base = residue(head[l4:hlen]) + pseudo + thl
         if sums_array is not None:
-            rows = _tcp_rows(np, sums_array, prefix + head, payload, nfull, mss, l3 + pre,
-                             l4 + pre, v4, ip_hl + thl, ip_id0, ip_base, seq0, base,
-                             (first_flags, mid_flags,
-                              last_flags if nfull == nseg else mid_flags))  # fmt: skip
+            rows = _as_rows(_tcp_rows(np, sums_array, prefix + head, payload, nfull, mss,
+                                      l3 + pre, l4 + pre, v4, ip_hl + thl, ip_id0, ip_base, seq0,
+                                      base, flags3))  # fmt: skip
             first = nfull
         pack32 = _U32.pack_into
         a = first * mss
@@ -324,8 +343,8 @@ def _segment(mv: memoryview, p: Parsed, mss: int, max_segments: int,
     head[l4 + 4 : l4 + 8] = b"\0\0\0\0"
     base = residue(head[l4:hlen]) + pseudo
     if sums_array is not None:
-        rows = _udp_rows(np, sums_array, prefix + head, payload, nfull, mss, l3 + pre, l4 + pre,
-                         v4, ip_hl, ip_id0, ip_base, base)  # fmt: skip
+        rows = _as_rows(_udp_rows(np, sums_array, prefix + head, payload, nfull, mss, l3 + pre,
+                                  l4 + pre, v4, ip_hl, ip_id0, ip_base, base))  # fmt: skip
         first = nfull
     a = first * mss
     for i in range(first, nseg):
@@ -387,10 +406,25 @@ def _column16(np: Any, rows: Any, at: int, values: Any) -> None:
     rows[:, at : at + 2] = values.astype(">u2").view(np.uint8).reshape(-1, 2)
 
 
-def _split_rows(rows: Any) -> list[bytes]:
-    big = rows.tobytes()
-    size = rows.shape[1]
+def _as_rows(array: Any) -> Rows:
+    count, size = array.shape
+    return Rows(array.reshape(-1), count, size)
+
+
+def _split_rows(rows: Rows) -> list[bytes]:
+    big = bytes(rows.body)
+    size = rows.size
     return [big[k : k + size] for k in range(0, len(big), size)]
+
+
+def _full_segment_template(head: bytes | bytearray, l3: int, l4: int, v4: bool, ip_len: int,
+                           flags: int) -> bytearray:  # fmt: skip
+    """The headers every full segment starts from: the IP length of a full segment, the
+    middle segments' TCP flags (`head`: the zeroed fields of _segment)."""
+    tmpl = bytearray(head)
+    _U16.pack_into(tmpl, l3 + 2 if v4 else l3 + 4, ip_len)
+    tmpl[l4 + 13] = flags
+    return tmpl
 
 
 def _steps(np: Any, n: int, mss: int) -> tuple[Any, Any]:
@@ -424,10 +458,8 @@ def _tcp_rows(np: Any, sums: Any, head: bytes | bytearray, payload: memoryview, 
     rows of an array (`head` is the row's template up to the payload, offsets into it)."""
     first_flags, mid_flags, last_flags = flags
     tot = ip_len + mss
-    tmpl = bytearray(head)
-    _U16.pack_into(tmpl, l3 + 2 if v4 else l3 + 4, tot)
-    tmpl[l4 + 13] = mid_flags
-    rows = _rows(np, tmpl, payload, nfull, mss)
+    rows = _rows(np, _full_segment_template(head, l3, l4, v4, tot, mid_flags), payload, nfull,
+                 mss)
     index, offset = _steps(np, nfull, mss)
     u64 = np.uint64
     # seq = seq0 + i * mss in 32-bit arithmetic (which wraps as TCP does); its 16-bit words
