@@ -10,7 +10,9 @@ VXLAN header, two ways, interleaved in one run (medians of `--repeat` rounds):
   gathered buffer list of each UDP_SEGMENT send (`gso_runs`): what the worker did up to
   session 2;
 - ``train``: `packet.gso.split_train` (every datagram a row of one buffer, the header in
-  front) and the slices of each UDP_SEGMENT send (`UdpEndpoint.send_train`'s cut): now.
+  front) and the slices of each UDP_SEGMENT send (`UdpEndpoint.send_train`'s cut): now, with
+  the C segmentation loop where it is built (`mqtun.packet.accel`);
+- ``train-numpy``: the same with the C loop off (numpy), where the tree has it.
 
 Both include the outer source port (the inner flow's hash). MQTUN_BENCH_TREE=DIR measures the
 code of another tree (a directory holding src/mqtun; ``lists`` only where it has no
@@ -93,6 +95,17 @@ def main() -> int:
         assert [head + s for s in split(hdr, frame, tap=True)] \
             == gso.split_train(hdr, frame, tap=True, prefix=head).packets()
         ways["train"] = train
+    accel = getattr(gso, "accel", None)
+    if accel is not None and accel.available():
+
+        def train_numpy() -> int:
+            accel.ACCELERATE = False
+            try:
+                return train()
+            finally:
+                accel.ACCELERATE = True
+
+        ways["train-numpy"] = train_numpy
     per_frame: dict[str, list[float]] = {k: [] for k in ways}
     for _ in range(args.repeat):
         for name, fn in ways.items():
@@ -107,9 +120,11 @@ def main() -> int:
     print(f"64 KB TCP super-frame, {nseg} segments of {args.mss} bytes behind VXLAN; medians "
           f"of {args.repeat} interleaved rounds, us of one core per super-frame")
     for k, v in med.items():
-        print(f"  {k:6s} {v:7.1f} us  ({' '.join(f'{x:.1f}' for x in per_frame[k])})")
+        print(f"  {k:11s} {v:7.1f} us  ({' '.join(f'{x:.1f}' for x in per_frame[k])})")
     if "train" in med:
         print(f"  train / lists: {med['train'] / med['lists']:.2f}x the time")
+    if "train-numpy" in med:
+        print(f"  train / train-numpy: {med['train'] / med['train-numpy']:.2f}x the time")
     return 0
 
 
