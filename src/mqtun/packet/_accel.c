@@ -66,23 +66,57 @@ static uint32_t field(uint32_t r) {
 
 PyDoc_STRVAR(tcp_rows_doc,
 "tcp_rows(template, payload, mss, l3, l4, v4, ip_id0, seq0, first_flags, mid_flags,\n"
-"         last_flags, pseudo) -> bytearray\n\n"
+"         last_flags, pseudo, as_list=False) -> bytearray | list[bytes]\n\n"
 "The segments of a TCP super-packet's payload, back to back: len(payload) // mss rows of\n"
 "len(template) + mss bytes, then (if mss does not divide the payload) one shorter row. Each\n"
 "is the template (any prefix, then the headers with the IP length of a full segment, the\n"
 "middle flags and zero seq/checksums) and its payload slice, with the TCP sequence number\n"
 "seq0 + offset, the flags (first, middle, last), the TCP checksum (pseudo: the pseudo\n"
 "header's residue without its length), for IPv4 the id ip_id0 + i and the header checksum,\n"
-"and the short row's IP length. l3 and l4 are offsets into a row.");
+"and the short row's IP length. l3 and l4 are offsets into a row. With as_list, a list of\n"
+"one bytes object per segment instead (split()'s form, no buffer to slice).");
+
+struct cut {
+    const uint8_t *tmpl, *payload;
+    Py_ssize_t hlen, mss, l3, l4, full, rest, count;
+    int v4, first_flags, mid_flags, last_flags;
+    uint32_t ip_id0, seq0, pseudo;
+};
+
+/* Segment i of the cut into `row` (len(template) + its payload bytes). */
+static void fill_row(const struct cut *c, Py_ssize_t i, uint8_t *row) {
+    Py_ssize_t seg = i < c->full ? c->mss : c->rest;
+    Py_ssize_t l3 = c->l3, l4 = c->l4;
+    uint8_t *ip = row + l3, *tcp = row + l4;
+    memcpy(row, c->tmpl, (size_t)c->hlen);
+    memcpy(row + c->hlen, c->payload + i * c->mss, (size_t)seg);
+    uint32_t l4len = (uint32_t)(c->hlen - l4 + seg);
+    if (seg != c->mss) /* the short last row: its own IP length */
+        store16(c->v4 ? ip + 2 : ip + 4, (uint32_t)(l4 - l3 - (c->v4 ? 0 : 40)) + l4len);
+    if (c->v4) {
+        store16(ip + 4, (c->ip_id0 + (uint32_t)i) & 0xFFFFu);
+        store16(ip + 10, field(big_endian_residue(native_sum(ip, l4 - l3, 0))));
+    }
+    uint32_t seq = c->seq0 + (uint32_t)(i * c->mss);
+    tcp[4] = (uint8_t)(seq >> 24);
+    tcp[5] = (uint8_t)(seq >> 16);
+    tcp[6] = (uint8_t)(seq >> 8);
+    tcp[7] = (uint8_t)seq;
+    tcp[13] = (uint8_t)(i == 0 ? c->first_flags : i == c->count - 1 ? c->last_flags
+                                                                   : c->mid_flags);
+    uint32_t r = big_endian_residue(native_sum(tcp, (Py_ssize_t)l4len, 0));
+    store16(tcp + 16, field(r + c->pseudo % 0xFFFFu + l4len % 0xFFFFu));
+}
 
 static PyObject *tcp_rows(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer tmpl, payload;
     Py_ssize_t mss, l3, l4;
-    int v4, first_flags, mid_flags, last_flags;
+    int v4, first_flags, mid_flags, last_flags, as_list = 0;
     unsigned int ip_id0, seq0, pseudo;
-    if (!PyArg_ParseTuple(args, "y*y*nnnpIIiiiI", &tmpl, &payload, &mss, &l3, &l4, &v4,
-                          &ip_id0, &seq0, &first_flags, &mid_flags, &last_flags, &pseudo))
+    if (!PyArg_ParseTuple(args, "y*y*nnnpIIiiiI|p", &tmpl, &payload, &mss, &l3, &l4, &v4,
+                          &ip_id0, &seq0, &first_flags, &mid_flags, &last_flags, &pseudo,
+                          &as_list))
         return NULL;
     PyObject *out = NULL;
     Py_ssize_t hlen = tmpl.len, size = hlen + mss;
@@ -90,40 +124,38 @@ static PyObject *tcp_rows(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "tcp_rows: the offsets do not fit the template");
         goto done;
     }
-    Py_ssize_t full = payload.len / mss, rest = payload.len % mss;
-    Py_ssize_t count = full + (rest > 0);
-    if (count < 1 || full > (PY_SSIZE_T_MAX - size) / size) {
+    struct cut c = {.tmpl = tmpl.buf, .payload = payload.buf, .hlen = hlen, .mss = mss, .l3 = l3,
+                    .l4 = l4, .full = payload.len / mss, .rest = payload.len % mss, .v4 = v4,
+                    .first_flags = first_flags, .mid_flags = mid_flags,
+                    .last_flags = last_flags, .ip_id0 = ip_id0, .seq0 = seq0,
+                    .pseudo = pseudo};
+    c.count = c.full + (c.rest > 0);
+    if (c.count < 1 || c.full > (PY_SSIZE_T_MAX - size) / size) {
         PyErr_SetString(PyExc_ValueError, "tcp_rows: no segment to cut");
         goto done;
     }
-    out = PyByteArray_FromStringAndSize(NULL, full * size + (rest ? hlen + rest : 0));
+    if (as_list) { /* split()'s form: a bytes object per segment, filled where it lives */
+        out = PyList_New(c.count);
+        if (out == NULL)
+            goto done;
+        for (Py_ssize_t i = 0; i < c.count; i++) {
+            PyObject *b = PyBytes_FromStringAndSize(NULL, hlen + (i < c.full ? mss : c.rest));
+            if (b == NULL) {
+                Py_CLEAR(out);
+                goto done;
+            }
+            fill_row(&c, i, (uint8_t *)PyBytes_AS_STRING(b));
+            PyList_SET_ITEM(out, i, b);
+        }
+        goto done;
+    }
+    out = PyByteArray_FromStringAndSize(NULL, c.full * size + (c.rest ? hlen + c.rest : 0));
     if (out == NULL)
         goto done;
     uint8_t *rows = (uint8_t *)PyByteArray_AS_STRING(out);
-    const uint8_t *src = (const uint8_t *)payload.buf;
-    Py_ssize_t thl = hlen - l4;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < count; i++) {
-        Py_ssize_t seg = i < full ? mss : rest;
-        uint8_t *row = rows + i * size, *ip = row + l3, *tcp = row + l4;
-        memcpy(row, tmpl.buf, (size_t)hlen);
-        memcpy(row + hlen, src + i * mss, (size_t)seg);
-        uint32_t l4len = (uint32_t)(thl + seg);
-        if (seg != mss) /* the short last row: its own IP length */
-            store16(v4 ? ip + 2 : ip + 4, (uint32_t)(l4 - l3 - (v4 ? 0 : 40)) + l4len);
-        if (v4) {
-            store16(ip + 4, (ip_id0 + (uint32_t)i) & 0xFFFFu);
-            store16(ip + 10, field(big_endian_residue(native_sum(ip, l4 - l3, 0))));
-        }
-        uint32_t seq = seq0 + (uint32_t)(i * mss);
-        tcp[4] = (uint8_t)(seq >> 24);
-        tcp[5] = (uint8_t)(seq >> 16);
-        tcp[6] = (uint8_t)(seq >> 8);
-        tcp[7] = (uint8_t)seq;
-        tcp[13] = (uint8_t)(i == 0 ? first_flags : i == count - 1 ? last_flags : mid_flags);
-        uint32_t r = big_endian_residue(native_sum(tcp, (Py_ssize_t)l4len, 0));
-        store16(tcp + 16, field(r + pseudo % 0xFFFFu + l4len % 0xFFFFu));
-    }
+    for (Py_ssize_t i = 0; i < c.count; i++)
+        fill_row(&c, i, rows + i * size);
     Py_END_ALLOW_THREADS
 done:
     PyBuffer_Release(&tmpl);

@@ -13,5 +13,6 @@ def tcp_rows(
     mid_flags: int,
     last_flags: int,
     pseudo: int,
+    as_list: bool = False,
     /,
-) -> bytearray: ...
+) -> bytearray | list[bytes]: ...

@@ -102,7 +102,7 @@ def split(
         return _split_tunnel(hdr, mv, tap, max_segments, mtu)
     p = parse(mv, tap=tap, use_ip_length=False)
     _check_kind(gso & ~VIRTIO_NET_HDR_GSO_ECN, p)
-    rows, pieces = _segment(mv, p, _fit(hdr.gso_size, p, mtu, 0), max_segments)
+    rows, pieces = _segment(mv, p, _fit(hdr.gso_size, p, mtu, 0), max_segments, as_list=True)
     return _split_rows(rows) + pieces if rows is not None else pieces
 
 
@@ -227,10 +227,11 @@ class Rows(NamedTuple):
     size: int
 
 
-def _segment(mv: memoryview, p: Parsed, mss: int, max_segments: int,
-             prefix: bytes = b"") -> tuple[Rows | None, list[bytes]]:  # fmt: skip
+def _segment(mv: memoryview, p: Parsed, mss: int, max_segments: int, prefix: bytes = b"",
+             *, as_list: bool = False) -> tuple[Rows | None, list[bytes]]:  # fmt: skip
     """Cut the super-packet described by `p` (offsets into `mv`) into `mss`-byte segments,
-    each behind `prefix`: (the first full ones as Rows, or None; the rest as bytes). Full TCP
+    each behind `prefix`: (the first full ones as Rows, or None; the rest as bytes). With
+    `as_list` the C loop gives every segment as bytes (split()'s form: no rows to slice). Full TCP
     segments go to the C loop where it is built (mqtun.packet.accel), else many full segments
     go the vectorized way (numpy); the short last one and few segments the per-segment
     loop."""
@@ -293,9 +294,12 @@ def _segment(mv: memoryview, p: Parsed, mss: int, max_segments: int,
         if c_rows is not None:  # every segment, the short last one too, in one C call
             tmpl = _full_segment_template(prefix + head, l3 + pre, l4 + pre, v4,
                                           ip_hl + thl + mss, mid_flags)
+            cut = c_rows(tmpl, payload, mss, l3 + pre, l4 + pre, v4, ip_id0, seq0, first_flags,
+                         mid_flags, last_flags, pseudo % _M, as_list)
+            if as_list:
+                return None, cut
             size = len(tmpl) + mss
-            body = memoryview(c_rows(tmpl, payload, mss, l3 + pre, l4 + pre, v4, ip_id0, seq0,
-                                     first_flags, mid_flags, last_flags, pseudo % _M))
+            body = memoryview(cut)
             tail = body[nfull * size :]
             return Rows(body[: nfull * size], nfull, size), [bytes(tail)] if tail else []
         base = residue(head[l4:hlen]) + pseudo + thl
