@@ -477,6 +477,8 @@ RT_SCOPE_HOST: Final = 254  # include/uapi/linux/rtnetlink.h
 CLONE_NEWNET: Final = 0x40000000  # include/uapi/linux/sched.h
 PR_SET_PDEATHSIG: Final = 1  # include/uapi/linux/prctl.h
 PR_SET_NAME: Final = 15
+# glibc mallopt(3) (malloc.h): not the kernel's, but an ABI number all the same
+M_TRIM_THRESHOLD: Final = -1
 # The ethtool feature (netdev_features_strings) each TUNSETOFFLOAD bit turns on
 # (drivers/net/tun.c set_offload); the kernel has no getter for the mask itself.
 TUN_F_FEATURES: Final = (
