@@ -163,8 +163,37 @@ done:
     return out;
 }
 
+PyDoc_STRVAR(completed_doc,
+"completed(packet, csum_start, at) -> bytes\n\n"
+"A copy of a NEEDS_CSUM packet with its checksum finished: 0xFFFF less the residue of\n"
+"packet[csum_start:] stored big-endian at `at` (mqtun.packet.checksum.completed checks the\n"
+"offsets first).");
+
+static PyObject *completed(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer pkt;
+    Py_ssize_t start, at;
+    if (!PyArg_ParseTuple(args, "y*nn", &pkt, &start, &at))
+        return NULL;
+    PyObject *out = NULL;
+    if (start < 0 || at < start || at + 2 > pkt.len) {
+        PyErr_SetString(PyExc_ValueError, "completed: the offsets do not fit the packet");
+        goto done;
+    }
+    out = PyBytes_FromStringAndSize(pkt.buf, pkt.len);
+    if (out == NULL)
+        goto done;
+    const uint8_t *p = (const uint8_t *)pkt.buf;
+    store16((uint8_t *)PyBytes_AS_STRING(out) + at,
+            0xFFFFu - big_endian_residue(native_sum(p + start, pkt.len - start, 0)));
+done:
+    PyBuffer_Release(&pkt);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"tcp_rows", tcp_rows, METH_VARARGS, tcp_rows_doc},
+    {"completed", completed, METH_VARARGS, completed_doc},
     {NULL, NULL, 0, NULL},
 };
 

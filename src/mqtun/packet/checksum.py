@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any, Final
 
+from mqtun.packet import accel
 from mqtun.packet.headers import Buffer, MalformedPacket
 
 __all__ = [
@@ -225,6 +226,12 @@ def complete_checksum(frame: bytearray | memoryview, csum_start: int, csum_offse
 def completed(packet: Buffer, csum_start: int, csum_offset: int) -> bytes:
     """A copy of a NEEDS_CSUM packet with its checksum finished (see complete_checksum), for a
     packet that must not be changed in place; one copy, the checksum spliced in."""
+    fast = accel.completed()
+    if fast is not None:
+        at = csum_start + csum_offset
+        if csum_start < 0 or csum_offset < 0 or at + 2 > len(packet):
+            _completion(packet, csum_start, csum_offset)  # raises the MalformedPacket
+        return fast(packet, csum_start, at)
     at, value = _completion(packet, csum_start, csum_offset)
     mv = memoryview(packet)
     return b"".join((mv[:at], value.to_bytes(2, "big"), mv[at + 2 :]))
