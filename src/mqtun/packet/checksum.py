@@ -203,12 +203,18 @@ def transport_checksum(
 
 def _completion(frame: Buffer, csum_start: int, csum_offset: int) -> tuple[int, int]:
     """(where the checksum goes, its value) for a NEEDS_CSUM packet; refuses bad offsets."""
+    at = _checksum_at(frame, csum_start, csum_offset)
+    return at, _M - residue(frame[csum_start:])  # residue 0 gives 0xFFFF, never 0
+
+
+def _checksum_at(frame: Buffer, csum_start: int, csum_offset: int) -> int:
+    """Where a NEEDS_CSUM packet's checksum goes; MalformedPacket for offsets out of it."""
     at = csum_start + csum_offset
     if csum_start < 0 or csum_offset < 0 or at + 2 > len(frame):
         raise MalformedPacket(
             "bad-csum-offset", f"csum_start {csum_start} + csum_offset {csum_offset} > {len(frame)}"
         )
-    return at, _M - residue(frame[csum_start:])  # residue 0 gives 0xFFFF, never 0
+    return at
 
 
 def complete_checksum(frame: bytearray | memoryview, csum_start: int, csum_offset: int) -> None:
@@ -228,10 +234,7 @@ def completed(packet: Buffer, csum_start: int, csum_offset: int) -> bytes:
     packet that must not be changed in place; one copy, the checksum spliced in."""
     fast = accel.completed()
     if fast is not None:
-        at = csum_start + csum_offset
-        if csum_start < 0 or csum_offset < 0 or at + 2 > len(packet):
-            _completion(packet, csum_start, csum_offset)  # raises the MalformedPacket
-        return fast(packet, csum_start, at)
+        return fast(packet, csum_start, _checksum_at(packet, csum_start, csum_offset))
     at, value = _completion(packet, csum_start, csum_offset)
     mv = memoryview(packet)
     return b"".join((mv[:at], value.to_bytes(2, "big"), mv[at + 2 :]))
