@@ -188,8 +188,8 @@ def _add_forward(sub: Any) -> None:
     co = p.add_mutually_exclusive_group()
     co.add_argument("--coalesce", dest="coalesce", action="store_true", default=None,
                     help="join a drain's TCP segments and UDP datagrams into TSO/USO super-packets "
-                         "where the other device takes them (default: with --handler TCP "
-                         "segments only; without, nothing: both measured faster)")
+                         "where the other device takes them (the default; without --handler "
+                         "only where mqtun's C loop is built, which does it on the raw reads)")
     co.add_argument("--no-coalesce", dest="coalesce", action="store_false",
                     help="write every packet as read or returned, one write each")
     p.add_argument("--handler", metavar="MODULE:NAME",

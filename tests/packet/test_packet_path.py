@@ -7,6 +7,7 @@ hands out is checked by scapy: the path's own checksum code is never its own ora
 from __future__ import annotations
 
 import os
+import random
 import struct
 from collections.abc import Sequence
 
@@ -27,7 +28,17 @@ from mqtun._uapi import (
     VIRTIO_NET_HDR_GSO_UDP_L4,
 )
 from mqtun.errors import InvalidArgumentError
-from mqtun.packet import ZERO_HEADER, Buffer, VnetHeader, coalesce, encode, offload_checksum
+from mqtun.packet import (
+    ZERO_HEADER,
+    Buffer,
+    MalformedPacket,
+    VnetHeader,
+    accel,
+    coalesce,
+    encode,
+    offload_checksum,
+    parse,
+)
 from mqtun.runtime.path import Layout, Outgoing, Packet, PacketPath, SuperPacket, WireCounts
 from mqtun.stats import DropReason
 
@@ -488,3 +499,98 @@ def test_an_offload_that_cannot_be_carried_out_is_counted_per_wire_packet() -> N
     out: list[Buffer] = []
     assert path.decode(read_buffer(layout, ufo, sp), out) == 0
     assert counts(path).read == 6 and counts(path).dropped == {DropReason.OFFLOAD: 6}
+
+
+# ---- a plain forwarder's drain joined in C (PacketPath.reads_joiner) -------------------------
+def _wire_of(layout: Layout, buf: bytes) -> list[bytes]:
+    """The wire packets a buffer of `layout` holds, as a reader of it sees them (checksums
+    complete, super-packets split)."""
+    got: list[Buffer] = []
+    PacketPath(layout, Layout(tap=layout.tap), views=False).decode(buf, got)
+    return [bytes(g) for g in got]
+
+
+def _flow(raw: bytes, tap: bool) -> object:
+    try:
+        p = parse(raw, tap=tap)
+    except MalformedPacket:
+        return raw
+    return (p.src, p.dst, p.proto, p.sport, p.dport)
+
+
+def _drain(shape: pb.Shape, rng: random.Random, layout: Layout) -> list[bytes]:
+    """Reads as a device gives them: flows of TCP segments and UDP datagrams interleaved, each
+    with a partial checksum (NEEDS_CSUM) or a complete one, a super-packet, a short read."""
+    flows: list[list[bytes]] = []
+    for k in range(rng.randint(1, 5)):
+        n, mss = rng.randint(1, 6), rng.randint(1, 700)
+        sizes = [mss] * (n - 1) + [rng.randint(1, mss)]
+        flows.append(udp_stream(shape, sizes, sport=41000 + k) if rng.random() < 0.5
+                     else tcp_stream(shape, sizes, sport=42000 + k,
+                                     psh_last=rng.random() < 0.3))  # fmt: skip
+    hdr, sp = super_packet(tcp_stream(shape, [500] * 3, sport=43000), shape.tap)
+    queues = [list(f) for f in flows] + [[("super", hdr, sp)], [("short",)]]
+    reads = []
+    while any(queues):
+        q = rng.choice([q for q in queues if q])
+        item = q.pop(0)
+        if isinstance(item, tuple):
+            short = bytes((4 if layout.packet_info else 0) + layout.vnet_hdr_size - 1)
+            reads.append(read_buffer(layout, item[1], item[2]) if item[0] == "super" else short)
+        elif rng.random() < 0.5:
+            reads.append(read_buffer(layout, *offload_checksum(item, tap=shape.tap)))
+        else:
+            reads.append(read_buffer(layout, ZERO_HEADER, item))
+    return reads
+
+
+@given(layouts.filter(lambda la: la.vnet_hdr_size > 0), st.integers(0, 2**32 - 1),
+       st.booleans(), st.integers(0, 2))  # fmt: skip
+def test_a_drain_joined_in_c_holds_the_wire_packets_of_its_reads(
+    layout: Layout, seed: int, verify: bool, vlans: int
+) -> None:
+    """The writes of a plain forwarder's drain joined by `reads_joiner` carry exactly the wire
+    packets of its reads, each flow in order; the joined ones say how many reads they hold."""
+    layout = Layout(tap=layout.tap, packet_info=layout.packet_info,
+                    vnet_hdr_size=layout.vnet_hdr_size, vnet_le=layout.vnet_le,
+                    offloads=OFFLOADS)  # fmt: skip
+    join = PacketPath(layout, layout, verify=verify).reads_joiner()
+    if join is None:  # the "numpy" and "python" rounds: no C loop
+        assert not accel.ACCELERATE or not accel.available()
+        return
+    shape = pb.Shape(tap=layout.tap, vlans=vlans if layout.tap else 0)
+    reads = _drain(shape, random.Random(seed), layout)
+    bufs, counts = join(reads)
+    joined = [0] * len(reads) if counts is None else counts  # None: nothing joined
+    assert bufs is reads if counts is None else len(bufs) == len(joined)
+    assert sum(max(j, 1) for j in joined) == len(reads)
+    wire_in = [w for r in reads for w in _wire_of(layout, r)]
+    wire_out: list[bytes] = []
+    for b, j in zip(bufs, joined, strict=True):
+        got = _wire_of(layout, bytes(b))
+        if j:
+            assert len(got) == j  # a joined buffer holds its reads' packets
+        else:
+            assert b in reads  # the read itself, as it came
+        wire_out.extend(got)
+    assert sorted(wire_out) == sorted(wire_in)
+    for flow in {_flow(w, layout.tap) for w in wire_in}:
+        assert [w for w in wire_out if _flow(w, layout.tap) == flow] == [
+            w for w in wire_in if _flow(w, layout.tap) == flow]  # fmt: skip
+
+
+def test_partial_checksum_datagrams_of_a_drain_are_joined_in_c(both_sums: str) -> None:
+    layout = Layout(vnet_hdr_size=12, offloads=OFFLOADS)
+    join = PacketPath(layout, layout).reads_joiner()
+    if both_sums != "c":
+        assert join is None
+        return
+    assert join is not None
+    shape = pb.Shape()
+    flows = [udp_stream(shape, [64] * 4, sport=41000 + k) for k in range(3)]
+    reads = [read_buffer(layout, *offload_checksum(f[i])) for i in range(4) for f in flows]
+    bad = offload_checksum(flows[0][0])
+    reads.append(read_buffer(layout, bad[0]._replace(csum_offset=4), bad[1]))  # not UDP's field
+    bufs, joined = join(reads)
+    assert joined == [4, 4, 4, 0] and bufs[3] is reads[-1]
+    assert [_wire_of(layout, bytes(b)) for b in bufs[:3]] == flows

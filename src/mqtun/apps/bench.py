@@ -12,6 +12,7 @@ Configurations, all in one run so that the ratios compare like with like (`DESCR
     pytun-1q, pytun-2q    python-pytun, one process per queue, select/read/write
     compat-1q, compat-2q  that python-pytun program, unchanged, on `mqtun.compat.pytun`
     mqtun-1q-coalesce     `mqtun forward --coalesce`: each drain's segments joined on write
+    mqtun-1q-nocoalesce   `mqtun forward --no-coalesce`: every buffer written as read
     mqtun-1q-epoll        `mqtun forward --mode epoll`: no spinning (the spin policy's baseline)
     mqtun-1q-handler      `mqtun forward --handler` with a pass-through handler: the handler
                           sees wire packets (super-packets split, then coalesced on write)
@@ -27,8 +28,8 @@ Workloads, each measured with a standard tool in A (client) and B (server):
     udp16        UDP 64-byte datagrams from 16 flows (sockperf throughput to 16 ports):
                  datagrams/s delivered to B's sockets (B's Udp InDatagrams), the loss against
                  what A sent (OutDatagrams), and where it was lost: before the forwarder (A's
-                 device queue), in it (read from A's device, not written to B's), after it
-                 (written to B's device, not delivered to B's sockets)
+                 device queue), in it (read from A's device, never reaching B's UDP), after
+                 it (reaching B's UDP, not delivered to B's sockets: a full socket buffer)
 
 Per run also the forwarder's CPU (utime + stime of every process in F: % of one core, CPU
 microseconds per packet it wrote -- the kernel's rx counters of both devices -- and bit/s,
@@ -92,6 +93,7 @@ CONFIGS: dict[str, ForwarderSpec] = {
     "compat-1q": ForwarderSpec("pytun", 1, offload=False, compat=True),
     "compat-2q": ForwarderSpec("pytun", 2, offload=False, compat=True),
     "mqtun-1q-coalesce": ForwarderSpec("mqtun", 1, offload=True, coalesce=True),
+    "mqtun-1q-nocoalesce": ForwarderSpec("mqtun", 1, offload=True, coalesce=False),
     "mqtun-1q-epoll": ForwarderSpec("mqtun", 1, offload=True, mode="epoll"),
     "mqtun-1q-handler": ForwarderSpec("mqtun", 1, offload=True,
                                       handler="mqtun.apps.handlers:identity"),
@@ -114,7 +116,9 @@ DESCRIPTIONS = {
     "pytun-2q": "python-pytun select/read/write, 2 queues (processes)",
     "compat-1q": "the python-pytun program on mqtun.compat.pytun, 1 queue",
     "compat-2q": "the python-pytun program on mqtun.compat.pytun, 2 queues",
-    "mqtun-1q-coalesce": "mqtun forward --coalesce, 1 queue: each drain joined into TSO/USO",
+    "mqtun-1q-coalesce": "mqtun forward --coalesce, 1 queue: each drain joined into TSO/USO "
+                         "(the default where the C loop is built)",
+    "mqtun-1q-nocoalesce": "mqtun forward --no-coalesce, 1 queue: every buffer written as read",
     "mqtun-1q-epoll": "mqtun forward --mode epoll, 1 queue: sleeps at once, never spins",
     "mqtun-1q-handler": "mqtun forward with a pass-through handler (wire packets: split, "
                         "handler, coalesce), 1 queue",
@@ -168,7 +172,7 @@ class Sample:
     sent: int | None = None  # udp16: datagrams A sent
     lost_before: int | None = None  # udp16: not read from A's device (its queue overflowed)
     lost_in: int | None = None  # udp16: read from A's device, not written to B's
-    lost_after: int | None = None  # udp16: written to B's device, not delivered to B's sockets
+    lost_after: int | None = None  # udp16: reached B's UDP, not delivered to B's sockets
     p50_us: float | None = None  # rr*: round trip, median over the clients
     p99_us: float | None = None
 
@@ -473,6 +477,7 @@ class _Figures:
     p50_us: float | None = None
     p99_us: float | None = None
     links: tuple[LinkCounters, LinkCounters] | None = None  # over the same span as sent
+    arrived: int | None = None  # udp16: datagrams B's UDP layer took in or dropped
 
 
 Client = Callable[[_Meter], _Figures]
@@ -496,12 +501,14 @@ def measure(topo: Topology, config: str, workload: str, rep: int, seconds: float
                fig.count, w.count_unit, fig.seconds, meter.forwarder, meter.cpu_s,
                meter.machine, meter.forwarded, fig.loss, p50_us=fig.p50_us, p99_us=fig.p99_us)
     if fig.sent is not None and fig.received is not None and fig.links is not None:
-        da, db = fig.links
+        da = fig.links[0]
         s.sent = fig.sent
-        # a veth pair counts the same way: A's tx is what left A, B's rx what reached B
+        # a veth pair counts the same way: A's tx is what left A; what reached B is what B's
+        # UDP took in or refused (a USO write, one rx packet of B's device, holds several)
+        arrived = fig.received if fig.arrived is None else fig.arrived
         s.lost_before = max(0, fig.sent - da.tx_packets)
-        s.lost_in = max(0, da.tx_packets - db.rx_packets)
-        s.lost_after = max(0, db.rx_packets - fig.received)
+        s.lost_in = max(0, da.tx_packets - arrived)
+        s.lost_after = max(0, arrived - fig.received)
     return s
 
 
@@ -609,10 +616,12 @@ def _udp(a: NetNamespace, b: NetNamespace, seconds: float, feeds: dict[str, str]
         if not m:
             raise MqtunError(5, f"sockperf throughput failed: {out[-300:]}", op="bench")
         received = rx1["InDatagrams"] - rx0["InDatagrams"]
+        arrived = sum(rx1[k] - rx0[k] for k in ("InDatagrams", "InErrors", "NoPorts"))
         sent = tx1["OutDatagrams"] - tx0["OutDatagrams"]
         loss = max(0.0, 1 - received / sent) if sent else 0.0
         links = (links1[0] - links0[0], links1[1] - links0[1])
-        return _Figures(received, float(m.group(2)), loss, sent, received, links=links)
+        return _Figures(received, float(m.group(2)), loss, sent, received, links=links,
+                        arrived=arrived)
 
     return client
 
@@ -738,7 +747,8 @@ def render_markdown(r: BenchResult) -> str:
     lines += _table(["config", *(f"{w.title} ({w.unit})" for w in wls)], rows)
 
     lines += ["", "Forwarder CPU, medians: % of one core; CPU microseconds per packet it wrote "
-              "(both directions; with offloads a TCP packet is a super-packet); for streams "
+              "(both directions; with offloads a TCP packet, and a coalesced run of UDP "
+              "datagrams, is one super-packet); for streams "
               "also Gbit/s per forwarder core. Machine: % of all cores.", ""]
     rows = []
     for c in r.configs:
@@ -774,8 +784,8 @@ def render_markdown(r: BenchResult) -> str:
 
     if "udp16" in r.workloads:
         lines += ["", "UDP 64 B: where datagrams were lost, medians in % of those sent: before "
-                  "the forwarder (A's device queue full), in it (read, not written), after it "
-                  "(written to B's device, not delivered to B's sockets).", ""]
+                  "the forwarder (A's device queue full), in it (read, never reaching B's UDP), "
+                  "after it (reaching B's UDP, not delivered to B's sockets).", ""]
         rows = []
         for c in r.configs:
             runs = [s for s in r.runs(c, "udp16") if s.sent]

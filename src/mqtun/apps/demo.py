@@ -64,8 +64,8 @@ class PhaseResult:
     sent_packets: int = 0  # UDP only
     received_packets: int = 0  # UDP only
     queues: list[QueueShare] = field(default_factory=list)
-    forwarder_read: int = 0  # A -> B: read from A's device by the forwarder
-    forwarder_written: int = 0  # A -> B: written to B's device by the forwarder
+    forwarder_read: int = 0  # A -> B: wire packets read from A's device by the forwarder
+    forwarder_written: int = 0  # A -> B: wire packets written to B's device by the forwarder
     rcvbuf_errors: int = 0  # B's Udp RcvbufErrors: datagrams its sockets had no room for
     queue_full: int = 0  # A's device tx_dropped: its queues to the forwarder were full
 
@@ -123,10 +123,11 @@ def _measure(topo: Topology, name: str, seconds: float,
     after, udp1, link1 = topo.queue_samples(), udp_counters(topo.b), topo.link_counters()[0]
     result = PhaseResult(name, seconds, received_bytes, sent, received)
     result.queues = _shares(before, after, seconds)  # rates over the sending time
-    result.forwarder_read = (sum(s.a2b_read for s in after)
-                             - sum(s.a2b_read for s in before))
-    result.forwarder_written = (sum(s.a2b_packets for s in after)
-                                - sum(s.a2b_packets for s in before))
+    # wire packets, not reads and writes: a coalesced USO write holds several datagrams
+    result.forwarder_read = (sum(s.a2b_read_wire for s in after)
+                             - sum(s.a2b_read_wire for s in before))
+    result.forwarder_written = (sum(s.a2b_wire for s in after)
+                                - sum(s.a2b_wire for s in before))
     result.rcvbuf_errors = udp1.get("RcvbufErrors", 0) - udp0.get("RcvbufErrors", 0)
     result.queue_full = link1.tx_dropped - link0.tx_dropped
     return result

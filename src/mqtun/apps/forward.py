@@ -3,12 +3,14 @@
 The two devices are created in the caller's network namespace (multiqueue when more than
 one queue is asked for) with identical virtio-net headers and offloads. The workers run the
 runtime's one packet path (`WorkerPool.forward`, no handler): a TSO/USO super-packet read
-from A is written to B whole and every other packet as read (zero-copy). With `coalesce`
-(`--coalesce`) the plain segments one drain holds are joined into TSO/USO super-packets
-where B takes them: fewer, larger writes, datagram boundaries and in-flow order kept,
-nothing waited for. It is off by default because it measured slower here (the Python work
-per packet -- checksum completion and the GRO tables -- costs more than the kernel work the
-fewer writes save; docs/dataplane.md has the figures). With `handler` (`--handler
+from A is written to B whole and every other packet as read (zero-copy), except that the
+plain segments and datagrams one drain holds are joined into TSO/USO super-packets where B
+takes them (`coalesce`, on by default where the C loop is built; `--no-coalesce` turns it
+off): fewer, larger writes, datagram boundaries and in-flow order kept, nothing waited for.
+The join reads the raw buffers in C (a NEEDS_CSUM packet keeps its partial checksum), which
+measured 1.25x the C forwarder on 64-byte UDP; without the C loop it would decode every packet
+in Python, which measured slower than writing them as read, so there it stays off
+(docs/dataplane.md has the figures). With `handler` (`--handler
 MODULE:NAME`, see `mqtun.apps.handlers`) the forwarder is a middlebox: the handler sees wire
 packets (or, with `handler_batch`, each drain's list of them) and what it returns is written
 to the other device, coalesced by default. Either device may be
@@ -68,7 +70,7 @@ class ForwardConfig:
     group: str | None = None  # and this group (default: the user's primary group)
     attach: bool = False  # serve existing devices (e.g. persistent, owner-set) and leave them
     coalesce: bool | None = None  # join a drain's segments into TSO/USO writes (None: the
-    # runtime's default -- on with a handler, off without one, which measured faster)
+    # runtime's default -- on, except without a handler where the C loop is not built)
     handler: str | None = None  # MODULE:NAME, called with each wire packet (apps.handlers)
     handler_batch: bool = False  # the handler takes the list one drain held
 

@@ -98,6 +98,8 @@ class QueueSample:
     drops: int
     a2b_read: int = 0  # read from A's device (what the forwarder took in, A -> B)
     b2a_read: int = 0
+    a2b_wire: int = 0  # wire packets written to B's device (a super-packet counts each)
+    a2b_read_wire: int = 0  # wire packets read from A's device
 
 
 # Programs the topology runs, and the Debian package that has each (for the one-line refusal).
@@ -350,15 +352,20 @@ class Topology:
             self._region = Region.open(found[-1].path)
         by_queue: dict[int, dict[str, int]] = {}
         for e in self._region.entries():
-            row = by_queue.setdefault(e.queue, {"a2b_p": 0, "b2a_p": 0, "a2b_b": 0,
-                                                "b2a_b": 0, "drops": 0, "a2b_r": 0, "b2a_r": 0})
+            row = by_queue.setdefault(e.queue, dict.fromkeys(
+                ("a2b_p", "b2a_p", "a2b_b", "b2a_b", "drops", "a2b_r", "b2a_r", "a2b_w",
+                 "b2a_w", "a2b_rw", "b2a_rw"), 0))  # fmt: skip
             side = "a2b" if e.device == DEV_B else "b2a"  # written to B = moved A -> B
             row[f"{side}_p"] += e.stats.written_packets
             row[f"{side}_b"] += e.stats.written_bytes
+            row[f"{side}_w"] += e.stats.written_wire_packets
             row["drops"] += e.stats.dropped_total
-            row["a2b_r" if e.device == DEV_A else "b2a_r"] += e.stats.read_packets
+            read_side = "a2b" if e.device == DEV_A else "b2a"  # read from A = moved A -> B
+            row[f"{read_side}_r"] += e.stats.read_packets
+            row[f"{read_side}_rw"] += e.stats.read_wire_packets
         return [QueueSample(q, r["a2b_p"], r["b2a_p"], r["a2b_b"], r["b2a_b"], r["drops"],
-                            r["a2b_r"], r["b2a_r"]) for q, r in sorted(by_queue.items())]
+                            r["a2b_r"], r["b2a_r"], r["a2b_w"], r["a2b_rw"])
+                for q, r in sorted(by_queue.items())]  # fmt: skip
 
     # ---- cleaning up -------------------------------------------------------------------------
     def close(self) -> None:

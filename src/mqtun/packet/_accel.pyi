@@ -1,4 +1,7 @@
+from collections.abc import Sequence
+
 from mqtun.packet.headers import Buffer
+from mqtun.packet.vnet import VnetHeader
 
 def tcp_rows(
     template: Buffer,
@@ -18,3 +21,24 @@ def tcp_rows(
 ) -> bytearray | list[bytes]: ...
 
 def completed(packet: Buffer, csum_start: int, at: int, /) -> bytes: ...
+
+def configure(zero_header: VnetHeader, header_type: type[VnetHeader],
+              numbers: tuple[int, ...], /) -> None: ...
+
+def coalesce(
+    packets: Sequence[Buffer], tap: bool, max_size: int, tcp: bool, udp: bool, verify: bool, /
+) -> list[tuple[VnetHeader, Buffer]]: ...
+
+def coalesce_reads(
+    prefix: int,
+    vnet_at: int,
+    vnet_size: int,
+    little_endian: bool,
+    tap: bool,
+    max_size: int,
+    tcp: bool,
+    udp: bool,
+    verify: bool,
+    reads: Sequence[Buffer],
+    /,
+) -> tuple[list[Buffer], list[int] | None]: ...

@@ -9,6 +9,11 @@ result gives back the very same packets:
 - same flow: the 5-tuple, and on TAP the same Ethernet header (MACs, VLAN tags);
 - IPv4 without options or fragmentation, equal TOS, TTL and DF, ids counting up by one (or, with
   DF set, all equal); IPv6 without extension headers, equal class, flow label and hop limit;
+- except UDP datagrams with DF set, whose ids may be anything: the ID of an atomic datagram means
+  nothing (RFC 6864), and unconnected sockets take theirs from a counter shared by every flow to
+  that host (ids 16 apart for 16 flows), so by the kernel's rule they would never join. The
+  kernel's segmentation of the result gives them ids counting up from the first one's; all else
+  comes back byte for byte. (wireguard-go's GRO ignores ids for TCP and UDP alike.)
 - TCP: the sequence number continues the group, equal ack, window, urgent pointer, header
   length and option bytes (timestamps included); ACK set, no SYN/FIN/RST/URG; CWR only on the
   first segment (the result then carries the GSO ECN bit); PSH ends a group;
@@ -56,6 +61,7 @@ from mqtun._uapi import (
     VIRTIO_NET_HDR_GSO_TCPV6,
     VIRTIO_NET_HDR_GSO_UDP_L4,
 )
+from mqtun.packet import accel
 from mqtun.packet.checksum import (
     congruent,
     packet_sums,
@@ -67,10 +73,11 @@ from mqtun.packet.checksum import (
 from mqtun.packet.headers import Buffer, MalformedPacket, parse, parse_ethernet
 from mqtun.packet.vnet import ZERO_HEADER, VnetHeader
 
-__all__ = ["coalesce", "offload_checksum"]
+__all__ = ["MAX_SIZE", "coalesce", "offload_checksum"]
 
 _M: Final = 0xFFFF
 _MAX_L3: Final = 0xFFFF
+MAX_SIZE: Final = _MAX_L3  # an IP packet's largest length: coalesce's default max_size
 _NOT_FOR_GRO: Final = TCPHDR_SYN | TCPHDR_FIN | TCPHDR_RST | TCPHDR_URG
 _IPV4_DF: Final = 0x4000
 _IPV4_FRAG: Final = 0x3FFF  # MF + fragment offset (the reserved bit is compared, not refused)
@@ -90,6 +97,7 @@ class _Group:
     """A run of same-flow segments being joined; `parts` are their payloads, in order."""
 
     __slots__ = (
+        "any_id",
         "base_flags",
         "checked",
         "first",
@@ -129,6 +137,7 @@ class _Group:
         next_seq: int,
         psh: bool,
         first_sum: int | None,
+        any_id: bool = False,
     ) -> None:
         self.first = first
         self.first_sum = first_sum  # congruent() of `first`, when already known
@@ -141,6 +150,7 @@ class _Group:
         self.mss = mss
         self.ip_id = ip_id
         self.id_step = -1  # unknown until the second segment: 1 counting, 0 fixed (DF)
+        self.any_id = any_id  # a UDP datagram with DF: ids not compared (the module doc)
         self.next_seq = next_seq
         self.psh = psh
         self.is_open = not psh
@@ -154,7 +164,7 @@ class _Group:
 
 
 _masks: dict[tuple[int, int, int, int], int] = {}
-_FAST_PATH = True  # tests turn it off to check the fast path against the general one
+_FAST_PATH = True  # tests turn it off to check the fast paths (and the C one) against the general
 
 
 def _arm(g: _Group) -> None:
@@ -229,6 +239,9 @@ def coalesce(
     is not joined comes back as the caller's own object (no copy). Never raises on contents.
     """
     max_size = min(max_size, _MAX_L3)
+    joined = accel.coalesce() if _FAST_PATH else None
+    if joined is not None:  # the same rules in C, one pass (this code is its reference)
+        return joined(packets, tap, max_size, tcp, udp, verify)  # type: ignore[no-any-return]
     out: list[tuple[VnetHeader, Buffer] | _Group] = []
     groups: dict[tuple[object, ...], _Group] = {}
     fg: _Group | None = None  # the group that took the last packet: the fast path's guess
@@ -260,6 +273,7 @@ def coalesce(
                 ok
                 and (
                     not fg.v4
+                    or fg.any_id
                     or ((pkt[l3 + 4] << 8) | pkt[l3 + 5]) == (fg.ip_id + fg.id_step * fg.n) & 0xFFFF
                 )
                 and fg.size + fg.mss <= max_size
@@ -368,6 +382,7 @@ def coalesce(
             and (proto == IPPROTO_UDP or (seq == g.next_seq and not cwr))
             and (
                 not v4
+                or g.any_id
                 or (
                     ip_id == (g.ip_id + g.id_step * g.n) & 0xFFFF
                     if g.id_step >= 0
@@ -400,7 +415,7 @@ def coalesce(
             g.is_open = False
         g = groups[key] = _Group(
             pkt, proto, v4, l3, l4, hlen, sig, size, ip_id, (seq + size) & 0xFFFFFFFF, psh,
-            sums[i] if sums else None,
+            sums[i] if sums else None, v4 and proto == IPPROTO_UDP and bool(frag & _IPV4_DF),
         )
         out.append(g)
         fg = g
@@ -451,7 +466,7 @@ def _absorb(
         return 0
     l3, l4, hlen, tcp = g.l3, g.l4, g.hlen, g.proto == IPPROTO_TCP
     step = g.id_step
-    if g.v4 and step < 0:  # the second packet decides: ids count up by one, or stay (DF)
+    if g.v4 and not g.any_id and step < 0:  # the second packet decides: ids +1, or fixed (DF)
         nxt = packets[start]
         got = (nxt[l3 + 4] << 8) | nxt[l3 + 5]
         if got == (g.ip_id + 1) & 0xFFFF:
@@ -484,7 +499,9 @@ def _absorb(
         seq = steps * np.uint32(g.mss) + np.uint32(g.next_seq)  # 32-bit wrap, as TCP's
         want[:, l4 + 4 : l4 + 8] = seq.astype(">u4").view(np.uint8).reshape(k, 4)
         want[:, l4 + 13] = g.base_flags
-    if g.v4:
+    if g.any_id:
+        want[:, l3 + 4 : l3 + 6] = heads[:, l3 + 4 : l3 + 6]
+    elif g.v4:
         ids = (steps * np.uint32(step) + np.uint32(g.ip_id + step * g.n)).astype(">u2")
         want[:, l3 + 4 : l3 + 6] = ids.view(np.uint8).reshape(k, 2)
     ok = ((heads & mask) == want).all(1)

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING
 
 from mqtun import _uapi
 from mqtun.errors import DeviceGoneError, InvalidArgumentError, MqtunError
+from mqtun.packet import accel
 from mqtun.packet.checksum import numpy as load_numpy
 from mqtun.runtime.loop import Handler, IOLoop, LoopConfig, Route, layout_of
 from mqtun.runtime.path import Coalesce
@@ -248,11 +249,11 @@ class WorkerPool:
 
         The handler gets wire packets (no PI or virtio-net header, checksums complete, within
         the MTU); with `batch` the list of them one drain held; with `super_packets` each read
-        whole as a `SuperPacket`. Its answers are coalesced into super-packets where the
-        device takes them (`coalesce`; default "tcp": TCP segments, not UDP datagrams, whose
-        joining measured slower than writing them one by one). See `Route`."""
+        whole as a `SuperPacket`. Its answers are coalesced into TSO/USO super-packets where
+        the device takes them (`coalesce`: True TCP and UDP, the default; "tcp" TCP only;
+        False none). See `Route`."""
         if coalesce is None:
-            coalesce = "tcp"
+            coalesce = True
         layout = layout_of(device)
         opts = {"batch": batch, "super_packets": super_packets, "coalesce": coalesce,
                 "layouts": (layout, layout)}
@@ -283,15 +284,15 @@ class WorkerPool:
         Devices whose headers differ are converted (PI, virtio-net header, TAP to TUN; TUN to
         TAP with `ethernet=(source MAC, destination MAC)`) or refused here. Where the writing
         device takes TSO/USO super-packets, what one drain holds is coalesced (`coalesce`:
-        True TCP and UDP, "tcp" TCP only; default: with a handler "tcp", without one False --
-        a plain forwarder writes each buffer as read, and small UDP datagrams written one by
-        one, both measured faster)."""
+        True TCP and UDP, "tcp" TCP only; default True, except without a handler where the C
+        loop is not built: there decoding and joining in Python measured slower than writing
+        each buffer as read)."""
         if handler is not None and (handler_ab is not None or handler_ba is not None):
             raise InvalidArgumentError("give handler (both ways) or handler_ab/handler_ba")
         ab = handler if handler is not None else handler_ab
         ba = handler if handler is not None else handler_ba
         if coalesce is None:
-            coalesce = "tcp" if ab is not None or ba is not None else False
+            coalesce = ab is not None or ba is not None or accel.coalesce_reads() is not None
         la, lb = layout_of(dev_a), layout_of(dev_b)
         opts = {"batch": batch, "super_packets": super_packets, "coalesce": coalesce,
                 "ethernet": ethernet}
