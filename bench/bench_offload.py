@@ -41,7 +41,7 @@ from mqtun._uapi import (
     VIRTIO_NET_HDR_GSO_TCPV6,
     VIRTIO_NET_HDR_GSO_UDP_L4,
 )
-from mqtun.packet import VnetHeader, coalesce, parse, pseudo_header_sum, split
+from mqtun.packet import VnetHeader, accel, coalesce, parse, pseudo_header_sum, split
 
 checksum_module: Any = importlib.import_module("mqtun.packet.checksum")  # not the function
 _OWN_TREE = str(Path(__file__).resolve().parents[1])
@@ -125,18 +125,25 @@ def main(argv: list[str] | None = None) -> int:
     view = memoryview(sp)
 
     results = {"copy": rate(view.tobytes, payload, args.seconds)}
-    # the default (numpy's vectorized sums when installed), then the pure-Python sums
-    for vectorize, suffix in ((checksum_module.VECTORIZE, ""), (False, " (pure Python)")):
-        if suffix and (args.quick or not checksum_module.VECTORIZE):
+    # the default (the C loop when built, numpy's vectorized sums when installed), then
+    # numpy without the C loop, then pure Python
+    ways = [(checksum_module.VECTORIZE, accel.ACCELERATE, "")]
+    if accel.ACCELERATE and accel.available() and checksum_module.VECTORIZE:
+        ways.append((True, False, " (numpy, no C)"))
+    if checksum_module.VECTORIZE or accel.ACCELERATE:
+        ways.append((False, False, " (pure Python)"))
+    for vectorize, accelerate, suffix in ways:
+        if suffix and args.quick:
             break
-        saved, checksum_module.VECTORIZE = checksum_module.VECTORIZE, vectorize
+        saved = checksum_module.VECTORIZE, accel.ACCELERATE
+        checksum_module.VECTORIZE, accel.ACCELERATE = vectorize, accelerate
         try:
             results["split" + suffix] = rate(lambda: split(hdr, sp, tap=args.tap), payload,
                                              args.seconds)
             results["coalesce" + suffix] = rate(lambda: coalesce(segments, tap=args.tap),
                                                 payload, args.seconds)
         finally:
-            checksum_module.VECTORIZE = saved
+            checksum_module.VECTORIZE, accel.ACCELERATE = saved
     if not args.quick:
         results["coalesce_noverify"] = rate(
             lambda: coalesce(segments, tap=args.tap, verify=False), payload, args.seconds
@@ -151,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"shape": shape, "floor_gbps": FLOOR_GBPS, "ok": ok, **results}))
         return 0 if ok else 1
     sums = "numpy-vectorized" if checksum_module.numpy() else "pure-Python"
-    print(f"checksum sums: {sums} (numpy {'present' if checksum_module.numpy() else 'absent'})")
+    print(f"checksum sums: {sums} (numpy {'present' if checksum_module.numpy() else 'absent'}); "
+          f"C loop {'on' if accel.ACCELERATE and accel.available() else 'off'}")
     print(f"{shape}; payload Gbit/s on one core (median, best), copies of the data per op")
     for name, r in results.items():
         print(f"  {name:28s} {r['median_gbps']:7.2f} {r['best_gbps']:7.2f} Gbit/s"

@@ -691,9 +691,9 @@ static PyObject *coalesce_reads(PyObject *self, PyObject *args) {
     if (batch_open(&b, &h, seq_obj, prefix, 1) < 0)
         goto done;
     for (Py_ssize_t i = 0; i < h.count; i++) { /* what each read's header allows */
-        const uint8_t *hdr = b.data[i] - prefix + vnet_at;
-        int32_t mark = -2;
-        if (b.len[i] > 0 && hdr[1] == 0) {
+        const uint8_t *hdr = b.len[i] > 0 ? b.data[i] - prefix + vnet_at : NULL;
+        int32_t mark = -2; /* a short read, or a super-packet: as it came */
+        if (hdr != NULL && hdr[1] == 0) {
             if (hdr[0] == 0) {
                 mark = -1;
             } else if (hdr[0] == R.needs_csum) {
