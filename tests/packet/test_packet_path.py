@@ -23,6 +23,7 @@ from mqtun._uapi import (
     TUN_F_USO4,
     TUN_F_USO6,
     TUN_PKT_STRIP,
+    VIRTIO_NET_HDR_F_DATA_VALID,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_TCPV4,
     VIRTIO_NET_HDR_GSO_UDP_L4,
@@ -502,6 +503,9 @@ def test_an_offload_that_cannot_be_carried_out_is_counted_per_wire_packet() -> N
 
 
 # ---- a plain forwarder's drain joined in C (PacketPath.reads_joiner) -------------------------
+DATA_VALID = VnetHeader(VIRTIO_NET_HDR_F_DATA_VALID)
+
+
 def _wire_of(layout: Layout, buf: bytes) -> list[bytes]:
     """The wire packets a buffer of `layout` holds, as a reader of it sees them (checksums
     complete, super-packets split)."""
@@ -539,8 +543,9 @@ def _drain(shape: pb.Shape, rng: random.Random, layout: Layout) -> list[bytes]:
             reads.append(read_buffer(layout, item[1], item[2]) if item[0] == "super" else short)
         elif rng.random() < 0.5:
             reads.append(read_buffer(layout, *offload_checksum(item, tap=shape.tap)))
-        else:
-            reads.append(read_buffer(layout, ZERO_HEADER, item))
+        else:  # complete, said valid (the kernel's CHECKSUM_UNNECESSARY) or not
+            reads.append(read_buffer(layout, DATA_VALID if rng.random() < 0.3 else ZERO_HEADER,
+                                     item))  # fmt: skip
     return reads
 
 
@@ -589,8 +594,10 @@ def test_partial_checksum_datagrams_of_a_drain_are_joined_in_c(both_sums: str) -
     shape = pb.Shape()
     flows = [udp_stream(shape, [64] * 4, sport=41000 + k) for k in range(3)]
     reads = [read_buffer(layout, *offload_checksum(f[i])) for i in range(4) for f in flows]
+    valid = udp_stream(shape, [64] * 3, sport=41009)  # complete, flagged DATA_VALID
+    reads += [read_buffer(layout, DATA_VALID, d) for d in valid]
     bad = offload_checksum(flows[0][0])
     reads.append(read_buffer(layout, bad[0]._replace(csum_offset=4), bad[1]))  # not UDP's field
     bufs, joined = join(reads)
-    assert joined == [4, 4, 4, 0] and bufs[3] is reads[-1]
-    assert [_wire_of(layout, bytes(b)) for b in bufs[:3]] == flows
+    assert joined == [4, 4, 4, 3, 0] and bufs[4] is reads[-1]
+    assert [_wire_of(layout, bytes(b)) for b in bufs[:4]] == [*flows, valid]

@@ -203,7 +203,7 @@ struct rules {
     PyObject *zero_header, *header_type;
     long eth_p_ip, eth_p_ipv6, tpid_a, tpid_b, max_tags, eth_hlen;
     long p_tcp, p_udp, ack, psh, cwr, not_for_gro;
-    long needs_csum, gso_tcpv4, gso_tcpv6, gso_udp_l4, gso_ecn, tcp_csum, udp_csum;
+    long needs_csum, data_valid, gso_tcpv4, gso_tcpv6, gso_udp_l4, gso_ecn, tcp_csum, udp_csum;
 };
 static struct rules R; /* set once by configure(); zero_header NULL until then */
 
@@ -212,19 +212,24 @@ PyDoc_STRVAR(configure_doc,
 "Give coalesce() the header objects it returns and the kernel's numbers, in this order:\n"
 "ETH_P_IP, ETH_P_IPV6, the two VLAN TPIDs, the most VLAN tags, ETH_HLEN, IPPROTO_TCP,\n"
 "IPPROTO_UDP, TCPHDR_ACK, TCPHDR_PSH, TCPHDR_CWR, the flags that keep a segment out\n"
-"(SYN|FIN|RST|URG), VIRTIO_NET_HDR_F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, GSO_ECN,\n"
+"(SYN|FIN|RST|URG), VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_F_DATA_VALID, GSO_TCPV4,\n"
+"GSO_TCPV6, GSO_UDP_L4, GSO_ECN,\n"
 "the TCP and the UDP checksum offsets.");
 
 static PyObject *configure(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *zero, *type;
     struct rules r;
-    if (!PyArg_ParseTuple(args, "OO(lllllllllllllllllll)", &zero, &type, &r.eth_p_ip,
+    if (!PyArg_ParseTuple(args, "OO(llllllllllllllllllll)", &zero, &type, &r.eth_p_ip,
                           &r.eth_p_ipv6, &r.tpid_a, &r.tpid_b, &r.max_tags, &r.eth_hlen,
                           &r.p_tcp, &r.p_udp, &r.ack, &r.psh, &r.cwr, &r.not_for_gro,
-                          &r.needs_csum, &r.gso_tcpv4, &r.gso_tcpv6, &r.gso_udp_l4, &r.gso_ecn,
-                          &r.tcp_csum, &r.udp_csum))
+                          &r.needs_csum, &r.data_valid, &r.gso_tcpv4, &r.gso_tcpv6,
+                          &r.gso_udp_l4, &r.gso_ecn, &r.tcp_csum, &r.udp_csum))
         return NULL;
+    if (r.max_tags < 0 || r.max_tags > 2 || r.eth_hlen != 14) { /* what KEY_MAX holds */
+        PyErr_SetString(PyExc_ValueError, "configure: at most 2 VLAN tags, a 14-byte header");
+        return NULL;
+    }
     Py_INCREF(zero);
     Py_INCREF(type);
     Py_XDECREF(R.zero_header);
@@ -531,7 +536,7 @@ PyDoc_STRVAR(coalesce_doc,
 
 /* The buffers of one call, held until it returns, and the batch's arrays (one block). */
 struct held {
-    PyObject *fast;
+    PyObject *fast; /* a tuple */
     PyObject **items;
     Py_ssize_t count, got; /* got: views taken so far */
     Py_buffer *views;
@@ -547,7 +552,9 @@ static int batch_open(struct batch *b, struct held *h, PyObject *seq_obj, Py_ssi
         PyErr_SetString(PyExc_RuntimeError, "mqtun.packet._accel: configure() was not called");
         return -1;
     }
-    h->fast = PySequence_Fast(seq_obj, "coalesce: packets must be a sequence");
+    /* a tuple of our own: the buffers stay alive even if Python code run meanwhile (a
+     * VnetHeader built, a garbage collection) changed the caller's list */
+    h->fast = PySequence_Tuple(seq_obj);
     if (h->fast == NULL)
         return -1;
     Py_ssize_t count = h->count = PySequence_Fast_GET_SIZE(h->fast);
@@ -694,7 +701,7 @@ static PyObject *coalesce_reads(PyObject *self, PyObject *args) {
         const uint8_t *hdr = b.len[i] > 0 ? b.data[i] - prefix + vnet_at : NULL;
         int32_t mark = -2; /* a short read, or a super-packet: as it came */
         if (hdr != NULL && hdr[1] == 0) {
-            if (hdr[0] == 0) {
+            if (hdr[0] == 0 || hdr[0] == R.data_valid) { /* complete (verified when joined) */
                 mark = -1;
             } else if (hdr[0] == R.needs_csum) {
                 uint32_t start = load16(hdr + 6, little), off = load16(hdr + 8, little);

@@ -60,7 +60,8 @@ def _configured() -> Any:
             _uapi.IPPROTO_TCP, _uapi.IPPROTO_UDP, _uapi.TCPHDR_ACK, _uapi.TCPHDR_PSH,
             _uapi.TCPHDR_CWR,
             _uapi.TCPHDR_SYN | _uapi.TCPHDR_FIN | _uapi.TCPHDR_RST | _uapi.TCPHDR_URG,
-            _uapi.VIRTIO_NET_HDR_F_NEEDS_CSUM, _uapi.VIRTIO_NET_HDR_GSO_TCPV4,
+            _uapi.VIRTIO_NET_HDR_F_NEEDS_CSUM, _uapi.VIRTIO_NET_HDR_F_DATA_VALID,
+            _uapi.VIRTIO_NET_HDR_GSO_TCPV4,
             _uapi.VIRTIO_NET_HDR_GSO_TCPV6, _uapi.VIRTIO_NET_HDR_GSO_UDP_L4,
             _uapi.VIRTIO_NET_HDR_GSO_ECN, _uapi.TCP_CSUM_OFFSET, _uapi.UDP_CSUM_OFFSET,
         ))  # fmt: skip
