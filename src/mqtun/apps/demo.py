@@ -301,6 +301,7 @@ def render_demo(result: DemoResult) -> str:
             lines.append(f"  {q.queue:>5}  {q.packets:>10,}  {q.share:>6.1%}  {q.mbps:>9,.0f}")
         lines.append("")
     lines.append("packets: what the forwarder wrote, both directions (with offloads a TCP\n"
-                 "packet is a super-packet of up to 64 KB); shares follow the kernel's flow\n"
-                 "hash, which puts each flow on one queue")
+                 "packet, or UDP datagrams joined into one write, is a super-packet of up to\n"
+                 "64 KB); shares follow the kernel's flow hash, which puts each flow on one\n"
+                 "queue")
     return "\n".join(lines) + "\n"
