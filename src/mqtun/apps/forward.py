@@ -8,7 +8,7 @@ plain segments and datagrams one drain holds are joined into TSO/USO super-packe
 takes them (`coalesce`, on by default where the C loop is built; `--no-coalesce` turns it
 off): fewer, larger writes, datagram boundaries and in-flow order kept, nothing waited for.
 The join reads the raw buffers in C (a NEEDS_CSUM packet keeps its partial checksum), which
-measured 1.25x the C forwarder on 64-byte UDP; without the C loop it would decode every packet
+measured 1.21x the C forwarder on 64-byte UDP; without the C loop it would decode every packet
 in Python, which measured slower than writing them as read, so there it stays off
 (docs/dataplane.md has the figures). With `handler` (`--handler
 MODULE:NAME`, see `mqtun.apps.handlers`) the forwarder is a middlebox: the handler sees wire

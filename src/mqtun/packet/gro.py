@@ -76,8 +76,7 @@ from mqtun.packet.vnet import ZERO_HEADER, VnetHeader
 __all__ = ["MAX_SIZE", "coalesce", "offload_checksum"]
 
 _M: Final = 0xFFFF
-_MAX_L3: Final = 0xFFFF
-MAX_SIZE: Final = _MAX_L3  # an IP packet's largest length: coalesce's default max_size
+MAX_SIZE: Final = 0xFFFF  # an IP packet's largest length: coalesce's default max_size
 _NOT_FOR_GRO: Final = TCPHDR_SYN | TCPHDR_FIN | TCPHDR_RST | TCPHDR_URG
 _IPV4_DF: Final = 0x4000
 _IPV4_FRAG: Final = 0x3FFF  # MF + fragment offset (the reserved bit is compared, not refused)
@@ -226,7 +225,7 @@ def coalesce(
     packets: Sequence[Buffer],
     *,
     tap: bool = False,
-    max_size: int = _MAX_L3,
+    max_size: int = MAX_SIZE,
     tcp: bool = True,
     udp: bool = True,
     verify: bool = True,
@@ -238,7 +237,7 @@ def coalesce(
     checksum verification (only for packets whose integrity is already known). A packet that
     is not joined comes back as the caller's own object (no copy). Never raises on contents.
     """
-    max_size = min(max_size, _MAX_L3)
+    max_size = min(max_size, MAX_SIZE)
     joined = accel.coalesce() if _FAST_PATH else None
     if joined is not None:  # the same rules in C, one pass (this code is its reference)
         return joined(packets, tap, max_size, tcp, udp, verify)  # type: ignore[no-any-return]

@@ -302,14 +302,13 @@ class PacketPath:
         joins one drain's raw reads as `encode` would join their wire packets, in C. It returns
         the buffers to write (the joined ones with a GSO header, every other read as it came,
         in order) and how many reads each holds (0: a read as it came; None: nothing joined,
-        the reads themselves come back). None where it does not
-        apply (no C loop, no virtio-net header, nothing to join, two layouts). A NEEDS_CSUM
+        the reads themselves come back). None where it does not apply (no C loop, no
+        virtio-net header, nothing to join, two layouts). A NEEDS_CSUM
         packet is joined with its partial checksum (the kernel's, which the writer's kernel
         finishes): nothing is completed or copied but the joined payloads."""
         fn = accel.coalesce_reads()
-        if (fn is None or not self.coalesces or not self._vnet_in or self.source != self.dest
-                or self._eth is not None):  # fmt: skip
-            return None
+        if fn is None or not self.coalesces or not self._vnet_in or self.source != self.dest:
+            return None  # (a TUN-to-TAP path, the one that adds an Ethernet header, is two layouts)
         le = self._le_out
         return functools.partial(
             fn, self._hs_in, self._pi_in, self._vnet_in,
