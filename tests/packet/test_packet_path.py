@@ -514,6 +514,21 @@ def _wire_of(layout: Layout, buf: bytes) -> list[bytes]:
     return [bytes(g) for g in got]
 
 
+def _one_zero(raw: bytes, tap: bool) -> bytes:
+    """`raw` with a TCP checksum of 0xFFFF written 0x0000: the two one's-complement zeros are
+    the same checksum, and which one a packet carries depends on where it was finished (the
+    kernel's skb_checksum_help, like a NEEDS_CSUM completion here, stores 0xFFFF; a segment
+    summed whole stores 0x0000). UDP keeps 0xFFFF: its 0x0000 means "no checksum"."""
+    try:
+        p = parse(raw, tap=tap)
+    except MalformedPacket:
+        return raw
+    at = p.l4_off + 16
+    if p.proto != 6 or p.fragment or raw[at : at + 2] != b"\xff\xff":
+        return raw
+    return raw[:at] + b"\x00\x00" + raw[at + 2 :]
+
+
 def _flow(raw: bytes, tap: bool) -> object:
     try:
         p = parse(raw, tap=tap)
@@ -569,10 +584,10 @@ def test_a_drain_joined_in_c_holds_the_wire_packets_of_its_reads(
     joined = [0] * len(reads) if counts is None else counts  # None: nothing joined
     assert bufs is reads if counts is None else len(bufs) == len(joined)
     assert sum(max(j, 1) for j in joined) == len(reads)
-    wire_in = [w for r in reads for w in _wire_of(layout, r)]
+    wire_in = [_one_zero(w, layout.tap) for r in reads for w in _wire_of(layout, r)]
     wire_out: list[bytes] = []
     for b, j in zip(bufs, joined, strict=True):
-        got = _wire_of(layout, bytes(b))
+        got = [_one_zero(w, layout.tap) for w in _wire_of(layout, bytes(b))]
         if j:
             assert len(got) == j  # a joined buffer holds its reads' packets
         else:
@@ -601,3 +616,36 @@ def test_partial_checksum_datagrams_of_a_drain_are_joined_in_c(both_sums: str) -
     bufs, joined = join(reads)
     assert joined == [4, 4, 4, 3, 0] and bufs[4] is reads[-1]
     assert [_wire_of(layout, bytes(b)) for b in bufs[:4]] == [*flows, valid]
+
+
+def _with_zero_tcp_checksum(segment: bytes) -> bytes:
+    """`segment` (a TUN TCP/IPv4 packet) with two payload bytes changed so that its complete TCP
+    checksum is 0x0000 (scapy's computation, checked)."""
+    field = pb.IP(segment)[pb.TCP].chksum  # the checksum of the payload as it is
+    at = 20 + 32  # the first payload word (IPv4 header, TCP header with timestamps)
+    word = int.from_bytes(segment[at : at + 2], "big") + field  # one's-complement add
+    word = (word & 0xFFFF) + (word >> 16)
+    fixed = pb.recomputed(pb.IP(segment[:at] + word.to_bytes(2, "big") + segment[at + 2 :]))
+    assert fixed[pb.TCP].chksum == 0
+    return bytes(fixed)
+
+
+def test_a_segment_whose_checksum_is_zero_is_joined_and_split_to_the_same_checksum(
+    both_sums: str,
+) -> None:
+    """A NEEDS_CSUM segment whose sum is zero is finished to 0xFFFF (as skb_checksum_help
+    does); once joined and split it comes out 0x0000, the same checksum, which a receiver
+    verifies alike. Every other byte comes back as read."""
+    layout = Layout(vnet_hdr_size=12, offloads=OFFLOADS)
+    join = PacketPath(layout, layout).reads_joiner()
+    if both_sums != "c":
+        assert join is None
+        return
+    assert join is not None
+    segs = tcp_stream(pb.Shape(), [600] * 3, sport=42000)
+    segs[1] = _with_zero_tcp_checksum(segs[1])
+    reads = [read_buffer(layout, *offload_checksum(s)) for s in segs]
+    assert _wire_of(layout, reads[1])[0][36:38] == b"\xff\xff"
+    bufs, joined = join(reads)
+    assert joined == [3]
+    assert _wire_of(layout, bytes(bufs[0])) == segs  # scapy's checksums: 0x0000 for segs[1]
