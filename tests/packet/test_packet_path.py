@@ -649,3 +649,61 @@ def test_a_segment_whose_checksum_is_zero_is_joined_and_split_to_the_same_checks
     bufs, joined = join(reads)
     assert joined == [3]
     assert _wire_of(layout, bytes(bufs[0])) == segs  # scapy's checksums: 0x0000 for segs[1]
+
+
+# ---- a handler's drain of plain reads decoded in C (PacketPath.plain_decoder) ---------------
+@given(layouts, st.integers(0, 2**32 - 1), st.booleans(), st.integers(0, 2), st.booleans())
+def test_a_drain_of_plain_reads_decoded_in_c_is_what_decode_gives(
+    layout: Layout, seed: int, views: bool, vlans: int, with_super: bool
+) -> None:
+    """`plain_decoder` gives, for a drain whose every read is one plain packet, the packets
+    `decode` gives (the same bytes and type, checksums finished) and counts them the same; for
+    any other drain (a super-packet, a short read) it gives None and counts nothing."""
+    layout = Layout(tap=layout.tap, packet_info=layout.packet_info,
+                    vnet_hdr_size=layout.vnet_hdr_size, vnet_le=layout.vnet_le,
+                    offloads=OFFLOADS if layout.vnet_hdr_size else 0)  # fmt: skip
+    fast = PacketPath(layout, layout, views=views)
+    decode_plain = fast.plain_decoder()
+    if decode_plain is None:  # the "numpy" and "python" rounds: no C loop
+        assert not accel.ACCELERATE or not accel.available()
+        return
+    shape = pb.Shape(tap=layout.tap, vlans=vlans if layout.tap else 0)
+    rng = random.Random(seed)
+    mixed = with_super and layout.vnet_hdr_size > 0  # a super-packet and a short read too
+    reads = _drain(shape, rng, layout) if mixed else [
+        read_buffer(layout, *offload_checksum(s, tap=shape.tap)) if layout.vnet_hdr_size and
+        rng.random() < 0.5 else read_buffer(layout, ZERO_HEADER, s)
+        for s in (udp_stream(shape, [rng.randint(0, 1400)])[0] if rng.random() < 0.5 else
+                  tcp_stream(shape, [rng.randint(0, 1400)])[0] for _ in range(rng.randint(1, 9)))
+    ]  # fmt: skip
+    reference = PacketPath(layout, layout, views=views)
+    want: list[Buffer] = []
+    for r in reads:
+        reference.decode(r, want)
+    got = decode_plain(reads)
+    if mixed:  # not for C: `decode` reads them all
+        assert got is None and counts(fast) == WireCounts()
+        return
+    assert got is not None
+    assert [type(g) for g in got] == [type(w) for w in want]
+    assert [bytes(g) for g in got] == [bytes(w) for w in want]
+    assert all(g.readonly for g in got if isinstance(g, memoryview))
+    assert counts(fast) == counts(reference)
+
+
+def test_a_read_the_kernel_truncated_or_too_long_is_left_to_decode(both_sums: str) -> None:
+    layout = Layout(packet_info=True, vnet_hdr_size=10, offloads=OFFLOADS, mtu=1000)
+    decode_plain = PacketPath(layout, layout).plain_decoder()
+    if both_sums != "c":
+        assert decode_plain is None
+        return
+    assert decode_plain is not None
+    ok = read_buffer(layout, ZERO_HEADER, udp_stream(pb.Shape(), [100])[0])
+    assert decode_plain([ok]) is not None
+    stripped = read_buffer(layout, ZERO_HEADER, udp_stream(pb.Shape(), [100])[0],
+                           pi_flags=TUN_PKT_STRIP)  # fmt: skip
+    too_long = read_buffer(layout, ZERO_HEADER, udp_stream(pb.Shape(), [1000])[0])
+    hdr, partial = offload_checksum(udp_stream(pb.Shape(), [100])[0])
+    bad_offset = read_buffer(layout, hdr._replace(csum_offset=200), partial)
+    for bad in (stripped, too_long, bad_offset, b"\0" * 14, bytearray(ok)):
+        assert decode_plain([ok, bad]) is None  # decode counts and drops it, with its reason

@@ -767,12 +767,101 @@ done:
     return out;
 }
 
+PyDoc_STRVAR(decode_plain_doc,
+"decode_plain(prefix, pi_strip, vnet_at, little_endian, fast_mtu, views, reads)\n"
+"             -> list[bytes | memoryview] | None\n\n"
+"The wire packet of each read of a drain where every read is one plain packet: a bytes\n"
+"object of [PI] [virtio-net header] packet (`prefix` bytes before the packet, the header at\n"
+"`vnet_at`, or vnet_at < 0 for none), its PI flags without `pi_strip` (native order), the\n"
+"header's gso_type 0, a NEEDS_CSUM packet's offsets inside it, at most `fast_mtu` bytes. The\n"
+"packet after the prefix, its checksum finished where NEEDS_CSUM says (a copy, as\n"
+"completed() makes it); with `views` each as a read-only memoryview (a slice of the read, or\n"
+"of the completed copy), else as bytes. None when any read is not such a packet: then the\n"
+"caller decodes the drain itself (runtime.path's rules, which count and drop).");
+
+static PyObject *decode_plain(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *reads;
+    Py_ssize_t prefix, vnet_at, fast_mtu;
+    unsigned int pi_strip;
+    int little, views;
+    if (!PyArg_ParseTuple(args, "nInpnpO!", &prefix, &pi_strip, &vnet_at, &little, &fast_mtu,
+                          &views, &PyList_Type, &reads))
+        return NULL;
+    if (R.zero_header == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "decode_plain: configure() was not called");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(reads);
+    for (Py_ssize_t i = 0; i < n; i++) { /* every read plain, or the caller decodes them all */
+        PyObject *o = PyList_GET_ITEM(reads, i);
+        if (!PyBytes_CheckExact(o))
+            Py_RETURN_NONE;
+        const uint8_t *b = (const uint8_t *)PyBytes_AS_STRING(o);
+        Py_ssize_t len = PyBytes_GET_SIZE(o);
+        if (len <= prefix || len - prefix > fast_mtu)
+            Py_RETURN_NONE;
+        if (pi_strip) {
+            uint16_t flags;
+            memcpy(&flags, b, 2);
+            if (flags & pi_strip)
+                Py_RETURN_NONE;
+        }
+        if (vnet_at >= 0) {
+            const uint8_t *hdr = b + vnet_at;
+            if (hdr[1] != 0)
+                Py_RETURN_NONE; /* a super-packet (or an offload to refuse) */
+            if (hdr[0] & R.needs_csum) {
+                Py_ssize_t start = load16(hdr + 6, little), off = load16(hdr + 8, little);
+                if (start + off + 2 > len - prefix)
+                    Py_RETURN_NONE;
+            }
+        }
+    }
+    PyObject *out = PyList_New(n);
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *o = PyList_GET_ITEM(reads, i), *pkt;
+        const uint8_t *b = (const uint8_t *)PyBytes_AS_STRING(o);
+        Py_ssize_t len = PyBytes_GET_SIZE(o) - prefix;
+        const uint8_t *hdr = vnet_at >= 0 ? b + vnet_at : NULL;
+        if (hdr != NULL && (hdr[0] & R.needs_csum)) {
+            Py_ssize_t start = load16(hdr + 6, little), at = start + load16(hdr + 8, little);
+            PyObject *c = PyBytes_FromStringAndSize((const char *)b + prefix, len);
+            if (c != NULL)
+                store16((uint8_t *)PyBytes_AS_STRING(c) + at,
+                        0xFFFFu - big_endian_residue(native_sum(b + prefix + start,
+                                                                len - start, 0)));
+            pkt = c == NULL || !views ? c : PyMemoryView_FromObject(c);
+            if (views)
+                Py_XDECREF(c);
+        } else if (prefix == 0) { /* the read is the packet (runtime.path hands it on) */
+            Py_INCREF(o);
+            pkt = o;
+        } else if (views) {
+            PyObject *whole = PyMemoryView_FromObject(o);
+            pkt = whole == NULL ? NULL : PySequence_GetSlice(whole, prefix, prefix + len);
+            Py_XDECREF(whole);
+        } else {
+            pkt = PyBytes_FromStringAndSize((const char *)b + prefix, len);
+        }
+        if (pkt == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, pkt);
+    }
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"tcp_rows", tcp_rows, METH_VARARGS, tcp_rows_doc},
     {"completed", completed, METH_VARARGS, completed_doc},
     {"configure", configure, METH_VARARGS, configure_doc},
     {"coalesce", coalesce, METH_VARARGS, coalesce_doc},
     {"coalesce_reads", coalesce_reads, METH_VARARGS, coalesce_reads_doc},
+    {"decode_plain", decode_plain, METH_VARARGS, decode_plain_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -42,3 +42,14 @@ def coalesce_reads(
     reads: Sequence[Buffer],
     /,
 ) -> tuple[list[Buffer], list[int] | None]: ...
+
+def decode_plain(
+    prefix: int,
+    pi_strip: int,
+    vnet_at: int,
+    little_endian: bool,
+    fast_mtu: int,
+    views: bool,
+    reads: list[bytes],
+    /,
+) -> list[Buffer] | None: ...

@@ -76,6 +76,13 @@ def coalesce() -> Callable[..., Any] | None:
     return None if c is None else c.coalesce
 
 
+def decode_plain() -> Callable[..., Any] | None:
+    """`_accel.decode_plain` when it is built and ACCELERATE is on, else None: the wire
+    packets of a drain of plain reads, for a handler (runtime.path.PacketPath.plain_decoder)."""
+    c = _configured()
+    return None if c is None else c.decode_plain
+
+
 def coalesce_reads() -> Callable[..., Any] | None:
     """`_accel.coalesce_reads` when it is built and ACCELERATE is on, else None: a plain
     forwarder's drain of raw reads joined for a writer of the same layout (runtime.loop)."""

@@ -652,10 +652,14 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
         path.dest.offloads & _JOINABLE) and bool(path.source.vnet_hdr_size)
     # ... and where there is nothing to convert either, buffers go out as they came in
     as_it_came = path.source == path.dest and route.ethernet is None  # a read fits `out`
-    # ... joined in C where it is built (`reads_joiner`): still one write per buffer
-    join_reads = path.reads_joiner() if whole and join and as_it_came else None
+    # ... joined in C where it is built (`reads_joiner`): still one write per buffer. With a
+    # handler too, for a drain whose every packet it returned unchanged
+    join_reads = path.reads_joiner() if join and as_it_came else None
+    # a handler's drain of plain reads (one packet each, nothing to drop) is decoded in C
+    decode_plain = None if whole else path.plain_decoder()
     same = whole and as_it_came and (not join or join_reads is not None)
     no_joins = itertools.repeat(0)
+    ones = itertools.repeat(1)
     vnet_in = bool(path.source.vnet_hdr_size)
     write = os.write
     wire_read = counter.wire_read
@@ -671,6 +675,22 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
             wslots[WRITTEN_BYTES] += sbytes - wh * sent
         if wire_out:
             wire_written(wire_out)
+
+    def write_reads(bufs: Iterable[Buffer], counts: Iterable[int]) -> None:
+        """Write buffers that hold `counts` wire packets each (counted read already), one
+        write apiece, and count them once."""
+        sent = sbytes = wire_out = 0
+        try:
+            for b, count in zip(bufs, counts, strict=False):  # (counts may be endless)
+                try:
+                    sbytes += write(out_fd, b)
+                except OSError as exc:
+                    _write_error(out, exc, count)
+                else:
+                    sent += 1
+                    wire_out += count
+        finally:
+            count_written(sent, sbytes, wire_out)
 
     def drain() -> int:
         bufs: list[bytes] = []
@@ -737,6 +757,22 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
                 if sp is not None:
                     run_handler(handler, sp, path, faults, answers,  # type: ignore[arg-type]
                                 sp.segments)
+        elif (singles := decode_plain(bufs) if decode_plain is not None else None) is not None:
+            # one wire packet per read: a handler that returns them all unchanged (the same
+            # objects) has the reads written as a plain forwarder writes them (joined in C
+            # when the drain is large enough), any other answer is encoded below
+            if batched:
+                run_handler(handler, singles, path, faults, answers, n)  # type: ignore[arg-type]
+            else:
+                for packet in singles:
+                    run_handler(handler, packet, path, faults, answers)  # type: ignore[arg-type]
+            if as_it_came and _the_same(answers, 0, singles, 0, n):
+                if join_reads is not None and n >= _JOIN_READS_MIN:
+                    bufs, joined = join_reads(bufs)  # type: ignore[assignment]
+                    write_reads(bufs, ones if joined is None else [c or 1 for c in joined])
+                else:
+                    write_reads(bufs, ones)
+                return n
         else:
             # wire packets to the handler; a read whose packets all come back unchanged (the
             # same objects) is written as it was read (`decode_original`): no coalescing
@@ -756,6 +792,7 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
             # and when every read of the drain is written as read, between devices of one
             # layout, the buffers themselves go out (bytes: decoding did not change them)
             raw = as_it_came
+            unchanged = True  # every packet of the drain came back, the same objects
             if batched:
                 if wire:
                     run_handler(handler, wire, path, faults, answers,  # type: ignore[arg-type]
@@ -770,30 +807,34 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
                                 answers.extend(wire[first:end])
                                 raw = False
                     else:
-                        raw = False
+                        raw = unchanged = False
             else:
                 for (first, end, original, _), whole_read in zip(reads, as_read, strict=True):
                     start = len(answers)
                     for j in range(first, end):
                         run_handler(handler, wire[j], path, faults,  # type: ignore[arg-type]
                                     answers)
-                    if whole_read and _the_same(answers, start, wire, first, end):
-                        answers[start:] = [original]
-                    else:
-                        raw = False
-            if raw and answers:
-                sent = sbytes = wire_out = 0  # counted once a drain, as the plain path does
-                try:
-                    for _, _, original, b in reads:
-                        try:
-                            sbytes += write(out_fd, b)
-                        except OSError as exc:
-                            _write_error(out, exc, original.segments)
+                    if _the_same(answers, start, wire, first, end):
+                        if whole_read:
+                            answers[start:] = [original]
                         else:
-                            sent += 1
-                            wire_out += original.segments
-                finally:
-                    count_written(sent, sbytes, wire_out)
+                            raw = False
+                    else:
+                        raw = unchanged = False
+            if raw and answers:  # counted once a drain, as the plain path does
+                write_reads([b for *_, b in reads], [r[2].segments for r in reads])
+                return n
+            if unchanged and join_reads is not None and len(reads) >= _JOIN_READS_MIN:
+                # the reads themselves, joined in C as a plain forwarder joins them: what
+                # encoding the same packets would write, without decoding them again
+                originals = [b for *_, b in reads]
+                joined_bufs, joined = join_reads(originals)
+                if joined is None:
+                    write_reads(originals, [r[2].segments for r in reads])
+                else:
+                    segments = {id(b): original.segments for _, _, original, b in reads}
+                    write_reads(joined_bufs, [c or segments[id(b)]
+                                              for b, c in zip(joined_bufs, joined, strict=True)])
                 return n
         if answers:
             sent = sbytes = 0

@@ -315,6 +315,30 @@ class PacketPath:
             sys.byteorder == "little" if le is None else le, self._tap_in, MAX_SIZE,
             self._gro_tcp, self._gro_udp, self.verify)  # fmt: skip
 
+    def plain_decoder(self) -> Callable[[list[bytes]], list[Buffer] | None] | None:
+        """For a shell that hands wire packets to a handler: a function that decodes one drain
+        in C when every read holds one plain packet (no super-packet, nothing to drop; a
+        NEEDS_CSUM checksum finished), as `decode` would, and counts them; it returns the
+        packets, one per read, or None (nothing counted: `decode` each read then). None where
+        the C loop is not built or super-packets are handed whole."""
+        fn = accel.decode_plain()
+        if fn is None or self.super_packets:
+            return None
+        le = self.source.vnet_le
+        little = sys.byteorder == "little" if le is None else le
+        decode = functools.partial(
+            fn, self._hs_in, _uapi.TUN_PKT_STRIP if self._pi_in else 0,
+            self._pi_in if self._vnet_in else -1, little, self._fast_mtu, self.views)
+        wire_read = self.counter.wire_read
+
+        def decode_plain(reads: list[bytes]) -> list[Buffer] | None:
+            packets: list[Buffer] | None = decode(reads)
+            if packets is not None:
+                wire_read(len(packets))
+            return packets
+
+        return decode_plain
+
     # ---- read side ----------------------------------------------------------------------
     def decode(self, buf: Buffer, out: list[Buffer]) -> int:
         """Append the wire packets one read buffer holds to `out`; return how many.
