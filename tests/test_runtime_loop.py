@@ -274,3 +274,34 @@ def test_an_unclosed_loop_does_not_leak_its_wake_pipe() -> None:
     gc.collect()
     assert len(os.listdir("/proc/self/fd")) == before
     dev.close()
+
+
+def _read_drains() -> list[object]:
+    from mqtun.runtime import loop
+
+    c = getattr(loop, "_read_drain_c", None)
+    return [loop.read_drain_python] + ([c] if c is not None else [])
+
+
+@pytest.mark.parametrize("read_drain", _read_drains(), ids=lambda f: getattr(f, "__module__", ""))
+def test_a_drain_reads_until_empty_or_the_limit_and_reports_a_failed_read(
+        read_drain: object) -> None:  # fmt: skip
+    """The drain's read loop (C where it is built, else Python): every datagram queued, each
+    in a buffer of its own of at most `size`, up to `limit`; an empty queue is no error; any
+    other failure is its errno, with what was read before it."""
+    from collections.abc import Callable
+
+    assert callable(read_drain)
+    fn: Callable[[int, int, int], tuple[list[bytes], int, int]] = read_drain  # type: ignore[assignment]
+    here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with here, there:
+        here.setblocking(False)
+        assert fn(here.fileno(), 100, 64) == ([], 0, 0)
+        sent = [os.urandom(n) for n in (1, 50, 100, 7)]
+        for d in [*sent, b"x" * 300]:
+            there.send(d)
+        assert fn(here.fileno(), 100, 2) == (sent[:2], 51, 0)
+        assert fn(here.fileno(), 100, 64) == ([*sent[2:], b"x" * 100], 207, 0)  # cut at size
+        assert fn(here.fileno(), 100, 0) == ([], 0, 0)
+        fd = here.fileno()
+    assert fn(fd, 100, 64) == ([], 0, errno.EBADF)  # closed: a failure, not "empty"

@@ -7,7 +7,8 @@ when a C compiler is there).
 plain forwarder's drain of raw reads is joined the same way (`coalesce_reads`), when it is
 built and `ACCELERATE` is on; otherwise with numpy, or the pure-Python code. All give the same
 bytes (the tests hold each to an independent oracle, and the C coalesce to the Python one).
-`MQTUN_NO_ACCEL=1` in the environment turns it off, e.g. to measure what it buys.
+`MQTUN_NO_ACCEL=1` in the environment turns it off, e.g. to measure what it buys (and
+runtime.loop's C read loop, `mqtun.runtime._reads`, with it).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from mqtun import _uapi
 from mqtun.packet.headers import MAX_VLAN_TAGS, VLAN_TPIDS
 from mqtun.packet.vnet import ZERO_HEADER, VnetHeader
 
-__all__ = ["ACCELERATE", "available", "coalesce", "coalesce_reads", "completed", "tcp_rows"]
+__all__ = ["ACCELERATE", "available", "coalesce", "coalesce_reads", "completed", "decode_plain",
+           "tcp_rows"]
 
 try:
     from mqtun.packet import _accel

@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from mqtun import _uapi
 from mqtun.errors import DeviceGoneError, InvalidArgumentError, MqtunError, kernel_error
+from mqtun.packet import accel
 from mqtun.packet.headers import Buffer
 from mqtun.packet.vnet import ZERO_HEADER
 from mqtun.runtime.path import Coalesce, Layout, Packet, PacketPath, PathCounter, SuperPacket
@@ -602,6 +603,35 @@ def _write_error(q: Queue, exc: OSError, packets: int = 1) -> None:
     _raise_if_fatal(_failure(q, exc, "write"))
 
 
+def read_drain_python(fd: int, size: int, limit: int) -> tuple[list[bytes], int, int]:
+    """Read a non-blocking `fd` until it is empty or `limit` buffers were read: (the buffers,
+    their total length, 0), or the errno of a read that failed otherwise in place of 0 (the
+    buffers before it are returned all the same). `read_drain` is this loop in C where it is
+    built (`mqtun.runtime._reads`): no call per read, no BlockingIOError at the end."""
+    bufs: list[bytes] = []
+    nbytes = 0
+    read = os.read
+    try:
+        while len(bufs) < limit:
+            b = read(fd, size)
+            bufs.append(b)
+            nbytes += len(b)
+    except BlockingIOError:
+        pass
+    except OSError as exc:
+        return bufs, nbytes, exc.errno or errno.EIO
+    return bufs, nbytes, 0
+
+
+try:
+    from mqtun.runtime._reads import read_drain as _read_drain_c
+except ImportError:  # built without a C compiler
+    _read_drain_c = None  # type: ignore[assignment]
+
+read_drain: Callable[[int, int, int], tuple[list[bytes], int, int]] = (
+    _read_drain_c if _read_drain_c is not None and accel.ACCELERATE else read_drain_python)
+
+
 def _the_same(answers: list[Packet], start: int, wire: list[Buffer], first: int,
               end: int) -> bool:
     """Whether answers[start:] are wire[first:end], the very objects: a handler that returned
@@ -628,7 +658,7 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
     counter = _RouteCounter(src.counters, out.counters)
     path = route.make_path(counter)
     handler = route.handler
-    read = os.read
+    read_all = read_drain  # (the C loop where it is built)
     writev = os.writev
     in_fd, out_fd = src.fd, out.fd
     size = src.read_size
@@ -693,23 +723,13 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
             count_written(sent, sbytes, wire_out)
 
     def drain() -> int:
-        bufs: list[bytes] = []
-        n = nbytes = 0
-        try:
-            while n < batch:
-                try:
-                    b = read(in_fd, size)
-                except BlockingIOError:
-                    break
-                bufs.append(b)
-                n += 1
-                nbytes += len(b)
-        except OSError as exc:
-            _read_error(src, exc)  # raises if fatal; the buffers read before are served
-        finally:
-            if n:
-                rslots[READ_PACKETS] += n
-                rslots[READ_BYTES] += nbytes - rh * n
+        bufs, nbytes, failed = read_all(in_fd, size, batch)
+        n = len(bufs)
+        if n:
+            rslots[READ_PACKETS] += n
+            rslots[READ_BYTES] += nbytes - rh * n
+        if failed:  # raises if fatal; the buffers read before are served
+            _read_error(src, OSError(failed, os.strerror(failed)))
         if not n:
             return 0
         answers: list[Packet] = []
