@@ -1,6 +1,6 @@
 """The package's C extensions, both optional (without a compiler the package builds without
 them): mqtun.packet._accel, the offload codecs' loops (else mqtun.packet.gso uses numpy), and
-mqtun.runtime._reads, a drain's reads in one call (else runtime.loop loops over os.read).
+mqtun._reads, a drain's reads in one call (else mqtun.queue loops over os.read).
 Everything else is in pyproject.toml."""
 
 from setuptools import Extension, setup
@@ -9,7 +9,7 @@ setup(
     ext_modules=[
         Extension("mqtun.packet._accel", ["src/mqtun/packet/_accel.c"], optional=True,
                   extra_compile_args=["-O2"]),
-        Extension("mqtun.runtime._reads", ["src/mqtun/runtime/_reads.c"], optional=True,
+        Extension("mqtun._reads", ["src/mqtun/_reads.c"], optional=True,
                   extra_compile_args=["-O2"]),
     ],
 )

@@ -277,10 +277,10 @@ def test_an_unclosed_loop_does_not_leak_its_wake_pipe() -> None:
 
 
 def _read_drains() -> list[object]:
-    from mqtun.runtime import loop
+    from mqtun import queue
 
-    c = getattr(loop, "_read_drain_c", None)
-    return [loop.read_drain_python] + ([c] if c is not None else [])
+    c = getattr(queue, "_read_drain_c", None)
+    return [queue.read_drain_python] + ([c] if c is not None else [])
 
 
 @pytest.mark.parametrize("read_drain", _read_drains(), ids=lambda f: getattr(f, "__module__", ""))

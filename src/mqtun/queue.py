@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from mqtun import _uapi
 from mqtun.errors import DeviceGoneError, MqtunError, QueueFullError, kernel_error
+from mqtun.packet import accel
 from mqtun.stats import (
     READ_BYTES,
     READ_ERRORS,
@@ -53,6 +54,36 @@ _POLL_IN = select.POLLIN | select.POLLERR | select.POLLHUP | select.POLLNVAL
 _rwf_nowait = True  # until a kernel refuses preadv2(RWF_NOWAIT) on a TUN fd (EOPNOTSUPP)
 _POLL_OUT = select.POLLOUT | select.POLLERR | select.POLLHUP | select.POLLNVAL
 _CLOSED_FD = -1  # what `fd` holds once closed: no syscall can reach a reused fd number
+
+
+def read_drain_python(fd: int, size: int, limit: int) -> tuple[list[bytes], int, int]:
+    """Read a non-blocking `fd` until it is empty or `limit` buffers were read: (the buffers,
+    their total length, 0), or the errno of a read that failed otherwise in place of 0 (the
+    buffers before it are returned all the same). `read_drain` is this loop in C where it is
+    built (`mqtun._reads`): no call per read, no BlockingIOError at the end. The one read loop
+    of a drain: `Queue.read_batch`, the worker loop's drains and asyncio's use it."""
+    bufs: list[bytes] = []
+    nbytes = 0
+    read = os.read
+    try:
+        while len(bufs) < limit:
+            b = read(fd, size)
+            bufs.append(b)
+            nbytes += len(b)
+    except BlockingIOError:
+        pass
+    except OSError as exc:
+        return bufs, nbytes, exc.errno or errno.EIO
+    return bufs, nbytes, 0
+
+
+try:
+    from mqtun._reads import read_drain as _read_drain_c
+except ImportError:  # built without a C compiler
+    _read_drain_c = None  # type: ignore[assignment]
+
+read_drain: Callable[[int, int, int], tuple[list[bytes], int, int]] = (
+    _read_drain_c if _read_drain_c is not None and accel.ACCELERATE else read_drain_python)
 
 
 class Queue:
@@ -206,25 +237,20 @@ class Queue:
         By default it does not wait at all: an empty list means nothing is queued.
         """
         self._require_open("read")
-        out: list[bytes] = []
         if isinstance(timeout, _Default):
             timeout = self.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        fd, size, read = self.fd, self.read_size, os.read
-        append = out.append
-        try:
-            while len(out) < max_packets:
-                try:
-                    append(read(fd, size))
-                except BlockingIOError:
-                    if out or timeout == 0 or not self._wait(_POLL_IN, deadline, "read"):
-                        break
-        except OSError as exc:
-            if not out:
-                raise self._read_failed(exc) from None
+        size = self.read_size
+        while True:
+            out, nbytes, failed = read_drain(self.fd, size, max_packets)
+            if out or failed or timeout == 0 or not self._wait(_POLL_IN, deadline, "read"):
+                break
+            self._require_open("read")
+        if failed and not out:  # (with packets read first, the next call reports it)
+            raise self._read_failed(OSError(failed, os.strerror(failed))) from None
         if out:
             if size > self.header_size:  # no packet can be shorter than its headers
-                self._count_read(len(out), sum(map(len, out)))
+                self._count_read(len(out), nbytes)
             else:
                 for pkt in out:
                     self._count_read(1, len(pkt))

@@ -8,7 +8,7 @@ plain forwarder's drain of raw reads is joined the same way (`coalesce_reads`), 
 built and `ACCELERATE` is on; otherwise with numpy, or the pure-Python code. All give the same
 bytes (the tests hold each to an independent oracle, and the C coalesce to the Python one).
 `MQTUN_NO_ACCEL=1` in the environment turns it off, e.g. to measure what it buys (and
-runtime.loop's C read loop, `mqtun.runtime._reads`, with it).
+the C read loop of mqtun.queue, `mqtun._reads`, with it).
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from mqtun.errors import DeviceGoneError, InvalidArgumentError, MqtunError, kernel_error
 from mqtun.packet.headers import Buffer
+from mqtun.queue import read_drain
 from mqtun.runtime.path import Layout, Packet, PacketPath
 from mqtun.stats import (
     READ_BYTES,
@@ -172,20 +173,13 @@ class AsyncQueue:
 
     def _on_readable(self) -> None:
         room = min(self.batch, self.max_buffered - len(self._buffer))
-        got: list[bytes] = []
-        size = self.queue.read_size
-        try:
-            while len(got) < room:
-                try:
-                    got.append(os.read(self._fd, size))
-                except BlockingIOError:
-                    break
-        except OSError as exc:
-            self._error = self._read_failed(exc)
+        got, nbytes, failed = read_drain(self._fd, self.queue.read_size, room)
+        if failed:
+            self._error = self._read_failed(OSError(failed, os.strerror(failed)))
         if got:
             s = self.queue.counters.slots
             s[READ_PACKETS] += len(got)
-            s[READ_BYTES] += sum(map(len, got)) - self.queue.header_size * len(got)
+            s[READ_BYTES] += nbytes - self.queue.header_size * len(got)
         self._take(got)
         self._hand_out()
         if self._error is not None:

@@ -55,9 +55,9 @@ from typing import TYPE_CHECKING, Any, Final
 
 from mqtun import _uapi
 from mqtun.errors import DeviceGoneError, InvalidArgumentError, MqtunError, kernel_error
-from mqtun.packet import accel
 from mqtun.packet.headers import Buffer
 from mqtun.packet.vnet import ZERO_HEADER
+from mqtun.queue import read_drain
 from mqtun.runtime.path import Coalesce, Layout, Packet, PacketPath, PathCounter, SuperPacket
 from mqtun.stats import (
     READ_BYTES,
@@ -601,35 +601,6 @@ def _write_error(q: Queue, exc: OSError, packets: int = 1) -> None:
     c.slots[WRITE_ERRORS] += 1
     c.drop(drop_reason(exc.errno), packets)
     _raise_if_fatal(_failure(q, exc, "write"))
-
-
-def read_drain_python(fd: int, size: int, limit: int) -> tuple[list[bytes], int, int]:
-    """Read a non-blocking `fd` until it is empty or `limit` buffers were read: (the buffers,
-    their total length, 0), or the errno of a read that failed otherwise in place of 0 (the
-    buffers before it are returned all the same). `read_drain` is this loop in C where it is
-    built (`mqtun.runtime._reads`): no call per read, no BlockingIOError at the end."""
-    bufs: list[bytes] = []
-    nbytes = 0
-    read = os.read
-    try:
-        while len(bufs) < limit:
-            b = read(fd, size)
-            bufs.append(b)
-            nbytes += len(b)
-    except BlockingIOError:
-        pass
-    except OSError as exc:
-        return bufs, nbytes, exc.errno or errno.EIO
-    return bufs, nbytes, 0
-
-
-try:
-    from mqtun.runtime._reads import read_drain as _read_drain_c
-except ImportError:  # built without a C compiler
-    _read_drain_c = None  # type: ignore[assignment]
-
-read_drain: Callable[[int, int, int], tuple[list[bytes], int, int]] = (
-    _read_drain_c if _read_drain_c is not None and accel.ACCELERATE else read_drain_python)
 
 
 def _the_same(answers: list[Packet], start: int, wire: list[Buffer], first: int,

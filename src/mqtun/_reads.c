@@ -1,5 +1,5 @@
-/* mqtun.runtime._reads: a drain's reads in one call (optional; runtime.loop falls back to a
- * Python loop of os.read without it).
+/* mqtun._reads: a drain's reads in one call (optional; mqtun.queue.read_drain falls back to
+ * a Python loop of os.read without it).
  *
  * A drain reads a queue until it is empty or `limit` buffers were read. In Python each read
  * is a call, and the last one (the queue empty) raises BlockingIOError: about 1.2 us for the
@@ -70,8 +70,8 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "mqtun.runtime._reads",
-    "A drain's reads in one call (optional; see mqtun.runtime.loop).", -1, methods,
+    PyModuleDef_HEAD_INIT, "mqtun._reads",
+    "A drain's reads in one call (optional; see mqtun.queue.read_drain).", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 
