@@ -708,30 +708,25 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
             joined: Iterable[int] | None = None
             if join_reads is not None and n >= _JOIN_READS_MIN:
                 bufs, joined = join_reads(bufs)  # type: ignore[assignment]
-            sent = sbytes = plain = wire_out = 0  # counted once a drain, not per packet
-            try:
-                for b, count in zip(bufs, joined or no_joins, strict=False):
-                    if count:  # `count` plain reads joined into one super-packet
-                        plain += count
-                    elif b[gso_at] if vnet_in else False:
-                        sp = decode_super(b)  # counts its wire packets read
-                        if sp is None:
-                            continue
-                        count = sp.segments
-                    else:
-                        plain += 1
-                        count = 1
-                    try:
-                        sbytes += write(out_fd, b)
-                    except OSError as exc:
-                        _write_error(out, exc, count)
-                    else:
-                        sent += 1
-                        wire_out += count
-            finally:
-                if plain:
-                    wire_read(plain)
-                count_written(sent, sbytes, wire_out)
+            keep: list[Buffer] = []  # what is written, and the wire packets each holds
+            counts: list[int] = []
+            plain = 0  # counted once a drain, not per packet
+            for b, count in zip(bufs, joined or no_joins, strict=False):
+                if count:  # `count` plain reads joined into one super-packet
+                    plain += count
+                elif b[gso_at] if vnet_in else False:
+                    sp = decode_super(b)  # counts its wire packets read
+                    if sp is None:
+                        continue
+                    count = sp.segments
+                else:
+                    plain += 1
+                    count = 1
+                keep.append(b)
+                counts.append(count)
+            if plain:
+                wire_read(plain)
+            write_reads(keep, counts)
             return n
         if whole:  # no handler: super-packets pass whole, plain packets may be joined
             for b in bufs:
