@@ -305,3 +305,44 @@ def test_a_drain_reads_until_empty_or_the_limit_and_reports_a_failed_read(
         assert fn(here.fileno(), 100, 0) == ([], 0, 0)
         fd = here.fileno()
     assert fn(fd, 100, 64) == ([], 0, errno.EBADF)  # closed: a failure, not "empty"
+
+
+def test_a_batch_handler_that_changes_its_list_in_place_is_taken_at_its_word() -> None:
+    """A batch handler may change the list it is given and return it: a packet it put in
+    is written (not mistaken for "unchanged", which writes the reads as they came), one that
+    is no packet is a counted bad-result drop, and the caller's list is never touched."""
+    from mqtun.runtime.loop import HandlerFaults, run_handler
+    from mqtun.runtime.path import Layout, PacketPath, WireCounts
+    from mqtun.stats import DropReason
+
+    path = PacketPath(Layout())
+    given: list[object] = [bytes.fromhex("4500001c000100004011") + bytes(10), b"\x45" + bytes(27)]
+    kept = list(given)
+
+    def swap(packets: list[object]) -> list[object]:
+        packets[0] = bytearray(packets[0])  # type: ignore[arg-type]
+        return packets
+
+    out: list[object] = []
+    assert run_handler(swap, given, path, HandlerFaults(), out, 2) == 2  # type: ignore[arg-type]
+    assert given == kept and all(a is b for a, b in zip(given, kept, strict=True))
+    assert type(out[0]) is bytearray and out[1] is given[1]  # the new packet, then the same
+
+    def unchanged(packets: list[object]) -> list[object]:
+        return packets
+
+    out = []
+    assert run_handler(unchanged, given, path, HandlerFaults(), out, 2) == 2  # type: ignore[arg-type]
+    assert all(a is b for a, b in zip(out, given, strict=True))
+
+    def spoil(packets: list[object]) -> list[object]:
+        packets[1] = "not a packet"
+        return packets
+
+    out = []
+    faults: list[object] = []
+    run_handler(spoil, given, path, HandlerFaults(lambda *a: faults.append(a)), out,  # type: ignore[arg-type]
+                2)  # fmt: skip
+    assert out == [given[0]] and faults
+    assert isinstance(path.counter, WireCounts)
+    assert path.counter.dropped.get(DropReason.BAD_RESULT) == 1

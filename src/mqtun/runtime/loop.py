@@ -215,11 +215,18 @@ def run_handler(handler: Callable[[Any], object], packet: object, path: PacketPa
     length, a super-packet's segments): a raise or a None drops them all, and a batch answered
     with fewer packets than it held counts the rest as FILTERED.
     """
+    batch = type(packet) is list
     try:
-        res = handler(packet)
-        if res is packet and count == 1 and type(res) is not list:  # handed in, unchanged
+        # a batch's list is the handler's to change in place: it gets a copy, and what it
+        # returns is compared with the list as it was (`packet`, the caller's, left alone)
+        res = handler(packet.copy() if batch else packet)  # type: ignore[attr-defined]
+        if res is packet and count == 1:  # handed in, unchanged
             out.append(res)  # type: ignore[arg-type]
             return 1
+        if batch and type(res) is list and len(res) == len(packet) and all(  # type: ignore[arg-type]
+                map(operator.is_, res, packet)):  # type: ignore[call-overload]
+            out.extend(res)  # a batch handed back unchanged (the common case: no copy)
+            return len(res)
         if res is not None and not isinstance(res, _WHOLE) and isinstance(res, Iterable):
             res = list(res)  # a generator runs the handler's code: it may raise
     except Exception as exc:
@@ -229,9 +236,9 @@ def run_handler(handler: Callable[[Any], object], packet: object, path: PacketPa
     if res is None or ((type(res) is list or type(res) is tuple) and not res):
         path.counter.drop(DropReason.FILTERED, count)
         return 0
-    if (type(packet) is list and (type(res) is list or type(res) is tuple) and len(res) == len(
-            packet) and all(map(operator.is_, res, packet))):  # a batch handed back unchanged
-        out.extend(res)
+    if (batch and type(res) is tuple and len(res) == len(packet)  # type: ignore[arg-type]
+            and all(map(operator.is_, res, packet))):  # type: ignore[call-overload]
+        out.extend(res)  # (as a tuple)
         return len(res)
     counter = path.counter
     before = len(out)
