@@ -223,10 +223,6 @@ def run_handler(handler: Callable[[Any], object], packet: object, path: PacketPa
         if res is packet and count == 1:  # handed in, unchanged
             out.append(res)  # type: ignore[arg-type]
             return 1
-        if batch and type(res) is list and len(res) == len(packet) and all(  # type: ignore[arg-type]
-                map(operator.is_, res, packet)):  # type: ignore[call-overload]
-            out.extend(res)  # a batch handed back unchanged (the common case: no copy)
-            return len(res)
         if res is not None and not isinstance(res, _WHOLE) and isinstance(res, Iterable):
             res = list(res)  # a generator runs the handler's code: it may raise
     except Exception as exc:
@@ -236,9 +232,10 @@ def run_handler(handler: Callable[[Any], object], packet: object, path: PacketPa
     if res is None or ((type(res) is list or type(res) is tuple) and not res):
         path.counter.drop(DropReason.FILTERED, count)
         return 0
-    if (batch and type(res) is tuple and len(res) == len(packet)  # type: ignore[arg-type]
+    if (batch and (type(res) is list or type(res) is tuple)
+            and len(res) == len(packet)  # type: ignore[arg-type]
             and all(map(operator.is_, res, packet))):  # type: ignore[call-overload]
-        out.extend(res)  # (as a tuple)
+        out.extend(res)  # a batch handed back unchanged: the packets it was given
         return len(res)
     counter = path.counter
     before = len(out)
@@ -700,6 +697,20 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
         finally:
             count_written(sent, sbytes, wire_out)
 
+    def write_unchanged(reads: list[bytes], segments: list[int] | None) -> None:
+        """The reads of a drain whose every packet a handler returned unchanged, holding
+        `segments` wire packets each (None: one each), written as plain forward writes them:
+        joined in C (`join_reads`) when the drain holds enough reads, else as read."""
+        bufs, joined = join_reads(reads) if join_reads is not None and len(
+            reads) >= _JOIN_READS_MIN else (reads, None)  # fmt: skip
+        if joined is None:
+            write_reads(reads, ones if segments is None else segments)
+        elif segments is None:
+            write_reads(bufs, [c or 1 for c in joined])
+        else:  # a read that came back as it was holds its own segments
+            of = {id(b): s for b, s in zip(reads, segments, strict=True)}
+            write_reads(bufs, [c or of[id(b)] for b, c in zip(bufs, joined, strict=True)])
+
     def drain() -> int:
         bufs, nbytes, failed = read_all(in_fd, size, batch)
         n = len(bufs)
@@ -760,11 +771,7 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
                 for packet in singles:
                     run_handler(handler, packet, path, faults, answers)  # type: ignore[arg-type]
             if as_it_came and _the_same(answers, 0, singles, 0, n):
-                if join_reads is not None and n >= _JOIN_READS_MIN:
-                    bufs, joined = join_reads(bufs)  # type: ignore[assignment]
-                    write_reads(bufs, ones if joined is None else [c or 1 for c in joined])
-                else:
-                    write_reads(bufs, ones)
+                write_unchanged(bufs, None)
                 return n
         else:
             # wire packets to the handler; a read whose packets all come back unchanged (the
@@ -818,16 +825,9 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
                 write_reads([b for *_, b in reads], [r[2].segments for r in reads])
                 return n
             if unchanged and join_reads is not None and len(reads) >= _JOIN_READS_MIN:
-                # the reads themselves, joined in C as a plain forwarder joins them: what
-                # encoding the same packets would write, without decoding them again
-                originals = [b for *_, b in reads]
-                joined_bufs, joined = join_reads(originals)
-                if joined is None:
-                    write_reads(originals, [r[2].segments for r in reads])
-                else:
-                    segments = {id(b): original.segments for _, _, original, b in reads}
-                    write_reads(joined_bufs, [c or segments[id(b)]
-                                              for b, c in zip(joined_bufs, joined, strict=True)])
+                # the reads themselves, as a plain forwarder writes them: what encoding the
+                # same packets would write, without decoding them again
+                write_unchanged([b for *_, b in reads], [r[2].segments for r in reads])
                 return n
         if answers:
             sent = sbytes = 0
