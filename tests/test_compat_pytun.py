@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.util
 import os
 import select
 import socket
@@ -32,6 +33,7 @@ from pyroute2 import IPRoute
 from mqtun import find_link
 from mqtun.compat import pytun as compat
 from mqtun.netns import NetNamespace
+from mqtun.packet import accel
 
 reference = pytest.importorskip("pytun")  # python-pytun: a test dependency only
 
@@ -423,15 +425,45 @@ def _no_ipv6(ns: NetNamespace) -> None:
             "net.ipv6.conf.default.disable_ipv6=1"])
 
 
+def _python_face() -> ModuleType:
+    """mqtun.compat.pytun as it is where mqtun._reads is not built (fileno/read/write as
+    Python methods): the module loaded anew with the C loops off, beside the imported one."""
+    spec = importlib.util.find_spec("mqtun.compat.pytun")
+    assert spec is not None and spec.loader is not None
+    face = importlib.util.module_from_spec(spec)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(accel, "ACCELERATE", False)
+        spec.loader.exec_module(face)
+    assert face._QueueFile is face._QueueFilePython
+    face.Error = compat.Error  # one exception class for both faces (the module raises its global)
+    return face
+
+
+def _faces() -> list[Any]:
+    """Both faces where the C one is built (as CI builds it): the imported module is the C
+    face then, its fd methods those of mqtun._reads.QueueFile."""
+    faces: list[Any] = [pytest.param(_python_face, id="python")]
+    if compat._QueueFileC is not None:
+        assert compat._QueueFile is compat._QueueFileC, "the C methods are the default"
+        faces.append(pytest.param(lambda: compat, id="c"))
+    return faces
+
+
+@pytest.fixture(params=_faces())
+def face(request: pytest.FixtureRequest) -> ModuleType:
+    module: ModuleType = request.param()
+    return module
+
+
 def test_same_transcript_as_python_pytun(
-    netns: NetNamespace, make_netns: Callable[[], NetNamespace]
+    netns: NetNamespace, make_netns: Callable[[], NetNamespace], face: ModuleType
 ) -> None:
     _no_ipv6(netns)
     expected = scenario(reference)
     other = make_netns()
     _no_ipv6(other)
     with other.enter():
-        got = scenario(compat)
+        got = scenario(face)
     assert len(expected) > 150
     for (label_e, want), (label_g, have) in zip(expected, got, strict=True):
         assert label_e == label_g
@@ -459,8 +491,8 @@ def test_the_script_sees_real_traffic(netns: NetNamespace) -> None:
 
 
 @pytest.fixture
-def tun() -> Iterator[compat.TunTapDevice]:
-    dev = compat.TunTapDevice("ctun0", compat.IFF_TUN | compat.IFF_NO_PI)
+def tun(face: ModuleType) -> Iterator[compat.TunTapDevice]:
+    dev: compat.TunTapDevice = face.TunTapDevice("ctun0", compat.IFF_TUN | compat.IFF_NO_PI)
     yield dev
     dev.close()
 
@@ -484,6 +516,23 @@ def test_close_from_another_thread_wakes_a_blocked_read(tun: compat.TunTapDevice
     assert not thread.is_alive(), "close() did not wake the blocked read"
     assert outcome == [9], "the woken read raises Error(EBADF), like any read after close"
     assert tun.fileno() == -1
+
+
+def test_a_queue_closed_underneath_is_not_read_by_its_old_number(
+        tun: compat.TunTapDevice) -> None:
+    """The fd methods read the queue's fd on every call: closed by any path (here the mqtun
+    Device underneath), every one acts on -1, never on a number the kernel may hand out again."""
+    tun.device.close()
+    reused = os.open("/dev/null", os.O_RDONLY)  # likely the number the queue had
+    try:
+        assert tun.fileno() == -1
+        for call in (lambda: tun.read(2048), lambda: tun.write(b"x" * 20),
+                     lambda: tun.write("str too")):
+            with pytest.raises(compat.Error) as exc:
+                call()
+            assert exc.value.errno == 9
+    finally:
+        os.close(reused)
 
 
 def test_two_threads_reading_one_device_each_get_whole_packets(

@@ -39,13 +39,14 @@ import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
 from mqtun import _uapi
 from mqtun.device import Device
 from mqtun.link import find_link, netlink
+from mqtun.packet import accel
 
 if TYPE_CHECKING:
     from pyroute2 import IPRoute  # type: ignore[import-untyped]
@@ -322,21 +323,94 @@ def _write_argument(data: object) -> bytes:
 _RWF_NOWAIT: Final = os.RWF_NOWAIT
 # read()'s kept buffer: the size asked, the one-element iovec list preadv takes, a view to copy out
 _Held = tuple[int, list[bytearray], memoryview]
+# a read's errnos that mean "nothing to read now" (EOPNOTSUPP: no RWF_NOWAIT for this fd)
+_WAIT_ERRNOS: Final = frozenset((errno.EAGAIN, errno.EINTR, errno.EOPNOTSUPP))
+
+
+class _QueueFilePython:
+    """`fileno`/`read`/`write` in Python, where mqtun._reads is not built: the twin of its C
+    `QueueFile`, doing the same common case in one frame and one syscall each (a queued packet
+    read into the buffer kept from the last read of this size, one bytes object written) and
+    leaving the rest to TunTapDevice's `_read_slow`/`_write_slow`/`_failed`. A failed syscall
+    is not retried: a read the kernel refused (EINVAL, a buffer shorter than the packet info)
+    has dropped its packet already."""
+
+    __slots__ = ("_held", "_queue")
+    _queue: Queue | None
+    _held: _Held | None  # read()'s buffer, kept between reads
+
+    def fileno(self) -> int:
+        """The queue's fd; -1 once closed (python-pytun's loops test for that)."""
+        q = self._queue  # select() asks on every call: a closed queue's fd is already -1
+        return -1 if q is None else q.fd
+
+    def read(self, size: int, /) -> bytes:
+        """read(size) -> at most size bytes of one packet (the rest of it is dropped).
+
+        Blocks on a blocking fd until a packet arrives or close() is called from another
+        thread (then Error(EBADF)); on an fd set to O_NONBLOCK, Error(EAGAIN) if none is queued.
+        """
+        held, self._held = self._held, None  # a second thread reading meanwhile makes its own
+        if held is None or held[0] != size:
+            self._held = held
+            return self._read_slow(size)
+        try:
+            got = os.preadv(self._queue.fd, held[1], -1, _RWF_NOWAIT)  # type: ignore[union-attr]
+        except OSError as exc:
+            self._held = held
+            if exc.errno in _WAIT_ERRNOS:  # nothing queued: the slow path waits or says so
+                return self._read_slow(size)
+            return self._failed(exc.errno or errno.EIO)  # not retried: the packet is gone
+        data = held[2][:got].tobytes()
+        self._held = held
+        return data
+
+    def write(self, data: str | bytes, /) -> int:
+        """write(data) -> number of bytes written: one packet (a str is written as UTF-8)."""
+        if type(data) is not bytes:
+            return self._write_slow(data)
+        try:  # a closed queue's fd is -1, so EBADF
+            return os.write(self._queue.fd, data)  # type: ignore[union-attr]
+        except OSError as exc:
+            return self._failed(exc.errno or errno.EIO)
+
+    # TunTapDevice's, as for QueueFile: everything but the common case
+    def _read_slow(self, size: int, /) -> bytes:
+        raise NotImplementedError
+
+    def _write_slow(self, data: object, /) -> int:
+        raise NotImplementedError
+
+    def _failed(self, err: int, /) -> NoReturn:
+        raise NotImplementedError
+
+
+try:
+    from mqtun._reads import QueueFile as _QueueFileC
+except ImportError:  # built without a C compiler
+    _QueueFileC = None  # type: ignore[assignment, misc]
+
+if TYPE_CHECKING:
+    _QueueFile = _QueueFilePython
+else:  # python-pytun's fd methods as C methods where built: see mqtun/_reads.c
+    _QueueFile = (_QueueFileC if _QueueFileC is not None and accel.ACCELERATE
+                  else _QueueFilePython)
 
 
 # ---- the device ---------------------------------------------------------------------------------
-class TunTapDevice:
+class TunTapDevice(_QueueFile):
     """TunTapDevice(name='', flags=IFF_TUN, dev='/dev/net/tun') -> TUN/TAP device object.
 
     One queue (fd) of a tun/tap device, created or attached by one TUNSETIFF with `flags`.
+    `fileno`, `read` and `write` come from `_QueueFile`: C methods where mqtun._reads is built.
     """
 
-    __slots__ = ("_device", "_held", "_name", "_queue")
+    __slots__ = ("_device", "_name")
 
     def __init__(self, name: str = "", flags: int = IFF_TUN,
                  dev: str = _uapi.TUN_DEVICE_PATH) -> None:
-        self._queue: Queue | None = None  # so that __del__ of a failed construction is safe
-        self._held: _Held | None = None  # read()'s buffer, kept between reads
+        self._queue = None  # so that __del__ of a failed construction is safe
+        self._held = None  # read()'s buffer, kept between reads (the slow path's)
         raw = _c_string(name, 1)
         flags = _c_int(flags)
         path = _c_string(dev, 3).decode()
@@ -422,35 +496,11 @@ class TunTapDevice:
         """down() -> None. Bring down the device."""
         _set_up(self._name, False)
 
-    # ---- python-pytun's fd methods --------------------------------------------------------------
-    def fileno(self) -> int:
-        """The queue's fd; -1 once closed (python-pytun's loops test for that)."""
-        q = self._queue  # select() asks on every call: a closed queue's fd is already -1
-        return -1 if q is None else q.fd
-
-    def read(self, size: int, /) -> bytes:
-        """read(size) -> at most size bytes of one packet (the rest of it is dropped).
-
-        Blocks on a blocking fd until a packet arrives or close() is called from another
-        thread (then Error(EBADF)); on an fd set to O_NONBLOCK, Error(EAGAIN) if none is queued.
-        """
-        # The common case in one frame and one syscall, as python-pytun's C read is: a packet
-        # queued, read without waiting into the buffer kept from the last read of this size.
-        # Each Python call or counter store more measured 5-8% of a select() forwarder.
-        held, self._held = self._held, None  # a second thread reading meanwhile makes its own
-        if held is None or held[0] != size:
-            return self._read_slow(size, held)
-        try:
-            got = os.preadv(self._queue.fd, held[1], -1, _RWF_NOWAIT)  # type: ignore[union-attr]
-        except OSError:
-            return self._read_slow(size, held)
-        data = held[2][:got].tobytes()
-        self._held = held
-        return data
-
-    def _read_slow(self, size: int, held: _Held | None) -> bytes:
+    # ---- python-pytun's fd methods: fileno, read, write in _QueueFile; these are the rest ----
+    def _read_slow(self, size: int, /) -> bytes:
         """read() for what the one-syscall path does not do: a new size, a wait, an error."""
         n = operator.index(size) & _ALL_ONES  # the "I" format masks, it does not check
+        held, self._held = self._held, None
         q = self._queue
         if q is None or q.closed:
             raise _errno_error(errno.EBADF)
@@ -474,14 +524,16 @@ class TunTapDevice:
             raise _error(exc) from exc
         return data
 
-    def write(self, data: str | bytes, /) -> int:
-        """write(data) -> number of bytes written: one packet (a str is written as UTF-8)."""
-        if type(data) is not bytes:
-            data = _write_argument(data)
-        try:  # one syscall, as python-pytun's: a closed queue's fd is -1, so EBADF
-            return os.write(self._queue.fd, data)  # type: ignore[union-attr]
+    def _write_slow(self, data: object, /) -> int:
+        """write() of what is not a bytes object: a str, a bytes subclass (or a TypeError)."""
+        try:  # a closed queue's fd is -1, so EBADF
+            return os.write(self._queue.fd, _write_argument(data))  # type: ignore[union-attr]
         except OSError as exc:
             raise _error(exc) from exc
+
+    def _failed(self, err: int, /) -> NoReturn:
+        """The Error python-pytun raises for a read or write that failed with `err`."""
+        raise _errno_error(err)
 
     def close(self) -> None:
         """close() -> None. Close the fd (a non-persistent device then disappears)."""
