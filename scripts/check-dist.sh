@@ -39,6 +39,10 @@ assert (here / "apps" / "c_forward.c").exists(), "the bench's C forwarder is mis
 from mqtun.packet import accel
 assert accel.available(), "the wheel was built without mqtun.packet._accel (is cc there?)"
 assert (here / "packet" / "_accel.pyi").exists(), "the C loop's type stub is missing"
+from mqtun import _reads  # the drain's read loop and the compat face's C fd methods
+from mqtun.compat import pytun
+assert pytun._QueueFile is _reads.QueueFile, "the compat face fell back to Python methods"
+assert (here / "_reads.pyi").exists(), "the read loop's type stub is missing"
 for mod in pkgutil.walk_packages(mqtun.__path__, "mqtun."):
     if not mod.name.endswith("__main__"):
         importlib.import_module(mod.name)
@@ -48,7 +52,7 @@ PY
 "$work/venv/bin/mqtun" --version
 "$work/venv/bin/mqtun" --help >/dev/null
 sdist=$(tar -tzf "$work"/dist/mqtun-*.tar.gz)
-for f in LICENSE README.md CHANGELOG.md pyproject.toml setup.py src/mqtun/py.typed src/mqtun/packet/_accel.c; do
+for f in LICENSE README.md CHANGELOG.md pyproject.toml setup.py src/mqtun/py.typed src/mqtun/packet/_accel.c src/mqtun/_reads.c; do
     grep -qx "mqtun-[^/]*/$f" <<<"$sdist" || { echo "check-dist: $f is not in the sdist" >&2; exit 1; }
 done
 echo "check-dist: $(cd "$work/dist" && echo *) built, twine-clean, installed and run in a fresh venv"
