@@ -290,6 +290,40 @@ def test_datagrams_a_handler_returns_unchanged_are_joined_as_plain_forward_joins
     assert qb.written_wire_packets >= count
 
 
+def test_a_plain_forward_drain_written_in_c_counts_every_refused_write_once(
+        make_netns: Callable[[], NetNamespace]) -> None:
+    """No handler, one layout: a drain of a few plain reads is written in the call that read
+    it (`read_relay`, where built). While B is down every write fails (EIO): the rest of the
+    drain goes the Python way, and each datagram is one write error and one link-down drop,
+    never two; once B is up again every datagram arrives. The counters reconcile throughout."""
+    with middlebox(make_netns, tap=False, offloads=OFFLOADS, b_offloads=OFFLOADS) as (
+            a, b, ns2, pool):  # fmt: skip
+        client, server = udp_pair(ns2, False)
+        with client, server:
+            def send_spaced(payloads: list[bytes]) -> None:
+                for p in payloads:  # one datagram a drain: small enough to be relayed
+                    client.send(p)
+                    time.sleep(0.02)
+
+            send_spaced([b"before %d" % i for i in range(3)])
+            assert [server.recv(100) for _ in range(3)] == [b"before %d" % i for i in range(3)]
+            _qa, qb = reconcile(a, b, ns2, pool)
+            assert qb.write_errors == 0 and qb.written_wire_packets >= 3
+            with ns2.enter():
+                b.link.down()
+            send_spaced([b"lost %d" % i for i in range(5)])
+            time.sleep(0.1)
+            _qa, down = reconcile(a, b, ns2, pool)
+            assert down.write_errors - qb.write_errors >= 5
+            assert down.dropped.get("link-down", 0) == down.write_errors  # each counted once
+            with ns2.enter():
+                b.link.up()
+            time.sleep(0.1)
+            send_spaced([b"after %d" % i for i in range(3)])
+            assert [server.recv(100) for _ in range(3)] == [b"after %d" % i for i in range(3)]
+            reconcile(a, b, ns2, pool)
+
+
 @pytest.mark.parametrize("tap", [False, True], ids=["tun", "tap"])
 def test_a_handler_that_drops_one_udp_port_drops_exactly_that_flow(
         make_netns: Callable[[], NetNamespace], tap: bool) -> None:

@@ -22,6 +22,39 @@ PyDoc_STRVAR(read_drain_doc,
 "the errno of a read that failed otherwise in place of 0 (the buffers read before it are\n"
 "returned all the same). An interrupted read (EINTR) ends the drain like EAGAIN.");
 
+/* Read `fd` into `bufs` until EAGAIN or `limit` buffers: 0, or -1 with a Python error set.
+ * `*total` gets their length, `*failed` the errno of a read that failed otherwise. */
+static int drain_into(int fd, Py_ssize_t size, Py_ssize_t limit, PyObject *bufs,
+                      Py_ssize_t *total, int *failed) {
+    *total = 0;
+    *failed = 0;
+    for (Py_ssize_t i = 0; i < limit; i++) {
+        PyObject *b = PyBytes_FromStringAndSize(NULL, size);
+        if (b == NULL)
+            return -1;
+        ssize_t got;
+        Py_BEGIN_ALLOW_THREADS
+        got = read(fd, PyBytes_AS_STRING(b), (size_t)size);
+        Py_END_ALLOW_THREADS
+        if (got < 0) {
+            int e = errno;
+            Py_DECREF(b);
+            if (e != EAGAIN && e != EWOULDBLOCK && e != EINTR)
+                *failed = e;
+            return 0;
+        }
+        if (got != size && _PyBytes_Resize(&b, got) < 0)
+            return -1;
+        if (PyList_Append(bufs, b) < 0) {
+            Py_DECREF(b);
+            return -1;
+        }
+        Py_DECREF(b);
+        *total += got;
+    }
+    return 0;
+}
+
 static PyObject *read_drain(PyObject *self, PyObject *args) {
     (void)self;
     int fd;
@@ -35,36 +68,61 @@ static PyObject *read_drain(PyObject *self, PyObject *args) {
     PyObject *bufs = PyList_New(0);
     if (bufs == NULL)
         return NULL;
-    Py_ssize_t total = 0;
-    int failed = 0;
-    for (Py_ssize_t i = 0; i < limit; i++) {
-        PyObject *b = PyBytes_FromStringAndSize(NULL, size);
-        if (b == NULL)
-            goto error;
-        ssize_t got;
-        Py_BEGIN_ALLOW_THREADS
-        got = read(fd, PyBytes_AS_STRING(b), (size_t)size);
-        Py_END_ALLOW_THREADS
-        if (got < 0) {
-            int e = errno;
-            Py_DECREF(b);
-            if (e != EAGAIN && e != EWOULDBLOCK && e != EINTR)
-                failed = e;
-            break;
-        }
-        if (got != size && _PyBytes_Resize(&b, got) < 0)
-            goto error;
-        if (PyList_Append(bufs, b) < 0) {
-            Py_DECREF(b);
-            goto error;
-        }
-        Py_DECREF(b);
-        total += got;
+    Py_ssize_t total;
+    int failed;
+    if (drain_into(fd, size, limit, bufs, &total, &failed) < 0) {
+        Py_DECREF(bufs);
+        return NULL;
     }
     return Py_BuildValue("(Nni)", bufs, total, failed);
-error:
-    Py_DECREF(bufs);
-    return NULL;
+}
+
+PyDoc_STRVAR(read_relay_doc,
+"read_relay(fd, size, limit, out_fd, relay_max, gso_at) -> (list[bytes], int, int, int, int)\n\n"
+"read_drain(fd, size, limit), then, when the drain holds 1 to `relay_max` buffers and none is\n"
+"a super-packet (with `gso_at` >= 0: each is longer than that and has 0 there, the\n"
+"virtio-net header's gso_type), write them to `out_fd` in order, one write each, until one\n"
+"fails: (the buffers, their total length, the read errno or 0, how many were written, their\n"
+"bytes). The caller writes and counts what was not written (from the failed one on) its own\n"
+"way; nothing is written when the drain is not relayed.");
+
+static PyObject *read_relay(PyObject *self, PyObject *args) {
+    (void)self;
+    int fd, out_fd;
+    Py_ssize_t size, limit, relay_max, gso_at;
+    if (!PyArg_ParseTuple(args, "inninn", &fd, &size, &limit, &out_fd, &relay_max, &gso_at))
+        return NULL;
+    if (size <= 0 || limit < 0) {
+        PyErr_SetString(PyExc_ValueError, "read_relay: size must be > 0 and limit >= 0");
+        return NULL;
+    }
+    PyObject *bufs = PyList_New(0);
+    if (bufs == NULL)
+        return NULL;
+    Py_ssize_t total, n, sent = 0, sent_bytes = 0;
+    int failed;
+    if (drain_into(fd, size, limit, bufs, &total, &failed) < 0) {
+        Py_DECREF(bufs);
+        return NULL;
+    }
+    n = PyList_GET_SIZE(bufs);
+    int relay = n > 0 && n <= relay_max;
+    for (Py_ssize_t i = 0; relay && gso_at >= 0 && i < n; i++) {
+        PyObject *b = PyList_GET_ITEM(bufs, i);
+        relay = PyBytes_GET_SIZE(b) > gso_at && PyBytes_AS_STRING(b)[gso_at] == 0;
+    }
+    for (Py_ssize_t i = 0; relay && i < n; i++) {
+        PyObject *b = PyList_GET_ITEM(bufs, i);
+        ssize_t put;
+        Py_BEGIN_ALLOW_THREADS
+        put = write(out_fd, PyBytes_AS_STRING(b), (size_t)PyBytes_GET_SIZE(b));
+        Py_END_ALLOW_THREADS
+        if (put < 0)
+            break; /* the caller writes this one again and counts what fails */
+        sent++;
+        sent_bytes += put;
+    }
+    return Py_BuildValue("(Ninnn)", bufs, total, failed, sent, sent_bytes);
 }
 
 /* ---- QueueFile: fileno/read/write of one queue, as python-pytun's C methods are ------------
@@ -231,6 +289,7 @@ static PyTypeObject QueueFileType = {
 
 static PyMethodDef methods[] = {
     {"read_drain", read_drain, METH_VARARGS, read_drain_doc},
+    {"read_relay", read_relay, METH_VARARGS, read_relay_doc},
     {NULL, NULL, 0, NULL},
 };
 

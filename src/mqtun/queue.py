@@ -79,11 +79,20 @@ def read_drain_python(fd: int, size: int, limit: int) -> tuple[list[bytes], int,
 
 try:
     from mqtun._reads import read_drain as _read_drain_c
+    from mqtun._reads import read_relay as _read_relay_c
 except ImportError:  # built without a C compiler
     _read_drain_c = None  # type: ignore[assignment]
+    _read_relay_c = None  # type: ignore[assignment]
 
 read_drain: Callable[[int, int, int], tuple[list[bytes], int, int]] = (
     _read_drain_c if _read_drain_c is not None and accel.ACCELERATE else read_drain_python)
+
+# read_drain, then the drain written as read to another fd when it is small and plain (no
+# super-packet): a plain forwarder's drain of request/response traffic in one C call. None
+# where it is not built: the drainer writes each read itself (see runtime.loop).
+_Relay = Callable[[int, int, int, int, int, int], tuple[list[bytes], int, int, int, int]]
+read_relay: _Relay | None = (
+    _read_relay_c if _read_relay_c is not None and accel.ACCELERATE else None)
 
 
 class Queue:

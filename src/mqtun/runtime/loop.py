@@ -57,7 +57,7 @@ from mqtun import _uapi
 from mqtun.errors import DeviceGoneError, InvalidArgumentError, MqtunError, kernel_error
 from mqtun.packet.headers import Buffer
 from mqtun.packet.vnet import ZERO_HEADER
-from mqtun.queue import read_drain
+from mqtun.queue import read_drain, read_relay
 from mqtun.runtime.path import Coalesce, Layout, Packet, PacketPath, PathCounter, SuperPacket
 from mqtun.stats import (
     READ_BYTES,
@@ -711,16 +711,32 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
             of = {id(b): s for b, s in zip(reads, segments, strict=True)}
             write_reads(bufs, [c or of[id(b)] for b, c in zip(bufs, joined, strict=True)])
 
+    # ... and a drain too small to join, holding no super-packet, is written in the same C
+    # call that read it (`read_relay`), as the C forwarder writes: request/response traffic
+    relay = read_relay if same else None
+    relay_max = _JOIN_READS_MIN - 1 if join_reads is not None else batch
+    relay_gso_at = gso_at if vnet_in else -1
+
     def drain() -> int:
-        bufs, nbytes, failed = read_all(in_fd, size, batch)
+        if relay is not None:
+            bufs, nbytes, failed, sent, sbytes = relay(in_fd, size, batch, out_fd, relay_max,
+                                                       relay_gso_at)
+        else:
+            bufs, nbytes, failed = read_all(in_fd, size, batch)
+            sent = 0
         n = len(bufs)
         if n:
             rslots[READ_PACKETS] += n
             rslots[READ_BYTES] += nbytes - rh * n
+            if sent:  # written as read, each a plain packet: one wire packet
+                wire_read(sent)
+                count_written(sent, sbytes, sent)
         if failed:  # raises if fatal; the buffers read before are served
             _read_error(src, OSError(failed, os.strerror(failed)))
-        if not n:
-            return 0
+        if sent == n:
+            return n
+        if sent:  # a write failed: the rest goes the Python way, that one written again
+            bufs = bufs[sent:]
         answers: list[Packet] = []
         if same:  # no handler, nothing to convert: each buffer is written as read (or joined)
             joined: Iterable[int] | None = None
