@@ -308,6 +308,38 @@ def test_a_drain_reads_until_empty_or_the_limit_and_reports_a_failed_read(
     assert fn(fd, 100, 64) == ([], 0, errno.EBADF)  # closed: a failure, not "empty"
 
 
+def _write_eaches() -> list[object]:
+    from mqtun import queue
+
+    c = getattr(queue, "_write_each_c", None)
+    return [queue.write_each_python] + ([c] if c is not None else [])
+
+
+@pytest.mark.parametrize("write_each", _write_eaches(), ids=lambda f: getattr(f, "__module__", ""))
+def test_a_drain_is_written_in_order_until_a_write_fails(write_each: object) -> None:
+    """The drain's write loop (C where it is built, else Python): every buffer from `start`
+    on, any bytes-like kind, one write each; a write that fails stops it at its index with
+    its errno, the bytes of those before it counted, so that the caller goes on after it."""
+    from collections.abc import Callable, Sequence
+
+    assert callable(write_each)
+    fn: Callable[[int, Sequence[object], int], tuple[int, int, int]] = write_each  # type: ignore[assignment]
+    here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with here, there:
+        there.setblocking(False)
+        bufs = [b"one", bytearray(b"two!"), memoryview(b"three")]
+        assert fn(here.fileno(), bufs, 0) == (3, 12, 0)
+        assert [there.recv(100) for _ in range(3)] == [b"one", b"two!", b"three"]
+        assert fn(here.fileno(), bufs, 2) == (3, 5, 0) and there.recv(100) == b"three"
+        assert fn(here.fileno(), bufs, 3) == (3, 0, 0)
+        too_big = bytes(1 << 22)  # larger than a datagram may be: EMSGSIZE
+        assert fn(here.fileno(), [b"a", too_big, b"c"], 0) == (1, 1, errno.EMSGSIZE)
+        assert fn(here.fileno(), [b"a", too_big, b"c"], 2) == (3, 1, 0)
+        assert [there.recv(100) for _ in range(2)] == [b"a", b"c"]
+        fd = here.fileno()
+    assert fn(fd, bufs, 1) == (1, 0, errno.EBADF)
+
+
 def test_a_small_plain_drain_is_written_in_the_call_that_read_it() -> None:
     """read_relay (C): the drain as read_drain reads it; written to `out_fd` in order only
     when it holds 1 to `relay_max` buffers and none has a gso_type at `gso_at`; a write that

@@ -125,6 +125,45 @@ static PyObject *read_relay(PyObject *self, PyObject *args) {
     return Py_BuildValue("(Ninnn)", bufs, total, failed, sent, sent_bytes);
 }
 
+PyDoc_STRVAR(write_each_doc,
+"write_each(fd, bufs, start) -> (int, int, int)\n\n"
+"Write bufs[start:] to `fd` in order, one write each, until one fails: (the index it stopped\n"
+"at, len(bufs) when none failed; the bytes written; the errno of the failed write or 0). A\n"
+"drain's writes in one call: the caller counts the failed one and goes on after it.");
+
+static PyObject *write_each(PyObject *self, PyObject *args) {
+    (void)self;
+    int fd;
+    PyObject *seq;
+    Py_ssize_t start;
+    if (!PyArg_ParseTuple(args, "iOn", &fd, &seq, &start))
+        return NULL;
+    PyObject *bufs = PySequence_Fast(seq, "write_each: bufs must be a sequence");
+    if (bufs == NULL)
+        return NULL;
+    Py_ssize_t i = start < 0 ? 0 : start, nbytes = 0;
+    int failed = 0;
+    for (; i < PySequence_Fast_GET_SIZE(bufs); i++) {
+        Py_buffer view;
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(bufs, i), &view, PyBUF_SIMPLE) < 0) {
+            Py_DECREF(bufs);
+            return NULL;
+        }
+        ssize_t put;
+        Py_BEGIN_ALLOW_THREADS
+        put = write(fd, view.buf, (size_t)view.len);
+        Py_END_ALLOW_THREADS
+        PyBuffer_Release(&view);
+        if (put < 0) {
+            failed = errno;
+            break;
+        }
+        nbytes += put;
+    }
+    Py_DECREF(bufs);
+    return Py_BuildValue("(nni)", i, nbytes, failed);
+}
+
 /* ---- QueueFile: fileno/read/write of one queue, as python-pytun's C methods are ------------
  *
  * A select() loop written for python-pytun calls fileno() twice per select and read() and
@@ -290,6 +329,7 @@ static PyTypeObject QueueFileType = {
 static PyMethodDef methods[] = {
     {"read_drain", read_drain, METH_VARARGS, read_drain_doc},
     {"read_relay", read_relay, METH_VARARGS, read_relay_doc},
+    {"write_each", write_each, METH_VARARGS, write_each_doc},
     {NULL, NULL, 0, NULL},
 };
 

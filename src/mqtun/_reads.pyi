@@ -1,7 +1,12 @@
+from collections.abc import Sequence
+from typing import Any
+
 def read_drain(fd: int, size: int, limit: int, /) -> tuple[list[bytes], int, int]: ...
 def read_relay(
     fd: int, size: int, limit: int, out_fd: int, relay_max: int, gso_at: int, /
 ) -> tuple[list[bytes], int, int, int, int]: ...
+
+def write_each(fd: int, bufs: Sequence[Any], start: int, /) -> tuple[int, int, int]: ...
 
 class QueueFile:
     """fileno/read/write of one queue in C: a base class (see mqtun.compat.pytun)."""

@@ -77,12 +77,31 @@ def read_drain_python(fd: int, size: int, limit: int) -> tuple[list[bytes], int,
     return bufs, nbytes, 0
 
 
+def write_each_python(fd: int, bufs: Sequence[Any], start: int) -> tuple[int, int, int]:
+    """Write bufs[start:] to `fd` in order until one write fails: (the index it stopped at,
+    len(bufs) if none failed; the bytes written; the failed write's errno or 0). `write_each`
+    is this loop in C where it is built: a drain's writes in one call."""
+    nbytes = 0
+    write = os.write
+    for i in range(max(start, 0), len(bufs)):
+        try:
+            nbytes += write(fd, bufs[i])
+        except OSError as exc:
+            return i, nbytes, exc.errno or errno.EIO
+    return len(bufs), nbytes, 0
+
+
 try:
     from mqtun._reads import read_drain as _read_drain_c
     from mqtun._reads import read_relay as _read_relay_c
+    from mqtun._reads import write_each as _write_each_c
 except ImportError:  # built without a C compiler
     _read_drain_c = None  # type: ignore[assignment]
     _read_relay_c = None  # type: ignore[assignment]
+    _write_each_c = None  # type: ignore[assignment]
+
+write_each: Callable[[int, Sequence[Any], int], tuple[int, int, int]] = (
+    _write_each_c if _write_each_c is not None and accel.ACCELERATE else write_each_python)
 
 read_drain: Callable[[int, int, int], tuple[list[bytes], int, int]] = (
     _read_drain_c if _read_drain_c is not None and accel.ACCELERATE else read_drain_python)

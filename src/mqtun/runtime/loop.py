@@ -57,7 +57,7 @@ from mqtun import _uapi
 from mqtun.errors import DeviceGoneError, InvalidArgumentError, MqtunError, kernel_error
 from mqtun.packet.headers import Buffer
 from mqtun.packet.vnet import ZERO_HEADER
-from mqtun.queue import read_drain, read_relay
+from mqtun.queue import read_drain, read_relay, write_each
 from mqtun.runtime.path import Coalesce, Layout, Packet, PacketPath, PathCounter, SuperPacket
 from mqtun.stats import (
     READ_BYTES,
@@ -664,9 +664,8 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
     decode_plain = None if whole else path.plain_decoder()
     same = whole and as_it_came and (not join or join_reads is not None)
     no_joins = itertools.repeat(0)
-    ones = itertools.repeat(1)
     vnet_in = bool(path.source.vnet_hdr_size)
-    write = os.write
+    write_all = write_each  # (the C loop where it is built)
     wire_read = counter.wire_read
     wire_written = counter.wire_written
     supers = route.super_packets
@@ -681,19 +680,23 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
         if wire_out:
             wire_written(wire_out)
 
-    def write_reads(bufs: Iterable[Buffer], counts: Iterable[int]) -> None:
-        """Write buffers that hold `counts` wire packets each (counted read already), one
-        write apiece, and count them once."""
+    def write_reads(bufs: Sequence[Buffer], counts: Sequence[int] | None) -> None:
+        """Write buffers that hold `counts` wire packets each (None: one each; counted read
+        already), one write apiece (`write_each`: in one C call where it is built), count
+        each failed one as it fails and the rest once."""
         sent = sbytes = wire_out = 0
+        i, n = 0, len(bufs)
         try:
-            for b, count in zip(bufs, counts, strict=False):  # (counts may be endless)
-                try:
-                    sbytes += write(out_fd, b)
-                except OSError as exc:
-                    _write_error(out, exc, count)
-                else:
-                    sent += 1
-                    wire_out += count
+            while i < n:
+                stop, nbytes, err = write_all(out_fd, bufs, i)
+                sent += stop - i
+                sbytes += nbytes
+                wire_out += stop - i if counts is None else sum(counts[i:stop])
+                if stop >= n:
+                    break
+                _write_error(out, OSError(err, os.strerror(err)), 1 if counts is None
+                             else counts[stop])  # fmt: skip
+                i = stop + 1
         finally:
             count_written(sent, sbytes, wire_out)
 
@@ -704,7 +707,7 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
         bufs, joined = join_reads(reads) if join_reads is not None and len(
             reads) >= _JOIN_READS_MIN else (reads, None)  # fmt: skip
         if joined is None:
-            write_reads(reads, ones if segments is None else segments)
+            write_reads(reads, segments)
         elif segments is None:
             write_reads(bufs, [c or 1 for c in joined])
         else:  # a read that came back as it was holds its own segments
