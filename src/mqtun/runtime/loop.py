@@ -646,6 +646,7 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
     keep_plain = not path.coalesces  # an unchanged plain packet is written as read
     may_join = path.may_join  # ... and one the path would not join (UDP with "tcp")
     decode_super = path.decode_super
+    count_super = path.count_super
     encode = path.encode
     sent_item = path.sent
     zero = ZERO_HEADER
@@ -752,10 +753,9 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
                 if count:  # `count` plain reads joined into one super-packet
                     plain += count
                 elif b[gso_at] if vnet_in else False:
-                    sp = decode_super(b)  # counts its wire packets read
-                    if sp is None:
+                    count = count_super(b)  # counts its wire packets read (0: dropped)
+                    if not count:
                         continue
-                    count = sp.segments
                 else:
                     plain += 1
                     count = 1

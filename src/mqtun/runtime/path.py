@@ -411,6 +411,24 @@ class PacketPath:
 
     def decode_super(self, buf: Buffer) -> SuperPacket | None:
         """One read buffer as a `SuperPacket` (not split), or None if it is counted as a drop."""
+        parts = self._super_parts(buf)
+        if parts is None:
+            return None
+        hdr, view, count = parts
+        hs = self._hs_in
+        pkt: Buffer = view.toreadonly() if hs and self.views else (
+            buf if not hs else view.tobytes())  # fmt: skip
+        return SuperPacket(pkt, hdr, count)
+
+    def count_super(self, buf: Buffer) -> int:
+        """What decode_super counts for a read that is written as it was read: its wire
+        packets (0: counted as a drop), without copying the packet out of the buffer."""
+        parts = self._super_parts(buf)
+        return 0 if parts is None else parts[2]
+
+    def _super_parts(self, buf: Buffer) -> tuple[VnetHeader, memoryview, int] | None:
+        """A read's offload header, its packet (a view into `buf`) and wire packets, counted
+        read; None if it is counted as a drop."""
         n = len(buf)
         hs = self._hs_in
         if n <= hs:
@@ -425,11 +443,10 @@ class PacketPath:
             vh = self._pi_in
             if view[vh] or view[vh + 1]:
                 hdr = self._read_vnet(view, vh)
-        pkt: Buffer = view[hs:].toreadonly() if hs and self.views else (
-            buf if not hs else view[hs:].tobytes())  # fmt: skip
+        pkt = view[hs:] if hs else view
         count = gso.segment_count(hdr, pkt, tap=self._tap_in)
         self.counter.wire_read(count)
-        return SuperPacket(pkt, hdr, count)
+        return hdr, pkt, count
 
     def _bad(self, count: int, reason: str) -> int:
         self.counter.wire_read(count)
