@@ -55,26 +55,28 @@ static int drain_into(int fd, Py_ssize_t size, Py_ssize_t limit, PyObject *bufs,
     return 0;
 }
 
-static PyObject *read_drain(PyObject *self, PyObject *args) {
-    (void)self;
-    int fd;
-    Py_ssize_t size, limit;
-    if (!PyArg_ParseTuple(args, "inn", &fd, &size, &limit))
-        return NULL;
+/* A drain's buffers as a new list (NULL with a Python error set): `who` names the caller in
+ * the message for a bad size or limit. */
+static PyObject *drain(const char *who, int fd, Py_ssize_t size, Py_ssize_t limit,
+                       Py_ssize_t *total, int *failed) {
     if (size <= 0 || limit < 0) {
-        PyErr_SetString(PyExc_ValueError, "read_drain: size must be > 0 and limit >= 0");
+        PyErr_Format(PyExc_ValueError, "%s: size must be > 0 and limit >= 0", who);
         return NULL;
     }
     PyObject *bufs = PyList_New(0);
-    if (bufs == NULL)
+    if (bufs != NULL && drain_into(fd, size, limit, bufs, total, failed) < 0)
+        Py_CLEAR(bufs);
+    return bufs;
+}
+
+static PyObject *read_drain(PyObject *self, PyObject *args) {
+    (void)self;
+    int fd, failed;
+    Py_ssize_t size, limit, total;
+    if (!PyArg_ParseTuple(args, "inn", &fd, &size, &limit))
         return NULL;
-    Py_ssize_t total;
-    int failed;
-    if (drain_into(fd, size, limit, bufs, &total, &failed) < 0) {
-        Py_DECREF(bufs);
-        return NULL;
-    }
-    return Py_BuildValue("(Nni)", bufs, total, failed);
+    PyObject *bufs = drain("read_drain", fd, size, limit, &total, &failed);
+    return bufs == NULL ? NULL : Py_BuildValue("(Nni)", bufs, total, failed);
 }
 
 PyDoc_STRVAR(read_relay_doc,
@@ -92,20 +94,12 @@ static PyObject *read_relay(PyObject *self, PyObject *args) {
     Py_ssize_t size, limit, relay_max, gso_at;
     if (!PyArg_ParseTuple(args, "inninn", &fd, &size, &limit, &out_fd, &relay_max, &gso_at))
         return NULL;
-    if (size <= 0 || limit < 0) {
-        PyErr_SetString(PyExc_ValueError, "read_relay: size must be > 0 and limit >= 0");
-        return NULL;
-    }
-    PyObject *bufs = PyList_New(0);
+    Py_ssize_t total, sent = 0, sent_bytes = 0;
+    int failed;
+    PyObject *bufs = drain("read_relay", fd, size, limit, &total, &failed);
     if (bufs == NULL)
         return NULL;
-    Py_ssize_t total, n, sent = 0, sent_bytes = 0;
-    int failed;
-    if (drain_into(fd, size, limit, bufs, &total, &failed) < 0) {
-        Py_DECREF(bufs);
-        return NULL;
-    }
-    n = PyList_GET_SIZE(bufs);
+    Py_ssize_t n = PyList_GET_SIZE(bufs);
     int relay = n > 0 && n <= relay_max;
     for (Py_ssize_t i = 0; relay && gso_at >= 0 && i < n; i++) {
         PyObject *b = PyList_GET_ITEM(bufs, i);
