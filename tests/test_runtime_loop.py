@@ -343,7 +343,8 @@ def test_a_drain_is_written_in_order_until_a_write_fails(write_each: object) -> 
 def test_a_small_plain_drain_is_written_in_the_call_that_read_it() -> None:
     """read_relay (C): the drain as read_drain reads it; written to `out_fd` in order only
     when it holds 1 to `relay_max` buffers and none has a gso_type at `gso_at`; a write that
-    fails stops it, and the count says which were written (the caller writes the rest)."""
+    fails stops it, is not tried again, and its errno and the count say which were written
+    (the caller counts that one and writes the rest)."""
     relay = getattr(queue_module(), "_read_relay_c", None)
     if relay is None:
         pytest.skip("mqtun._reads is not built")
@@ -360,33 +361,33 @@ def test_a_small_plain_drain_is_written_in_the_call_that_read_it() -> None:
                     got.append(out_r.recv(1000))
             return got
 
-        assert relay(src_r.fileno(), 100, 64, out_w.fileno(), 3, -1) == ([], 0, 0, 0, 0)
+        assert relay(src_r.fileno(), 100, 64, out_w.fileno(), 3, -1) == ([], 0, 0, 0, 0, 0)
         plain = [b"\0\0" + os.urandom(n) for n in (10, 40, 5)]
         for d in plain:
             src_w.send(d)
-        assert relay(src_r.fileno(), 100, 64, out_w.fileno(), 3, 1) == (plain, 61, 0, 3, 61)
+        assert relay(src_r.fileno(), 100, 64, out_w.fileno(), 3, 1) == (plain, 61, 0, 3, 61, 0)
         assert written() == plain
         for d in [*plain, b"x"]:  # four: more than relay_max, read and handed back unwritten
             src_w.send(d)
         assert relay(src_r.fileno(), 100, 64, out_w.fileno(), 3, 1) == (
-            [*plain, b"x"], 62, 0, 0, 0)
+            [*plain, b"x"], 62, 0, 0, 0, 0)
         assert written() == []
         gso = [plain[0], b"\0\1" + bytes(8)]  # a super-packet among them: nothing written
         for d in gso:
             src_w.send(d)
-        assert relay(src_r.fileno(), 100, 64, out_w.fileno(), 3, 1)[3:] == (0, 0)
+        assert relay(src_r.fileno(), 100, 64, out_w.fileno(), 3, 1)[3:] == (0, 0, 0)
         src_w.send(b"\0")  # shorter than gso_at: not known plain, not written
-        assert relay(src_r.fileno(), 100, 64, out_w.fileno(), 3, 1)[3:] == (0, 0)
+        assert relay(src_r.fileno(), 100, 64, out_w.fileno(), 3, 1)[3:] == (0, 0, 0)
         assert written() == []
         for d in plain:
             src_w.send(d)
         dead = os.open("/dev/null", os.O_RDONLY)  # writing fails (EBADF): nothing is sent
         try:
-            assert relay(src_r.fileno(), 100, 64, dead, 3, -1) == (plain, 61, 0, 0, 0)
+            assert relay(src_r.fileno(), 100, 64, dead, 3, -1) == (plain, 61, 0, 0, 0, errno.EBADF)
         finally:
             os.close(dead)
         fd = src_r.fileno()
-    assert relay(fd, 100, 64, 1, 3, -1) == ([], 0, errno.EBADF, 0, 0)
+    assert relay(fd, 100, 64, 1, 3, -1) == ([], 0, errno.EBADF, 0, 0, 0)
 
 
 def queue_module() -> object:

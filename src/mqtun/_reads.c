@@ -80,13 +80,15 @@ static PyObject *read_drain(PyObject *self, PyObject *args) {
 }
 
 PyDoc_STRVAR(read_relay_doc,
-"read_relay(fd, size, limit, out_fd, relay_max, gso_at) -> (list[bytes], int, int, int, int)\n\n"
+"read_relay(fd, size, limit, out_fd, relay_max, gso_at)\n"
+"    -> (list[bytes], int, int, int, int, int)\n\n"
 "read_drain(fd, size, limit), then, when the drain holds 1 to `relay_max` buffers and none is\n"
 "a super-packet (with `gso_at` >= 0: each is longer than that and has 0 there, the\n"
 "virtio-net header's gso_type), write them to `out_fd` in order, one write each, until one\n"
 "fails: (the buffers, their total length, the read errno or 0, how many were written, their\n"
-"bytes). The caller writes and counts what was not written (from the failed one on) its own\n"
-"way; nothing is written when the drain is not relayed.");
+"bytes, the errno of the write that failed or 0). That write is not tried again (the kernel\n"
+"counted its drop once); the caller counts it and writes the buffers after it its own way.\n"
+"Nothing is written when the drain is not relayed (then 0 written and errno 0).");
 
 static PyObject *read_relay(PyObject *self, PyObject *args) {
     (void)self;
@@ -95,7 +97,7 @@ static PyObject *read_relay(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "inninn", &fd, &size, &limit, &out_fd, &relay_max, &gso_at))
         return NULL;
     Py_ssize_t total, sent = 0, sent_bytes = 0;
-    int failed;
+    int failed, werr = 0;
     PyObject *bufs = drain("read_relay", fd, size, limit, &total, &failed);
     if (bufs == NULL)
         return NULL;
@@ -111,12 +113,14 @@ static PyObject *read_relay(PyObject *self, PyObject *args) {
         Py_BEGIN_ALLOW_THREADS
         put = write(out_fd, PyBytes_AS_STRING(b), (size_t)PyBytes_GET_SIZE(b));
         Py_END_ALLOW_THREADS
-        if (put < 0)
-            break; /* the caller writes this one again and counts what fails */
+        if (put < 0) {
+            werr = errno; /* not retried: the kernel counted it, and so must the caller */
+            break;
+        }
         sent++;
         sent_bytes += put;
     }
-    return Py_BuildValue("(Ninnn)", bufs, total, failed, sent, sent_bytes);
+    return Py_BuildValue("(Ninnni)", bufs, total, failed, sent, sent_bytes, werr);
 }
 
 PyDoc_STRVAR(write_each_doc,

@@ -109,7 +109,7 @@ read_drain: Callable[[int, int, int], tuple[list[bytes], int, int]] = (
 # read_drain, then the drain written as read to another fd when it is small and plain (no
 # super-packet): a plain forwarder's drain of request/response traffic in one C call. None
 # where it is not built: the drainer writes each read itself (see runtime.loop).
-_Relay = Callable[[int, int, int, int, int, int], tuple[list[bytes], int, int, int, int]]
+_Relay = Callable[[int, int, int, int, int, int], tuple[list[bytes], int, int, int, int, int]]
 read_relay: _Relay | None = (
     _read_relay_c if _read_relay_c is not None and accel.ACCELERATE else None)
 

@@ -722,9 +722,10 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
     relay_gso_at = gso_at if vnet_in else -1
 
     def drain() -> int:
+        werr = 0
         if relay is not None:
-            bufs, nbytes, failed, sent, sbytes = relay(in_fd, size, batch, out_fd, relay_max,
-                                                       relay_gso_at)
+            bufs, nbytes, failed, sent, sbytes, werr = relay(in_fd, size, batch, out_fd,
+                                                             relay_max, relay_gso_at)
         else:
             bufs, nbytes, failed = read_all(in_fd, size, batch)
             sent = 0
@@ -732,15 +733,17 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
         if n:
             rslots[READ_PACKETS] += n
             rslots[READ_BYTES] += nbytes - rh * n
-            if sent:  # written as read, each a plain packet: one wire packet
-                wire_read(sent)
+            if sent or werr:  # relayed: every read a plain packet, one wire packet each
+                wire_read(n)
                 count_written(sent, sbytes, sent)
         if failed:  # raises if fatal; the buffers read before are served
             _read_error(src, OSError(failed, os.strerror(failed)))
         if sent == n:
             return n
-        if sent:  # a write failed: the rest goes the Python way, that one written again
-            bufs = bufs[sent:]
+        if werr:  # a relayed write failed: counted once (never tried again), then the rest
+            _write_error(out, OSError(werr, os.strerror(werr)), 1)
+            write_reads(bufs[sent + 1:], None)
+            return n
         answers: list[Packet] = []
         if same:  # no handler, nothing to convert: each buffer is written as read (or joined)
             joined: Iterable[int] | None = None
