@@ -79,6 +79,33 @@ static PyObject *read_drain(PyObject *self, PyObject *args) {
     return bufs == NULL ? NULL : Py_BuildValue("(Nni)", bufs, total, failed);
 }
 
+/* Write fast[start:] (a PySequence_Fast of bytes-like objects) to `fd` in order, one write
+ * each, until one fails: the index it stopped at (the length when none failed), or -1 with
+ * a Python error set. `*nbytes` gets the bytes written, `*err` the failed write's errno or 0.
+ * The one write loop of a drain: read_relay's and write_each's. */
+static Py_ssize_t write_from(int fd, PyObject *fast, Py_ssize_t start, Py_ssize_t *nbytes,
+                             int *err) {
+    Py_ssize_t i = start < 0 ? 0 : start;
+    *nbytes = 0;
+    *err = 0;
+    for (; i < PySequence_Fast_GET_SIZE(fast); i++) {
+        Py_buffer view;
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fast, i), &view, PyBUF_SIMPLE) < 0)
+            return -1;
+        ssize_t put;
+        Py_BEGIN_ALLOW_THREADS
+        put = write(fd, view.buf, (size_t)view.len);
+        Py_END_ALLOW_THREADS
+        PyBuffer_Release(&view);
+        if (put < 0) {
+            *err = errno; /* not retried: the kernel counted it, and so must the caller */
+            break;
+        }
+        *nbytes += put;
+    }
+    return i;
+}
+
 PyDoc_STRVAR(read_relay_doc,
 "read_relay(fd, size, limit, out_fd, relay_max, gso_at)\n"
 "    -> (list[bytes], int, int, int, int, int)\n\n"
@@ -107,18 +134,9 @@ static PyObject *read_relay(PyObject *self, PyObject *args) {
         PyObject *b = PyList_GET_ITEM(bufs, i);
         relay = PyBytes_GET_SIZE(b) > gso_at && PyBytes_AS_STRING(b)[gso_at] == 0;
     }
-    for (Py_ssize_t i = 0; relay && i < n; i++) {
-        PyObject *b = PyList_GET_ITEM(bufs, i);
-        ssize_t put;
-        Py_BEGIN_ALLOW_THREADS
-        put = write(out_fd, PyBytes_AS_STRING(b), (size_t)PyBytes_GET_SIZE(b));
-        Py_END_ALLOW_THREADS
-        if (put < 0) {
-            werr = errno; /* not retried: the kernel counted it, and so must the caller */
-            break;
-        }
-        sent++;
-        sent_bytes += put;
+    if (relay && (sent = write_from(out_fd, bufs, 0, &sent_bytes, &werr)) < 0) {
+        Py_DECREF(bufs);
+        return NULL;
     }
     return Py_BuildValue("(Ninnni)", bufs, total, failed, sent, sent_bytes, werr);
 }
@@ -139,27 +157,11 @@ static PyObject *write_each(PyObject *self, PyObject *args) {
     PyObject *bufs = PySequence_Fast(seq, "write_each: bufs must be a sequence");
     if (bufs == NULL)
         return NULL;
-    Py_ssize_t i = start < 0 ? 0 : start, nbytes = 0;
-    int failed = 0;
-    for (; i < PySequence_Fast_GET_SIZE(bufs); i++) {
-        Py_buffer view;
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(bufs, i), &view, PyBUF_SIMPLE) < 0) {
-            Py_DECREF(bufs);
-            return NULL;
-        }
-        ssize_t put;
-        Py_BEGIN_ALLOW_THREADS
-        put = write(fd, view.buf, (size_t)view.len);
-        Py_END_ALLOW_THREADS
-        PyBuffer_Release(&view);
-        if (put < 0) {
-            failed = errno;
-            break;
-        }
-        nbytes += put;
-    }
+    Py_ssize_t nbytes;
+    int failed;
+    Py_ssize_t i = write_from(fd, bufs, start, &nbytes, &failed);
     Py_DECREF(bufs);
-    return Py_BuildValue("(nni)", i, nbytes, failed);
+    return i < 0 ? NULL : Py_BuildValue("(nni)", i, nbytes, failed);
 }
 
 /* ---- QueueFile: fileno/read/write of one queue, as python-pytun's C methods are ------------
