@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 
 import pytest
@@ -196,3 +197,26 @@ def test_a_recv_cancelled_as_its_packet_arrives_keeps_the_packet() -> None:
         asyncio.run(main())
     finally:
         d.close()
+
+
+def test_a_queue_closed_under_a_waiting_recv_fails_it(dev) -> None:
+    """Closing the Queue itself (not the AsyncQueue) wakes every recv() waiting on it with
+    EBADF: its fd would only leave the event loop's epoll set, and the waiters wait forever.
+    Two AsyncQueues of one Queue are both woken."""
+    async def main() -> None:
+        q = dev.queues[0]
+        first, second = AsyncQueue(q), AsyncQueue(q)
+        waiters = [asyncio.create_task(first.recv()), asyncio.create_task(second.recv())]
+        await asyncio.sleep(0.05)
+        assert not any(w.done() for w in waiters)
+        q.close()
+        for w in waiters:
+            with pytest.raises(MqtunError, match="closed") as err:
+                await asyncio.wait_for(w, 2)
+            assert err.value.errno == errno.EBADF
+        with pytest.raises(MqtunError):
+            await first.recv()
+        first.close()
+        second.close()
+
+    asyncio.run(main())

@@ -148,6 +148,18 @@ def test_adaptive_spin_then_sleep_and_stop_is_prompt() -> None:
     dev.close()
 
 
+def test_two_routes_reading_one_queue_are_refused() -> None:
+    """A queue has one reader: a second route on it would never be drained (epoll holds an
+    fd once), so the loop says so instead of failing with EEXIST."""
+    dev = _device(2)
+    try:
+        with pytest.raises(InvalidArgumentError, match="two routes read the same queue"):
+            IOLoop([Route(dev.queues[0], handler=udp_echo),
+                    Route(dev.queues[0], dev.queues[1])])
+    finally:
+        dev.close()
+
+
 def test_flow_table_follows_the_answering_queue() -> None:
     """Why workers answer on the queue they read from, measured: the kernel steers a flow to
     the queue that last wrote it. Answer every flow on queue 0 and all flows end up there."""
@@ -237,18 +249,22 @@ def test_results_that_are_not_packets_are_drops_and_faults_are_reported(mode: st
     dev.close()
 
 
-def test_a_closed_queue_is_not_a_deleted_device() -> None:
+@pytest.mark.parametrize("mode", ["busy", "adaptive", "epoll", "naive"])
+def test_a_closed_queue_is_not_a_deleted_device(mode: str) -> None:
+    """A queue closed under a running loop ends it with EBADF, also while it sleeps (a closed
+    fd leaves epoll's set without a word: the queue's close watch wakes the loop)."""
     dev = _device()
     q = dev.queues[0]
     with pytest.raises(mqtun.MqtunError, match="closed"), \
             IOLoop([Route(_closed_queue(), handler=udp_echo)]) as lp:
         lp.run()  # closed before: refused at once
-    run = _Running(IOLoop([Route(q, handler=udp_echo)], LoopConfig(mode="busy")))
+    run = _Running(IOLoop([Route(q, handler=udp_echo)], LoopConfig(mode=mode)))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind((LOCAL, 0))
         s.settimeout(1.0)
         assert _ping(s, 2) == 2  # running
-    q.close()  # the application's own close: the loop's next read gives EBADF
+    time.sleep(0.05)  # past any spin: asleep, except in busy mode
+    q.close()  # the application's own close
     run.thread.join(3)
     assert not run.thread.is_alive()
     assert isinstance(run.error, mqtun.MqtunError) and run.error.errno == errno.EBADF

@@ -8,6 +8,7 @@ queue (the kernel keeps none) in a `Counters` buffer that the runtime may place 
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import fcntl
@@ -16,7 +17,7 @@ import select
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from mqtun import _uapi
@@ -447,9 +448,11 @@ class Queue:
         """Poll until the fd is ready (True) or the deadline passes (False)."""
         return bool(self._poll(events, deadline, op))
 
-    def _poll(self, events: int, deadline: float | None, op: str) -> int:
-        """The fd's poll events once ready, 0 when the deadline passed. A close wakes it with
-        EBADF. (A deleted device shows as POLLERR: the read or write that follows says so.)"""
+    @contextlib.contextmanager
+    def close_watch(self, op: str) -> Iterator[tuple[int, int]]:
+        """(fd, closed_fd) for a waiter: `closed_fd` (a pipe's read end) turns readable
+        (POLLHUP) when the queue is closed, so a poll on both wakes then; a closed fd would
+        only leave the poll set without a word. Raises EBADF if the queue is closed."""
         with self._lock:
             if self._closed:
                 raise self._closed_error(op)
@@ -459,6 +462,18 @@ class Queue:
             wake_r = self._wake_r
             fd = self.fd
         try:
+            yield fd, wake_r
+        finally:
+            with self._lock:
+                self._waiters -= 1
+                if self._closed and self._waiters == 0 and self._wake_r >= 0:
+                    os.close(self._wake_r)
+                    self._wake_r = -1
+
+    def _poll(self, events: int, deadline: float | None, op: str) -> int:
+        """The fd's poll events once ready, 0 when the deadline passed. A close wakes it with
+        EBADF. (A deleted device shows as POLLERR: the read or write that follows says so.)"""
+        with self.close_watch(op) as (fd, wake_r):
             poller = select.poll()
             poller.register(fd, events)
             poller.register(wake_r, select.POLLIN)
@@ -475,12 +490,6 @@ class Queue:
                         return revents
                 if deadline is not None and time.monotonic() >= deadline:
                     return 0
-        finally:
-            with self._lock:
-                self._waiters -= 1
-                if self._closed and self._waiters == 0 and self._wake_r >= 0:
-                    os.close(self._wake_r)
-                    self._wake_r = -1
 
     def _raise_if_gone(self, op: str) -> None:
         """Ask the kernel whether the device still exists (TUNGETIFF gives EBADFD if not)."""

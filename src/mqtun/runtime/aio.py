@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import errno
 import os
 from collections.abc import AsyncIterator, Iterable
@@ -80,6 +81,7 @@ class AsyncQueue:
         self._reading = False
         self._error: BaseException | None = None
         self._closed = False
+        self._close_watch = contextlib.ExitStack()  # entered while the fd is watched
 
     # ---- receiving --------------------------------------------------------------------------
     async def recv(self) -> bytes:
@@ -195,12 +197,25 @@ class AsyncQueue:
                 fut.set_result(self._buffer.popleft())
 
     def _watch(self, on: bool) -> None:
+        """Watch the fd while somebody waits, and the queue's close watch beside it: a Queue
+        closed under a waiting recv() fails it with EBADF (its fd would only leave the
+        event loop's epoll, and the waiter wait on)."""
         if on and not self._reading and not self._closed:
-            self._loop.add_reader(self._fd, self._on_readable)
+            watch = self._close_watch
+            fd, shared = watch.enter_context(self.queue.close_watch("read"))
+            closed_fd = os.dup(shared)  # its own number: one reader per fd in an event loop
+            watch.callback(os.close, closed_fd)
+            self._loop.add_reader(closed_fd, self._on_queue_closed)
+            watch.callback(self._loop.remove_reader, closed_fd)
+            self._loop.add_reader(fd, self._on_readable)
             self._reading = True
         elif not on and self._reading:
             self._loop.remove_reader(self._fd)
             self._reading = False
+            self._close_watch.close()
+
+    def _on_queue_closed(self) -> None:
+        self._fail_waiters(self._failure(OSError(errno.EBADF, "closed"), "read"))
 
     def _fail_waiters(self, exc: BaseException) -> None:
         while self._waiters:

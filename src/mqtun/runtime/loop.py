@@ -12,10 +12,10 @@ that does not coalesce writes each buffer as read (zero-copy).
 
 Modes (`LoopConfig.mode`), all with exact per-queue counters:
 
-- ``adaptive`` (the default): drain every ready queue up to `batch` packets, then keep polling
-  with non-blocking reads for `spin_us` microseconds (yielding the CPU between polls) before
-  sleeping in epoll. Cuts the wake-up latency of request/response traffic at the price of a
-  little CPU after each burst.
+- ``adaptive`` (the default): drain every ready queue up to `batch` packets, then keep asking
+  epoll without waiting (one syscall for every queue) for `spin_us` microseconds, yielding the
+  CPU between asks, before sleeping in epoll. Cuts the wake-up latency of request/response
+  traffic at the price of a little CPU after each burst.
 - ``epoll``: drain in batches, sleep in epoll as soon as nothing is queued.
 - ``busy``: never sleep (burns a core; for latency benchmarks).
 - ``naive``: one packet per epoll wake-up (the same path, drains of one): the baseline.
@@ -41,6 +41,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import functools
 import itertools
 import logging
 import operator
@@ -445,6 +446,12 @@ class IOLoop:
                  on_fault: FaultSink | None = None) -> None:
         if not routes:
             raise InvalidArgumentError("an I/O loop needs at least one route")
+        sources = [r.src for r in routes]
+        for i, q in enumerate(sources):
+            if any(q is other for other in sources[:i]):
+                raise InvalidArgumentError(
+                    f"two routes read the same queue of {q.device.known_name}: a queue has one "
+                    "reader; give each route its own queue (or one handler for both jobs)")
         self.routes = list(routes)
         self.config = config or LoopConfig()
         self.faults = HandlerFaults(on_fault)
@@ -480,11 +487,9 @@ class IOLoop:
     def run(self) -> None:
         """Serve the routes until stopped. Raises DeviceGoneError if a device disappears, and
         MqtunError (EBADF) if a queue is closed under it."""
-        for r in self.routes:
-            for q in (r.src, r.out):
-                if q.closed:
-                    raise MqtunError(errno.EBADF, f"queue of {q.device.known_name} is closed",
-                                     op="read")
+        for q in self._queues():
+            if q.closed:
+                raise _closed(q)
         mode = self.config.mode
         if mode == "uring":
             self._run_uring()
@@ -494,12 +499,30 @@ class IOLoop:
             self._run_polling()
 
     # ---- helpers shared by the modes ------------------------------------------------------
-    def _epoll(self) -> select.epoll:
-        ep = select.epoll()
+    def _queues(self) -> list[Queue]:
+        """Every queue the routes read or write, once."""
+        seen: dict[int, Queue] = {}
         for r in self.routes:
-            ep.register(r.src.fd, select.EPOLLIN)
-        ep.register(self._wake_r, select.EPOLLIN)
-        return ep
+            for q in (r.src, r.out):
+                seen.setdefault(id(q), q)
+        return list(seen.values())
+
+    def _epoll(self, stack: contextlib.ExitStack, drain: Callable[[Route], Callable[[], int]],
+               ) -> tuple[select.epoll, dict[int, Callable[[], object]]]:
+        """An epoll on every route's queue, the loop's wake pipe and each queue's close
+        watch, and what to call for each fd it reports: a route's drain; a close ends the
+        loop with EBADF (a closed fd would only leave the epoll set, and the loop sleep on)."""
+        ep = stack.enter_context(select.epoll())
+        on: dict[int, Callable[[], object]] = {}
+        for r in self.routes:
+            on[r.src.fd] = drain(r)
+        for q in self._queues():
+            _fd, closed_fd = stack.enter_context(q.close_watch("read"))
+            on.setdefault(closed_fd, functools.partial(_raise_closed, q))
+        on[self._wake_r] = self._drain_wake
+        for fd in on:
+            ep.register(fd, select.EPOLLIN)
+        return ep, on
 
     def _drain_wake(self) -> None:
         try:
@@ -513,63 +536,51 @@ class IOLoop:
 
     # ---- epoll / adaptive / busy ----------------------------------------------------------
     def _run_polling(self) -> None:
+        """Ask epoll which queues hold packets (one syscall for all of them, where reading
+        each would be one per queue), drain those, and when none does, spin on that question
+        for `spin_us` (yielding the CPU between asks), then sleep in it."""
+        with contextlib.ExitStack() as stack:
+            ep, on = self._epoll(stack, self._drainer)
+            self._poll_until_stopped(ep, on)
+
+    def _poll_until_stopped(self, ep: select.epoll, on: dict[int, Callable[[], object]],
+                            ) -> None:
         cfg = self.config
-        drains = [self._drainer(r) for r in self.routes]
-        by_fd = {r.src.fd: d for r, d in zip(self.routes, drains, strict=True)}
-        ep = self._epoll()
-        wake = self._wake_r
         busy = cfg.mode == "busy"
         spin = 0.0 if cfg.mode == "epoll" else cfg.spin_us / 1e6
         clock = time.perf_counter
         yield_cpu = os.sched_yield
         poll = ep.poll
-        try:
-            while not self._stopping:
-                # drain everything that is queued, round-robin, `batch` packets per queue a turn
-                moved = 0
-                for d in drains:
-                    moved += d()
-                if moved:
-                    continue
-                if busy:
-                    continue
+        until = 0.0  # when the current spin ends (0: not spinning)
+        first = 0 if busy or spin else -1  # epoll mode: the one ask that also sleeps
+        while not self._stopping:
+            # level-triggered: every queue that still holds a packet is reported, in turn (a
+            # drain takes at most `batch` packets of a queue a turn)
+            ready = poll(first)
+            if not ready and not busy:
                 if spin:
-                    until = clock() + spin
-                    while clock() < until and not self._stopping:
-                        for d in drains:
-                            moved += d()
-                        if moved:
-                            break
+                    now = clock()
+                    if not until:
+                        until = now + spin
+                    if now < until:
                         # anything else runnable on this CPU goes first: on a busy machine the
                         # programs at both ends of a flow need the CPU more than the spin does
                         # (measured: 1-connection request/response +17% with another core busy)
                         yield_cpu()
-                    if moved:
                         continue
-                # nothing queued: sleep until a queue is readable (or a stop/wake byte arrives)
-                for fd, _ev in poll(-1):
-                    if fd == wake:
-                        self._drain_wake()
-                    else:
-                        by_fd[fd]()
-        finally:
-            ep.close()
+                ready = poll(-1)  # nothing queued: sleep until a queue is readable
+            until = 0.0
+            for fd, _ev in ready:
+                on[fd]()
 
     # ---- naive: the baseline ------------------------------------------------------------
     def _run_naive(self) -> None:
         """One packet per epoll wake-up (the same packet path, drains of one): the baseline."""
-        ep = self._epoll()
-        drains = {r.src.fd: self._drainer(r, 1) for r in self.routes}
-        wake = self._wake_r
-        try:
+        with contextlib.ExitStack() as stack:
+            ep, on = self._epoll(stack, lambda r: self._drainer(r, 1))
             while not self._stopping:
                 for fd, _ev in ep.poll(-1):
-                    if fd == wake:
-                        self._drain_wake()
-                    else:
-                        drains[fd]()
-        finally:
-            ep.close()
+                    on[fd]()
 
     def _run_uring(self) -> None:
         _run_uring(self)
@@ -584,9 +595,18 @@ def _raise_if_fatal(exc: MqtunError) -> None:
         raise exc
 
 
+def _closed(q: Queue, op: str = "read") -> MqtunError:
+    return MqtunError(errno.EBADF, f"queue of {q.device.known_name} is closed", op=op)
+
+
+def _raise_closed(q: Queue) -> None:
+    """A queue's close watch fired: the loop ends."""
+    raise _closed(q)
+
+
 def _failure(q: Queue, exc: OSError, op: str) -> MqtunError:
     if exc.errno == errno.EBADF or q.closed:
-        return MqtunError(errno.EBADF, f"queue of {q.device.known_name} is closed", op=op)
+        return _closed(q, op)
     return kernel_error(exc, op, q.device.known_name)
 
 
