@@ -64,9 +64,11 @@ from mqtun.stats import (
     READ_BYTES,
     READ_ERRORS,
     READ_PACKETS,
+    READ_WIRE_PACKETS,
     WRITE_ERRORS,
     WRITTEN_BYTES,
     WRITTEN_PACKETS,
+    WRITTEN_WIRE_PACKETS,
     Counters,
     DropReason,
     drop_reason,
@@ -754,8 +756,13 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
             rslots[READ_PACKETS] += n
             rslots[READ_BYTES] += nbytes - rh * n
             if sent or werr:  # relayed: every read a plain packet, one wire packet each
-                wire_read(n)
-                count_written(sent, sbytes, sent)
+                # (counted here as wire_read and count_written count: a call each costs as
+                # much as the counting, on the path of every request/response packet)
+                rslots[READ_WIRE_PACKETS] += n
+                if sent:
+                    wslots[WRITTEN_PACKETS] += sent
+                    wslots[WRITTEN_BYTES] += sbytes - wh * sent
+                    wslots[WRITTEN_WIRE_PACKETS] += sent
         if failed:  # raises if fatal; the buffers read before are served
             _read_error(src, OSError(failed, os.strerror(failed)))
         if sent == n:
