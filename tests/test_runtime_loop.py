@@ -16,7 +16,7 @@ import pytest
 
 import mqtun
 from mqtun.errors import DeviceGoneError, InvalidArgumentError
-from mqtun.runtime.loop import MODES, IOLoop, LoopConfig, Route
+from mqtun.runtime.loop import MODES, IOLoop, LoopConfig, Route, SpinWindow
 
 LOCAL, PEER = "198.18.1.1", "198.18.1.2"
 
@@ -271,6 +271,26 @@ def test_a_closed_queue_is_not_a_deleted_device(mode: str) -> None:
     assert not isinstance(run.error, DeviceGoneError) and "closed" in str(run.error)
     run.loop.close()
     dev.close()
+
+
+def test_the_spin_window_adapts_as_halt_polling_does() -> None:
+    """Sans-IO: a sleep that ended within the most a spin may take grows the window (a longer
+    spin would have met the packet); one that outlasted it shrinks it, down to no spin."""
+    w = SpinWindow(200)
+    assert w.seconds == pytest.approx(50e-6)  # where a loop starts
+    assert w.slept(80e-6) == pytest.approx(100e-6)
+    assert w.slept(150e-6) == pytest.approx(200e-6)
+    assert w.slept(190e-6) == pytest.approx(200e-6)  # never past the most
+    sparse = [w.slept(0.01) for _ in range(8)]  # a packet every 10 ms: no spin pays
+    assert sparse[-1] == 0.0 and sparse == sorted(sparse, reverse=True)
+    assert w.slept(0.01) == 0.0  # stays off while traffic stays sparse
+    assert w.slept(60e-6) == pytest.approx(10e-6)  # a quick packet again: grows from 10 us
+    assert w.slept(60e-6) == pytest.approx(20e-6)
+    off = SpinWindow(0)  # spin_us=0: never spins
+    assert off.seconds == 0.0 and off.slept(1e-6) == 0.0 and off.slept(1.0) == 0.0
+    tiny = SpinWindow(4)  # a most below the grow start: grows straight to it
+    assert tiny.seconds == pytest.approx(4e-6) and tiny.slept(1.0) == 0.0
+    assert tiny.slept(2e-6) == pytest.approx(4e-6)
 
 
 def _closed_queue() -> mqtun.Queue:

@@ -100,3 +100,58 @@ def test_receive_buffer_overflows_are_counted() -> None:
     finally:
         receiver.close()
         sender.close()
+
+
+def test_a_queue_closed_under_a_sleeping_socket_loop_ends_it() -> None:
+    """The tunnel's loop waits as the forward loop does (`serve_ready`, the queue's close
+    watch in its epoll): a queue closed while it sleeps ends it with EBADF at once (it used to
+    notice on its next one-second tick), after it has served traffic."""
+    import errno
+    import threading
+    import time
+
+    from mqtun import Device
+    from mqtun.apps.tunnel import VxlanCodec
+    from mqtun.runtime.sockets import SocketLoop, SocketRoute
+
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    dev = Device.create("sl%d", tap=True, vnet_hdr=True, offloads=0)
+    dev.link.up()
+    q = dev.queues[0]
+    endpoint = UdpEndpoint.bind("127.0.0.1", 4789)
+    loop = SocketLoop(SocketRoute(q, endpoint, "127.0.0.1", 4790, VxlanCodec(7),
+                                  max_frame=1450, mtu=1400))
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            loop.run()
+        except BaseException as exc:  # handed to the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        peer.bind(("127.0.0.1", 4790))
+        thread.start()
+        frame = b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + bytes(46)  # to the TAP's queue
+        peer.sendto(vxlan.encapsulate(frame, 7), ("127.0.0.1", 4789))
+        deadline = time.monotonic() + 2
+        while q.counters.snapshot().written_packets < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert q.counters.snapshot().written_packets == 1  # served: decapsulated, written
+        time.sleep(0.2)  # past any spin: asleep
+        closed_at = time.monotonic()
+        q.close()
+        thread.join(2)
+        assert not thread.is_alive()
+        assert time.monotonic() - closed_at < 0.5
+        assert len(errors) == 1 and isinstance(errors[0], MqtunError)
+        assert errors[0].errno == errno.EBADF and "closed" in str(errors[0])
+    finally:
+        loop.stop()
+        thread.join(2)
+        loop.close()
+        peer.close()
+        endpoint.close()
+        dev.close()

@@ -182,7 +182,8 @@ def _add_forward(sub: Any) -> None:
     p.add_argument("--batch", type=_batch, default=DEFAULT_BATCH,
                    help="packets drained per queue per turn (1..4096)")
     p.add_argument("--spin-us", type=_spin_us, default=DEFAULT_SPIN_US,
-                   help="adaptive mode: microseconds to keep polling before sleeping")
+                   help="adaptive mode: the longest spin (microseconds) before sleeping; the "
+                        "spin adapts below it to how soon packets follow")
     p.add_argument("--user", help="after opening the queues, run as this user (drop root)")
     p.add_argument("--group", help="with --user: run as this group (default: the user's)")
     co = p.add_mutually_exclusive_group()

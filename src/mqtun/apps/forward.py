@@ -37,7 +37,7 @@ from mqtun.apps.handlers import resolve_handler
 from mqtun.apps.supervise import PoolSupervisor
 from mqtun.device import Device
 from mqtun.errors import InvalidArgumentError, MqtunError
-from mqtun.runtime.loop import DEFAULT_MODE, LoopConfig
+from mqtun.runtime.loop import DEFAULT_BATCH, DEFAULT_MODE, DEFAULT_SPIN_US, LoopConfig
 from mqtun.runtime.privileges import drop_privileges, resolve_user
 from mqtun.runtime.workers import WorkerEvent, WorkerPool
 
@@ -64,8 +64,8 @@ class ForwardConfig:
     offload: bool = True
     cpus: str | None = None
     mode: str = DEFAULT_MODE
-    batch: int = 64
-    spin_us: int = 50
+    batch: int = DEFAULT_BATCH
+    spin_us: int = DEFAULT_SPIN_US
     user: str | None = None  # drop to this user after opening the queues
     group: str | None = None  # and this group (default: the user's primary group)
     attach: bool = False  # serve existing devices (e.g. persistent, owner-set) and leave them

@@ -13,9 +13,10 @@ that does not coalesce writes each buffer as read (zero-copy).
 Modes (`LoopConfig.mode`), all with exact per-queue counters:
 
 - ``adaptive`` (the default): drain every ready queue up to `batch` packets, then keep asking
-  epoll without waiting (one syscall for every queue) for `spin_us` microseconds, yielding the
-  CPU between asks, before sleeping in epoll. Cuts the wake-up latency of request/response
-  traffic at the price of a little CPU after each burst.
+  epoll without waiting (one syscall for every queue), yielding the CPU between asks, before
+  sleeping in epoll: for a window of at most `spin_us` that grows while packets keep coming
+  soon after a sleep and shrinks to nothing when they do not (`SpinWindow`). Cuts the wake-up
+  latency of request/response traffic; sparse traffic pays no spin.
 - ``epoll``: drain in batches, sleep in epoll as soon as nothing is queued.
 - ``busy``: never sleep (burns a core; for latency benchmarks).
 - ``naive``: one packet per epoll wake-up (the same path, drains of one): the baseline.
@@ -50,7 +51,7 @@ import select
 import time
 import traceback
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -89,15 +90,18 @@ __all__ = [
     "PacketIO",
     "QueueCounter",
     "Route",
+    "SpinWindow",
+    "drain_pipe",
     "layout_of",
     "run_handler",
+    "serve_ready",
     "uring_available",
 ]
 
 MODES = ("adaptive", "epoll", "busy", "naive", "uring")
 DEFAULT_MODE = "adaptive"
 DEFAULT_BATCH = 64
-DEFAULT_SPIN_US = 50
+DEFAULT_SPIN_US = 200  # the longest spin; the window adapts below it (`serve_ready`)
 
 # What a handler may return: nothing (drop), one packet, or several packets. It gets a wire
 # packet (a Buffer), a SuperPacket (super-packet mode) or a list of wire packets (batch).
@@ -269,7 +273,7 @@ class LoopConfig:
 
     mode: str = DEFAULT_MODE
     batch: int = DEFAULT_BATCH  # most packets drained from one queue before looking at others
-    spin_us: int = DEFAULT_SPIN_US  # adaptive: poll this long after the last packet, then sleep
+    spin_us: int = DEFAULT_SPIN_US  # adaptive: poll at most this long before sleeping
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -521,17 +525,10 @@ class IOLoop:
         for q in self._queues():
             _fd, closed_fd = stack.enter_context(q.close_watch("read"))
             on.setdefault(closed_fd, functools.partial(_raise_closed, q))
-        on[self._wake_r] = self._drain_wake
+        on[self._wake_r] = functools.partial(drain_pipe, self._wake_r)
         for fd in on:
             ep.register(fd, select.EPOLLIN)
         return ep, on
-
-    def _drain_wake(self) -> None:
-        try:
-            while os.read(self._wake_r, 512):
-                pass
-        except OSError:
-            pass
 
     def _drainer(self, route: Route, batch: int | None = None) -> Callable[[], int]:
         return _path_drainer(route, batch or self.config.batch, self.faults)
@@ -540,40 +537,12 @@ class IOLoop:
     def _run_polling(self) -> None:
         """Ask epoll which queues hold packets (one syscall for all of them, where reading
         each would be one per queue), drain those, and when none does, spin on that question
-        for `spin_us` (yielding the CPU between asks), then sleep in it."""
+        (yielding the CPU between asks), then sleep in it: `serve_ready`."""
         with contextlib.ExitStack() as stack:
             ep, on = self._epoll(stack, self._drainer)
-            self._poll_until_stopped(ep, on)
-
-    def _poll_until_stopped(self, ep: select.epoll, on: dict[int, Callable[[], object]],
-                            ) -> None:
-        cfg = self.config
-        busy = cfg.mode == "busy"
-        spin = 0.0 if cfg.mode == "epoll" else cfg.spin_us / 1e6
-        clock = time.perf_counter
-        yield_cpu = os.sched_yield
-        poll = ep.poll
-        until = 0.0  # when the current spin ends (0: not spinning)
-        first = 0 if busy or spin else -1  # epoll mode: the one ask that also sleeps
-        while not self._stopping:
-            # level-triggered: every queue that still holds a packet is reported, in turn (a
-            # drain takes at most `batch` packets of a queue a turn)
-            ready = poll(first)
-            if not ready and not busy:
-                if spin:
-                    now = clock()
-                    if not until:
-                        until = now + spin
-                    if now < until:
-                        # anything else runnable on this CPU goes first: on a busy machine the
-                        # programs at both ends of a flow need the CPU more than the spin does
-                        # (measured: 1-connection request/response +17% with another core busy)
-                        yield_cpu()
-                        continue
-                ready = poll(-1)  # nothing queued: sleep until a queue is readable
-            until = 0.0
-            for fd, _ev in ready:
-                on[fd]()
+            cfg = self.config
+            serve_ready(ep, on, lambda: self._stopping, busy=cfg.mode == "busy",
+                        spin_us=0 if cfg.mode == "epoll" else cfg.spin_us)
 
     # ---- naive: the baseline ------------------------------------------------------------
     def _run_naive(self) -> None:
@@ -586,6 +555,82 @@ class IOLoop:
 
     def _run_uring(self) -> None:
         _run_uring(self)
+
+
+# ---- waiting --------------------------------------------------------------------------------
+SPIN_START_US = 50  # a loop's first spin window
+SPIN_GROW_START_US = 10  # the first window after a spin had shrunk to nothing
+
+
+class SpinWindow:
+    """How long a loop asks again without waiting before it sleeps: at most `most_us`, and
+    adapted as KVM's halt polling adapts its poll. A sleep that ended within `most_us` of
+    the spin's start means a longer spin would have met the packet without a wake-up (the
+    costly part of request/response traffic): the window doubles. A sleep that outlasted
+    `most_us` means traffic is sparse and the spin only burned CPU: the window halves, to
+    nothing. So a ping every millisecond costs no spin, and replies 120 us apart meet one.
+
+    >>> w = SpinWindow(200)
+    >>> w.seconds * 1e6, w.slept(120e-6) * 1e6, w.slept(130e-6) * 1e6
+    (50.0, 100.0, 200.0)
+    >>> tuple(round(w.slept(1e-3) * 1e6) for _ in range(6))
+    (100, 50, 25, 12, 6, 0)
+    """
+
+    __slots__ = ("grow_start", "most", "seconds")
+
+    def __init__(self, most_us: int) -> None:
+        self.most = most_us / 1e6
+        self.grow_start = min(self.most, SPIN_GROW_START_US / 1e6)
+        self.seconds = min(self.most, SPIN_START_US / 1e6)
+
+    def slept(self, waited: float) -> float:
+        """A spin and the sleep after it took `waited` seconds in all: the next window."""
+        if waited > self.most:
+            self.seconds = self.seconds / 2 if self.seconds > self.grow_start else 0.0
+        elif self.seconds < self.most:
+            self.seconds = min(self.most, max(self.grow_start, 2 * self.seconds))
+        return self.seconds
+
+
+def serve_ready(ep: select.epoll, on: Mapping[int, Callable[[], object]],
+                stopping: Callable[[], bool], *, busy: bool = False, spin_us: int = 0,
+                ) -> None:
+    """Until `stopping()`: ask `ep` which fds are ready (level-triggered, so a source left
+    with packets is reported again) and call what `on` names for each; when none is, ask
+    again without waiting for a `SpinWindow` (yielding the CPU between asks: anything else
+    runnable goes first), then sleep in the ask. `busy` never sleeps; `spin_us=0` sleeps at
+    once."""
+    clock = time.perf_counter
+    yield_cpu = os.sched_yield
+    poll = ep.poll
+    spin = SpinWindow(spin_us)
+    window = spin.seconds
+    start = until = 0.0  # the current spin's start and end (0: not spinning)
+    first = 0 if busy or spin_us else -1  # no spin: the one ask that also sleeps
+    while not stopping():
+        ready = poll(first)
+        if not ready and not busy:
+            if spin_us:
+                now = clock()
+                if not until:
+                    start, until = now, now + window
+                if now < until:
+                    yield_cpu()
+                    continue
+            ready = poll(-1)  # nothing ready: sleep until something is
+            if spin_us:
+                window = spin.slept(clock() - start)
+        until = 0.0
+        for fd, _ev in ready:
+            on[fd]()
+
+
+def drain_pipe(fd: int) -> None:
+    """Empty a non-blocking wake pipe (its bytes only said "look again")."""
+    with contextlib.suppress(OSError):
+        while os.read(fd, 512):
+            pass
 
 
 # ---- errors --------------------------------------------------------------------------------

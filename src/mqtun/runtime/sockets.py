@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import ipaddress
 import os
 import select
 import signal
 import socket
 import struct
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -43,7 +43,16 @@ from mqtun.errors import InvalidArgumentError, MqtunError, kernel_error
 from mqtun.packet import ZERO_HEADER, MalformedPacket, VnetHeader, coalesce, decode, encode, split
 from mqtun.packet.gso import Train, split_train
 from mqtun.packet.headers import Buffer
-from mqtun.runtime.loop import Route, _read_error, _write_error
+from mqtun.runtime.loop import (
+    DEFAULT_SPIN_US,
+    Route,
+    _closed,
+    _raise_closed,
+    _read_error,
+    _write_error,
+    drain_pipe,
+    serve_ready,
+)
 from mqtun.stats import (
     READ_BYTES,
     READ_ERRORS,
@@ -370,7 +379,6 @@ class SocketRoute:
 
 
 _DEVICE_READ_SIZE = 65536 + _uapi.VIRTIO_NET_HDR_V1_HASH_TUNNEL_SIZE + 64
-_SPIN_S = 50e-6
 
 
 class SocketLoop:
@@ -410,31 +418,24 @@ class SocketLoop:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
-    def run(self) -> None:
-        qfd = self.queue.fd
-        os.set_blocking(qfd, False)
-        ep = select.epoll()
-        ep.register(qfd, select.EPOLLIN)
-        ep.register(self.route.endpoint.fileno(), select.EPOLLIN)
-        ep.register(self._wake_r, select.EPOLLIN)
-        clock = time.perf_counter
-        try:
-            while not self._stopping:
-                if self._from_device() + self._from_socket():
-                    continue
-                until = clock() + _SPIN_S  # poll a little before sleeping, yielding the CPU
-                moved = 0
-                while not moved and clock() < until and not self._stopping:
-                    os.sched_yield()
-                    moved = self._from_device() + self._from_socket()
-                if moved or self._stopping:
-                    continue
-                for fd, _ev in ep.poll(1.0):
-                    if fd == self._wake_r:
-                        with contextlib.suppress(OSError):
-                            os.read(self._wake_r, 512)
-        finally:
-            ep.close()
+    def run(self, spin_us: int = DEFAULT_SPIN_US) -> None:
+        """Serve until `stop()`: the one wait of every loop (`serve_ready`: ask epoll which
+        of the queue and the socket hold packets, drain those, spin, sleep). A queue closed
+        underneath ends it with EBADF, a deleted device with DeviceGoneError."""
+        q = self.queue
+        if q.closed:
+            raise _closed(q)
+        os.set_blocking(q.fd, False)
+        with contextlib.ExitStack() as stack:
+            ep = stack.enter_context(select.epoll())
+            _fd, closed_fd = stack.enter_context(q.close_watch("read"))
+            on: dict[int, Callable[[], object]] = {
+                q.fd: self._from_device, self.route.endpoint.fileno(): self._from_socket,
+                self._wake_r: functools.partial(drain_pipe, self._wake_r),
+                closed_fd: functools.partial(_raise_closed, q)}
+            for fd in on:
+                ep.register(fd, select.EPOLLIN)
+            serve_ready(ep, on, lambda: self._stopping, spin_us=spin_us)
 
     # ---- device -> socket ---------------------------------------------------------------
     def _from_device(self) -> int:

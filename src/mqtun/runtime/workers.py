@@ -50,7 +50,7 @@ from mqtun import _uapi
 from mqtun.errors import DeviceGoneError, InvalidArgumentError, MqtunError
 from mqtun.packet import accel
 from mqtun.packet.checksum import numpy as load_numpy
-from mqtun.runtime.loop import Handler, IOLoop, LoopConfig, Route, layout_of
+from mqtun.runtime.loop import Handler, IOLoop, LoopConfig, Route, drain_pipe, layout_of
 from mqtun.runtime.path import Coalesce
 from mqtun.runtime.shm import EntryState, Region
 from mqtun.stats import QueueStats
@@ -410,9 +410,7 @@ class WorkerPool:
         except InterruptedError:
             ready = []
         if self._wake_r in ready:
-            with contextlib.suppress(OSError):
-                while os.read(self._wake_r, 512):
-                    pass
+            drain_pipe(self._wake_r)
         self._read_reports()
         for w in live:
             if w.pidfd < 0 or w.pidfd in ready or not ready:
