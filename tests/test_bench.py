@@ -22,6 +22,7 @@ import mqtun
 from mqtun.apps.bench import (
     CONFIGS,
     SHORT_CONFIGS,
+    SPARSE_RATE,
     WORKLOADS,
     BenchResult,
     Sample,
@@ -117,11 +118,12 @@ def test_results_json_values_are_in_the_units_it_names(tmp_path: Path) -> None:
     beside bits, not "Gbit/s"); what the table divides by is said apart."""
     proc = subprocess.run(
         [sys.executable, "-m", "mqtun", "bench", "--short", "--configs", "veth",
-         "--workloads", "tcp1,rr1,udp16", "--out", str(tmp_path)],
+         "--workloads", "tcp1,rr1,rr1k,udp16", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=120, env=_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads((tmp_path / "results.json").read_text())
-    assert data["units"] == {"tcp1": "bit/s", "rr1": "trans/s", "udp16": "pkt/s"}
+    assert data["units"] == {"tcp1": "bit/s", "rr1": "trans/s", "rr1k": "trans/s",
+                             "udp16": "pkt/s"}
     assert data["display"]["tcp1"] == {"unit": "Gbit/s", "divide_by": 1e9}
     for s in data["samples"]:
         assert data["units"][s["workload"]] == f"{s['count_unit']}/s"
@@ -132,6 +134,10 @@ def test_results_json_values_are_in_the_units_it_names(tmp_path: Path) -> None:
     # iperf3's own bits per second agree with a count in bits (not bytes, not Gbit)
     tcp = next(s for s in data["samples"] if s["workload"] == "tcp1")
     assert tcp["count"] % 8 == 0 and tcp["value"] > 1e6
+    # the sparse request/response is paced: sockperf never goes past the rate it was given
+    sparse = next(s for s in data["samples"] if s["workload"] == "rr1k")
+    assert 0 < sparse["value"] <= 1.1 * SPARSE_RATE
+    assert all(0 <= s["steal"] <= 100 for s in data["samples"])  # the hypervisor's share
 
 
 # A meta-path finder that makes the named top-level packages unimportable, for every Python

@@ -25,6 +25,9 @@ Workloads, each measured with a standard tool in A (client) and B (server):
     rr1, rr8     TCP request/response of 64 bytes, 1 and 8 connections (sockperf ping-pong
                  --tcp --full-rtt, one client per connection): transactions/s summed, and the
                  round trip's p50/p99 (the median over the clients of each client's percentile)
+    rr1k         the same, 1 connection paced at 1,000 transactions/s (sockperf --mps): sparse
+                 traffic, where the forwarder's CPU is what waiting costs (a spin that does not
+                 pay shows here)
     udp16        UDP 64-byte datagrams from 16 flows (sockperf throughput to 16 ports):
                  datagrams/s delivered to B's sockets (B's Udp InDatagrams), the loss against
                  what A sent (OutDatagrams), and where it was lost: before the forwarder (A's
@@ -33,7 +36,8 @@ Workloads, each measured with a standard tool in A (client) and B (server):
 
 Per run also the forwarder's CPU (utime + stime of every process in F: % of one core, CPU
 microseconds per packet it wrote -- the kernel's rx counters of both devices -- and bit/s,
-packets or transactions per forwarder CPU-second) and the machine's (/proc/stat, % of all cores).
+packets or transactions per forwarder CPU-second) and the machine's (/proc/stat, % of all cores,
+and the steal: the share of the cores' time a hypervisor gave to other guests, a VM's noise).
 
 Repeats are interleaved (config after config, then again), so a noisy moment hits all alike;
 the report gives medians with min-max, ratios to a baseline of the same run and the targets of
@@ -75,9 +79,10 @@ from mqtun.apps.topology import (
 from mqtun.errors import InvalidArgumentError, MqtunError
 from mqtun.netns import NetNamespace
 
-__all__ = ["CONFIGS", "DEFAULT_REPEAT", "DESCRIPTIONS", "WORKLOADS", "BenchResult", "Sample",
-           "Target", "baseline", "build_c_forwarder", "feed_files", "measure", "parse_ping_pong",
-           "plan", "render_markdown", "run_bench", "targets", "write_chart", "write_report"]
+__all__ = ["CONFIGS", "DEFAULT_REPEAT", "DESCRIPTIONS", "SPARSE_RATE", "WORKLOADS",
+           "BenchResult", "Sample", "Target", "baseline", "build_c_forwarder", "feed_files",
+           "measure", "parse_ping_pong", "plan", "render_markdown", "run_bench", "targets",
+           "write_chart", "write_report"]
 
 CONFIGS: dict[str, ForwarderSpec] = {
     "veth": ForwarderSpec("veth"),
@@ -148,9 +153,11 @@ WORKLOADS: dict[str, Workload] = {w.key: w for w in (
     Workload("tcp4", "TCP stream, 4 flows", "bit", "Gbit/s", 1e9, "iperf3"),
     Workload("rr1", "TCP req/resp, 1 conn", "trans", "k trans/s", 1e3, "sockperf"),
     Workload("rr8", "TCP req/resp, 8 conns", "trans", "k trans/s", 1e3, "sockperf"),
+    Workload("rr1k", "TCP req/resp, 1 conn at 1k/s", "trans", "k trans/s", 1e3, "sockperf"),
     Workload("udp16", "UDP 64 B, 16 flows", "pkt", "k pkt/s", 1e3, "sockperf"),
 )}
 IPERF_PORT, RR_PORT, UDP_BASE_PORT, UDP_FLOWS = 5201, 11111, 12000, 16
+SPARSE_RATE = 1000  # rr1k: transactions/s
 
 
 @dataclass
@@ -175,6 +182,7 @@ class Sample:
     lost_after: int | None = None  # udp16: reached B's UDP, not delivered to B's sockets
     p50_us: float | None = None  # rr*: round trip, median over the clients
     p99_us: float | None = None
+    steal: float = 0.0  # % of all cores' time the hypervisor ran others instead
 
     @property
     def cpu_us_per_packet(self) -> float | None:
@@ -364,7 +372,12 @@ def _describe(s: Sample) -> str:
     text += f"  fwd cpu {s.forwarder_cpu:.0f}%"
     if s.cpu_us_per_packet is not None:
         text += f" {s.cpu_us_per_packet:.2f} us/pkt"
-    return text + f"  machine {s.machine_cpu:.0f}%"
+    return text + f"  machine {s.machine_cpu:.0f}%" + _steal(s.steal)
+
+
+def _steal(pct: float | None) -> str:
+    """", steal 6%" where a hypervisor took a visible share of the run (nothing where not)."""
+    return f", steal {pct:.0f}%" if pct is not None and pct >= 0.5 else ""
 
 
 def _loadavg() -> str:
@@ -381,13 +394,13 @@ def feed_files(d: Path) -> dict[str, str]:
     return {"tcp": str(tcp), "udp": str(udp)}
 
 
-def _machine_busy() -> tuple[int, int]:
-    """(busy, total) jiffies of all CPUs from /proc/stat."""
+def _machine_busy() -> tuple[int, int, int]:
+    """(busy, total, steal) jiffies of all CPUs from /proc/stat (busy includes the steal)."""
     with open("/proc/stat") as f:
         vals = [int(x) for x in f.readline().split()[1:]]
     idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
     total = sum(vals[:8])  # guest time is already in user
-    return total - idle, total
+    return total - idle, total, vals[7] if len(vals) > 7 else 0
 
 
 @contextlib.contextmanager
@@ -435,11 +448,11 @@ class _Meter:
     def __init__(self, topo: Topology) -> None:
         self.topo = topo
         self.pids = topo.forwarder_pids()
-        self.forwarder = self.machine = self.cpu_s = 0.0
+        self.forwarder = self.machine = self.cpu_s = self.steal = 0.0
         self.links: tuple[LinkCounters, LinkCounters] | None = None
         self._t0 = 0.0
         self._c0 = 0.0
-        self._m0 = (0, 0)
+        self._m0 = (0, 0, 0)
         self._l0: tuple[LinkCounters, LinkCounters] | None = None
 
     def start(self) -> None:
@@ -447,13 +460,15 @@ class _Meter:
         self._c0, self._m0, self._t0 = cpu_seconds(self.pids), _machine_busy(), time.monotonic()
 
     def stop(self) -> None:
-        c1, (busy1, total1), wall = (cpu_seconds(self.pids), _machine_busy(),
-                                     time.monotonic() - self._t0)
+        c1, (busy1, total1, steal1), wall = (cpu_seconds(self.pids), _machine_busy(),
+                                             time.monotonic() - self._t0)
         a1, b1 = self.topo.link_counters()
-        busy0, total0 = self._m0
+        busy0, total0, steal0 = self._m0
         self.cpu_s = c1 - self._c0
         self.forwarder = 100 * self.cpu_s / wall if wall > 0 else 0.0
-        self.machine = 100 * (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0
+        if total1 > total0:
+            self.machine = 100 * (busy1 - busy0) / (total1 - total0)
+            self.steal = 100 * (steal1 - steal0) / (total1 - total0)
         if self._l0 is not None:
             self.links = (a1 - self._l0[0], b1 - self._l0[1])
 
@@ -493,13 +508,15 @@ def measure(topo: Topology, config: str, workload: str, rep: int, seconds: float
         "tcp4": lambda: _iperf(a, b, 4, seconds),
         "rr1": lambda: _rr(a, b, 1, seconds, feeds),
         "rr8": lambda: _rr(a, b, 8, seconds, feeds),
+        "rr1k": lambda: _rr(a, b, 1, seconds, feeds, rate=SPARSE_RATE),
         "udp16": lambda: _udp(a, b, seconds, feeds)}
     meter = _Meter(topo)
     fig = clients[workload]()(meter)
     w = WORKLOADS[workload]
     s = Sample(config, workload, rep, fig.count / fig.seconds if fig.seconds else 0.0,
                fig.count, w.count_unit, fig.seconds, meter.forwarder, meter.cpu_s,
-               meter.machine, meter.forwarded, fig.loss, p50_us=fig.p50_us, p99_us=fig.p99_us)
+               meter.machine, meter.forwarded, fig.loss, p50_us=fig.p50_us, p99_us=fig.p99_us,
+               steal=meter.steal)
     if fig.sent is not None and fig.received is not None and fig.links is not None:
         da = fig.links[0]
         s.sent = fig.sent
@@ -578,12 +595,13 @@ def parse_ping_pong(text: str) -> tuple[float, int, dict[float, float]]:
 
 
 def _rr(a: NetNamespace, b: NetNamespace, conns: int, seconds: float,
-        feeds: dict[str, str]) -> Client:
+        feeds: dict[str, str], rate: int | None = None) -> Client:
     def client(meter: _Meter) -> _Figures:
         with _server(b, ["sockperf", "server", "-f", feeds["tcp"], "-F", "e"], "tcp",
                      [RR_PORT]):
             argv = ["sockperf", "ping-pong", "--tcp", "--dontwarmup", "--full-rtt", "-i", B_IP,
-                    "-p", str(RR_PORT), "-t", str(max(1, round(seconds))), "-m", "64"]
+                    "-p", str(RR_PORT), "-t", str(max(1, round(seconds))), "-m", "64",
+                    *(["--mps", str(rate)] if rate else [])]
             procs = [a.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True) for _ in range(conns)]
             outs = _sockperf_outputs(procs, meter, seconds + 30)
@@ -749,7 +767,8 @@ def render_markdown(r: BenchResult) -> str:
     lines += ["", "Forwarder CPU, medians: % of one core; CPU microseconds per packet it wrote "
               "(both directions; with offloads a TCP packet, and a coalesced run of UDP "
               "datagrams, is one super-packet); for streams "
-              "also Gbit/s per forwarder core. Machine: % of all cores.", ""]
+              "also Gbit/s per forwarder core. Machine: % of all cores (steal: of their "
+              "time, what a hypervisor gave to other guests).", ""]
     rows = []
     for c in r.configs:
         cells = [c]
@@ -765,7 +784,7 @@ def render_markdown(r: BenchResult) -> str:
             per = r.median(c, w.key, "per_core")
             if per is not None and w.count_unit == "bit":
                 cell += f", {per / 1e9:.1f} Gbit/s/core"
-            cells.append(cell + f" (machine {m:.0f}%)")
+            cells.append(cell + f" (machine {m:.0f}%{_steal(r.median(c, w.key, 'steal'))})")
         rows.append(cells)
     lines += _table(["config", *(w.title for w in wls)], rows)
 
@@ -982,6 +1001,7 @@ def _summary(r: BenchResult) -> dict[str, dict[str, dict[str, object]]]:
                 "max": sp[1] if sp else None, "unit": wl.value_unit,
                 "forwarder_cpu_pct": r.median(c, w, "forwarder_cpu"),
                 "machine_cpu_pct": r.median(c, w, "machine_cpu"),
+                "steal_pct": r.median(c, w, "steal"),
                 "cpu_us_per_packet": r.median(c, w, "cpu_us_per_packet"),
                 "per_forwarder_core": r.median(c, w, "per_core"),
                 "per_forwarder_core_unit": wl.value_unit,
