@@ -239,3 +239,42 @@ def test_chart_and_table_from_a_full_synthetic_run(tmp_path: Path) -> None:
     assert md.count("| met |") + md.count("| missed") == len(targets(r))
     write_chart(r, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_run_with_too_much_steal_is_measured_again_and_said(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run during which the hypervisor took more than `max_steal` of the cores is measured
+    again, at most STEAL_RETRIES times (the last attempt is kept whatever its steal), and the
+    table says how many were. The namespaces and tools are replaced here: what is tested is
+    the bench's bookkeeping, not a measurement."""
+    from mqtun.apps import bench
+
+    steals = iter([50.0, 3.0, 60.0, 70.0, 80.0, 0.0])  # run 1: one retry; run 2: kept at 80
+
+    def fake_measure(topo: object, config: str, workload: str, rep: int, *_: object
+                     ) -> Sample:
+        return Sample(config, workload, rep, 1.0, 1, "trans", 1.0, 0.0, 0.0, 50.0,
+                      steal=next(steals))
+
+    class FakeTopology:
+        def __init__(self, spec: object) -> None:
+            pass
+
+        def __enter__(self) -> FakeTopology:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    monkeypatch.setattr(bench, "Topology", FakeTopology)
+    lines: list[str] = []
+    r = bench.run_bench(["veth"], ["rr1"], repeat=3, max_steal=10.0, progress=lines.append)
+    assert [(s.steal, s.steal_retries) for s in r.samples] == [(3.0, 1), (80.0, 2), (0.0, 0)]
+    assert sum("measured again" in ln for ln in lines) == 3
+    md = render_markdown(r)
+    assert "3 run(s) were measured again" in md and "1 stayed above it" in md
+    steals = iter([90.0])
+    r = bench.run_bench(["veth"], ["rr1"], repeat=1, max_steal=100.0)  # keeps every run
+    assert [(s.steal, s.steal_retries) for s in r.samples] == [(90.0, 0)]
+    assert "measured again" not in render_markdown(r)
