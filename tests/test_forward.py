@@ -139,7 +139,10 @@ def _place(dev: str, ns: NetNamespace, v4: str, v6: str | None) -> None:
     ns.run(["ip", "addr", "add", f"{v4}/24", "dev", dev])
     if v6:
         ns.run(["ip", "addr", "add", f"{v6}/64", "dev", dev, "nodad"])
-    ns.run(["ip", "link", "set", dev, "up"])
+    # room for a whole test burst on each queue: a worker the hypervisor or a busy neighbour
+    # keeps off its CPU for tens of milliseconds reads it late, not never (the default 1000
+    # lets the kernel drop the rest before mqtun sees it: test_tunnel's burst did)
+    ns.run(["ip", "link", "set", dev, "txqueuelen", "4096", "up"])
 
 
 def _running(forward: Callable[..., ForwardProc], make_netns: Callable[[], NetNamespace],

@@ -311,7 +311,12 @@ def test_concurrent_flows_arrive_in_order(make_netns: Callable[[], NetNamespace]
     """Two queues, six UDP flows each way at once, sequence-numbered: each flow is carried by
     one worker, so nothing within a flow is reordered (some loss would be tolerated)."""
     lab = make_lab(make_netns(), v6=False)
-    tp, _dev = _start(lab, tunnel, 2)
+    tp, dev = _start(lab, tunnel, 2)
+    # room on the TAP's queues for the whole burst (1800 frames): a worker whose CPU the
+    # hypervisor or a busy neighbour takes for tens of milliseconds reads them late, not never
+    # (with the default 1000, a worker kept off its CPU for 36 ms lost 440 frames to the
+    # kernel's full ring, before mqtun saw them)
+    subprocess.run(["ip", "link", "set", dev, "txqueuelen", "4096"], check=True)
     _ping(INNER_B, count=1)
     _ping(INNER_A, lab.b, count=1)
     count = 300
