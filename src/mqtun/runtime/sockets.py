@@ -52,6 +52,7 @@ from mqtun.runtime.loop import (
     _write_error,
     drain_pipe,
     serve_ready,
+    stop_flag,
 )
 from mqtun.stats import (
     READ_BYTES,
@@ -435,7 +436,7 @@ class SocketLoop:
                 closed_fd: functools.partial(_raise_closed, q)}
             for fd in on:
                 ep.register(fd, select.EPOLLIN)
-            serve_ready(ep, on, lambda: self._stopping, spin_us=spin_us)
+            serve_ready(ep, on, stop_flag(self), spin_us=spin_us)
 
     # ---- device -> socket ---------------------------------------------------------------
     def _from_device(self) -> int:
