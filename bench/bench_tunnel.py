@@ -275,9 +275,12 @@ def main() -> int:
         lines += ["", "| new / old | " + " | ".join(workloads) + " |",
                   "|---|" + "---|" * len(workloads)]
         for q in ("1q", "2q"):
-            cells = [f"{med[(f'mqtun-{q}', w)] / med[(f'old-{q}', w)]:.3f}"
-                     if med[(f"old-{q}", w)] > 0 else "-" for w in workloads]
-            lines.append(f"| {q} | " + " | ".join(cells) + " |")
+            new, old = ([med.get((f"{kind}-{q}", w), 0.0) for w in workloads]
+                        for kind in ("mqtun", "old"))
+            if any(new) and any(old):  # both measured (--configs may leave a pair out)
+                cells = [f"{n / o:.3f}" if n > 0 and o > 0 else "-"
+                         for n, o in zip(new, old, strict=True)]
+                lines.append(f"| {q} | " + " | ".join(cells) + " |")
     emit("\n".join(lines) + "\n", args.out)
     return 0
 

@@ -273,8 +273,18 @@ def test_a_run_with_too_much_steal_is_measured_again_and_said(
     assert [(s.steal, s.steal_retries) for s in r.samples] == [(3.0, 1), (80.0, 2), (0.0, 0)]
     assert sum("measured again" in ln for ln in lines) == 3
     md = render_markdown(r)
-    assert "3 run(s) were measured again" in md and "1 stayed above it" in md
+    assert "3 run(s) were measured again" in md and "1 stayed above it and was kept" in md
     steals = iter([90.0])
     r = bench.run_bench(["veth"], ["rr1"], repeat=1, max_steal=100.0)  # keeps every run
     assert [(s.steal, s.steal_retries) for s in r.samples] == [(90.0, 0)]
     assert "measured again" not in render_markdown(r)
+
+
+def test_a_target_missed_by_less_than_a_percent_says_by_how_much() -> None:
+    """"missed by 0%" said nothing: under a whole percent the shortfall gets a decimal."""
+    r = BenchResult(["mqtun-1q", "c-1q"], ["udp16"], 1.0, 1)
+    for config, value in (("mqtun-1q", 1196.0), ("c-1q", 1000.0)):  # 1.196x against 1.2
+        r.samples.append(Sample(config, "udp16", 0, value, int(value), "pkt", 1.0, 50.0, 0.5,
+                                60.0, 900))
+    md = render_markdown(r)
+    assert "| 1.20x | missed by 0.3% |" in md

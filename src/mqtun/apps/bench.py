@@ -750,6 +750,11 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
+def _pct(share: float) -> str:
+    """A shortfall as a percentage: "6%", and "0.2%" where whole percents would say 0%."""
+    return f"{share:.0%}" if share >= 0.01 else f"{share:.1%}"
+
+
 def _steal_note(r: BenchResult) -> str:
     """How many runs were measured again because a hypervisor took too much of the CPUs."""
     again = sum(s.steal_retries for s in r.samples)
@@ -759,7 +764,8 @@ def _steal_note(r: BenchResult) -> str:
         r.machine.get("max_steal_pct", DEFAULT_MAX_STEAL)))
     return (f" {again} run(s) were measured again because the hypervisor's steal passed "
             f"{r.machine.get('max_steal_pct', DEFAULT_MAX_STEAL)}% of the cores"
-            + (f"; {still} stayed above it and were kept" if still else "") + ".")
+            + (f"; {still} stayed above it and {'was' if still == 1 else 'were'} kept"
+               if still else "") + ".")
 
 
 def render_markdown(r: BenchResult) -> str:
@@ -851,7 +857,7 @@ def render_markdown(r: BenchResult) -> str:
         lines += ["", "Targets (ratios of medians of this run):", ""]
         lines += _table(["target", "measured", ""], [
             [t.text, f"{t.measured:.2f}x" if t.measured is not None else "-",
-             t.status + (f" by {t.shortfall:.0%}" if t.shortfall is not None else "")]
+             t.status + (f" by {_pct(t.shortfall)}" if t.shortfall is not None else "")]
             for t in ts])
     lines += ["", "Configurations:", ""]
     lines += [f"- {c}: {DESCRIPTIONS[c]}" for c in r.configs]

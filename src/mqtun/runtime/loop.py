@@ -694,6 +694,8 @@ def _the_same(answers: list[Packet], start: int, wire: list[Buffer], first: int,
 # A plain forwarder joins a drain of at least this many reads (PacketPath.reads_joiner): a
 # queue that backs up gives large drains, where joining pays (UDP 64 B 1.21x the C forwarder);
 # the few reads of request/response traffic join nothing and would only pay for the look.
+# Measured (docs/benchmarks.md): 8 buys 8-connection request/response nothing over 4, and
+# never joining costs UDP 16%.
 _JOIN_READS_MIN: Final = 4
 
 # ---- drainers: one closure per route, locals bound for speed -------------------------------
