@@ -760,10 +760,10 @@ def _steal_note(r: BenchResult) -> str:
     again = sum(s.steal_retries for s in r.samples)
     if not again:
         return ""
-    still = sum(1 for s in r.samples if s.steal_retries and s.steal > float(
-        r.machine.get("max_steal_pct", DEFAULT_MAX_STEAL)))
+    bound = r.machine.get("max_steal_pct", f"{DEFAULT_MAX_STEAL:g}")
+    still = sum(1 for s in r.samples if s.steal_retries and s.steal > float(bound))
     return (f" {again} run(s) were measured again because the hypervisor's steal passed "
-            f"{r.machine.get('max_steal_pct', DEFAULT_MAX_STEAL)}% of the cores"
+            f"{bound}% of the cores"
             + (f"; {still} stayed above it and {'was' if still == 1 else 'were'} kept"
                if still else "") + ".")
 

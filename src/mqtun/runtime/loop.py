@@ -97,6 +97,7 @@ __all__ = [
     "serve_ready",
     "stop_flag",
     "uring_available",
+    "watched_epoll",
 ]
 
 MODES = ("adaptive", "epoll", "busy", "naive", "uring")
@@ -516,20 +517,10 @@ class IOLoop:
 
     def _epoll(self, stack: contextlib.ExitStack, drain: Callable[[Route], Callable[[], int]],
                ) -> tuple[select.epoll, dict[int, Callable[[], object]]]:
-        """An epoll on every route's queue, the loop's wake pipe and each queue's close
-        watch, and what to call for each fd it reports: a route's drain; a close ends the
-        loop with EBADF (a closed fd would only leave the epoll set, and the loop sleep on)."""
-        ep = stack.enter_context(select.epoll())
-        on: dict[int, Callable[[], object]] = {}
-        for r in self.routes:
-            on[r.src.fd] = drain(r)
-        for q in self._queues():
-            _fd, closed_fd = stack.enter_context(q.close_watch("read"))
-            on.setdefault(closed_fd, functools.partial(_raise_closed, q))
-        on[self._wake_r] = functools.partial(drain_pipe, self._wake_r)
-        for fd in on:
-            ep.register(fd, select.EPOLLIN)
-        return ep, on
+        """An epoll on every route's queue (`watched_epoll`), and what to call for each fd it
+        reports: a route's drain."""
+        on: dict[int, Callable[[], object]] = {r.src.fd: drain(r) for r in self.routes}
+        return watched_epoll(stack, on, self._queues(), self._wake_r), on
 
     def _drainer(self, route: Route, batch: int | None = None) -> Callable[[], int]:
         return _path_drainer(route, batch or self.config.batch, self.faults)
@@ -600,6 +591,22 @@ def stop_flag(owner: object) -> Callable[[], bool]:
     return functools.partial(operator.attrgetter("_stopping"), owner)
 
 
+def watched_epoll(stack: contextlib.ExitStack, on: dict[int, Callable[[], object]],
+                  queues: Iterable[Queue], wake_r: int) -> select.epoll:
+    """An epoll (closed with `stack`) on the fds of `on` (a source's fd -> its drain), the
+    loop's wake pipe `wake_r` and each queue's close watch, the last two added to `on`: a
+    close ends the loop with EBADF (a closed fd would only leave the epoll set, and the loop
+    sleep on)."""
+    ep = stack.enter_context(select.epoll())
+    for q in queues:
+        _fd, closed_fd = stack.enter_context(q.close_watch("read"))
+        on.setdefault(closed_fd, functools.partial(_raise_closed, q))
+    on[wake_r] = functools.partial(drain_pipe, wake_r)
+    for fd in on:
+        ep.register(fd, select.EPOLLIN)
+    return ep
+
+
 def serve_ready(ep: select.epoll, on: Mapping[int, Callable[[], object]],
                 stopping: Callable[[], bool], *, busy: bool = False, spin_us: int = 0,
                 ) -> None:
@@ -612,7 +619,6 @@ def serve_ready(ep: select.epoll, on: Mapping[int, Callable[[], object]],
     yield_cpu = os.sched_yield
     poll = ep.poll
     spin = SpinWindow(spin_us)
-    window = spin.seconds
     start = until = 0.0  # the current spin's start and end (0: not spinning)
     first = 0 if busy or spin_us else -1  # no spin: the one ask that also sleeps
     while not stopping():
@@ -621,13 +627,13 @@ def serve_ready(ep: select.epoll, on: Mapping[int, Callable[[], object]],
             if spin_us:
                 now = clock()
                 if not until:
-                    start, until = now, now + window
+                    start, until = now, now + spin.seconds
                 if now < until:
                     yield_cpu()
                     continue
             ready = poll(-1)  # nothing ready: sleep until something is
             if spin_us:
-                window = spin.slept(clock() - start)
+                spin.slept(clock() - start)
         until = 0.0
         for fd, _ev in ready:
             on[fd]()

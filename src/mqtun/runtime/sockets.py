@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import ipaddress
 import os
-import select
 import signal
 import socket
 import struct
@@ -47,12 +45,11 @@ from mqtun.runtime.loop import (
     DEFAULT_SPIN_US,
     Route,
     _closed,
-    _raise_closed,
     _read_error,
     _write_error,
-    drain_pipe,
     serve_ready,
     stop_flag,
+    watched_epoll,
 )
 from mqtun.stats import (
     READ_BYTES,
@@ -428,14 +425,9 @@ class SocketLoop:
             raise _closed(q)
         os.set_blocking(q.fd, False)
         with contextlib.ExitStack() as stack:
-            ep = stack.enter_context(select.epoll())
-            _fd, closed_fd = stack.enter_context(q.close_watch("read"))
             on: dict[int, Callable[[], object]] = {
-                q.fd: self._from_device, self.route.endpoint.fileno(): self._from_socket,
-                self._wake_r: functools.partial(drain_pipe, self._wake_r),
-                closed_fd: functools.partial(_raise_closed, q)}
-            for fd in on:
-                ep.register(fd, select.EPOLLIN)
+                q.fd: self._from_device, self.route.endpoint.fileno(): self._from_socket}
+            ep = watched_epoll(stack, on, [q], self._wake_r)
             serve_ready(ep, on, stop_flag(self), spin_us=spin_us)
 
     # ---- device -> socket ---------------------------------------------------------------
