@@ -293,7 +293,7 @@ def test_datagrams_a_handler_returns_unchanged_are_joined_as_plain_forward_joins
 def test_a_plain_forward_drain_written_in_c_counts_every_refused_write_once(
         make_netns: Callable[[], NetNamespace]) -> None:
     """No handler, one layout: a drain of a few plain reads is written in the call that read
-    it (`read_relay`, where built). While B is down every write fails (EIO): the rest of the
+    it (`RelayDrain`, in C where built). While B is down every write fails (EIO): the rest of the
     drain goes the Python way, and each datagram is one write error and one link-down drop,
     never two; once B is up again every datagram arrives. The counters reconcile throughout."""
     with middlebox(make_netns, tap=False, offloads=OFFLOADS, b_offloads=OFFLOADS) as (

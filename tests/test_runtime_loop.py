@@ -11,6 +11,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -326,7 +327,6 @@ def test_a_drain_reads_until_empty_or_the_limit_and_reports_a_failed_read(
     """The drain's read loop (C where it is built, else Python): every datagram queued, each
     in a buffer of its own of at most `size`, up to `limit`; an empty queue is no error; any
     other failure is its errno, with what was read before it."""
-    from collections.abc import Callable
 
     assert callable(read_drain)
     fn: Callable[[int, int, int], tuple[list[bytes], int, int]] = read_drain  # type: ignore[assignment]
@@ -356,7 +356,7 @@ def test_a_drain_is_written_in_order_until_a_write_fails(write_each: object) -> 
     """The drain's write loop (C where it is built, else Python): every buffer from `start`
     on, any bytes-like kind, one write each; a write that fails stops it at its index with
     its errno, the bytes of those before it counted, so that the caller goes on after it."""
-    from collections.abc import Callable, Sequence
+    from collections.abc import Sequence
 
     assert callable(write_each)
     fn: Callable[[int, Sequence[object], int], tuple[int, int, int]] = write_each  # type: ignore[assignment]
@@ -376,54 +376,181 @@ def test_a_drain_is_written_in_order_until_a_write_fails(write_each: object) -> 
     assert fn(fd, bufs, 1) == (1, 0, errno.EBADF)
 
 
-def test_a_small_plain_drain_is_written_in_the_call_that_read_it() -> None:
-    """read_relay (C): the drain as read_drain reads it; written to `out_fd` in order only
-    when it holds 1 to `relay_max` buffers and none has a gso_type at `gso_at`; a write that
-    fails stops it, is not tried again, and its errno and the count say which were written
-    (the caller counts that one and writes the rest)."""
-    relay = getattr(queue_module(), "_read_relay_c", None)
-    if relay is None:
-        pytest.skip("mqtun._reads is not built")
+def _relay_drains() -> list[object]:
+    from mqtun import queue
+
+    c = getattr(queue, "_RelayDrain_c", None)
+    return [queue.RelayDrainPython] + ([c] if c is not None else [])
+
+
+@pytest.mark.parametrize("relay_drain", _relay_drains(), ids=lambda t: getattr(t, "__module__", ""))
+def test_a_small_plain_drain_is_written_in_the_call_that_read_it(relay_drain: object) -> None:
+    """RelayDrain (C where it is built, else Python): the drain as read_drain reads it, its
+    reads counted; written to `out_fd` in order only when it holds 1 to `relay_max` buffers
+    and none has a gso_type at `gso_at`, counted as written; anything else, or a failed read
+    or write, goes to `rest` with what was done (a failed write is not tried again)."""
+    from mqtun.queue import RELAY_SLOTS
+    from mqtun.stats import (
+        READ_BYTES,
+        READ_PACKETS,
+        READ_WIRE_PACKETS,
+        WRITTEN_BYTES,
+        WRITTEN_PACKETS,
+        WRITTEN_WIRE_PACKETS,
+        Counters,
+    )
+
+    assert callable(relay_drain)
     src_r, src_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     out_r, out_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rested: list[tuple[list[bytes], int, int, int]] = []
+
+    def rest(bufs: list[bytes], failed: int, sent: int, werr: int) -> int:
+        rested.append((bufs, failed, sent, werr))
+        return -len(bufs)
+
+    def make(in_fd: int, out_fd: int, relay_max: int, gso_at: int,
+             rc: Counters, wc: Counters) -> Callable[[], int]:  # fmt: skip
+        return relay_drain(in_fd, 100, 64, out_fd, relay_max, gso_at,  # type: ignore[no-any-return]
+                           rc.slots, wc.slots, RELAY_SLOTS, 2, 1, rest)
+
+    def written() -> list[bytes]:
+        got = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                got.append(out_r.recv(1000))
+        return got
+
+    def figures(c: Counters, *slots: int) -> tuple[int, ...]:
+        return tuple(c.slots[i] for i in slots)
+
+    read, wrote = Counters(), Counters()
     with src_r, src_w, out_r, out_w:
         src_r.setblocking(False)
         out_r.setblocking(False)
-
-        def written() -> list[bytes]:
-            got = []
-            with contextlib.suppress(BlockingIOError):
-                while True:
-                    got.append(out_r.recv(1000))
-            return got
-
-        assert relay(src_r.fileno(), 100, 64, out_w.fileno(), 3, -1) == ([], 0, 0, 0, 0, 0)
+        drain = make(src_r.fileno(), out_w.fileno(), 3, 1, read, wrote)
+        assert drain() == 0 and rested == []  # nothing queued: nothing to do, no rest
         plain = [b"\0\0" + os.urandom(n) for n in (10, 40, 5)]
         for d in plain:
             src_w.send(d)
-        assert relay(src_r.fileno(), 100, 64, out_w.fileno(), 3, 1) == (plain, 61, 0, 3, 61, 0)
-        assert written() == plain
-        for d in [*plain, b"x"]:  # four: more than relay_max, read and handed back unwritten
+        assert drain() == 3 and rested == [] and written() == plain
+        assert figures(read, READ_PACKETS, READ_BYTES, READ_WIRE_PACKETS) == (3, 61 - 6, 3)
+        assert figures(wrote, WRITTEN_PACKETS, WRITTEN_BYTES, WRITTEN_WIRE_PACKETS) == (3, 58, 3)
+        for d in [*plain, b"x"]:  # four: more than relay_max, read and handed on unwritten
             src_w.send(d)
-        assert relay(src_r.fileno(), 100, 64, out_w.fileno(), 3, 1) == (
-            [*plain, b"x"], 62, 0, 0, 0, 0)
-        assert written() == []
-        gso = [plain[0], b"\0\1" + bytes(8)]  # a super-packet among them: nothing written
-        for d in gso:
+        assert drain() == -4 and rested.pop() == ([*plain, b"x"], 0, 0, 0)
+        assert written() == [] and figures(read, READ_PACKETS, READ_WIRE_PACKETS) == (7, 3)
+        for d in [plain[0], b"\0\1" + bytes(8)]:  # a super-packet among them: not written
             src_w.send(d)
-        assert relay(src_r.fileno(), 100, 64, out_w.fileno(), 3, 1)[3:] == (0, 0, 0)
+        assert drain() == -2 and rested.pop()[1:] == (0, 0, 0)
         src_w.send(b"\0")  # shorter than gso_at: not known plain, not written
-        assert relay(src_r.fileno(), 100, 64, out_w.fileno(), 3, 1)[3:] == (0, 0, 0)
-        assert written() == []
+        assert drain() == -1 and rested.pop()[1:] == (0, 0, 0) and written() == []
         for d in plain:
             src_w.send(d)
         dead = os.open("/dev/null", os.O_RDONLY)  # writing fails (EBADF): nothing is sent
         try:
-            assert relay(src_r.fileno(), 100, 64, dead, 3, -1) == (plain, 61, 0, 0, 0, errno.EBADF)
+            assert make(src_r.fileno(), dead, 3, -1, read, wrote)() == -3
+            assert rested.pop() == (plain, 0, 0, errno.EBADF)
         finally:
             os.close(dead)
+        assert figures(wrote, WRITTEN_PACKETS, WRITTEN_WIRE_PACKETS) == (3, 3)
+        many = [b"\0\0" + bytes([i]) * (i + 1) for i in range(12)]  # longer than C's spares
+        for d in many:
+            src_w.send(d)
+        wide = make(src_r.fileno(), out_w.fileno(), 64, 1, read, wrote)
+        assert wide() == 12 and rested == [] and written() == many
+        for d in [*many[:10], b"\0\4" + bytes(8), many[10]]:  # a super-packet 11th: the rest
+            src_w.send(d)
+        assert wide() == -12 and rested.pop() == ([*many[:10], b"\0\4" + bytes(8), many[10]],
+                                                  0, 0, 0)
+        assert figures(read, READ_PACKETS) == (3 + 4 + 2 + 1 + 3 + 12 + 12,)
         fd = src_r.fileno()
-    assert relay(fd, 100, 64, 1, 3, -1) == ([], 0, errno.EBADF, 0, 0, 0)
+    assert make(fd, 1, 3, -1, read, wrote)() == 0 and rested.pop() == ([], errno.EBADF, 0, 0)
+    with pytest.raises(ValueError, match="slots"):
+        relay_drain(0, 100, 64, 1, 3, -1, read.slots, wrote.slots, (0, 1), 0, 0, rest)
+
+
+def test_the_c_loop_serves_ready_fds_until_stopped_and_ends_on_a_callback_error() -> None:
+    """`serve` (C, where it is built) is serve_ready's loop: each ready fd's callback, a
+    RelayDrain among them without a Python frame, until `stopping()`; a callback's exception
+    ends it and is raised; an fd it has no callback for is a KeyError."""
+    import select
+
+    from mqtun.queue import RELAY_SLOTS, serve
+    from mqtun.stats import READ_PACKETS, Counters
+
+    if serve is None:
+        pytest.skip("mqtun._reads is not built")
+    src_r, src_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    out_r, out_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with src_r, src_w, out_r, out_w, select.epoll() as ep:
+        src_r.setblocking(False)
+        counters = Counters()
+        drain = queue_module().RelayDrain(  # type: ignore[attr-defined]
+            src_r.fileno(), 100, 64, out_w.fileno(), 64, -1, counters.slots, counters.slots,
+            RELAY_SLOTS, 0, 0, lambda *rest: 0)
+        ep.register(src_r.fileno(), select.EPOLLIN)
+        turns = []
+
+        def stopping() -> bool:
+            turns.append(1)
+            return counters.slots[READ_PACKETS] >= 3 or len(turns) > 100_000
+
+        for d in (b"a", b"b", b"c"):
+            src_w.send(d)
+        serve(ep.fileno(), {src_r.fileno(): drain}, stopping, SpinWindow(50), False)
+        assert counters.slots[READ_PACKETS] == 3 and [out_r.recv(10) for _ in range(3)] == [
+            b"a", b"b", b"c"]
+        src_w.send(b"d")
+
+        def fail() -> None:
+            raise RuntimeError("a callback's fault")
+
+        with pytest.raises(RuntimeError, match="fault"):
+            serve(ep.fileno(), {src_r.fileno(): fail}, lambda: False, None, False)
+        with pytest.raises(KeyError):
+            serve(ep.fileno(), {}, lambda: False, None, True)
+
+
+_OTHER_THREAD = """
+import functools, os, select, sys, threading, time, types
+from mqtun.queue import serve
+from mqtun.runtime.loop import SpinWindow, drain_pipe, stop_flag
+stop = types.SimpleNamespace(_stopping=False)  # read in C (stop_flag): no Python frame
+wake_r, wake_w = os.pipe2(os.O_NONBLOCK)
+ep = select.epoll()
+ep.register(wake_r, select.EPOLLIN)
+loop = threading.Thread(target=serve, args=(ep.fileno(), {wake_r: functools.partial(
+    drain_pipe, wake_r)}, stop_flag(stop), SpinWindow(200), sys.argv[1] == "busy"))
+loop.start()
+counted, deadline = 0, time.monotonic() + 0.3
+while time.monotonic() < deadline:  # this thread runs Python beside the loop
+    counted += 1
+stop._stopping = True
+os.write(wake_w, b"\\0")  # as IOLoop.stop wakes a sleeping loop
+loop.join(5)
+print(counted, loop.is_alive())
+"""
+
+
+@pytest.mark.parametrize("busy", [True, False], ids=["busy", "spin"])
+def test_a_loop_in_c_lets_other_threads_run(busy: bool) -> None:
+    """`serve` keeps the GIL only for asks that cannot sleep: a busy or spinning loop with
+    nothing to do must not stop the process's other threads (its stop comes from one). In a
+    child process: a loop that kept the GIL would hang this one, where no timeout can run."""
+    import sys
+
+    from mqtun.queue import serve
+
+    if serve is None:
+        pytest.skip("mqtun._reads is not built")
+    try:
+        done = subprocess.run([sys.executable, "-c", _OTHER_THREAD, "busy" if busy else "spin"],
+                              capture_output=True, text=True, timeout=20, check=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the thread beside a loop in C never ran again (the loop kept the GIL)")
+    counted, alive = done.stdout.split()
+    assert int(counted) > 1000 and alive == "False"
 
 
 def queue_module() -> object:

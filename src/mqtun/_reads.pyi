@@ -1,10 +1,18 @@
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 def read_drain(fd: int, size: int, limit: int, /) -> tuple[list[bytes], int, int]: ...
-def read_relay(
-    fd: int, size: int, limit: int, out_fd: int, relay_max: int, gso_at: int, /
-) -> tuple[list[bytes], int, int, int, int, int]: ...
+def serve(epfd: int, on: dict[int, Callable[[], object]], stopping: Callable[[], object],
+          spin: object, busy: bool, /) -> None: ...
+
+class RelayDrain:
+    """One drain of a route, read, counted and (small and plain) relayed in C."""
+
+    def __init__(self, in_fd: int, size: int, limit: int, out_fd: int, relay_max: int,
+                 gso_at: int, read_slots: Any, written_slots: Any, slots: tuple[int, ...],
+                 read_header: int, written_header: int,
+                 rest: Callable[[list[bytes], int, int, int], int]) -> None: ...
+    def __call__(self) -> int: ...
 
 def write_each(fd: int, bufs: Sequence[Any], start: int, /) -> tuple[int, int, int]: ...
 

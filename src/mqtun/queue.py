@@ -27,9 +27,11 @@ from mqtun.stats import (
     READ_BYTES,
     READ_ERRORS,
     READ_PACKETS,
+    READ_WIRE_PACKETS,
     WRITE_ERRORS,
     WRITTEN_BYTES,
     WRITTEN_PACKETS,
+    WRITTEN_WIRE_PACKETS,
     Counters,
     QueueStats,
     drop_reason,
@@ -92,27 +94,88 @@ def write_each_python(fd: int, bufs: Sequence[Any], start: int) -> tuple[int, in
     return len(bufs), nbytes, 0
 
 
+# The rest of a drain that RelayDrain did not finish: (the buffers read, the errno of a read
+# that failed or 0, how many were relayed, the errno of the relayed write that failed or 0).
+DrainRest = Callable[[list[bytes], int, int, int], int]
+
+# The slots a RelayDrain counts, in its order: (read packets, read bytes, read wire packets,
+# written packets, written bytes, written wire packets).
+RELAY_SLOTS: tuple[int, ...] = (READ_PACKETS, READ_BYTES, READ_WIRE_PACKETS, WRITTEN_PACKETS,
+                                WRITTEN_BYTES, WRITTEN_WIRE_PACKETS)
+
+
+class RelayDrainPython:
+    """One drain of a route, called with no arguments: read `in_fd` (`read_drain`), count the
+    reads, and when the drain holds 1 to `relay_max` buffers and none is a super-packet
+    (`gso_at` >= 0: each is longer than that and has 0 there), write them to `out_fd` in
+    order, counted too: the drain of request/response traffic, written as the C forwarder
+    writes it. Returns the number read when all were relayed and no read failed, else what
+    `rest(bufs, read_errno, sent, write_errno)` returns: the rest of the drain (decode, join,
+    a handler, a failure to count) is its caller's. `mqtun._reads.RelayDrain` is this in C
+    where it is built, and `serve` calls it without a Python frame."""
+
+    __slots__ = ("gso_at", "in_fd", "limit", "out_fd", "read_header", "read_slots",
+                 "relay_max", "rest", "size", "slots", "written_header", "written_slots")
+
+    def __init__(self, in_fd: int, size: int, limit: int, out_fd: int, relay_max: int,
+                 gso_at: int, read_slots: Any, written_slots: Any, slots: tuple[int, ...],
+                 read_header: int, written_header: int, rest: DrainRest) -> None:
+        if size <= 0 or limit < 0:
+            raise ValueError("RelayDrain: size must be > 0 and limit >= 0")
+        if len(slots) != len(RELAY_SLOTS):
+            raise ValueError(f"RelayDrain: slots must name {len(RELAY_SLOTS)} slots")
+        self.in_fd, self.size, self.limit, self.out_fd = in_fd, size, limit, out_fd
+        self.relay_max, self.gso_at, self.slots, self.rest = relay_max, gso_at, slots, rest
+        self.read_slots, self.written_slots = read_slots, written_slots
+        self.read_header, self.written_header = read_header, written_header
+
+    def __call__(self) -> int:
+        bufs, nbytes, failed = read_drain(self.in_fd, self.size, self.limit)
+        n = len(bufs)
+        sent = werr = 0
+        if n:
+            r = self.read_slots
+            rp, rb, rw, wp, wb, ww = self.slots
+            r[rp] += n
+            r[rb] += nbytes - self.read_header * n
+            at = self.gso_at
+            if n <= self.relay_max and (at < 0 or all(len(b) > at and not b[at] for b in bufs)):
+                sent, sbytes, werr = write_each(self.out_fd, bufs, 0)
+                w = self.written_slots
+                r[rw] += n  # every read a plain packet: one wire packet each
+                w[wp] += sent
+                w[wb] += sbytes - self.written_header * sent
+                w[ww] += sent
+        if failed or sent < n:
+            return self.rest(bufs, failed, sent, werr)
+        return n
+
+
 try:
+    from mqtun._reads import RelayDrain as _RelayDrain_c
     from mqtun._reads import read_drain as _read_drain_c
-    from mqtun._reads import read_relay as _read_relay_c
+    from mqtun._reads import serve as _serve_c
     from mqtun._reads import write_each as _write_each_c
 except ImportError:  # built without a C compiler
     _read_drain_c = None  # type: ignore[assignment]
-    _read_relay_c = None  # type: ignore[assignment]
+    _RelayDrain_c = None  # type: ignore[assignment,misc]
+    _serve_c = None  # type: ignore[assignment]
     _write_each_c = None  # type: ignore[assignment]
 
+_C = accel.ACCELERATE and _read_drain_c is not None
+
 write_each: Callable[[int, Sequence[Any], int], tuple[int, int, int]] = (
-    _write_each_c if _write_each_c is not None and accel.ACCELERATE else write_each_python)
+    _write_each_c if _C else write_each_python)
 
 read_drain: Callable[[int, int, int], tuple[list[bytes], int, int]] = (
-    _read_drain_c if _read_drain_c is not None and accel.ACCELERATE else read_drain_python)
+    _read_drain_c if _C else read_drain_python)
 
-# read_drain, then the drain written as read to another fd when it is small and plain (no
-# super-packet): a plain forwarder's drain of request/response traffic in one C call. None
-# where it is not built: the drainer writes each read itself (see runtime.loop).
-_Relay = Callable[[int, int, int, int, int, int], tuple[list[bytes], int, int, int, int, int]]
-read_relay: _Relay | None = (
-    _read_relay_c if _read_relay_c is not None and accel.ACCELERATE else None)
+RelayDrain: type[RelayDrainPython] = (
+    _RelayDrain_c if _C else RelayDrainPython)  # type: ignore[assignment]
+
+# An I/O loop's turns in C (see runtime.loop.serve_ready); None where it is not built.
+serve: Callable[[int, dict[int, Callable[[], object]], Callable[[], bool], object, bool],
+                None] | None = _serve_c if _C else None
 
 
 class Queue:

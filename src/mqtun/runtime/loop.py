@@ -59,17 +59,15 @@ from mqtun import _uapi
 from mqtun.errors import DeviceGoneError, InvalidArgumentError, MqtunError, kernel_error
 from mqtun.packet.headers import Buffer
 from mqtun.packet.vnet import ZERO_HEADER
-from mqtun.queue import read_drain, read_relay, write_each
+from mqtun.queue import RELAY_SLOTS, RelayDrain, serve, write_each
 from mqtun.runtime.path import Coalesce, Layout, Packet, PacketPath, PathCounter, SuperPacket
 from mqtun.stats import (
     READ_BYTES,
     READ_ERRORS,
     READ_PACKETS,
-    READ_WIRE_PACKETS,
     WRITE_ERRORS,
     WRITTEN_BYTES,
     WRITTEN_PACKETS,
-    WRITTEN_WIRE_PACKETS,
     Counters,
     DropReason,
     drop_reason,
@@ -614,11 +612,15 @@ def serve_ready(ep: select.epoll, on: Mapping[int, Callable[[], object]],
     with packets is reported again) and call what `on` names for each; when none is, ask
     again without waiting for a `SpinWindow` (yielding the CPU between asks: anything else
     runnable goes first), then sleep in the ask. `busy` never sleeps; `spin_us=0` sleeps at
-    once."""
+    once. In C where it is built (`mqtun._reads.serve`: the same turns, a `RelayDrain` called
+    without a Python frame); this loop is its specification."""
+    spin = SpinWindow(spin_us)
+    if serve is not None:
+        serve(ep.fileno(), dict(on), stopping, spin if spin_us else None, busy)
+        return
     clock = time.perf_counter
     yield_cpu = os.sched_yield
     poll = ep.poll
-    spin = SpinWindow(spin_us)
     start = until = 0.0  # the current spin's start and end (0: not spinning)
     first = 0 if busy or spin_us else -1  # no spin: the one ask that also sleeps
     while not stopping():
@@ -715,13 +717,9 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
     counter = _RouteCounter(src.counters, out.counters)
     path = route.make_path(counter)
     handler = route.handler
-    read_all = read_drain  # (the C loop where it is built)
     writev = os.writev
-    in_fd, out_fd = src.fd, out.fd
-    size = src.read_size
-    rslots = src.counters.slots
+    out_fd = out.fd
     wslots = out.counters.slots
-    rh = src.header_size
     wh = out.header_size
     decode = path.decode
     decode_original = path.decode_original
@@ -797,32 +795,10 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
             of = {id(b): s for b, s in zip(reads, segments, strict=True)}
             write_reads(bufs, [c or of[id(b)] for b, c in zip(bufs, joined, strict=True)])
 
-    # ... and a drain too small to join, holding no super-packet, is written in the same C
-    # call that read it (`read_relay`), as the C forwarder writes: request/response traffic
-    relay = read_relay if same else None
-    relay_max = _JOIN_READS_MIN - 1 if join_reads is not None else batch
-    relay_gso_at = gso_at if vnet_in else -1
-
-    def drain() -> int:
-        werr = 0
-        if relay is not None:
-            bufs, nbytes, failed, sent, sbytes, werr = relay(in_fd, size, batch, out_fd,
-                                                             relay_max, relay_gso_at)
-        else:
-            bufs, nbytes, failed = read_all(in_fd, size, batch)
-            sent = 0
+    def rest(bufs: list[bytes], failed: int, sent: int, werr: int) -> int:
+        """What `RelayDrain` left of a drain: read (and counted) `bufs`, of which the first
+        `sent` were relayed; `failed` and `werr` the errnos of a failed read and write."""
         n = len(bufs)
-        if n:
-            rslots[READ_PACKETS] += n
-            rslots[READ_BYTES] += nbytes - rh * n
-            if sent or werr:  # relayed: every read a plain packet, one wire packet each
-                # (counted here as wire_read and count_written count: a call each costs as
-                # much as the counting, on the path of every request/response packet)
-                rslots[READ_WIRE_PACKETS] += n
-                if sent:
-                    wslots[WRITTEN_PACKETS] += sent
-                    wslots[WRITTEN_BYTES] += sbytes - wh * sent
-                    wslots[WRITTEN_WIRE_PACKETS] += sent
         if failed:  # raises if fatal; the buffers read before are served
             _read_error(src, OSError(failed, os.strerror(failed)))
         if sent == n:
@@ -953,7 +929,13 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
                 count_written(sent, sbytes, 0)  # (each item's wire packets: sent_item)
         return n
 
-    return drain
+    # every drain starts in `RelayDrain` (in C where it is built): read and counted, and a
+    # drain too small to join, holding no super-packet, is written in the same call that
+    # read it, as the C forwarder writes: request/response traffic, with no Python frame
+    return RelayDrain(src.fd, src.read_size, batch, out_fd,
+                      (_JOIN_READS_MIN - 1 if join_reads is not None else batch) if same else 0,
+                      gso_at if vnet_in else -1, src.counters.slots, wslots, RELAY_SLOTS,
+                      src.header_size, wh, rest)
 
 
 # ---- io_uring ----------------------------------------------------------------------------
