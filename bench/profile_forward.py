@@ -3,6 +3,7 @@
     python bench/profile_forward.py [--workload udp16] [--seconds 6] [--queues 1]
                                     [--no-offload] [--idle] [--top 15]
                                     [--handler MODULE:NAME [--handler-batch]] [--coalesce]
+                                    [--perf [--c]] [--mode MODE]
 
 Builds the bench's topology (namespaces A and B, `mqtun forward` in F), runs the workload
 with the bench's own client, and samples every worker with `py-spy record --nonblocking`
@@ -11,6 +12,11 @@ the innermost Python frame ("self": time spent in that function's own code, or i
 it is making, such as os.write) and inclusive of callees, in % of the worker's samples.
 Without --idle, py-spy leaves out samples of a thread that waits in the kernel (epoll, a
 blocking read), so the percentages are of the time the worker was on CPU. Root only.
+
+With --perf, `perf record -e cpu-clock -g` (Debian's linux-perf; the software clock, which
+works where a VM has no hardware counters) samples instead, kernel included: the share of
+the kernel, of Python and of each C library, and the symbols with the most samples. --c
+profiles the bench's C forwarder the same way (the like-for-like baseline).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import time
 from pathlib import Path
 
 import mqtun
-from mqtun.apps.bench import WORKLOADS, feed_files, measure
+from mqtun.apps.bench import WORKLOADS, build_c_forwarder, feed_files, measure
 from mqtun.apps.topology import ForwarderSpec, Topology
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^:()]+)(?::(?P<line>\d+))?\)$")
@@ -90,6 +96,20 @@ def summarize(raw: str, top: int) -> str:
     return "\n".join(out) + "\n"
 
 
+def perf_summary(data: Path, top: int) -> str:
+    """perf's samples as two top-N tables: per binary (the kernel, Python, each C
+    library) and per symbol, in % of the workers' samples."""
+    out = []
+    for sort, title in (("dso", "binary"), ("dso,sym", "binary and symbol")):
+        rep = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "--sort",
+                              sort, "--stdio", "-g", "none"], capture_output=True, text=True,
+                             timeout=300, check=False).stdout
+        rows = [ln.strip() for ln in rep.splitlines() if ln.strip().endswith(tuple(
+            "abcdefghijklmnopqrstuvwxyz0123456789_]")) and "%" in ln and not ln.startswith("#")]
+        out += [f"%       {title}", *rows[:top], ""]
+    return "\n".join(out)
+
+
 def _user_system(pid: int) -> tuple[float, float]:
     """utime and stime of a process, in seconds."""
     with open(f"/proc/{pid}/stat", "rb") as f:
@@ -116,20 +136,36 @@ def main() -> int:
     ap.add_argument("--pytun", choices=("python-pytun", "compat"),
                     help="profile the python-pytun forwarder instead, on that library or on "
                          "mqtun.compat.pytun (no offloads)")
+    ap.add_argument("--perf", action="store_true",
+                    help="sample with perf (kernel included) instead of py-spy")
+    ap.add_argument("--c", action="store_true",
+                    help="with --perf: profile the bench's C forwarder instead")
+    ap.add_argument("--mode", help="mqtun forward --mode (default: its default)")
     args = ap.parse_args()
-    if not shutil.which("py-spy"):
+    if args.c and not args.perf:
+        ap.error("--c needs --perf (py-spy sees only Python)")
+    if args.perf and not shutil.which("perf"):
+        print("profile_forward: --perf needs perf (apt-get install linux-perf)", file=sys.stderr)
+        return 2
+    if not args.perf and not shutil.which("py-spy"):
         print("profile_forward: needs py-spy (pip install py-spy)", file=sys.stderr)
         return 2
-    if args.pytun:
+    if args.c:
+        binary, why = build_c_forwarder(Path(tempfile.mkdtemp(prefix="mqtun-prof-c-")))
+        if binary is None:
+            print(f"profile_forward: {why}", file=sys.stderr)
+            return 2
+        spec = ForwarderSpec("c", args.queues, offload=not args.no_offload, program=str(binary))
+    elif args.pytun:
         spec = ForwarderSpec("pytun", args.queues, offload=False,
                              compat=args.pytun == "compat")
     else:
         spec = ForwarderSpec("mqtun", args.queues, offload=not args.no_offload,
                              handler=args.handler, handler_batch=args.handler_batch,
-                             coalesce=args.coalesce)
+                             coalesce=args.coalesce, mode=args.mode)
     with tempfile.TemporaryDirectory(prefix="mqtun-prof-") as tmp, Topology(spec) as topo:
         assert topo.proc is not None
-        workers = [p for p in topo.forwarder_pids() if p != topo.proc.pid]
+        workers = [p for p in topo.forwarder_pids() if p != topo.proc.pid] or [topo.proc.pid]
         feeds = feed_files(Path(tmp))
         run_for = args.seconds + 4  # sockperf idles ~2 s before it sends
         load = threading.Thread(target=measure, args=(topo, "profile", args.workload, 0,
@@ -138,11 +174,18 @@ def main() -> int:
         time.sleep(2.5)
         outs = [Path(tmp) / f"{pid}.txt" for pid in workers]
         t0, cpu0 = time.monotonic(), [_user_system(pid) for pid in workers]
-        spies = [subprocess.Popen(["py-spy", "record", "--nonblocking", "-r", "250", "-f", "raw",
-                                   "-d", str(max(1, round(args.seconds))), "-p", str(pid),
-                                   "-o", str(out), *(["--idle"] if args.idle else [])],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                 for pid, out in zip(workers, outs, strict=True)]
+        report = ""
+        if args.perf:
+            data = Path(tmp) / "perf.data"
+            subprocess.run(["perf", "record", "-q", "-e", "cpu-clock", "-F", "4999", "-g",
+                            "-o", str(data), "-p", ",".join(map(str, workers)), "--",
+                            "sleep", str(args.seconds)], check=False, timeout=args.seconds + 60)
+        spies = [] if args.perf else [
+            subprocess.Popen(["py-spy", "record", "--nonblocking", "-r", "250", "-f", "raw",
+                              "-d", str(max(1, round(args.seconds))), "-p", str(pid),
+                              "-o", str(out), *(["--idle"] if args.idle else [])],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for pid, out in zip(workers, outs, strict=True)]
         for spy in spies:
             _, err = spy.communicate(timeout=args.seconds + 30)
             if spy.returncode != 0:
@@ -153,11 +196,18 @@ def main() -> int:
         system = sum(b[1] - a[1] for a, b in zip(cpu0, cpu1, strict=True))
         load.join(run_for + 30)
         raw = "\n".join(o.read_text() for o in outs if o.exists())
-    print(f"mqtun forward --queues {args.queues}{' --no-offload' if args.no_offload else ''}, "
+        if args.perf:
+            report = perf_summary(Path(tmp) / "perf.data", args.top)
+    if args.c:
+        print(f"C forwarder, {args.queues} queue(s), workload {args.workload}, "
+              f"workers {workers}")
+    else:
+        print(f"mqtun forward --queues {args.queues}{' --no-offload' if args.no_offload else ''}, "
           f"workload {args.workload} ({WORKLOADS[args.workload].title}), workers {workers}")
     print(f"worker CPU while sampled: user {100 * user / wall:.0f}% + system "
-          f"{100 * system / wall:.0f}% of one core (py-spy's own reads included)")
-    print(summarize(raw, args.top), end="")
+          f"{100 * system / wall:.0f}% of one core "
+          f"({'perf' if args.perf else 'py-spy'}'s own reads included)")
+    print(report if args.perf else summarize(raw, args.top), end="")
     return 0
 
 
