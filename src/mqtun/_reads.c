@@ -20,6 +20,10 @@
 #include <time.h>
 #include <unistd.h>
 
+/* Attribute and method names looked up on every call, made once (PyInit__reads). */
+static PyObject *str_fd, *str_read_slow, *str_write_slow, *str_failed, *str_seconds,
+    *str_slept;
+
 PyDoc_STRVAR(read_drain_doc,
 "read_drain(fd, size, limit) -> (list[bytes], int, int)\n\n"
 "Read `fd` (non-blocking) until it has nothing more (EAGAIN) or `limit` buffers were read,\n"
@@ -155,7 +159,7 @@ static int rd_init(RelayDrain *self, PyObject *args, PyObject *kwds) {
                          "read_slots", "written_slots", "slots", "read_header",
                          "written_header", "rest", NULL};
     PyObject *rs, *ws, *idx, *rest;
-    if (self->rest != NULL) {
+    if (self->rest != NULL || self->read_view.buf != NULL) { /* (a failed init holds views) */
         PyErr_SetString(PyExc_TypeError, "RelayDrain: already initialised");
         return -1;
     }
@@ -195,11 +199,16 @@ static int rd_init(RelayDrain *self, PyObject *args, PyObject *kwds) {
     return 0;
 }
 
-/* Whether the first `n` buffers (of `got` bytes each) are plain packets: none is a
- * super-packet (gso_at >= 0: each is longer than that and has 0 there). No Python API. */
+/* Whether a read of `len` bytes is a plain packet, no super-packet: with gso_at >= 0 it is
+ * longer than that and has 0 there (the virtio-net header's gso_type). No Python API. */
+static int is_plain(const char *data, Py_ssize_t len, Py_ssize_t gso_at) {
+    return gso_at < 0 || (len > gso_at && data[gso_at] == 0);
+}
+
+/* Whether the first `n` buffers (of `got` bytes each) are all plain packets (is_plain). */
 static int all_plain(char *const *buf, const Py_ssize_t *got, Py_ssize_t n, Py_ssize_t gso_at) {
-    for (Py_ssize_t i = 0; gso_at >= 0 && i < n; i++)
-        if (got[i] <= gso_at || buf[i][gso_at] != 0)
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!is_plain(buf[i], got[i], gso_at))
             return 0;
     return 1;
 }
@@ -301,10 +310,9 @@ static PyObject *rd_run(RelayDrain *self) {
         n += added;
         count_reads(self, added, more);
         int relay = n <= self->relay_max;
-        for (Py_ssize_t i = 0; relay && self->gso_at >= 0 && i < n; i++) {
+        for (Py_ssize_t i = 0; relay && i < n; i++) {
             PyObject *b = PyList_GET_ITEM(bufs, i);
-            relay = PyBytes_GET_SIZE(b) > self->gso_at
-                    && PyBytes_AS_STRING(b)[self->gso_at] == 0;
+            relay = is_plain(PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b), self->gso_at);
         }
         if (relay) {
             if ((sent = write_from(self->out_fd, bufs, 0, &sent_bytes, &werr)) < 0) {
@@ -440,7 +448,7 @@ static PyObject *serve(PyObject *self, PyObject *args) {
             if (spins) {
                 double now = monotonic();
                 if (until == 0.0) {
-                    PyObject *w = PyObject_GetAttrString(spin, "seconds");
+                    PyObject *w = PyObject_GetAttr(spin, str_seconds);
                     double seconds = w == NULL ? -1.0 : PyFloat_AsDouble(w);
                     Py_XDECREF(w);
                     if (seconds == -1.0 && PyErr_Occurred())
@@ -459,7 +467,10 @@ static PyObject *serve(PyObject *self, PyObject *args) {
             if (n < 0 && errno == EINTR)
                 continue; /* the signals are checked, the spin's start kept */
             if (spins) {
-                PyObject *r = PyObject_CallMethod(spin, "slept", "d", monotonic() - start);
+                PyObject *waited = PyFloat_FromDouble(monotonic() - start);
+                PyObject *r = waited == NULL ? NULL
+                                             : PyObject_CallMethodOneArg(spin, str_slept, waited);
+                Py_XDECREF(waited);
                 if (r == NULL)
                     return NULL;
                 Py_DECREF(r);
@@ -537,7 +548,7 @@ typedef struct {
     PyObject *held;  /* the slow path's kept read buffer: the subclass's, C does not use it */
 } QueueFile;
 
-static PyObject *str_fd, *str_read_slow, *str_write_slow, *str_failed;
+
 static int nowait_refused; /* the kernel refused RWF_NOWAIT once: every read takes the slow path */
 
 #define READ_FAST_MAX (1 << 20) /* larger asks go to the slow path's own handling */
@@ -698,6 +709,8 @@ PyMODINIT_FUNC PyInit__reads(void) {
         || (str_read_slow = PyUnicode_InternFromString("_read_slow")) == NULL
         || (str_write_slow = PyUnicode_InternFromString("_write_slow")) == NULL
         || (str_failed = PyUnicode_InternFromString("_failed")) == NULL
+        || (str_seconds = PyUnicode_InternFromString("seconds")) == NULL
+        || (str_slept = PyUnicode_InternFromString("slept")) == NULL
         || PyType_Ready(&QueueFileType) < 0 || PyType_Ready(&RelayDrainType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
