@@ -470,6 +470,87 @@ def test_a_small_plain_drain_is_written_in_the_call_that_read_it(relay_drain: ob
         relay_drain(0, 100, 64, 1, 3, -1, read.slots, wrote.slots, (0, 1), 0, 0, rest)
 
 
+@pytest.mark.parametrize("relay_drain", _relay_drains(), ids=lambda t: getattr(t, "__module__", ""))
+def test_a_small_drain_of_super_packets_is_relayed_and_counted_by_their_segments(
+        relay_drain: object) -> None:
+    """Given `supers`, a drain of reads that are plain or super-packets whose segments it
+    counts (a TCP stream's drain), at most `relay_max` of them plain, is written as read: the
+    read and written wire packets are the segments (what gso.segment_count says), and a
+    failed write is handed on with them counted read. Without `supers` the same drain is
+    Python's, as before."""
+    import sys
+
+    from scapy.layers.inet import IP, TCP, UDP
+    from scapy.layers.inet6 import IPv6
+    from scapy.packet import Raw
+
+    from mqtun import _uapi
+    from mqtun.packet.vnet import VnetHeader, encode
+    from mqtun.queue import RELAY_SLOTS, relay_supers
+    from mqtun.stats import READ_WIRE_PACKETS, WRITTEN_PACKETS, WRITTEN_WIRE_PACKETS, Counters
+
+    assert callable(relay_drain)
+    little = sys.byteorder == "little"
+    csum = _uapi.VIRTIO_NET_HDR_F_NEEDS_CSUM
+
+    def read_of(gso_type: int, size: int, packet: bytes) -> bytes:
+        return encode(VnetHeader(csum, gso_type, 0, size, 0, 0), 12, little_endian=little) + (
+            packet)  # fmt: skip
+
+    tso = read_of(_uapi.VIRTIO_NET_HDR_GSO_TCPV4, 1000, bytes(
+        IP(src="198.18.0.1", dst="198.18.0.2") / TCP(flags="A") / Raw(bytes(3000))))
+    uso = read_of(_uapi.VIRTIO_NET_HDR_GSO_UDP_L4, 100, bytes(
+        IPv6(src="fd00::1", dst="fd00::2") / UDP() / Raw(bytes(201))))
+    plain = read_of(0, 0, bytes(IP(src="198.18.0.1", dst="198.18.0.2") / UDP() / Raw(b"x")))
+    drain = [tso, uso, plain]  # 3 + 3 + 1 wire packets
+    rested: list[tuple[list[bytes], int, int, int]] = []
+
+    def rest(bufs: list[bytes], failed: int, sent: int, werr: int) -> int:
+        rested.append((bufs, failed, sent, werr))
+        return -len(bufs)
+
+    src_r, src_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    out_r, out_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with src_r, src_w, out_r, out_w:
+        src_r.setblocking(False)
+        out_r.setblocking(False)
+
+        def run(out_fd: int, supers: object) -> tuple[int, Counters, Counters]:
+            read, wrote = Counters(), Counters()
+            for d in drain:
+                src_w.send(d)
+            relay = relay_drain(src_r.fileno(), 8000, 64, out_fd, 3, 1,  # type: ignore[operator]
+                                read.slots, wrote.slots, RELAY_SLOTS, 12, 12, rest,
+                                supers=supers)
+            return relay(), read, wrote
+
+        supers = relay_supers(12, 0, tap=False, little_endian=little)
+        got, read, wrote = run(out_w.fileno(), supers)
+        assert got == 3 and rested == [] and [out_r.recv(9000) for _ in drain] == drain
+        assert read.slots[READ_WIRE_PACKETS] == 7
+        assert [wrote.slots[i] for i in (WRITTEN_PACKETS, WRITTEN_WIRE_PACKETS)] == [3, 7]
+        got, read, wrote = run(out_w.fileno(), None)  # plain packets only: Python's drain
+        assert got == -3 and rested.pop() == (drain, 0, 0, 0)
+        assert read.slots[READ_WIRE_PACKETS] == wrote.slots[WRITTEN_PACKETS] == 0
+        dead = os.open("/dev/null", os.O_RDONLY)  # writing fails (EBADF): handed on, counted
+        try:
+            got, read, wrote = run(dead, supers)
+        finally:
+            os.close(dead)
+        assert got == -3 and rested.pop() == (drain, 0, 0, errno.EBADF)
+        assert read.slots[READ_WIRE_PACKETS] == 7 and wrote.slots[WRITTEN_WIRE_PACKETS] == 0
+        drain = [tso] * 10 + [plain] * 3 + [uso]  # longer than C's spares, 3 plain reads
+        got, read, wrote = run(out_w.fileno(), supers)
+        assert got == 14 and rested == [] and [out_r.recv(9000) for _ in drain] == drain
+        assert read.slots[READ_WIRE_PACKETS] == wrote.slots[WRITTEN_WIRE_PACKETS] == 36
+        drain = [plain] * 4 + [tso]  # more plain reads than relay_max: Python's, to join
+        got, read, wrote = run(out_w.fileno(), supers)
+        assert got == -5 and rested.pop() == (drain, 0, 0, 0) and wrote.slots[WRITTEN_PACKETS] == 0
+        with pytest.raises(ValueError, match="gso_at"):
+            relay_drain(0, 100, 64, 1, 3, 5, read.slots, wrote.slots,  # type: ignore[operator]
+                        RELAY_SLOTS, 12, 12, rest, supers=supers)
+
+
 def test_the_c_loop_serves_ready_fds_until_stopped_and_ends_on_a_callback_error() -> None:
     """`serve` (C, where it is built) is serve_ready's loop: each ready fd's callback, a
     RelayDrain among them without a Python frame, until `stopping()`; a callback's exception

@@ -82,41 +82,16 @@ static PyObject *read_drain(PyObject *self, PyObject *args) {
     return Py_BuildValue("(Nni)", bufs, total, failed);
 }
 
-/* Write fast[start:] (a PySequence_Fast of bytes-like objects) to `fd` in order, one write
- * each, until one fails: the index it stopped at (the length when none failed), or -1 with
- * a Python error set. `*nbytes` gets the bytes written, `*err` the failed write's errno or 0.
- * The one write loop of a drain: RelayDrain's and write_each's. */
-static Py_ssize_t write_from(int fd, PyObject *fast, Py_ssize_t start, Py_ssize_t *nbytes,
-                             int *err) {
-    Py_ssize_t i = start < 0 ? 0 : start;
-    *nbytes = 0;
-    *err = 0;
-    for (; i < PySequence_Fast_GET_SIZE(fast); i++) {
-        Py_buffer view;
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fast, i), &view, PyBUF_SIMPLE) < 0)
-            return -1;
-        ssize_t put;
-        Py_BEGIN_ALLOW_THREADS
-        put = write(fd, view.buf, (size_t)view.len);
-        Py_END_ALLOW_THREADS
-        PyBuffer_Release(&view);
-        if (put < 0) {
-            *err = errno; /* not retried: the kernel counted it, and so must the caller */
-            break;
-        }
-        *nbytes += put;
-    }
-    return i;
-}
-
-/* ---- RelayDrain: one drain of a route, read, counted and (small and plain) relayed in C ------
+/* ---- RelayDrain: one drain of a route, read, counted and (small) relayed in C ----------------
  *
  * The drain of every route of an I/O loop starts here: read until EAGAIN or `limit` buffers
- * (drain_into), count the reads in the route's counter slots, and when the drain holds 1 to
- * `relay_max` buffers and none is a super-packet (with `gso_at` >= 0: each is longer than that
- * and has 0 there, the virtio-net header's gso_type), write them to `out_fd` in order as the C
- * forwarder writes, counted too. Request/response traffic is such drains: called from `serve`,
- * a relayed drain runs no Python at all. Anything else (a drain to decode, join or hand to a
+ * (drain_into), count the reads in the route's counter slots, and when each buffer is a
+ * plain packet (with `gso_at` >= 0: each is longer than that and has 0 there, the virtio-net
+ * header's gso_type) or, given `supers`, a super-packet whose segments it can count
+ * (wire_packets), and at most `relay_max` of them are plain (more are for Python to join),
+ * write them to `out_fd` in order as the C forwarder writes, counted too. Request/response
+ * traffic is such drains, and so is a TCP stream's drain of super-packets: called from
+ * `serve`, a relayed drain runs no Python at all. Anything else (a drain to decode, join or hand to a
  * handler; a read or write that failed) goes to `rest(bufs, read_errno, sent, write_errno)`,
  * Python's, which does the rest of the drain and returns what the drain returns. A failed
  * write is not tried again (the kernel counted its drop once): `rest` counts it and writes the
@@ -129,10 +104,19 @@ static Py_ssize_t write_from(int fd, PyObject *fast, Py_ssize_t start, Py_ssize_
 enum { S_READ_PACKETS, S_READ_BYTES, S_READ_WIRE, S_WRITTEN_PACKETS, S_WRITTEN_BYTES,
        S_WRITTEN_WIRE, S_COUNT };
 
+/* Where a read's super-packet is and the numbers that name its headers, for wire_packets:
+ * `on` 0 when the route relays plain packets only. */
+struct supers {
+    int on, tap, little;
+    Py_ssize_t packet_at, vnet_at;
+    long eth_p_ip, eth_p_ipv6, p_tcp, p_udp, tunnel;
+};
+
 typedef struct {
     PyObject_HEAD
     int in_fd, out_fd;
     Py_ssize_t size, limit, relay_max, gso_at, read_header, written_header;
+    struct supers sup;
     Py_buffer read_view, written_view; /* held while the object lives (buf NULL: not yet) */
     uint64_t *slot[S_COUNT];           /* where each counted figure is added */
     PyObject *rest;
@@ -154,20 +138,143 @@ static int slot_view(PyObject *obj, Py_buffer *view, const char *which) {
     return 0;
 }
 
+/* Whether a read of `len` bytes is a plain packet, no super-packet: with gso_at >= 0 it is
+ * longer than that and has 0 there (the virtio-net header's gso_type). No Python API. */
+static int is_plain(const char *data, Py_ssize_t len, Py_ssize_t gso_at) {
+    return gso_at < 0 || (len > gso_at && data[gso_at] == 0);
+}
+
+/* `obj` (None or the tuple RelayDrain's doc names) into `s`: 0, or -1 with an error. */
+static int supers_of(PyObject *obj, struct supers *s) {
+    memset(s, 0, sizeof *s);
+    if (obj == Py_None)
+        return 0;
+    if (!PyArg_ParseTuple(obj, "nnpplllll;supers: (packet_at, vnet_at, tap, little, 5 numbers)",
+                          &s->packet_at, &s->vnet_at, &s->tap, &s->little, &s->eth_p_ip,
+                          &s->eth_p_ipv6, &s->p_tcp, &s->p_udp, &s->tunnel))
+        return -1;
+    if (s->vnet_at < 0 || s->packet_at < s->vnet_at + 10) {
+        PyErr_SetString(PyExc_ValueError, "supers: the virtio-net header (10 bytes or more) "
+                        "starts at vnet_at >= 0 and ends by packet_at");
+        return -1;
+    }
+    s->on = 1;
+    return 0;
+}
+
+static uint32_t be16(const uint8_t *p) { return ((uint32_t)p[0] << 8) | p[1]; }
+
+/* How many wire packets a read is: 1 for a plain packet (is_plain); for a super-packet of the
+ * common shape (an IPv4 header without fragmentation or IPv6 without extension headers, in an
+ * untagged Ethernet frame on TAP, then TCP or UDP) what gso.segment_count returns for it; -1
+ * for any other read, which Python counts (gso.segment_count, the one parser: this is its
+ * twin for that shape, held to it by the tests). No Python API. */
+static Py_ssize_t wire_packets(const struct supers *s, Py_ssize_t gso_at, const uint8_t *p,
+                               Py_ssize_t len) {
+    if (is_plain((const char *)p, len, gso_at))
+        return 1;
+    if (!s->on || len <= s->packet_at)
+        return -1;
+    const uint8_t *v = p + s->vnet_at; /* flags, gso_type, hdr_len, gso_size, ... */
+    Py_ssize_t size = s->little ? (Py_ssize_t)(v[4] | v[5] << 8) : (Py_ssize_t)be16(v + 4);
+    if (size == 0)
+        return 1;
+    if (v[1] & s->tunnel)
+        return -1;
+    p += s->packet_at;
+    len -= s->packet_at;
+    Py_ssize_t l3 = 0, l4, start;
+    int want = 0; /* the IP version the ethertype names */
+    if (s->tap) {
+        if (len < 14)
+            return -1;
+        long etype = (long)be16(p + 12);
+        want = etype == s->eth_p_ip ? 4 : etype == s->eth_p_ipv6 ? 6 : 0;
+        if (!want)
+            return -1;
+        l3 = 14;
+    }
+    if (len <= l3)
+        return -1;
+    int version = p[l3] >> 4;
+    long proto;
+    if (want && version != want)
+        return -1;
+    if (version == 4) {
+        Py_ssize_t ihl = (p[l3] & 0x0F) * 4;
+        if (len < l3 + 20 || ihl < 20 || len < l3 + ihl || (be16(p + l3 + 6) & 0x3FFF))
+            return -1;
+        proto = p[l3 + 9];
+        l4 = l3 + ihl;
+    } else if (version == 6) {
+        if (len < l3 + 40)
+            return -1;
+        proto = p[l3 + 6];
+        l4 = l3 + 40;
+    } else {
+        return -1;
+    }
+    if (proto == s->p_tcp) {
+        if (len < l4 + 20)
+            return -1;
+        Py_ssize_t th = (p[l4 + 12] >> 4) * 4;
+        if (th < 20 || len < l4 + th)
+            return -1;
+        start = l4 + th;
+    } else if (proto == s->p_udp) {
+        if (len < l4 + 8)
+            return -1;
+        start = l4 + 8;
+    } else {
+        return -1;
+    }
+    Py_ssize_t count = (len - start + size - 1) / size;
+    return count < 1 ? 1 : count;
+}
+
+PyDoc_STRVAR(count_segments_doc,
+"count_segments(buf, gso_at, supers) -> int\n\n"
+"The wire packets RelayDrain counts for one read `buf`: 1 for a plain packet, a\n"
+"super-packet's segments (gso.segment_count's answer), or -1 where it leaves the read to\n"
+"Python. `gso_at` and `supers` as RelayDrain's.");
+
+static PyObject *count_segments(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer b;
+    Py_ssize_t gso_at;
+    PyObject *sup;
+    struct supers s;
+    if (!PyArg_ParseTuple(args, "y*nO", &b, &gso_at, &sup))
+        return NULL;
+    if (supers_of(sup, &s) < 0) {
+        PyBuffer_Release(&b);
+        return NULL;
+    }
+    Py_ssize_t n = wire_packets(&s, gso_at, b.buf, b.len);
+    PyBuffer_Release(&b);
+    return PyLong_FromSsize_t(n);
+}
+
 static int rd_init(RelayDrain *self, PyObject *args, PyObject *kwds) {
     static char *kw[] = {"in_fd", "size", "limit", "out_fd", "relay_max", "gso_at",
                          "read_slots", "written_slots", "slots", "read_header",
-                         "written_header", "rest", NULL};
-    PyObject *rs, *ws, *idx, *rest;
+                         "written_header", "rest", "supers", NULL};
+    PyObject *rs, *ws, *idx, *rest, *sup = Py_None;
     if (self->rest != NULL || self->read_view.buf != NULL) { /* (a failed init holds views) */
         PyErr_SetString(PyExc_TypeError, "RelayDrain: already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "inninnOOO!nnO", kw, &self->in_fd, &self->size,
-                                     &self->limit, &self->out_fd, &self->relay_max,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "inninnOOO!nnO|$O", kw, &self->in_fd,
+                                     &self->size, &self->limit, &self->out_fd, &self->relay_max,
                                      &self->gso_at, &rs, &ws, &PyTuple_Type, &idx,
-                                     &self->read_header, &self->written_header, &rest))
+                                     &self->read_header, &self->written_header, &rest, &sup))
         return -1;
+    if (supers_of(sup, &self->sup) < 0)
+        return -1;
+    if (self->sup.on && self->gso_at != self->sup.vnet_at + 1) {
+        PyErr_SetString(PyExc_ValueError, "RelayDrain: gso_at must be supers' vnet_at + 1");
+        return -1;
+    }
     if (self->size <= 0 || self->limit < 0) {
         PyErr_SetString(PyExc_ValueError, "RelayDrain: size must be > 0 and limit >= 0");
         return -1;
@@ -199,18 +306,24 @@ static int rd_init(RelayDrain *self, PyObject *args, PyObject *kwds) {
     return 0;
 }
 
-/* Whether a read of `len` bytes is a plain packet, no super-packet: with gso_at >= 0 it is
- * longer than that and has 0 there (the virtio-net header's gso_type). No Python API. */
-static int is_plain(const char *data, Py_ssize_t len, Py_ssize_t gso_at) {
-    return gso_at < 0 || (len > gso_at && data[gso_at] == 0);
-}
-
-/* Whether the first `n` buffers (of `got` bytes each) are all plain packets (is_plain). */
-static int all_plain(char *const *buf, const Py_ssize_t *got, Py_ssize_t n, Py_ssize_t gso_at) {
-    for (Py_ssize_t i = 0; i < n; i++)
-        if (!is_plain(buf[i], got[i], gso_at))
-            return 0;
-    return 1;
+/* Whether a drain of `n` buffers (of `got` bytes each) is relayed: each a plain packet or a
+ * super-packet wire_packets counts, and at most `relay_max` of them plain (more are Python's
+ * to join). Each read's wire packets go in `wire`: their sum, or -1 when it is not relayed.
+ * No Python API. */
+static Py_ssize_t relay_wire(const RelayDrain *self, char *const *buf, const Py_ssize_t *got,
+                             Py_ssize_t n, Py_ssize_t *wire) {
+    Py_ssize_t total = 0, plain = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (is_plain(buf[i], got[i], self->gso_at)) {
+            wire[i] = 1;
+            plain++;
+        } else if ((wire[i] = wire_packets(&self->sup, self->gso_at, (const uint8_t *)buf[i],
+                                           got[i])) < 0) {
+            return -1;
+        }
+        total += wire[i];
+    }
+    return plain <= self->relay_max ? total : -1;
 }
 
 /* Write the first `n` buffers to `fd` in order until one fails (no Python API): how many
@@ -229,18 +342,60 @@ static Py_ssize_t write_raw(int fd, char *const *buf, const Py_ssize_t *got, Py_
     return i;
 }
 
+/* Write fast[start:] (a PySequence_Fast of bytes-like objects) to `fd` in order, one write
+ * each, until one fails (write_raw, with the GIL released once): the index it stopped at (the
+ * length when none failed), or -1 with a Python error set. `*nbytes` gets the bytes written,
+ * `*err` the failed write's errno or 0. */
+static Py_ssize_t write_from(int fd, PyObject *fast, Py_ssize_t start, Py_ssize_t *nbytes,
+                             int *err) {
+    Py_ssize_t first = start < 0 ? 0 : start, size = PySequence_Fast_GET_SIZE(fast);
+    Py_ssize_t n = size > first ? size - first : 0, held = 0, sent = 0;
+    *nbytes = 0;
+    *err = 0;
+    if (n == 0)
+        return first;
+    Py_buffer *views = PyMem_Malloc((size_t)n * sizeof(Py_buffer));
+    char **at = PyMem_Malloc((size_t)n * (sizeof(char *) + sizeof(Py_ssize_t)));
+    if (views == NULL || at == NULL) {
+        PyMem_Free(views);
+        PyMem_Free(at);
+        PyErr_NoMemory();
+        return -1;
+    }
+    Py_ssize_t *len = (Py_ssize_t *)(at + n);
+    for (; held < n; held++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fast, first + held), &views[held],
+                               PyBUF_SIMPLE) < 0)
+            break;
+        at[held] = views[held].buf;
+        len[held] = views[held].len;
+    }
+    if (held == n) {
+        Py_BEGIN_ALLOW_THREADS
+        sent = write_raw(fd, at, len, n, nbytes, err);
+        Py_END_ALLOW_THREADS
+    }
+    for (Py_ssize_t i = 0; i < held; i++)
+        PyBuffer_Release(&views[i]);
+    PyMem_Free(views);
+    PyMem_Free(at);
+    return held == n ? first + sent : -1;
+}
+
 /* Count `n` reads of `nbytes` (with their headers) in the route's slots. */
 static void count_reads(RelayDrain *self, Py_ssize_t n, Py_ssize_t nbytes) {
     *self->slot[S_READ_PACKETS] += (uint64_t)n;
     *self->slot[S_READ_BYTES] += (uint64_t)(nbytes - self->read_header * n);
 }
 
-/* Count a relay of `n` plain reads, `sent` of them written with `nbytes` (with headers). */
-static void count_relay(RelayDrain *self, Py_ssize_t n, Py_ssize_t sent, Py_ssize_t nbytes) {
-    *self->slot[S_READ_WIRE] += (uint64_t)n; /* every read a plain packet: one wire packet */
+/* Count a relay of reads holding `wire` wire packets, `sent` of them written with `nbytes`
+ * (with headers), holding `wire_sent`. */
+static void count_relay(RelayDrain *self, Py_ssize_t wire, Py_ssize_t sent, Py_ssize_t nbytes,
+                        Py_ssize_t wire_sent) {
+    *self->slot[S_READ_WIRE] += (uint64_t)wire;
     *self->slot[S_WRITTEN_PACKETS] += (uint64_t)sent;
     *self->slot[S_WRITTEN_BYTES] += (uint64_t)(nbytes - self->written_header * sent);
-    *self->slot[S_WRITTEN_WIRE] += (uint64_t)sent;
+    *self->slot[S_WRITTEN_WIRE] += (uint64_t)wire_sent;
 }
 
 /* The drain (see the type's comment): its result, or NULL with a Python error set. */
@@ -249,7 +404,9 @@ static PyObject *rd_run(RelayDrain *self) {
         PyErr_SetString(PyExc_TypeError, "RelayDrain: not initialised");
         return NULL;
     }
-    Py_ssize_t k = self->relay_max + 1; /* one more than a relay holds: the drain is longer */
+    /* one more than a relay holds: the drain is longer; a drain of super-packets may be
+     * relayed whatever its length (its plain reads are what relay_max bounds) */
+    Py_ssize_t k = self->sup.on ? SPARE_MAX : self->relay_max + 1;
     if (k > self->limit)
         k = self->limit;
     if (k > SPARE_MAX)
@@ -262,8 +419,9 @@ static PyObject *rd_run(RelayDrain *self) {
             return NULL;
         buf[i] = PyBytes_AS_STRING(self->spare[i]);
     }
-    Py_ssize_t n = 0, total = 0, sent = 0, sent_bytes = 0;
-    int failed = 0, werr = 0, relayed = 0, complete;
+    Py_ssize_t wire[SPARE_MAX];
+    Py_ssize_t n = 0, total = 0, sent = 0, sent_bytes = 0, wire_in = -1, wire_out = 0;
+    int failed = 0, werr = 0, complete;
     Py_BEGIN_ALLOW_THREADS
     for (; n < k; n++) {
         ssize_t r = read(self->in_fd, buf[n], (size_t)self->size);
@@ -277,14 +435,15 @@ static PyObject *rd_run(RelayDrain *self) {
         total += r;
     }
     complete = failed || n < k || n == self->limit;
-    if (complete && n > 0 && n <= self->relay_max && all_plain(buf, got, n, self->gso_at)) {
-        relayed = 1;
+    if (complete && n > 0 && (wire_in = relay_wire(self, buf, got, n, wire)) >= 0) {
         sent = write_raw(self->out_fd, buf, got, n, &sent_bytes, &werr);
+        for (Py_ssize_t i = 0; i < sent; i++)
+            wire_out += wire[i];
     }
     Py_END_ALLOW_THREADS
     count_reads(self, n, total);
-    if (relayed)
-        count_relay(self, n, sent, sent_bytes);
+    if (wire_in >= 0)
+        count_relay(self, wire_in, sent, sent_bytes, wire_out);
     if (!failed && sent == n)
         return PyLong_FromSsize_t(n); /* relayed, or nothing read: the spares are kept */
     /* the rest is Python's: the spares read into become the drain's buffers */
@@ -309,21 +468,31 @@ static PyObject *rd_run(RelayDrain *self) {
         Py_ssize_t added = PyList_GET_SIZE(bufs) - n;
         n += added;
         count_reads(self, added, more);
-        int relay = n <= self->relay_max;
-        for (Py_ssize_t i = 0; relay && i < n; i++) {
-            PyObject *b = PyList_GET_ITEM(bufs, i);
-            relay = is_plain(PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b), self->gso_at);
+        /* the relay's look at the whole drain: its buffers' addresses, lengths and counts */
+        char **all = PyMem_Malloc((size_t)n * (sizeof(char *) + 2 * sizeof(Py_ssize_t)));
+        if (all == NULL) {
+            Py_DECREF(bufs);
+            return PyErr_NoMemory();
         }
-        if (relay) {
-            if ((sent = write_from(self->out_fd, bufs, 0, &sent_bytes, &werr)) < 0) {
-                Py_DECREF(bufs);
-                return NULL;
-            }
-            count_relay(self, n, sent, sent_bytes);
-            if (!failed && sent == n) {
-                Py_DECREF(bufs);
-                return PyLong_FromSsize_t(n);
-            }
+        Py_ssize_t *len = (Py_ssize_t *)(all + n), *counts = len + n;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *b = PyList_GET_ITEM(bufs, i);
+            all[i] = PyBytes_AS_STRING(b);
+            len[i] = PyBytes_GET_SIZE(b);
+        }
+        wire_in = relay_wire(self, all, len, n, counts);
+        if (wire_in >= 0) {
+            Py_BEGIN_ALLOW_THREADS
+            sent = write_raw(self->out_fd, all, len, n, &sent_bytes, &werr);
+            Py_END_ALLOW_THREADS
+            for (Py_ssize_t i = 0; i < sent; i++)
+                wire_out += counts[i];
+            count_relay(self, wire_in, sent, sent_bytes, wire_out);
+        }
+        PyMem_Free(all);
+        if (wire_in >= 0 && !failed && sent == n) {
+            Py_DECREF(bufs);
+            return PyLong_FromSsize_t(n);
         }
     }
     return PyObject_CallFunction(self->rest, "Nini", bufs, failed, sent, werr);
@@ -363,15 +532,20 @@ static void rd_dealloc(RelayDrain *self) {
 
 PyDoc_STRVAR(rd_doc,
 "RelayDrain(in_fd, size, limit, out_fd, relay_max, gso_at, read_slots, written_slots, slots,\n"
-"           read_header, written_header, rest)\n\n"
+"           read_header, written_header, rest, *, supers=None)\n\n"
 "One drain of a route, called with no arguments: read `in_fd` (read_drain), count the reads\n"
-"in `read_slots` (a writable uint64 buffer), and when the drain holds 1 to `relay_max`\n"
-"buffers and none is a super-packet (`gso_at` >= 0: a buffer longer than that with 0 there),\n"
-"write them to `out_fd` in order, counted in `written_slots`. `slots` names the six slots:\n"
+"in `read_slots` (a writable uint64 buffer), and when each buffer is a plain packet\n"
+"(`gso_at` >= 0: a buffer longer than that with 0 there) or a super-packet count_segments\n"
+"counts (given `supers`), at most `relay_max` of them plain, write them to `out_fd` in\n"
+"order, counted in `written_slots`. `slots` names the six slots:\n"
 "(read packets, read bytes, read wire packets, written packets, written bytes, written wire\n"
 "packets); the header bytes of each buffer are not counted as bytes. Returns the number read\n"
 "when all were relayed (or none was read) and no read failed, else\n"
-"rest(bufs, read_errno, sent, write_errno): the rest of the drain is Python's.");
+"rest(bufs, read_errno, sent, write_errno): the rest of the drain is Python's.\n\n"
+"`supers`: None (plain packets only), or (packet_at, vnet_at, tap, little_endian, ETH_P_IP,\n"
+"ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, the gso_type bits of a UDP tunnel): where a read's\n"
+"packet and its virtio-net header start, whether it is an Ethernet frame, the header's byte\n"
+"order and the kernel's numbers.");
 
 static PyTypeObject RelayDrainType = {
     PyVarObject_HEAD_INIT(NULL, 0)
@@ -691,6 +865,7 @@ static PyTypeObject QueueFileType = {
 };
 
 static PyMethodDef methods[] = {
+    {"count_segments", count_segments, METH_VARARGS, count_segments_doc},
     {"read_drain", read_drain, METH_VARARGS, read_drain_doc},
     {"serve", serve, METH_VARARGS, serve_doc},
     {"write_each", write_each, METH_VARARGS, write_each_doc},

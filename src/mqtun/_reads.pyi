@@ -6,14 +6,19 @@ def serve(epfd: int, on: dict[int, Callable[[], object]], stopping: Callable[[],
           spin: object, busy: bool, /) -> None: ...
 
 class RelayDrain:
-    """One drain of a route, read, counted and (small and plain) relayed in C."""
+    """One drain of a route, read, counted and (small) relayed in C."""
 
     def __init__(self, in_fd: int, size: int, limit: int, out_fd: int, relay_max: int,
                  gso_at: int, read_slots: Any, written_slots: Any, slots: tuple[int, ...],
                  read_header: int, written_header: int,
-                 rest: Callable[[list[bytes], int, int, int], int]) -> None: ...
+                 rest: Callable[[list[bytes], int, int, int], int], *,
+                 supers: tuple[int, int, bool, bool, int, int, int, int, int] | None = ...,
+                 ) -> None: ...
     def __call__(self) -> int: ...
 
+def count_segments(buf: Any, gso_at: int,
+                   supers: tuple[int, int, bool, bool, int, int, int, int, int] | None,
+                   /) -> int: ...
 def write_each(fd: int, bufs: Sequence[Any], start: int, /) -> tuple[int, int, int]: ...
 
 class QueueFile:

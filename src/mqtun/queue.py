@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 from mqtun import _uapi
 from mqtun.errors import DeviceGoneError, MqtunError, QueueFullError, kernel_error
-from mqtun.packet import accel
+from mqtun.packet import accel, gso
+from mqtun.packet.headers import MalformedPacket, parse
+from mqtun.packet.vnet import decode as decode_vnet
 from mqtun.stats import (
     READ_BYTES,
     READ_ERRORS,
@@ -103,31 +105,76 @@ DrainRest = Callable[[list[bytes], int, int, int], int]
 RELAY_SLOTS: tuple[int, ...] = (READ_PACKETS, READ_BYTES, READ_WIRE_PACKETS, WRITTEN_PACKETS,
                                 WRITTEN_BYTES, WRITTEN_WIRE_PACKETS)
 
+# Where a route's reads hold their super-packets, for RelayDrain to count their segments:
+# (packet_at, vnet_at, tap, little_endian, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, the
+# gso_type bits of a UDP tunnel); None: it relays plain packets only. See relay_supers().
+RelaySupers = tuple[int, int, bool, bool, int, int, int, int, int]
+
+
+def relay_supers(packet_at: int, vnet_at: int, *, tap: bool, little_endian: bool) -> RelaySupers:
+    """The `supers` of a RelayDrain whose reads hold a virtio-net header at `vnet_at` and the
+    packet (an Ethernet frame if `tap`) at `packet_at`."""
+    return (packet_at, vnet_at, tap, little_endian, _uapi.ETH_P_IP, _uapi.ETH_P_IPV6,
+            _uapi.IPPROTO_TCP, _uapi.IPPROTO_UDP, _uapi.VIRTIO_NET_HDR_GSO_UDP_TUNNEL)
+
+
+def count_segments_python(buf: Any, gso_at: int, supers: RelaySupers | None) -> int:
+    """The wire packets a RelayDrain counts for one read: 1 for a plain packet (`gso_at` < 0,
+    or a read longer than that with 0 there), a super-packet's segments (gso.segment_count),
+    or -1 for a read it leaves to the route's `rest`: with `supers` None every super-packet,
+    else one that does not parse (gso.segment_count would only estimate it; `rest` counts it,
+    or drops it). The C loop's twin, `mqtun._reads.count_segments`, also leaves to `rest` the
+    rarer shapes (IPv6 extension headers, fragments, VLAN tags, transports other than TCP and
+    UDP): which drains are relayed may differ, never what is written and counted."""
+    if gso_at < 0 or (len(buf) > gso_at and not buf[gso_at]):
+        return 1
+    if supers is None or len(buf) <= supers[0]:
+        return -1
+    packet_at, vnet_at, tap, little, *_ = supers
+    view = memoryview(buf)
+    hdr = decode_vnet(view[vnet_at:packet_at], packet_at - vnet_at, little_endian=little)
+    if not hdr.gso_size:
+        return 1
+    if hdr.gso_type & _uapi.VIRTIO_NET_HDR_GSO_UDP_TUNNEL:
+        return -1
+    try:
+        parse(view[packet_at:], tap=tap, use_ip_length=False)
+    except MalformedPacket:
+        return -1
+    return gso.segment_count(hdr, view[packet_at:], tap=tap)
+
 
 class RelayDrainPython:
     """One drain of a route, called with no arguments: read `in_fd` (`read_drain`), count the
-    reads, and when the drain holds 1 to `relay_max` buffers and none is a super-packet
-    (`gso_at` >= 0: each is longer than that and has 0 there), write them to `out_fd` in
-    order, counted too: the drain of request/response traffic, written as the C forwarder
-    writes it. Returns the number read when all were relayed and no read failed, else what
-    `rest(bufs, read_errno, sent, write_errno)` returns: the rest of the drain (decode, join,
-    a handler, a failure to count) is its caller's. `mqtun._reads.RelayDrain` is this in C
-    where it is built, and `serve` calls it without a Python frame."""
+    reads, and when each is a plain packet (`gso_at` >= 0: each is longer than that and has 0
+    there) or, given `supers`, a super-packet whose segments it counts (`count_segments`),
+    and at most `relay_max` are plain (a drain with more is its caller's, to join), write
+    them to `out_fd` in order, counted too: the drain of request/response traffic, and of a
+    TCP stream's super-packets, written as the C forwarder writes it. Returns the number read
+    when all were relayed and no read failed, else what `rest(bufs, read_errno, sent,
+    write_errno)` returns: the rest of the drain (decode, join, a handler, a failure to count)
+    is its caller's. `mqtun._reads.RelayDrain` is this in C where it is built, and `serve`
+    calls it without a Python frame."""
 
     __slots__ = ("gso_at", "in_fd", "limit", "out_fd", "read_header", "read_slots",
-                 "relay_max", "rest", "size", "slots", "written_header", "written_slots")
+                 "relay_max", "rest", "size", "slots", "supers", "written_header",
+                 "written_slots")
 
     def __init__(self, in_fd: int, size: int, limit: int, out_fd: int, relay_max: int,
                  gso_at: int, read_slots: Any, written_slots: Any, slots: tuple[int, ...],
-                 read_header: int, written_header: int, rest: DrainRest) -> None:
+                 read_header: int, written_header: int, rest: DrainRest, *,
+                 supers: RelaySupers | None = None) -> None:
         if size <= 0 or limit < 0:
             raise ValueError("RelayDrain: size must be > 0 and limit >= 0")
         if len(slots) != len(RELAY_SLOTS):
             raise ValueError(f"RelayDrain: slots must name {len(RELAY_SLOTS)} slots")
+        if supers is not None and gso_at != supers[1] + 1:
+            raise ValueError("RelayDrain: gso_at must be supers' vnet_at + 1")
         self.in_fd, self.size, self.limit, self.out_fd = in_fd, size, limit, out_fd
         self.relay_max, self.gso_at, self.slots, self.rest = relay_max, gso_at, slots, rest
         self.read_slots, self.written_slots = read_slots, written_slots
         self.read_header, self.written_header = read_header, written_header
+        self.supers = supers
 
     def __call__(self) -> int:
         bufs, nbytes, failed = read_drain(self.in_fd, self.size, self.limit)
@@ -139,13 +186,15 @@ class RelayDrainPython:
             r[rp] += n
             r[rb] += nbytes - self.read_header * n
             at = self.gso_at
-            if n <= self.relay_max and (at < 0 or all(len(b) > at and not b[at] for b in bufs)):
+            wire = [count_segments_python(b, at, self.supers) for b in bufs]
+            plain = n if at < 0 else sum(len(b) > at and not b[at] for b in bufs)
+            if min(wire) >= 0 and plain <= self.relay_max:
                 sent, sbytes, werr = write_each(self.out_fd, bufs, 0)
                 w = self.written_slots
-                r[rw] += n  # every read a plain packet: one wire packet each
+                r[rw] += sum(wire)
                 w[wp] += sent
                 w[wb] += sbytes - self.written_header * sent
-                w[ww] += sent
+                w[ww] += sum(wire[:sent])
         if failed or sent < n:
             return self.rest(bufs, failed, sent, werr)
         return n
@@ -153,12 +202,14 @@ class RelayDrainPython:
 
 try:
     from mqtun._reads import RelayDrain as _RelayDrain_c
+    from mqtun._reads import count_segments as _count_segments_c
     from mqtun._reads import read_drain as _read_drain_c
     from mqtun._reads import serve as _serve_c
     from mqtun._reads import write_each as _write_each_c
 except ImportError:  # built without a C compiler
     _read_drain_c = None  # type: ignore[assignment]
     _RelayDrain_c = None  # type: ignore[assignment,misc]
+    _count_segments_c = None  # type: ignore[assignment]
     _serve_c = None  # type: ignore[assignment]
     _write_each_c = None  # type: ignore[assignment]
 
@@ -169,6 +220,9 @@ write_each: Callable[[int, Sequence[Any], int], tuple[int, int, int]] = (
 
 read_drain: Callable[[int, int, int], tuple[list[bytes], int, int]] = (
     _read_drain_c if _C else read_drain_python)
+
+count_segments: Callable[[Any, int, RelaySupers | None], int] = (
+    _count_segments_c if _C else count_segments_python)
 
 RelayDrain: type[RelayDrainPython] = (
     _RelayDrain_c if _C else RelayDrainPython)  # type: ignore[assignment]

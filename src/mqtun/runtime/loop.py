@@ -48,6 +48,7 @@ import logging
 import operator
 import os
 import select
+import sys
 import time
 import traceback
 import weakref
@@ -59,7 +60,14 @@ from mqtun import _uapi
 from mqtun.errors import DeviceGoneError, InvalidArgumentError, MqtunError, kernel_error
 from mqtun.packet.headers import Buffer
 from mqtun.packet.vnet import ZERO_HEADER
-from mqtun.queue import RELAY_SLOTS, RelayDrain, serve, write_each
+from mqtun.queue import (
+    RELAY_SLOTS,
+    RelayDrain,
+    count_segments,
+    relay_supers,
+    serve,
+    write_each,
+)
 from mqtun.runtime.path import Coalesce, Layout, Packet, PacketPath, PathCounter, SuperPacket
 from mqtun.stats import (
     READ_BYTES,
@@ -751,6 +759,14 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
     wire_written = counter.wire_written
     supers = route.super_packets
     batched = route.batch
+    relay_gso_at = gso_at if vnet_in else -1
+    # a drain of a few super-packets is relayed too, their segments counted in C (a TCP
+    # stream's drain), where nothing is joined or converted and no packet info is there to check
+    source = path.source
+    relayed_supers = relay_supers(
+        source.header_size, 0, tap=source.tap, little_endian=sys.byteorder == "little"
+        if source.vnet_le is None else source.vnet_le) if (
+        same and vnet_in and not source.packet_info) else None  # fmt: skip
 
     def count_written(sent: int, sbytes: int, wire_out: int) -> None:
         """A drain's writes, counted once: `sent` buffers of `sbytes` bytes with their
@@ -804,8 +820,9 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
         if sent == n:
             return n
         if werr:  # a relayed write failed: counted once (never tried again), then the rest
-            _write_error(out, OSError(werr, os.strerror(werr)), 1)
-            write_reads(bufs[sent + 1:], None)
+            segs = [count_segments(b, relay_gso_at, relayed_supers) for b in bufs[sent:]]
+            _write_error(out, OSError(werr, os.strerror(werr)), segs[0])
+            write_reads(bufs[sent + 1:], segs[1:])
             return n
         answers: list[Packet] = []
         if same:  # no handler, nothing to convert: each buffer is written as read (or joined)
@@ -930,12 +947,13 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
         return n
 
     # every drain starts in `RelayDrain` (in C where it is built): read and counted, and a
-    # drain too small to join, holding no super-packet, is written in the same call that
-    # read it, as the C forwarder writes: request/response traffic, with no Python frame
+    # drain too small to join, holding no super-packet it cannot count, is written in the same
+    # call that read it, as the C forwarder writes: request/response traffic and a TCP
+    # stream's few super-packets, with no Python frame
     return RelayDrain(src.fd, src.read_size, batch, out_fd,
                       (_JOIN_READS_MIN - 1 if join_reads is not None else batch) if same else 0,
-                      gso_at if vnet_in else -1, src.counters.slots, wslots, RELAY_SLOTS,
-                      src.header_size, wh, rest)
+                      relay_gso_at, src.counters.slots, wslots, RELAY_SLOTS,
+                      src.header_size, wh, rest, supers=relayed_supers)
 
 
 # ---- io_uring ----------------------------------------------------------------------------
