@@ -551,6 +551,66 @@ def test_a_small_drain_of_super_packets_is_relayed_and_counted_by_their_segments
                         RELAY_SLOTS, 12, 12, rest, supers=supers)
 
 
+@pytest.mark.parametrize("relay_drain", _relay_drains(), ids=lambda t: getattr(t, "__module__", ""))
+def test_a_drain_of_many_plain_reads_is_joined_then_written(relay_drain: object) -> None:
+    """Given `join`, a drain with more plain reads than `relay_max` is joined (the forwarder's
+    reads_joiner) and what it returns is written in the same call: a joined buffer counted as
+    the reads it holds, a read as it came as its own; nothing joined, the reads as read. A
+    failed write hands the joined buffers to `rest`; the drain returns the number read."""
+    import sys
+
+    from mqtun.queue import RELAY_SLOTS, relay_supers
+    from mqtun.stats import READ_WIRE_PACKETS, WRITTEN_PACKETS, WRITTEN_WIRE_PACKETS, Counters
+
+    assert callable(relay_drain)
+    plain = [bytes(12) + bytes([i]) * 30 for i in range(5)]
+    joined = b"J" * 50  # stands for a USO packet of the first four reads
+    answers: list[tuple[list[bytes], list[int] | None]] = []
+    rested: list[tuple[list[bytes], int, int, int]] = []
+
+    def join(bufs: list[bytes]) -> tuple[list[bytes], list[int] | None]:
+        assert bufs == plain
+        return answers.pop()
+
+    def rest(bufs: list[bytes], failed: int, sent: int, werr: int) -> int:
+        rested.append((bufs, failed, sent, werr))
+        return -1
+
+    supers = relay_supers(12, 0, tap=False, little_endian=sys.byteorder == "little")
+    src_r, src_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    out_r, out_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with src_r, src_w, out_r, out_w:
+        src_r.setblocking(False)
+        out_r.setblocking(False)
+
+        def run(out_fd: int, answer: tuple[list[bytes], list[int] | None]) -> tuple[
+                int, Counters, Counters]:  # fmt: skip
+            read, wrote = Counters(), Counters()
+            answers.append(answer)
+            for d in plain:
+                src_w.send(d)
+            got = relay_drain(src_r.fileno(), 100, 64, out_fd, 3, 1,  # type: ignore[operator]
+                              read.slots, wrote.slots, RELAY_SLOTS, 12, 12, rest,
+                              supers=supers, join=join)()
+            assert answers == []
+            return got, read, wrote
+
+        got, read, wrote = run(out_w.fileno(), (plain, None))  # nothing joined: as read
+        assert got == 5 and rested == [] and [out_r.recv(100) for _ in plain] == plain
+        assert read.slots[READ_WIRE_PACKETS] == wrote.slots[WRITTEN_WIRE_PACKETS] == 5
+        got, read, wrote = run(out_w.fileno(), ([joined, plain[4]], [4, 0]))
+        assert got == 5 and rested == [] and [out_r.recv(100) for _ in "ab"] == [joined, plain[4]]
+        assert read.slots[READ_WIRE_PACKETS] == wrote.slots[WRITTEN_WIRE_PACKETS] == 5
+        assert wrote.slots[WRITTEN_PACKETS] == 2
+        dead = os.open("/dev/null", os.O_RDONLY)
+        try:
+            got, read, wrote = run(dead, ([joined, plain[4]], [4, 0]))
+        finally:
+            os.close(dead)
+        assert got == 5 and rested.pop() == ([joined, plain[4]], 0, 0, errno.EBADF)
+        assert read.slots[READ_WIRE_PACKETS] == 5 and wrote.slots[WRITTEN_WIRE_PACKETS] == 0
+
+
 def test_the_c_loop_serves_ready_fds_until_stopped_and_ends_on_a_callback_error() -> None:
     """`serve` (C, where it is built) is serve_ready's loop: each ready fd's callback, a
     RelayDrain among them without a Python frame, until `stopping()`; a callback's exception

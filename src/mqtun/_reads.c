@@ -119,7 +119,7 @@ typedef struct {
     struct supers sup;
     Py_buffer read_view, written_view; /* held while the object lives (buf NULL: not yet) */
     uint64_t *slot[S_COUNT];           /* where each counted figure is added */
-    PyObject *rest;
+    PyObject *rest, *join;             /* join NULL: a drain of many plain reads is rest's */
     PyObject *spare[SPARE_MAX];        /* bytes of `size` only this object holds (NULL: none) */
 } RelayDrain;
 
@@ -258,16 +258,16 @@ static PyObject *count_segments(PyObject *self, PyObject *args) {
 static int rd_init(RelayDrain *self, PyObject *args, PyObject *kwds) {
     static char *kw[] = {"in_fd", "size", "limit", "out_fd", "relay_max", "gso_at",
                          "read_slots", "written_slots", "slots", "read_header",
-                         "written_header", "rest", "supers", NULL};
-    PyObject *rs, *ws, *idx, *rest, *sup = Py_None;
+                         "written_header", "rest", "supers", "join", NULL};
+    PyObject *rs, *ws, *idx, *rest, *sup = Py_None, *join = Py_None;
     if (self->rest != NULL || self->read_view.buf != NULL) { /* (a failed init holds views) */
         PyErr_SetString(PyExc_TypeError, "RelayDrain: already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "inninnOOO!nnO|$O", kw, &self->in_fd,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "inninnOOO!nnO|$OO", kw, &self->in_fd,
                                      &self->size, &self->limit, &self->out_fd, &self->relay_max,
                                      &self->gso_at, &rs, &ws, &PyTuple_Type, &idx,
-                                     &self->read_header, &self->written_header, &rest, &sup))
+                                     &self->read_header, &self->written_header, &rest, &sup, &join))
         return -1;
     if (supers_of(sup, &self->sup) < 0)
         return -1;
@@ -301,29 +301,37 @@ static int rd_init(RelayDrain *self, PyObject *args, PyObject *kwds) {
         }
         self->slot[i] = (uint64_t *)v->buf + at;
     }
+    if (join != Py_None && !PyCallable_Check(join)) {
+        PyErr_SetString(PyExc_TypeError, "RelayDrain: join must be callable or None");
+        return -1;
+    }
     Py_INCREF(rest);
     self->rest = rest;
+    if (join != Py_None) {
+        Py_INCREF(join);
+        self->join = join;
+    }
     return 0;
 }
 
-/* Whether a drain of `n` buffers (of `got` bytes each) is relayed: each a plain packet or a
- * super-packet wire_packets counts, and at most `relay_max` of them plain (more are Python's
- * to join). Each read's wire packets go in `wire`: their sum, or -1 when it is not relayed.
- * No Python API. */
-static Py_ssize_t relay_wire(const RelayDrain *self, char *const *buf, const Py_ssize_t *got,
-                             Py_ssize_t n, Py_ssize_t *wire) {
-    Py_ssize_t total = 0, plain = 0;
+/* The wire packets of a drain of `n` buffers (of `got` bytes each), each a plain packet or a
+ * super-packet wire_packets counts: their sum (each read's in `wire`, the plain reads' number
+ * in `*plain`), or -1 when one is neither (Python counts the drain). No Python API. */
+static Py_ssize_t drain_wire(const RelayDrain *self, char *const *buf, const Py_ssize_t *got,
+                             Py_ssize_t n, Py_ssize_t *wire, Py_ssize_t *plain) {
+    Py_ssize_t total = 0;
+    *plain = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         if (is_plain(buf[i], got[i], self->gso_at)) {
             wire[i] = 1;
-            plain++;
+            ++*plain;
         } else if ((wire[i] = wire_packets(&self->sup, self->gso_at, (const uint8_t *)buf[i],
                                            got[i])) < 0) {
             return -1;
         }
         total += wire[i];
     }
-    return plain <= self->relay_max ? total : -1;
+    return total;
 }
 
 /* Write the first `n` buffers to `fd` in order until one fails (no Python API): how many
@@ -398,6 +406,36 @@ static void count_relay(RelayDrain *self, Py_ssize_t wire, Py_ssize_t sent, Py_s
     *self->slot[S_WRITTEN_WIRE] += (uint64_t)wire_sent;
 }
 
+/* Write a joined drain, `join`'s (buffers, counts): each buffer holds counts[i] reads, or is
+ * a read as it came (0). The buffers written in `*sent`, their bytes in `*nbytes`, their wire
+ * packets in `*wire`, the failed write's errno in `*err`: 0, or -1 with a Python error set. */
+static int write_joined(RelayDrain *self, PyObject *out, PyObject *counts, Py_ssize_t *sent,
+                        Py_ssize_t *nbytes, Py_ssize_t *wire, int *err) {
+    if (!PyList_CheckExact(out) || !PyList_CheckExact(counts)
+        || PyList_GET_SIZE(out) != PyList_GET_SIZE(counts)) {
+        PyErr_SetString(PyExc_TypeError, "RelayDrain: join must return (list, list or None)");
+        return -1;
+    }
+    if ((*sent = write_from(self->out_fd, out, 0, nbytes, err)) < 0)
+        return -1;
+    *wire = 0;
+    for (Py_ssize_t i = 0; i < *sent; i++) {
+        Py_ssize_t c = PyLong_AsSsize_t(PyList_GET_ITEM(counts, i));
+        if (c < 0 && PyErr_Occurred())
+            return -1;
+        if (c <= 0) { /* a read as it came: counted as RelayDrain counted it read */
+            PyObject *b = PyList_GET_ITEM(out, i);
+            Py_buffer v;
+            if (PyObject_GetBuffer(b, &v, PyBUF_SIMPLE) < 0)
+                return -1;
+            c = wire_packets(&self->sup, self->gso_at, v.buf, v.len);
+            PyBuffer_Release(&v);
+        }
+        *wire += c < 1 ? 1 : c;
+    }
+    return 0;
+}
+
 /* The drain (see the type's comment): its result, or NULL with a Python error set. */
 static PyObject *rd_run(RelayDrain *self) {
     if (self->rest == NULL) {
@@ -420,8 +458,8 @@ static PyObject *rd_run(RelayDrain *self) {
         buf[i] = PyBytes_AS_STRING(self->spare[i]);
     }
     Py_ssize_t wire[SPARE_MAX];
-    Py_ssize_t n = 0, total = 0, sent = 0, sent_bytes = 0, wire_in = -1, wire_out = 0;
-    int failed = 0, werr = 0, complete;
+    Py_ssize_t n = 0, total = 0, sent = 0, sent_bytes = 0, wire_in = -1, wire_out = 0, plain;
+    int failed = 0, werr = 0, complete, relayed = 0;
     Py_BEGIN_ALLOW_THREADS
     for (; n < k; n++) {
         ssize_t r = read(self->in_fd, buf[n], (size_t)self->size);
@@ -435,14 +473,16 @@ static PyObject *rd_run(RelayDrain *self) {
         total += r;
     }
     complete = failed || n < k || n == self->limit;
-    if (complete && n > 0 && (wire_in = relay_wire(self, buf, got, n, wire)) >= 0) {
+    if (complete && n > 0 && (wire_in = drain_wire(self, buf, got, n, wire, &plain)) >= 0
+        && plain <= self->relay_max) {
+        relayed = 1;
         sent = write_raw(self->out_fd, buf, got, n, &sent_bytes, &werr);
         for (Py_ssize_t i = 0; i < sent; i++)
             wire_out += wire[i];
     }
     Py_END_ALLOW_THREADS
     count_reads(self, n, total);
-    if (wire_in >= 0)
+    if (relayed)
         count_relay(self, wire_in, sent, sent_bytes, wire_out);
     if (!failed && sent == n)
         return PyLong_FromSsize_t(n); /* relayed, or nothing read: the spares are kept */
@@ -459,7 +499,7 @@ static PyObject *rd_run(RelayDrain *self) {
         }
         PyList_SET_ITEM(bufs, i, b);
     }
-    if (!complete) { /* longer than the spares: read on, and relay it as a whole if it may */
+    if (!complete) { /* longer than the spares: read on */
         Py_ssize_t more;
         if (drain_into(self->in_fd, self->size, self->limit - n, bufs, &more, &failed) < 0) {
             Py_DECREF(bufs);
@@ -468,7 +508,8 @@ static PyObject *rd_run(RelayDrain *self) {
         Py_ssize_t added = PyList_GET_SIZE(bufs) - n;
         n += added;
         count_reads(self, added, more);
-        /* the relay's look at the whole drain: its buffers' addresses, lengths and counts */
+    }
+    if (!relayed && n > 0) { /* relayed as a whole, or joined first (`join`), if it may be */
         char **all = PyMem_Malloc((size_t)n * (sizeof(char *) + 2 * sizeof(Py_ssize_t)));
         if (all == NULL) {
             Py_DECREF(bufs);
@@ -480,8 +521,34 @@ static PyObject *rd_run(RelayDrain *self) {
             all[i] = PyBytes_AS_STRING(b);
             len[i] = PyBytes_GET_SIZE(b);
         }
-        wire_in = relay_wire(self, all, len, n, counts);
-        if (wire_in >= 0) {
+        wire_in = drain_wire(self, all, len, n, counts, &plain);
+        PyObject *joined = NULL;
+        if (wire_in >= 0 && plain > self->relay_max && self->join != NULL) {
+            if ((joined = PyObject_CallOneArg(self->join, bufs)) == NULL) {
+                PyMem_Free(all);
+                Py_DECREF(bufs);
+                return NULL;
+            }
+            PyObject *jc = PyTuple_Check(joined) && PyTuple_GET_SIZE(joined) == 2
+                ? PyTuple_GET_ITEM(joined, 1) : NULL;
+            if (jc == Py_None) { /* nothing joined: relayed as read */
+                Py_CLEAR(joined);
+                plain = 0;
+            } else if (jc == NULL || write_joined(self, PyTuple_GET_ITEM(joined, 0), jc, &sent,
+                                                  &sent_bytes, &wire_out, &werr) < 0) {
+                if (jc == NULL)
+                    PyErr_SetString(PyExc_TypeError, "RelayDrain: join must return a pair");
+                Py_DECREF(joined);
+                PyMem_Free(all);
+                Py_DECREF(bufs);
+                return NULL;
+            } else {
+                relayed = 1;
+                count_relay(self, wire_in, sent, sent_bytes, wire_out);
+            }
+        }
+        if (!relayed && wire_in >= 0 && plain <= self->relay_max) {
+            relayed = 1;
             Py_BEGIN_ALLOW_THREADS
             sent = write_raw(self->out_fd, all, len, n, &sent_bytes, &werr);
             Py_END_ALLOW_THREADS
@@ -490,7 +557,24 @@ static PyObject *rd_run(RelayDrain *self) {
             count_relay(self, wire_in, sent, sent_bytes, wire_out);
         }
         PyMem_Free(all);
-        if (wire_in >= 0 && !failed && sent == n) {
+        if (joined != NULL) { /* written as joined: a failure is `rest`'s with those buffers */
+            Py_ssize_t written = PyList_GET_SIZE(PyTuple_GET_ITEM(joined, 0));
+            if (!failed && sent == written) {
+                Py_DECREF(joined);
+                Py_DECREF(bufs);
+                return PyLong_FromSsize_t(n);
+            }
+            PyObject *out = PyTuple_GET_ITEM(joined, 0);
+            Py_INCREF(out);
+            Py_DECREF(joined);
+            Py_DECREF(bufs);
+            PyObject *r = PyObject_CallFunction(self->rest, "Nini", out, failed, sent, werr);
+            if (r == NULL)
+                return NULL;
+            Py_DECREF(r);
+            return PyLong_FromSsize_t(n);
+        }
+        if (relayed && !failed && sent == n) {
             Py_DECREF(bufs);
             return PyLong_FromSsize_t(n);
         }
@@ -508,6 +592,7 @@ static PyObject *rd_call(RelayDrain *self, PyObject *args, PyObject *kwds) {
 
 static int rd_traverse(RelayDrain *self, visitproc visit, void *arg) {
     Py_VISIT(self->rest);
+    Py_VISIT(self->join);
     Py_VISIT(self->read_view.obj);
     Py_VISIT(self->written_view.obj);
     return 0;
@@ -515,6 +600,7 @@ static int rd_traverse(RelayDrain *self, visitproc visit, void *arg) {
 
 static int rd_clear(RelayDrain *self) {
     Py_CLEAR(self->rest);
+    Py_CLEAR(self->join);
     for (int i = 0; i < SPARE_MAX; i++)
         Py_CLEAR(self->spare[i]);
     return 0;

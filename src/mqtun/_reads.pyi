@@ -13,6 +13,7 @@ class RelayDrain:
                  read_header: int, written_header: int,
                  rest: Callable[[list[bytes], int, int, int], int], *,
                  supers: tuple[int, int, bool, bool, int, int, int, int, int] | None = ...,
+                 join: Callable[[list[bytes]], tuple[list[Any], list[int] | None]] | None = ...,
                  ) -> None: ...
     def __call__(self) -> int: ...
 

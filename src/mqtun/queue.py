@@ -100,6 +100,10 @@ def write_each_python(fd: int, bufs: Sequence[Any], start: int) -> tuple[int, in
 # that failed or 0, how many were relayed, the errno of the relayed write that failed or 0).
 DrainRest = Callable[[list[bytes], int, int, int], int]
 
+# A forwarder's join of a drain's reads (runtime.path.PacketPath.reads_joiner): (the buffers
+# to write, how many reads each holds, 0 for a read as it came), or (the reads, None).
+DrainJoin = Callable[[list[bytes]], tuple[list[Any], list[int] | None]]
+
 # The slots a RelayDrain counts, in its order: (read packets, read bytes, read wire packets,
 # written packets, written bytes, written wire packets).
 RELAY_SLOTS: tuple[int, ...] = (READ_PACKETS, READ_BYTES, READ_WIRE_PACKETS, WRITTEN_PACKETS,
@@ -148,22 +152,23 @@ class RelayDrainPython:
     """One drain of a route, called with no arguments: read `in_fd` (`read_drain`), count the
     reads, and when each is a plain packet (`gso_at` >= 0: each is longer than that and has 0
     there) or, given `supers`, a super-packet whose segments it counts (`count_segments`),
-    and at most `relay_max` are plain (a drain with more is its caller's, to join), write
-    them to `out_fd` in order, counted too: the drain of request/response traffic, and of a
-    TCP stream's super-packets, written as the C forwarder writes it. Returns the number read
-    when all were relayed and no read failed, else what `rest(bufs, read_errno, sent,
-    write_errno)` returns: the rest of the drain (decode, join, a handler, a failure to count)
-    is its caller's. `mqtun._reads.RelayDrain` is this in C where it is built, and `serve`
-    calls it without a Python frame."""
+    write them to `out_fd` in order, counted too, as the C forwarder writes: at once when at
+    most `relay_max` are plain (request/response traffic, a TCP stream's super-packets), else
+    joined first by `join` (a UDP flood's datagrams into USO packets) when it is given.
+    Returns the number read when all were written and no read failed, else what `rest(bufs,
+    read_errno, sent, write_errno)` returns: the rest of the drain (decode, a handler, a
+    failure to count) is its caller's; after a join, `bufs` are the joined buffers (and the
+    drain returns the number read). `mqtun._reads.RelayDrain` is this in C where it is built,
+    and `serve` calls it without a Python frame."""
 
-    __slots__ = ("gso_at", "in_fd", "limit", "out_fd", "read_header", "read_slots",
+    __slots__ = ("gso_at", "in_fd", "join", "limit", "out_fd", "read_header", "read_slots",
                  "relay_max", "rest", "size", "slots", "supers", "written_header",
                  "written_slots")
 
     def __init__(self, in_fd: int, size: int, limit: int, out_fd: int, relay_max: int,
                  gso_at: int, read_slots: Any, written_slots: Any, slots: tuple[int, ...],
                  read_header: int, written_header: int, rest: DrainRest, *,
-                 supers: RelaySupers | None = None) -> None:
+                 supers: RelaySupers | None = None, join: DrainJoin | None = None) -> None:
         if size <= 0 or limit < 0:
             raise ValueError("RelayDrain: size must be > 0 and limit >= 0")
         if len(slots) != len(RELAY_SLOTS):
@@ -174,29 +179,39 @@ class RelayDrainPython:
         self.relay_max, self.gso_at, self.slots, self.rest = relay_max, gso_at, slots, rest
         self.read_slots, self.written_slots = read_slots, written_slots
         self.read_header, self.written_header = read_header, written_header
-        self.supers = supers
+        self.supers, self.join = supers, join
 
     def __call__(self) -> int:
         bufs, nbytes, failed = read_drain(self.in_fd, self.size, self.limit)
         n = len(bufs)
         sent = werr = 0
+        out: list[Any] = bufs  # what is written: the reads, or the reads joined
         if n:
             r = self.read_slots
             rp, rb, rw, wp, wb, ww = self.slots
             r[rp] += n
             r[rb] += nbytes - self.read_header * n
-            at = self.gso_at
-            wire = [count_segments_python(b, at, self.supers) for b in bufs]
+            at, supers = self.gso_at, self.supers
+            wire = [count_segments_python(b, at, supers) for b in bufs]
             plain = n if at < 0 else sum(len(b) > at and not b[at] for b in bufs)
-            if min(wire) >= 0 and plain <= self.relay_max:
-                sent, sbytes, werr = write_each(self.out_fd, bufs, 0)
+            counts: list[int] | None = None  # the wire packets of each joined buffer
+            if min(wire) >= 0 and plain > self.relay_max and self.join is not None:
+                out, joined = self.join(bufs)
+                if joined is None:  # nothing joined: relayed as read
+                    out, plain = bufs, 0
+                else:
+                    counts = [c or count_segments_python(b, at, supers)
+                              for b, c in zip(out, joined, strict=True)]
+            if min(wire) >= 0 and (counts is not None or plain <= self.relay_max):
+                sent, sbytes, werr = write_each(self.out_fd, out, 0)
                 w = self.written_slots
                 r[rw] += sum(wire)
                 w[wp] += sent
                 w[wb] += sbytes - self.written_header * sent
-                w[ww] += sum(wire[:sent])
-        if failed or sent < n:
-            return self.rest(bufs, failed, sent, werr)
+                w[ww] += sum((wire if counts is None else counts)[:sent])
+        if failed or sent < len(out):
+            result = self.rest(out, failed, sent, werr)
+            return result if out is bufs else n  # (a joined drain's rest: its buffers)
         return n
 
 

@@ -953,7 +953,8 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
     return RelayDrain(src.fd, src.read_size, batch, out_fd,
                       (_JOIN_READS_MIN - 1 if join_reads is not None else batch) if same else 0,
                       relay_gso_at, src.counters.slots, wslots, RELAY_SLOTS,
-                      src.header_size, wh, rest, supers=relayed_supers)
+                      src.header_size, wh, rest, supers=relayed_supers,
+                      join=join_reads if relayed_supers is not None else None)
 
 
 # ---- io_uring ----------------------------------------------------------------------------
