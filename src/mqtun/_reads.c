@@ -96,9 +96,10 @@ static PyObject *read_drain(PyObject *self, PyObject *args) {
  * Python's, which does the rest of the drain and returns what the drain returns. A failed
  * write is not tried again (the kernel counted its drop once): `rest` counts it and writes the
  * buffers after it. */
-/* A drain's first reads go into bytes objects the RelayDrain keeps (its spares), with the GIL
+/* A drain's reads go into bytes objects the RelayDrain keeps (its spares), with the GIL
  * released once for them and for the relay's writes: a relayed drain allocates nothing and
- * takes the GIL back once. A drain longer than this goes on read by drain_into. */
+ * takes the GIL back once. A drain longer than this is read in rounds of the spares, each
+ * read handed over (hand_over) before the next round. */
 #define SPARE_MAX 8
 
 enum { S_READ_PACKETS, S_READ_BYTES, S_READ_WIRE, S_WRITTEN_PACKETS, S_WRITTEN_BYTES,
@@ -436,6 +437,64 @@ static int write_joined(RelayDrain *self, PyObject *out, PyObject *counts, Py_ss
     return 0;
 }
 
+/* A read this long or shorter is copied out of its spare into a bytes object of its size
+ * (the spare kept for the next read); a longer one (a super-packet) is handed over in its
+ * spare. A UDP flood's drain then allocates small objects, never a 64 KiB buffer a read. */
+#define COPY_MAX 4096
+
+/* The first `k` spares, made where missing, their bytes in `buf`: 0, or -1 with an error. */
+static int spares(RelayDrain *self, char **buf, Py_ssize_t k) {
+    for (Py_ssize_t i = 0; i < k; i++) {
+        if (self->spare[i] == NULL
+            && (self->spare[i] = PyBytes_FromStringAndSize(NULL, self->size)) == NULL)
+            return -1;
+        buf[i] = PyBytes_AS_STRING(self->spare[i]);
+    }
+    return 0;
+}
+
+/* Read `fd` into buf[0..k) (of `size` bytes each) until EAGAIN: how many were read, their
+ * lengths in `got`, added up in `*total`; a read's errno other than EAGAIN/EINTR in
+ * `*failed`. No Python API. */
+static Py_ssize_t read_round(int fd, char *const *buf, Py_ssize_t *got, Py_ssize_t k,
+                             Py_ssize_t size, Py_ssize_t *total, int *failed) {
+    Py_ssize_t n = 0;
+    for (; n < k; n++) {
+        ssize_t r = read(fd, buf[n], (size_t)size);
+        if (r < 0) {
+            int e = errno;
+            if (e != EAGAIN && e != EWOULDBLOCK && e != EINTR)
+                *failed = e;
+            break;
+        }
+        got[n] = r;
+        *total += r;
+    }
+    return n;
+}
+
+/* Append the first `n` spares' reads (of `got` bytes) to `bufs`: a short one copied (the
+ * spare kept), a long one in its spare, shrunk (the spare given away): 0, or -1. */
+static int hand_over(RelayDrain *self, PyObject *bufs, const Py_ssize_t *got, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *b;
+        if (got[i] <= COPY_MAX) {
+            b = PyBytes_FromStringAndSize(PyBytes_AS_STRING(self->spare[i]), got[i]);
+        } else {
+            b = self->spare[i];
+            self->spare[i] = NULL;
+            if (got[i] != self->size && _PyBytes_Resize(&b, got[i]) < 0)
+                return -1;
+        }
+        if (b == NULL || PyList_Append(bufs, b) < 0) {
+            Py_XDECREF(b);
+            return -1;
+        }
+        Py_DECREF(b);
+    }
+    return 0;
+}
+
 /* The drain (see the type's comment): its result, or NULL with a Python error set. */
 static PyObject *rd_run(RelayDrain *self) {
     if (self->rest == NULL) {
@@ -451,27 +510,13 @@ static PyObject *rd_run(RelayDrain *self) {
         k = SPARE_MAX;
     char *buf[SPARE_MAX];
     Py_ssize_t got[SPARE_MAX];
-    for (Py_ssize_t i = 0; i < k; i++) {
-        if (self->spare[i] == NULL
-            && (self->spare[i] = PyBytes_FromStringAndSize(NULL, self->size)) == NULL)
-            return NULL;
-        buf[i] = PyBytes_AS_STRING(self->spare[i]);
-    }
+    if (spares(self, buf, k) < 0)
+        return NULL;
     Py_ssize_t wire[SPARE_MAX];
     Py_ssize_t n = 0, total = 0, sent = 0, sent_bytes = 0, wire_in = -1, wire_out = 0, plain;
     int failed = 0, werr = 0, complete, relayed = 0;
     Py_BEGIN_ALLOW_THREADS
-    for (; n < k; n++) {
-        ssize_t r = read(self->in_fd, buf[n], (size_t)self->size);
-        if (r < 0) {
-            int e = errno;
-            if (e != EAGAIN && e != EWOULDBLOCK && e != EINTR)
-                failed = e;
-            break;
-        }
-        got[n] = r;
-        total += r;
-    }
+    n = read_round(self->in_fd, buf, got, k, self->size, &total, &failed);
     complete = failed || n < k || n == self->limit;
     if (complete && n > 0 && (wire_in = drain_wire(self, buf, got, n, wire, &plain)) >= 0
         && plain <= self->relay_max) {
@@ -486,28 +531,30 @@ static PyObject *rd_run(RelayDrain *self) {
         count_relay(self, wire_in, sent, sent_bytes, wire_out);
     if (!failed && sent == n)
         return PyLong_FromSsize_t(n); /* relayed, or nothing read: the spares are kept */
-    /* the rest is Python's: the spares read into become the drain's buffers */
-    PyObject *bufs = PyList_New(n);
+    /* the rest is Python's: the drain's buffers, read in rounds of the spares (the GIL
+     * released once a round) until the queue is empty or `limit` were read */
+    PyObject *bufs = PyList_New(0);
     if (bufs == NULL)
         return NULL;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *b = self->spare[i];
-        self->spare[i] = NULL;
-        if (got[i] != self->size && _PyBytes_Resize(&b, got[i]) < 0) {
+    for (Py_ssize_t nread = n;;) {
+        if (hand_over(self, bufs, got, nread) < 0) {
             Py_DECREF(bufs);
             return NULL;
         }
-        PyList_SET_ITEM(bufs, i, b);
-    }
-    if (!complete) { /* longer than the spares: read on */
-        Py_ssize_t more;
-        if (drain_into(self->in_fd, self->size, self->limit - n, bufs, &more, &failed) < 0) {
+        if (complete)
+            break;
+        k = self->limit - n < SPARE_MAX ? self->limit - n : SPARE_MAX;
+        if (spares(self, buf, k) < 0) {
             Py_DECREF(bufs);
             return NULL;
         }
-        Py_ssize_t added = PyList_GET_SIZE(bufs) - n;
-        n += added;
-        count_reads(self, added, more);
+        total = 0;
+        Py_BEGIN_ALLOW_THREADS
+        nread = read_round(self->in_fd, buf, got, k, self->size, &total, &failed);
+        Py_END_ALLOW_THREADS
+        count_reads(self, nread, total);
+        n += nread;
+        complete = failed || nread < k || n == self->limit;
     }
     if (!relayed && n > 0) { /* relayed as a whole, or joined first (`join`), if it may be */
         char **all = PyMem_Malloc((size_t)n * (sizeof(char *) + 2 * sizeof(Py_ssize_t)));
