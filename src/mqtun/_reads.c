@@ -665,7 +665,7 @@ static void rd_dealloc(RelayDrain *self) {
 
 PyDoc_STRVAR(rd_doc,
 "RelayDrain(in_fd, size, limit, out_fd, relay_max, gso_at, read_slots, written_slots, slots,\n"
-"           read_header, written_header, rest, *, supers=None)\n\n"
+"           read_header, written_header, rest, *, supers=None, join=None)\n\n"
 "One drain of a route, called with no arguments: read `in_fd` (read_drain), count the reads\n"
 "in `read_slots` (a writable uint64 buffer), and when each buffer is a plain packet\n"
 "(`gso_at` >= 0: a buffer longer than that with 0 there) or a super-packet count_segments\n"
@@ -678,7 +678,9 @@ PyDoc_STRVAR(rd_doc,
 "`supers`: None (plain packets only), or (packet_at, vnet_at, tap, little_endian, ETH_P_IP,\n"
 "ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, the gso_type bits of a UDP tunnel): where a read's\n"
 "packet and its virtio-net header start, whether it is an Ethernet frame, the header's byte\n"
-"order and the kernel's numbers.");
+"order and the kernel's numbers. `join`: None, or a function that joins a drain of more than\n"
+"`relay_max` plain reads (a forwarder's reads_joiner): (buffers, counts) written in the same\n"
+"call, each counted as the reads it holds; after a failed write `rest` gets those buffers.");
 
 static PyTypeObject RelayDrainType = {
     PyVarObject_HEAD_INIT(NULL, 0)

@@ -90,3 +90,33 @@ def test_plain_reads_count_one_and_short_or_tunnel_reads_are_left_to_python(coun
     assert count(read_of(tso, b"", little=little), 1, supers) == -1  # nothing after it
     tunnel = tso._replace(gso_type=VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV4 | VIRTIO_NET_HDR_GSO_UDP_L4)
     assert count(read_of(tunnel, packet, little=little), 1, supers) == -1
+
+
+@pytest.mark.skipif(_C is None, reason="mqtun._reads is not built here")
+@pytest.mark.parametrize("vlans", [0, 1, 2])
+def test_a_joined_buffer_is_counted_by_the_one_parser_when_c_leaves_it(vlans: int) -> None:
+    """A RelayDrain's failed write after a join hands the joined buffers to the route's
+    `rest`, which counts each by its segments. The join may build a shape C's count leaves to
+    Python (a VLAN-tagged frame: -1), so `rest` counts with count_segments_python, which
+    counts every joined buffer by the reads it holds."""
+    from mqtun import _uapi
+    from mqtun.packet import accel
+    from mqtun.runtime.path import Layout, PacketPath
+
+    if not accel.available():
+        pytest.skip("mqtun.packet._accel is not built here")
+    offloads = _uapi.TUN_F_CSUM | _uapi.TUN_F_TSO4 | _uapi.TUN_F_TSO6 | (
+        _uapi.TUN_F_USO4 | _uapi.TUN_F_USO6)  # fmt: skip
+    layout = Layout(tap=True, vnet_hdr_size=VNET, offloads=offloads)
+    join = PacketPath(layout, layout).reads_joiner()
+    assert join is not None
+    shape = pb.Shape(tap=True, vlans=vlans)
+    little = sys.byteorder == "little"
+    reads = [read_of(VnetHeader(), pb.udp(shape, bytes([i]) * 100), little=little)
+             for i in range(6)]
+    out, counts = join(reads)
+    assert counts == [6]
+    supers = queue.relay_supers(VNET, 0, tap=True, little_endian=little)
+    assert _C(out[0], 1, supers) in (-1, 6)
+    assert (_C(out[0], 1, supers) == -1) == bool(vlans)
+    assert queue.count_segments_python(out[0], 1, supers) == 6

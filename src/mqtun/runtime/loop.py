@@ -63,7 +63,7 @@ from mqtun.packet.vnet import ZERO_HEADER
 from mqtun.queue import (
     RELAY_SLOTS,
     RelayDrain,
-    count_segments,
+    count_segments_python,
     relay_supers,
     serve,
     write_each,
@@ -819,8 +819,11 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
             _read_error(src, OSError(failed, os.strerror(failed)))
         if sent == n:
             return n
-        if werr:  # a relayed write failed: counted once (never tried again), then the rest
-            segs = [count_segments(b, relay_gso_at, relayed_supers) for b in bufs[sent:]]
+        if werr:  # a relayed write failed: counted once (never tried again), then the rest;
+            # each buffer by its segments, counted by the one parser: after a join they are
+            # the joined buffers, which C's count may leave to Python (a VLAN-tagged frame)
+            segs = [max(1, count_segments_python(b, relay_gso_at, relayed_supers))
+                    for b in bufs[sent:]]
             _write_error(out, OSError(werr, os.strerror(werr)), segs[0])
             write_reads(bufs[sent + 1:], segs[1:])
             return n
