@@ -85,14 +85,15 @@ static PyObject *read_drain(PyObject *self, PyObject *args) {
 /* ---- RelayDrain: one drain of a route, read, counted and (small) relayed in C ----------------
  *
  * The drain of every route of an I/O loop starts here: read until EAGAIN or `limit` buffers
- * (drain_into), count the reads in the route's counter slots, and when each buffer is a
+ * (read_round), count the reads in the route's counter slots, and when each buffer is a
  * plain packet (with `gso_at` >= 0: each is longer than that and has 0 there, the virtio-net
  * header's gso_type) or, given `supers`, a super-packet whose segments it can count
  * (wire_packets), and at most `relay_max` of them are plain (more are for Python to join),
  * write them to `out_fd` in order as the C forwarder writes, counted too. Request/response
  * traffic is such drains, and so is a TCP stream's drain of super-packets: called from
- * `serve`, a relayed drain runs no Python at all. Anything else (a drain to decode, join or hand to a
- * handler; a read or write that failed) goes to `rest(bufs, read_errno, sent, write_errno)`,
+ * `serve`, a relayed drain runs no Python at all; given `join`, so does a drain of more plain
+ * reads, joined first. Anything else (a drain to decode or hand to a handler, a read it
+ * cannot count; a read or write that failed) goes to `rest(bufs, read_errno, sent, write_errno)`,
  * Python's, which does the rest of the drain and returns what the drain returns. A failed
  * write is not tried again (the kernel counted its drop once): `rest` counts it and writes the
  * buffers after it. */

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 from mqtun import _uapi
 from mqtun.errors import DeviceGoneError, MqtunError, QueueFullError, kernel_error
 from mqtun.packet import accel, gso
-from mqtun.packet.headers import MalformedPacket, parse
 from mqtun.packet.vnet import decode as decode_vnet
 from mqtun.stats import (
     READ_BYTES,
@@ -122,30 +121,29 @@ def relay_supers(packet_at: int, vnet_at: int, *, tap: bool, little_endian: bool
             _uapi.IPPROTO_TCP, _uapi.IPPROTO_UDP, _uapi.VIRTIO_NET_HDR_GSO_UDP_TUNNEL)
 
 
+def is_plain(buf: Any, gso_at: int) -> bool:
+    """Whether a read is a plain packet, no super-packet: with `gso_at` >= 0 it is longer than
+    that and has 0 there (the virtio-net header's gso_type); `_reads.is_plain` in C."""
+    return gso_at < 0 or (len(buf) > gso_at and not buf[gso_at])
+
+
 def count_segments_python(buf: Any, gso_at: int, supers: RelaySupers | None) -> int:
-    """The wire packets a RelayDrain counts for one read: 1 for a plain packet (`gso_at` < 0,
-    or a read longer than that with 0 there), a super-packet's segments (gso.segment_count),
-    or -1 for a read it leaves to the route's `rest`: with `supers` None every super-packet,
-    else one that does not parse (gso.segment_count would only estimate it; `rest` counts it,
-    or drops it). The C loop's twin, `mqtun._reads.count_segments`, also leaves to `rest` the
-    rarer shapes (IPv6 extension headers, fragments, VLAN tags, transports other than TCP and
-    UDP): which drains are relayed may differ, never what is written and counted."""
-    if gso_at < 0 or (len(buf) > gso_at and not buf[gso_at]):
+    """The wire packets a RelayDrain counts for one read: 1 for a plain packet (`is_plain`),
+    a super-packet's segments (gso.segment_count), or -1 for a read it leaves to the route's
+    `rest`: with `supers` None every super-packet, else one that gso.segment_count would only
+    estimate (`rest` counts it, or drops it). The C loop's twin, `mqtun._reads.count_segments`,
+    also leaves to `rest` the rarer shapes (IPv6 extension headers, fragments, VLAN tags,
+    transports other than TCP and UDP): which drains are relayed may differ, never what is
+    written and counted."""
+    if is_plain(buf, gso_at):
         return 1
     if supers is None or len(buf) <= supers[0]:
         return -1
     packet_at, vnet_at, tap, little, *_ = supers
     view = memoryview(buf)
     hdr = decode_vnet(view[vnet_at:packet_at], packet_at - vnet_at, little_endian=little)
-    if not hdr.gso_size:
-        return 1
-    if hdr.gso_type & _uapi.VIRTIO_NET_HDR_GSO_UDP_TUNNEL:
-        return -1
-    try:
-        parse(view[packet_at:], tap=tap, use_ip_length=False)
-    except MalformedPacket:
-        return -1
-    return gso.segment_count(hdr, view[packet_at:], tap=tap)
+    exact = gso.exact_segment_count(hdr, view[packet_at:], tap=tap)
+    return -1 if exact is None else exact
 
 
 class RelayDrainPython:
@@ -193,7 +191,7 @@ class RelayDrainPython:
             r[rb] += nbytes - self.read_header * n
             at, supers = self.gso_at, self.supers
             wire = [count_segments_python(b, at, supers) for b in bufs]
-            plain = n if at < 0 else sum(len(b) > at and not b[at] for b in bufs)
+            plain = sum(is_plain(b, at) for b in bufs)
             counts: list[int] | None = None  # the wire packets of each joined buffer
             if min(wire) >= 0 and plain > self.relay_max and self.join is not None:
                 out, joined = self.join(bufs)
@@ -235,9 +233,6 @@ write_each: Callable[[int, Sequence[Any], int], tuple[int, int, int]] = (
 
 read_drain: Callable[[int, int, int], tuple[list[bytes], int, int]] = (
     _read_drain_c if _C else read_drain_python)
-
-count_segments: Callable[[Any, int, RelaySupers | None], int] = (
-    _count_segments_c if _C else count_segments_python)
 
 RelayDrain: type[RelayDrainPython] = (
     _RelayDrain_c if _C else RelayDrainPython)  # type: ignore[assignment]

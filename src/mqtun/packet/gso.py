@@ -184,19 +184,27 @@ def segment_count(hdr: VnetHeader, packet: Buffer, *, tap: bool = False) -> int:
     For counting: a super-packet that does not parse is estimated from its header (hdr_len,
     gso_size), and a plain packet is one.
     """
+    exact = exact_segment_count(hdr, packet, tap=tap)
+    if exact is not None:
+        return exact
+    return max(1, -(-(len(packet) - hdr.hdr_len) // hdr.gso_size))
+
+
+def exact_segment_count(hdr: VnetHeader, packet: Buffer, *, tap: bool = False) -> int | None:
+    """segment_count where it is exact: None where it would only estimate (a UDP tunnel's
+    super-packet, or one that does not parse)."""
     if hdr.gso_type == VIRTIO_NET_HDR_GSO_NONE:
         return 1
     size = hdr.gso_size
     if size <= 0:
         return 1
+    if hdr.gso_type & VIRTIO_NET_HDR_GSO_UDP_TUNNEL:
+        return None  # the estimate is good enough here
     try:
-        if hdr.gso_type & VIRTIO_NET_HDR_GSO_UDP_TUNNEL:
-            raise MalformedPacket("bad-tunnel")  # the estimate below is good enough here
         p = parse(packet, tap=tap, use_ip_length=False)
-        payload = p.end - p.payload_off
     except MalformedPacket:
-        payload = len(packet) - hdr.hdr_len
-    return max(1, -(-payload // size))
+        return None
+    return max(1, -(-(p.end - p.payload_off) // size))
 
 
 def _check_kind(base: int, p: Parsed) -> None:

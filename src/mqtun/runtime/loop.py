@@ -760,8 +760,9 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
     supers = route.super_packets
     batched = route.batch
     relay_gso_at = gso_at if vnet_in else -1
-    # a drain of a few super-packets is relayed too, their segments counted in C (a TCP
-    # stream's drain), where nothing is joined or converted and no packet info is there to check
+    # a drain of super-packets is relayed too, their segments counted in C (a TCP stream's
+    # drain), and one of many plain reads joined there, where nothing is converted and no
+    # packet info is there to check
     source = path.source
     relayed_supers = relay_supers(
         source.header_size, 0, tap=source.tap, little_endian=sys.byteorder == "little"
@@ -950,9 +951,9 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
         return n
 
     # every drain starts in `RelayDrain` (in C where it is built): read and counted, and a
-    # drain too small to join, holding no super-packet it cannot count, is written in the same
-    # call that read it, as the C forwarder writes: request/response traffic and a TCP
-    # stream's few super-packets, with no Python frame
+    # drain holding no read it cannot count is written in the same call that read it (joined
+    # first when it holds enough plain reads), as the C forwarder writes: request/response
+    # traffic, a TCP stream's super-packets, a UDP flood's datagrams, with no Python frame
     return RelayDrain(src.fd, src.read_size, batch, out_fd,
                       (_JOIN_READS_MIN - 1 if join_reads is not None else batch) if same else 0,
                       relay_gso_at, src.counters.slots, wslots, RELAY_SLOTS,
