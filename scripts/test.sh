@@ -9,5 +9,14 @@ python3 -m mypy --strict src/mqtun
 site=$(mktemp -d)
 python3 -m mkdocs build --strict --quiet --site-dir "$site"
 rm -rf "$site"
-python3 -m pytest -q "$@"
+if [ "$#" -gt 0 ]; then
+    python3 -m pytest -q "$@"
+else
+    # The sans-IO tests (marked sans_io: no device, no namespace, most of them property tests)
+    # on up to 4 cores at once; then the kernel tests one at a time, as their namespaces and
+    # timings need.
+    cores=$(nproc)
+    python3 -m pytest -q -m sans_io -n "$(( cores < 4 ? cores : 4 ))"
+    python3 -m pytest -q -m "not sans_io"
+fi
 bash scripts/check-dist.sh

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from mqtun.wireguard.allowed_ips import AllowedIPs
+
+pytestmark = pytest.mark.sans_io  # pure: no device, no namespace
 
 
 def _brute(entries: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, str],

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from mqtun.wireguard import messages as m
 from mqtun.wireguard.cookie import COOKIE_REFRESH_TIME, source_bytes
 from mqtun.wireguard.noise import Handshake, StaticIdentity, tai64n
+
+pytestmark = pytest.mark.sans_io  # pure: no device, no namespace
 
 A = bytes.fromhex("a8" * 31 + "40")
 B = bytes.fromhex("b0" * 31 + "50")

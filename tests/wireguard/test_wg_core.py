@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, UDP
@@ -13,6 +14,8 @@ from mqtun.wireguard import messages as m
 from mqtun.wireguard.core import Output, WireguardCore
 from mqtun.wireguard.crypto import public_key
 from mqtun.wireguard.timers import REKEY_AFTER_TIME
+
+pytestmark = pytest.mark.sans_io  # pure: no device, no namespace
 
 A_KEY = bytes.fromhex("a8" * 31 + "40")
 B_KEY = bytes.fromhex("b0" * 31 + "50")

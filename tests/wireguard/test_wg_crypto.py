@@ -7,6 +7,8 @@ import pytest
 
 from mqtun.wireguard import crypto
 
+pytestmark = pytest.mark.sans_io  # pure: no device, no namespace
+
 XCHACHA_PLAINTEXT = (b"Ladies and Gentlemen of the class of '99: If I could offer you only one "
                      b"tip for the future, sunscreen would be it.")
 XCHACHA_AAD = bytes.fromhex("50515253c0c1c2c3c4c5c6c7")

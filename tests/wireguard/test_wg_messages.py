@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from mqtun.wireguard import messages as m
+
+pytestmark = pytest.mark.sans_io  # pure: no device, no namespace
 
 
 def test_sizes_and_round_trips() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from scapy.layers.inet import ICMP, IP, UDP
 
 from mqtun.wireguard import messages as m
@@ -25,6 +26,8 @@ from mqtun.wireguard.noise import (
     tai64n,
 )
 from mqtun.wireguard.session import Session
+
+pytestmark = pytest.mark.sans_io  # pure: no device, no namespace
 
 OUR_KEY = bytes.fromhex("a8" * 31 + "40")
 THEIR_KEY = bytes.fromhex("b0" * 31 + "50")

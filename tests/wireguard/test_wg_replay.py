@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from mqtun.wireguard.replay import WINDOW_SIZE, ReplayWindow
+
+pytestmark = pytest.mark.sans_io  # pure: no device, no namespace
 
 LIMIT = 2**64 - 2**13 - 1
 

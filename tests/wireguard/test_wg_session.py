@@ -6,6 +6,8 @@ import os
 import struct
 import threading
 
+import pytest
+
 from mqtun.wireguard import messages as m
 from mqtun.wireguard.noise import Keypair
 from mqtun.wireguard.session import (
@@ -16,6 +18,8 @@ from mqtun.wireguard.session import (
     pad,
 )
 from mqtun.wireguard.timers import REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME
+
+pytestmark = pytest.mark.sans_io  # pure: no device, no namespace
 
 
 def _pair(index_a: int = 1, index_b: int = 2, now: float = 0.0) -> tuple[Keypair, Keypair]:

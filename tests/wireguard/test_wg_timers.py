@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from mqtun.wireguard import timers as t
 from mqtun.wireguard.timers import PeerTimers, Timer
+
+pytestmark = pytest.mark.sans_io  # pure: no device, no namespace
 
 
 def test_constants() -> None:
