@@ -64,6 +64,7 @@ from mqtun.queue import (
     RELAY_SLOTS,
     RelayDrain,
     count_segments_python,
+    is_plain,
     relay_supers,
     serve,
     write_each,
@@ -839,7 +840,7 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
             for b, count in zip(bufs, joined or no_joins, strict=False):
                 if count:  # `count` plain reads joined into one super-packet
                     plain += count
-                elif b[gso_at] if vnet_in else False:
+                elif not is_plain(b, relay_gso_at):
                     count = count_super(b)  # counts its wire packets read (0: dropped)
                     if not count:
                         continue
@@ -854,7 +855,7 @@ def _path_drainer(route: Route, batch: int, faults: HandlerFaults) -> Callable[[
             return n
         if whole:  # no handler: super-packets pass whole, plain packets may be joined
             for b in bufs:
-                if join and not (len(b) > gso_at and b[gso_at]):
+                if join and is_plain(b, gso_at):
                     # a wire packet (its checksum completed): the writer may join it
                     decode(b, answers)  # type: ignore[arg-type]
                     continue
